@@ -1,0 +1,20 @@
+# The two commands of the README. Both set up .venv first (idempotent, quick once done).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup simulate test test-fast bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+simulate: setup
+	$(VENV)/bin/privatune simulate
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

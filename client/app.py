@@ -1,0 +1,258 @@
+"""The ClientApp: Flower glue around local data, the privacy guard and DP training.
+
+Every message carries the full run config (``config`` ConfigRecord), so a client never depends on
+how it was started (simulation, ``flwr run``, a SuperNode at a partner site). Replies:
+
+- ``arrays``: the trainable weights (plaintext) or the encrypted, pre-weighted update (HE);
+- ``metrics``: numbers only (``num-examples``, loss, epsilon, the mechanism);
+- ``status``: ``trained`` | ``budget-exhausted`` | ``data-error`` | ``refused``, with a reason.
+
+Frozen weights never travel: only the parameters the fine-tuning mode trains are sent or received.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.privacy_guard import PrivacyGuard
+from client.site_config import SiteConfig
+from client.site_data import SiteDataError, load_site_data
+from client.training import evaluate, train_local
+from common.config import RunConfig
+from common.datasets import LabelledData
+from common.features import cached_features, encode
+from common.federation_data import client_partition
+from common.models import (
+    Classifier,
+    backbone_is_frozen,
+    configure_trainable,
+    get_model_spec,
+    load_trainable_state,
+    trainable_fingerprint,
+    trainable_state,
+)
+from common.protocol import (
+    PROTOCOL_KEYS,
+    STATUS_BUDGET,
+    STATUS_DATA_ERROR,
+    STATUS_EVALUATED,
+    STATUS_REFUSED,
+    STATUS_TRAINED,
+)
+
+log = logging.getLogger("privatune.client")
+
+app = ClientApp()
+
+
+@dataclass
+class LocalRun:
+    """Everything one message needs at this site, built fresh per message (deployment runs each
+    message in a new process; heavy parts -- backbone weights, features -- are cached underneath)."""
+
+    cfg: RunConfig
+    site: SiteConfig
+    run_id: str
+    server_round: int
+    train: LabelledData
+    val: LabelledData
+    model: Classifier
+    trainable_names: list[str]
+
+
+def read_run_config(msg: Message) -> tuple[RunConfig, int]:
+    record = msg.content["config"]
+    values = {k: v for k, v in record.items() if k not in PROTOCOL_KEYS}
+    return RunConfig.from_flower(values), int(record.get("server-round", 0))
+
+
+def load_local_data(cfg: RunConfig, site: SiteConfig) -> tuple[LabelledData, LabelledData]:
+    if site.simulated:
+        assert site.partition_id is not None and site.num_partitions
+        return client_partition(cfg, site.partition_id, site.num_partitions)
+    from common.datasets import train_val_split
+
+    assert site.data is not None
+    kind = get_model_spec(cfg.model).kind
+    data = load_site_data(site.data, cfg.label_names, kind=kind, name=site.site_id)
+    return train_val_split(data, cfg.val_fraction, seed=cfg.seed)
+
+
+def prepare(msg: Message, context: Context) -> LocalRun:
+    cfg, server_round = read_run_config(msg)
+    site = SiteConfig.from_node_config(dict(context.node_config), cfg)
+    train, val = load_local_data(cfg, site)
+    spec = get_model_spec(cfg.model)
+    model = spec.build(len(cfg.label_names), cfg.seed)
+    names = configure_trainable(model, cfg.mode)
+    incoming = decode_global_state(msg, cfg, site)
+    load_trainable_state(model, incoming)
+    return LocalRun(cfg, site, str(context.run_id), server_round, train, val, model, names)
+
+
+def decode_global_state(msg: Message, cfg: RunConfig, site: SiteConfig) -> dict[str, np.ndarray]:
+    """The global trainable weights, decrypted with this site's key under HE."""
+    arrays: ArrayRecord = msg.content["arrays"]
+    if cfg.secure_aggregation != "he":
+        return {k: v.numpy() for k, v in arrays.items()}
+    from common import he
+    from common.he_records import arrayrecord_to_state
+
+    ctx = he.load_context(site_secret_path(site), require_secret=True)
+    return he.decrypt_state(ctx, arrayrecord_to_state(arrays))
+
+
+def site_secret_path(site: SiteConfig):
+    if site.he_secret_context is None:
+        raise ValueError(
+            "this run uses secure-aggregation=he but the site has no he-secret-context in its node config"
+        )
+    return site.he_secret_context
+
+
+def module_and_inputs(run: LocalRun, data: LabelledData) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """`head` mode trains the head alone on cached backbone features; other modes the whole model."""
+    cfg = run.cfg
+    if backbone_is_frozen(cfg.mode):
+        feats = cached_features(run.model, cfg.model, data, cfg.max_length, run.site.cache_dir)
+        return run.model.head, (feats,)
+    return run.model, encode(cfg.model, data, cfg.max_length)
+
+
+def status_record(site_id: str, status: str, reason: str = "", **extra: str) -> ConfigRecord:
+    return ConfigRecord({"status": status, "client-id": site_id, "reason": reason, **extra})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        run = prepare(msg, context)
+    except SiteDataError as err:
+        log.error("site data refused: %s", err)
+        return _reply_without_update(msg, context, STATUS_DATA_ERROR, str(err))
+    except ValueError as err:
+        log.error("round refused: %s", err)
+        return _reply_without_update(msg, context, STATUS_REFUSED, str(err))
+    cfg, site = run.cfg, run.site
+    started = datetime.now(timezone.utc)
+    dataset_fp = run.train.fingerprint()
+    params_fp = trainable_fingerprint(
+        [(n, tuple(p.shape)) for n, p in run.model.named_parameters() if p.requires_grad]
+    )
+    guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon)
+    labels = torch.as_tensor(run.train.labels, dtype=torch.long)
+    plan = guard.plan(cfg, run.run_id, len(run.train), dataset_fp)
+    if not plan.allowed:
+        log.warning("[%s] not training round %d: %s", site.site_id, run.server_round, plan.reason)
+        return _reply_without_update(msg, context, STATUS_BUDGET, plan.reason, site_id=site.site_id)
+    # Write-ahead: the spend is on disk before a single gradient is computed.
+    guard.record(plan, cfg, run.run_id, run.server_round, dataset_fp, params_fp, started)
+    noise, delta = plan.noise_multiplier, plan.delta
+    module, inputs = module_and_inputs(run, run.train)
+    result = train_local(
+        module,
+        inputs,
+        labels,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        dp=cfg.private,
+        noise_multiplier=noise,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed * 7919 + run.server_round * 104729 + (site.partition_id or 0),
+        backbone_lr_scale=cfg.backbone_lr_scale,
+        device=site.device,
+    )
+    run.model.to("cpu")
+    state = trainable_state(run.model)
+    metrics = MetricRecord(
+        {
+            "num-examples": len(run.train),
+            "train-loss": float(result.loss),
+            "epsilon": float(plan.epsilon_run),
+            "epsilon-dataset": float(plan.epsilon_dataset),
+            "noise-multiplier": float(result.noise_multiplier),
+            "sample-rate": float(result.sample_rate),
+            "steps": int(result.steps),
+            "delta": float(delta),
+            "max-grad-norm": float(cfg.max_grad_norm),
+            "train-seconds": float(result.seconds),
+        }
+    )
+    status = status_record(
+        site.site_id,
+        STATUS_TRAINED,
+        accountant=cfg.accountant,
+        **{"dataset-fingerprint": dataset_fp, "params-fingerprint": params_fp},
+    )
+    arrays = encode_update(state, len(run.train), cfg, site)
+    log.info(
+        "[%s] round %d: %d records, loss %.4f, epsilon %.3f",
+        site.site_id, run.server_round, len(run.train), result.loss, plan.epsilon_run,
+    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics, "status": status}), reply_to=msg)
+
+
+def encode_update(state: dict[str, np.ndarray], num_examples: int, cfg: RunConfig, site: SiteConfig) -> ArrayRecord:
+    """Plaintext weights, or an encrypted update pre-weighted by the example count."""
+    if cfg.secure_aggregation != "he":
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+    from common import he
+    from common.he_records import update_to_arrayrecord
+
+    ctx = he.load_context(site_secret_path(site), require_secret=True)
+    return update_to_arrayrecord(he.encrypt_update(ctx, state, weight=float(num_examples)))
+
+
+def _reply_without_update(msg: Message, context: Context, status: str, reason: str, site_id: str = "") -> Message:
+    site_id = site_id or str(context.node_config.get("site-id", context.node_config.get("partition-id", "?")))
+    if site_id and site_id[0].isdigit():
+        site_id = f"client-{site_id}"
+    return Message(
+        RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": 0}),
+                "status": status_record(site_id, status, reason),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Federated evaluation of the global model on this site's validation split."""
+    try:
+        run = prepare(msg, context)
+    except (SiteDataError, ValueError) as err:
+        log.error("evaluation refused: %s", err)
+        return _reply_without_update(msg, context, STATUS_DATA_ERROR, str(err))
+    data = run.val if len(run.val) else run.train
+    module, inputs = module_and_inputs(run, data)
+    res = evaluate(
+        module,
+        inputs,
+        torch.as_tensor(data.labels, dtype=torch.long),
+        num_classes=len(run.cfg.label_names),
+        device=run.site.device,
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": res.num_examples,
+            "eval-loss": float(res.loss),
+            "eval-accuracy": float(res.accuracy),
+            "eval-macro-f1": float(res.macro_f1),
+        }
+    )
+    return Message(
+        RecordDict({"metrics": metrics, "status": status_record(run.site.site_id, STATUS_EVALUATED)}),
+        reply_to=msg,
+    )

@@ -1,0 +1,146 @@
+"""What a site (a SuperNode) brings: its identity, its data, its ledger, its keys, its device.
+
+In deployment these come from the SuperNode's ``--node-config`` (kebab-case keys, see
+docs/deploy-site.md). In simulation Flower only sets ``partition-id``/``num-partitions``, and every
+other path is derived from the run's output folder, so one machine holds the whole federation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from client.site_data import SiteDataSpec
+from common.config import RunConfig
+
+SITE_KEYS = (
+    "site-id",
+    "data-path",
+    "data-format",
+    "text-column",
+    "label-column",
+    "ledger-path",
+    "max-epsilon",
+    "he-secret-context",
+    "device",
+    "cache-dir",
+    "partition-id",
+    "num-partitions",
+)
+
+
+class SiteConfigError(ValueError):
+    """A node config that cannot work; says which key and what to do."""
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site_id: str
+    ledger_path: Path
+    cache_dir: Path | None
+    max_epsilon: float | None
+    he_secret_context: Path | None
+    device: str
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    data: SiteDataSpec | None = None
+
+    @property
+    def simulated(self) -> bool:
+        return self.data is None
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], cfg: RunConfig) -> "SiteConfig":
+        unknown = sorted(set(node_config) - set(SITE_KEYS))
+        if unknown:
+            raise SiteConfigError(
+                f"unknown node-config key(s) {unknown}; known keys: {', '.join(SITE_KEYS)}"
+            )
+        device = resolve_device(str(node_config.get("device", "auto")))
+        max_eps_raw = node_config.get("max-epsilon", "")
+        max_epsilon = float(max_eps_raw) if str(max_eps_raw).strip() not in ("", "0", "0.0", "none") else None
+        if max_epsilon is not None and max_epsilon <= 0:
+            raise SiteConfigError(f"max-epsilon must be > 0, got {max_epsilon}")
+        out = Path(cfg.out_dir) if cfg.out_dir else None
+        if "data-path" in node_config:
+            site_id = str(node_config.get("site-id", "")).strip()
+            if not site_id:
+                raise SiteConfigError("site-id is required with data-path: a short name such as 'hospital-a'")
+            fmt = str(node_config.get("data-format", "")).strip() or _guess_format(str(node_config["data-path"]))
+            spec = SiteDataSpec(
+                path=Path(str(node_config["data-path"])).expanduser(),
+                format=fmt,  # type: ignore[arg-type]
+                text_column=str(node_config.get("text-column", "text")),
+                label_column=str(node_config.get("label-column", "label")),
+            )
+            ledger = node_config.get("ledger-path")
+            if not ledger:
+                raise SiteConfigError(
+                    "ledger-path is required at a site: the privacy ledger must survive restarts "
+                    "(e.g. ledger-path=\"/var/lib/privatune/site.ledger.sqlite\")"
+                )
+            secret = node_config.get("he-secret-context")
+            cache = node_config.get("cache-dir")
+            return cls(
+                site_id=site_id,
+                ledger_path=Path(str(ledger)).expanduser(),
+                cache_dir=Path(str(cache)).expanduser() if cache else Path(str(ledger)).expanduser().parent / "cache",
+                max_epsilon=max_epsilon,
+                he_secret_context=Path(str(secret)).expanduser() if secret else None,
+                device=device,
+                data=spec,
+            )
+        if "partition-id" not in node_config:
+            raise SiteConfigError(
+                "node config has neither data-path (a partner site) nor partition-id (a simulated "
+                "client); set data-path, data-format and site-id for a site"
+            )
+        if out is None:
+            raise SiteConfigError("a simulated client needs the run's out-dir in the run config")
+        pid = int(node_config["partition-id"])
+        num = int(node_config.get("num-partitions", 0))
+        site_id = str(node_config.get("site-id", f"client-{pid}"))
+        secret = None
+        if cfg.secure_aggregation == "he":
+            # One machine holds the whole simulated federation: the clients' secret context sits
+            # beside the server's public one (keygen writes both into one folder).
+            secret = Path(cfg.he_public_context).parent / "secret.ctx" if cfg.he_public_context else out / "keys" / "secret.ctx"
+        return cls(
+            site_id=site_id,
+            ledger_path=out / "ledgers" / f"site-{site_id}.ledger.sqlite",
+            cache_dir=out / "cache",
+            max_epsilon=max_epsilon,
+            he_secret_context=secret,
+            device=device,
+            partition_id=pid,
+            num_partitions=num,
+        )
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` picks the GPU when there is one; an explicit CUDA device must exist."""
+    requested = requested.strip().lower() or "auto"
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SiteConfigError(f"device={requested} but this host has no CUDA GPU visible to torch; use device=cpu or auto")
+        if ":" in requested:
+            idx = int(requested.split(":", 1)[1])
+            if idx >= torch.cuda.device_count():
+                raise SiteConfigError(f"device={requested} but only {torch.cuda.device_count()} GPU(s) are visible")
+        return requested
+    raise SiteConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{requested}'")
+
+
+def _guess_format(path: str) -> str:
+    p = path.lower()
+    for ext, fmt in ((".csv", "csv"), (".jsonl", "jsonl"), (".npz", "npz")):
+        if p.endswith(ext):
+            return fmt
+    return "image-folder"

@@ -1,0 +1,230 @@
+"""One typed run configuration, validated at the edge.
+
+Flower carries the run config as a flat dict of kebab-case keys (``[tool.flwr.app.config]`` in
+pyproject.toml, overridable with ``--run-config``). Everything inside privatune works on the frozen
+:class:`RunConfig` built here, so a typo or an impossible value fails once, before any training, with
+a message that says which key and what to do.
+
+Values that depend on the preset (model, dataset, learning rate, batch size, ...) use a neutral
+sentinel in pyproject.toml (``""`` or ``0``) meaning "take the preset's default".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
+
+# Label sets of the preset datasets, so a site (which has no copy of them) knows the index order.
+DATASET_LABELS: dict[str, tuple[str, ...]] = {
+    "sms-spam": ("ham", "spam"),
+    "trec6": ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
+    "digits": tuple(str(i) for i in range(10)),
+}
+
+FINE_TUNING_MODES = ("head", "partial", "full")
+PARTITION_SCHEMES = ("iid", "dirichlet")
+SECURE_AGGREGATION = ("none", "he")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults that make one task train well; any of them can be overridden."""
+
+    model: str
+    dataset: str
+    mode: str
+    lr: float
+    batch_size: int
+    local_epochs: int
+    num_server_rounds: int
+    max_length: int = 64
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "sms-spam": Preset(
+        model="minilm", dataset="sms-spam", mode="head", lr=2.0, batch_size=64, local_epochs=5,
+        num_server_rounds=5, description="SMS spam detection (2 classes, 89% ham), MiniLM text encoder",
+    ),
+    "trec6": Preset(
+        model="minilm", dataset="trec6", mode="head", lr=2.0, batch_size=64, local_epochs=5,
+        num_server_rounds=5, description="TREC question type (6 classes), MiniLM text encoder",
+    ),
+    "digits": Preset(
+        model="digits-cnn", dataset="digits", mode="head", lr=0.5, batch_size=32, local_epochs=3,
+        num_server_rounds=3, description="sklearn 8x8 digits upscaled to 28x28, MNIST-pretrained CNN",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, resolved against its preset and validated."""
+
+    preset: str = "sms-spam"
+    model: str = ""
+    dataset: str = ""
+    mode: str = ""
+    num_server_rounds: int = 0
+    local_epochs: int = 0
+    batch_size: int = 0
+    lr: float = 0.0
+    max_length: int = 0
+    dp: bool = True
+    target_epsilon: float = 8.0
+    delta: float = 0.0  # 0 = per client: min(1e-5, 0.1 / n), always below 1/n
+    noise_multiplier: float = 0.0  # 0 = calibrate to target_epsilon over the whole run
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    partition: str = "dirichlet"
+    alpha: float = 1.0
+    seed: int = 42
+    fraction_train: float = 1.0
+    min_clients: int = 2
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    max_records: int = 0  # 0 = the whole dataset; >0 subsamples (fast tests)
+    labels: str = ""  # comma-separated label set; "" = the preset dataset's labels
+    backbone_lr_scale: float = 0.1  # partial/full: backbone learns at lr x this ("trained more slowly")
+    central_eval: bool = True  # the server evaluates on the held-out set (simulation only)
+    round_timeout: float = 900.0  # seconds the server waits for a round's replies
+    secure_aggregation: str = "none"
+    he_public_context: str = ""
+    out_dir: str = ""
+    run_name: str = ""
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's kebab-case run config; unknown keys are refused."""
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(
+                    f"unknown run-config key '{key}'; known keys: "
+                    + ", ".join(sorted(k.replace("_", "-") for k in known))
+                )
+            values[name] = value
+        return cls.create(**values)
+
+    @classmethod
+    def create(cls, **values: Any) -> "RunConfig":
+        """Coerce types, fill preset defaults and validate."""
+        typed: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in values:
+                typed[f.name] = _coerce(f.name, f.type, values[f.name])
+        cfg = cls(**typed)
+        return cfg.resolved()
+
+    def resolved(self) -> "RunConfig":
+        if self.preset not in PRESETS:
+            raise ConfigError(
+                f"unknown preset '{self.preset}'; choose one of: {', '.join(PRESETS)}"
+            )
+        p = PRESETS[self.preset]
+        cfg = replace(
+            self,
+            model=self.model or p.model,
+            dataset=self.dataset or p.dataset,
+            mode=self.mode or p.mode,
+            num_server_rounds=self.num_server_rounds or p.num_server_rounds,
+            local_epochs=self.local_epochs or p.local_epochs,
+            batch_size=self.batch_size or p.batch_size,
+            lr=self.lr or p.lr,
+            max_length=self.max_length or p.max_length,
+        )
+        cfg.validate()
+        return cfg
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The label set every site must use, in index order."""
+        if self.labels.strip():
+            return tuple(x.strip() for x in self.labels.split(",") if x.strip())
+        return DATASET_LABELS[self.dataset]
+
+    def to_flower(self) -> dict[str, Any]:
+        """Kebab-case dict for ``--run-config`` / ``ConfigRecord`` (floats stay floats)."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    # ---------------------------------------------------------------- checking
+    @property
+    def private(self) -> bool:
+        """True when clients train with DP-SGD."""
+        return self.dp and not math.isinf(self.target_epsilon)
+
+    def validate(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(
+            bool(self.labels.strip()) or self.dataset in DATASET_LABELS,
+            "labels",
+            f"dataset '{self.dataset}' has no built-in label set; give labels=\"a,b,...\"",
+        )
+        need(len(self.label_names) >= 2, "labels", "a classifier needs at least 2 labels")
+        need(len(set(self.label_names)) == len(self.label_names), "labels", "labels must be unique")
+        need(self.round_timeout > 0, "round-timeout", "must be > 0 seconds")
+        need(self.backbone_lr_scale >= 0, "backbone-lr-scale", "must be >= 0")
+        need(self.mode in FINE_TUNING_MODES, "mode", f"'{self.mode}' is not one of {FINE_TUNING_MODES}")
+        need(self.num_server_rounds >= 1, "num-server-rounds", "must be at least 1")
+        need(self.local_epochs >= 1, "local-epochs", "must be at least 1")
+        need(self.batch_size >= 1, "batch-size", "must be at least 1")
+        need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        need(self.max_length >= 4, "max-length", "must be at least 4 tokens")
+        need(
+            self.target_epsilon > 0 and not math.isnan(self.target_epsilon),
+            "target-epsilon",
+            f"must be > 0 (got {self.target_epsilon}); use inf or dp=false for a non-private baseline",
+        )
+        need(0 <= self.delta < 1, "delta", "must be in [0, 1); 0 means min(1e-5, 0.1/n) per client")
+        need(self.noise_multiplier >= 0, "noise-multiplier", "must be >= 0 (0 = calibrate from target-epsilon)")
+        need(self.max_grad_norm > 0, "max-grad-norm", "must be > 0")
+        need(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {ACCOUNTANTS}")
+        need(self.partition in PARTITION_SCHEMES, "partition", f"must be one of {PARTITION_SCHEMES}")
+        need(self.alpha > 0, "alpha", "the Dirichlet concentration must be > 0")
+        need(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
+        need(self.min_clients >= 1, "min-clients", "must be at least 1")
+        need(0 <= self.val_fraction < 0.5, "val-fraction", "must be in [0, 0.5)")
+        need(0 < self.test_fraction < 0.5, "test-fraction", "must be in (0, 0.5)")
+        need(self.max_records >= 0, "max-records", "must be >= 0 (0 = all records)")
+        need(
+            self.secure_aggregation in SECURE_AGGREGATION,
+            "secure-aggregation",
+            f"must be one of {SECURE_AGGREGATION}",
+        )
+
+
+def _coerce(name: str, type_name: Any, value: Any) -> Any:
+    """Flower hands back TOML scalars; `--run-config` may hand back strings."""
+    t = str(type_name)
+    key = name.replace("_", "-")
+    try:
+        if t == "bool":
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if t == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if t == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: cannot read {value!r} as {t}") from None

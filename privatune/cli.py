@@ -1,0 +1,164 @@
+"""`privatune`: the command line. Each command is thin and imports its side lazily."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Federated, differentially private fine-tuning.")
+site_app = typer.Typer(no_args_is_help=True, help="Commands a partner site runs.")
+app.add_typer(site_app, name="site")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _parse_kv(text: str) -> dict[str, str]:
+    """`"k=v k2='a b'"` -> dict, the syntax of Flower's --run-config / --node-config."""
+    import shlex
+
+    out: dict[str, str] = {}
+    for tok in shlex.split(text or ""):
+        if "=" not in tok:
+            raise typer.BadParameter(f"'{tok}' is not key=value")
+        k, v = tok.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+@app.command()
+def simulate(
+    preset: str = typer.Option("sms-spam", help="sms-spam | trec6 | digits"),
+    clients: int = typer.Option(10, help="number of simulated clients"),
+    rounds: int = typer.Option(0, help="server rounds (0 = the preset's)"),
+    epsilon: str = typer.Option("8", help="target epsilon per client over the whole run; 'inf' = no DP"),
+    no_dp: bool = typer.Option(False, "--no-dp", help="train without DP (a baseline)"),
+    mode: str = typer.Option("", help="head | partial | full (default: the preset's)"),
+    partition: str = typer.Option("dirichlet", help="iid | dirichlet"),
+    alpha: float = typer.Option(1.0, help="Dirichlet concentration (smaller = more label skew)"),
+    seed: int = typer.Option(42),
+    secure_aggregation: str = typer.Option("none", "--secure-aggregation", help="none | he"),
+    out: Path = typer.Option(Path("runs/latest"), help="output folder"),
+    run_config: str = typer.Option("", "--run-config", help='extra overrides, e.g. "lr=0.5 batch-size=32"'),
+    verbose: bool = typer.Option(False, "--verbose", help="show Flower's and Ray's logs"),
+) -> None:
+    """Run a simulated federation on this machine and report accuracy against epsilon."""
+    from common.config import ConfigError, RunConfig
+
+    try:
+        eps = math.inf if epsilon.strip().lower() in ("inf", "infinity") else float(epsilon)
+    except ValueError:
+        raise typer.BadParameter(f"--epsilon must be a number or 'inf', got {epsilon!r}") from None
+    values: dict[str, object] = {
+        "preset": preset,
+        "target-epsilon": eps,
+        "dp": not no_dp and not math.isinf(eps),
+        "partition": partition,
+        "alpha": alpha,
+        "seed": seed,
+        "secure-aggregation": secure_aggregation,
+        "out-dir": str(out),
+    }
+    if rounds:
+        values["num-server-rounds"] = rounds
+    if mode:
+        values["mode"] = mode
+    values.update(_parse_kv(run_config))
+    try:
+        cfg = RunConfig.from_flower(values)
+        from simulations.simulate import prepare_config
+
+        prepare_config(cfg, clients, out)  # refuse bad sizes before Ray starts
+    except (ConfigError, ValueError) as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+
+    from simulations.progress import RoundPrinter
+    from simulations.simulate import run_simulation
+
+    printer = RoundPrinter(console, cfg, clients)
+    printer.header()
+    summary = run_simulation(cfg, clients, out, observer=printer, verbose=verbose)
+    printer.final(summary, out)
+
+
+@app.command()
+def keygen(
+    out: Path = typer.Option(..., help="folder for secret.ctx, public.ctx, fingerprint.txt"),
+    poly_modulus_degree: int = typer.Option(0, help="override the CKKS ring size (0 = default)"),
+) -> None:
+    """Make a CKKS context: secret.ctx for the sites only, public.ctx for the server."""
+    from common import he
+
+    params = he.HEParams() if not poly_modulus_degree else he.HEParams(poly_modulus_degree=poly_modulus_degree)
+    paths = he.write_keys(out, params)
+    for k, v in paths.items():
+        console.print(f"{k:12s} {v}")
+    console.print("[yellow]secret.ctx holds the secret key: give it to the sites only, never to the server.[/]")
+
+
+@app.command()
+def decrypt(
+    secret_context: Path = typer.Option(..., "--secret-context"),
+    checkpoint: Path = typer.Option(...),
+    out: Path = typer.Option(...),
+) -> None:
+    """Decrypt an encrypted global checkpoint into plaintext safetensors (key holders only)."""
+    from common import he
+
+    try:
+        he.decrypt_checkpoint_to_safetensors(secret_context, checkpoint, out)
+    except he.HEKeyError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def audit(
+    paths: List[Path] = typer.Argument(..., help="ledger files or folders holding them"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the machine-readable audit here"),
+    report: Optional[Path] = typer.Option(None, help="folder for the Markdown report and its PNG"),
+) -> None:
+    """Verify ledgers, recompute every epsilon, cross-check server against sites; exit 1 on any violation."""
+    import json
+
+    from common.audit import audit_paths, render_table, report_to_json, write_report
+
+    rep = audit_paths(paths)
+    console.print(render_table(rep))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report_to_json(rep), indent=2, default=str))
+    if report:
+        for p in write_report(rep, report):
+            console.print(f"wrote {p}")
+    if not rep.ok:
+        for v in rep.violations:
+            err_console.print(f"[bold red]violation[/] {v}")
+        raise typer.Exit(1)
+    console.print("[green]audit clean[/]")
+
+
+@app.command()
+def pki(
+    out: Path = typer.Option(..., help="folder for the trial CA, server certificate and node keys"),
+    nodes: int = typer.Option(3, help="number of SuperNode key pairs"),
+) -> None:
+    """Make a throw-away CA, server certificate and SuperNode keys for trials on one machine."""
+    from privatune.pki import main as pki_main
+
+    raise typer.Exit(pki_main(["--out", str(out), "--nodes", str(nodes)]))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

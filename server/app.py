@@ -1,0 +1,165 @@
+"""The ServerApp: builds the strategy for one run and lets Flower drive the rounds.
+
+The same app serves ``privatune simulate`` (in-process, with a fixed config and a progress
+observer), ``flwr run .`` and a real deployment (config from ``context.run_config``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from common.models import configure_trainable, get_model_spec, trainable_state
+from server.run_record import RoundReport, RunRecorder
+from server.strategy import FederationStopped, PrivatuneFedAvg
+
+log = logging.getLogger("privatune.server")
+
+SERVER_LEDGER_NAME = "server.ledger.sqlite"
+HE_CHECKPOINT_NAME = "global.he-checkpoint"
+PLAIN_WEIGHTS_NAME = "global.safetensors"
+
+
+def make_server_app(
+    fixed_config: RunConfig | None = None,
+    observer: Callable[[RoundReport], None] | None = None,
+) -> ServerApp:
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = fixed_config or RunConfig.from_flower(dict(context.run_config))
+        run_federation(grid, cfg, run_id=str(context.run_id), observer=observer)
+
+    return server_app
+
+
+app = make_server_app()
+
+
+def resolve_out_dir(cfg: RunConfig, run_id: str) -> RunConfig:
+    out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / f"run-{run_id}"
+    return replace(cfg, out_dir=str(out.resolve()))
+
+
+def run_federation(
+    grid: Grid,
+    cfg: RunConfig,
+    run_id: str,
+    observer: Callable[[RoundReport], None] | None = None,
+) -> dict[str, Any]:
+    """Run every round of one federation and leave its record in ``cfg.out_dir``."""
+    cfg = resolve_out_dir(cfg, run_id)
+    out = Path(cfg.out_dir)
+    recorder = RunRecorder(
+        out,
+        summary_base={
+            "run_id": run_id,
+            "preset": cfg.preset,
+            "model": cfg.model,
+            "dataset": cfg.dataset,
+            "mode": cfg.mode,
+            "dp": cfg.private,
+            "target_epsilon": cfg.target_epsilon if cfg.private else float("inf"),
+            "delta": cfg.delta if cfg.delta else "auto: min(1e-5, 0.1/n) per client",
+            "secure_aggregation": cfg.secure_aggregation,
+            "num_server_rounds": cfg.num_server_rounds,
+        },
+        observer=observer,
+    )
+    recorder.write_config(cfg.to_flower())
+
+    model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
+    configure_trainable(model, cfg.mode)
+    initial_state = trainable_state(model)
+    expected = {k: tuple(v.shape) for k, v in initial_state.items()}
+    n_params = int(sum(v.size for v in initial_state.values()))
+    log.info("run %s: %s/%s mode=%s, %d trainable parameters travel", run_id, cfg.model, cfg.dataset, cfg.mode, n_params)
+
+    he_ctx = None
+    if cfg.secure_aggregation == "he":
+        from common import he
+        from common.he_records import state_to_arrayrecord
+
+        if not cfg.he_public_context:
+            raise ValueError("secure-aggregation=he needs he-public-context (the public.ctx from `privatune keygen`)")
+        he_ctx = he.load_context(Path(cfg.he_public_context), require_secret=False)
+        initial = state_to_arrayrecord(he.encrypt_state(he_ctx, initial_state))
+    else:
+        initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in initial_state.items()})
+
+    from common.ledger import ServerLedger
+
+    ledger = ServerLedger(out / SERVER_LEDGER_NAME)
+    ledger.record_run(run_id, cfg.to_flower(), cfg.secure_aggregation)
+
+    strategy = PrivatuneFedAvg(cfg, run_id, expected, he_context=he_ctx, ledger=ledger)
+    evaluator = None
+    if cfg.central_eval and he_ctx is None:
+        from server.central_eval import CentralEvaluator
+
+        evaluator = CentralEvaluator(cfg, out / "cache")
+
+    latest: dict[str, ArrayRecord] = {"arrays": initial}
+    t0 = time.perf_counter()
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Called by Flower after every round (and before the first): closes the round's record."""
+        latest["arrays"] = arrays
+        report = strategy.current if server_round > 0 else RoundReport(round=0)
+        if evaluator is not None:
+            res = evaluator({k: v.numpy() for k, v in arrays.items()})
+            report.central = {"accuracy": res.accuracy, "macro-f1": res.macro_f1, "loss": res.loss}
+        report.seconds = time.perf_counter() - t0
+        recorder.finish_round(report)
+        return MetricRecord(report.central) if report.central else None
+
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout,
+            evaluate_fn=evaluate_fn,
+        )
+    except FederationStopped as stop:
+        log.warning("%s", stop)
+        recorder.stopped_reason = str(stop)
+        # The interrupted round has no evaluation; record what it did (who was refused).
+        if strategy.current.round > 0 and (not recorder.rounds or recorder.rounds[-1].round != strategy.current.round):
+            recorder.finish_round(strategy.current)
+
+    save_global(latest["arrays"], cfg, out, he_ctx is not None)
+    from server.plots import plot_rounds
+
+    plot_rounds(recorder.rounds, out / "rounds.png", title=f"{cfg.preset}: {cfg.mode}, target epsilon {cfg.target_epsilon:g}" if cfg.private else f"{cfg.preset}: {cfg.mode}, no DP")
+    summary = recorder.write_summary(
+        trainable_parameters=n_params,
+        wall_seconds=time.perf_counter() - t0,
+        weights_file=HE_CHECKPOINT_NAME if he_ctx is not None else PLAIN_WEIGHTS_NAME,
+    )
+    return summary
+
+
+def save_global(arrays: ArrayRecord, cfg: RunConfig, out: Path, encrypted: bool) -> Path:
+    if encrypted:
+        from common import he
+        from common.he_records import arrayrecord_to_state
+
+        path = out / HE_CHECKPOINT_NAME
+        he.save_checkpoint(path, arrayrecord_to_state(arrays))
+        return path
+    from safetensors.numpy import save_file
+
+    path = out / PLAIN_WEIGHTS_NAME
+    save_file({k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}, str(path),
+              metadata={"model": cfg.model, "mode": cfg.mode, "labels": ",".join(cfg.label_names)})
+    return path

@@ -1,0 +1,36 @@
+"""Central evaluation on the held-out test set (simulation only: a real coordinator has no data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.evaluation import EvalResult, evaluate
+from common.features import cached_features, encode
+from common.federation_data import central_split
+from common.models import backbone_is_frozen, configure_trainable, get_model_spec, load_trainable_state
+
+
+class CentralEvaluator:
+    """Builds the model and the test inputs once; evaluates any trainable state against them."""
+
+    def __init__(self, cfg: RunConfig, cache_dir: Path | None) -> None:
+        self.cfg = cfg
+        _, self.test = central_split(cfg)
+        self.model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
+        configure_trainable(self.model, cfg.mode)
+        if backbone_is_frozen(cfg.mode):
+            self.module = self.model.head
+            self.inputs = (cached_features(self.model, cfg.model, self.test, cfg.max_length, cache_dir),)
+        else:
+            self.module = self.model
+            self.inputs = encode(cfg.model, self.test, cfg.max_length)
+        self.labels = torch.as_tensor(self.test.labels, dtype=torch.long)
+
+    def __call__(self, state: Mapping[str, np.ndarray]) -> EvalResult:
+        load_trainable_state(self.model, state)
+        return evaluate(self.module, self.inputs, self.labels, num_classes=len(self.cfg.label_names))

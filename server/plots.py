@@ -1,0 +1,50 @@
+"""The run's picture: accuracy and epsilon per round (people read a curve faster than a table)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from server.run_record import RoundReport
+
+
+def plot_rounds(rounds: Sequence[RoundReport], path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(11, 4))
+    xs_c = [r.round for r in rounds if r.central]
+    if xs_c:
+        ax_acc.plot(xs_c, [r.central["accuracy"] for r in rounds if r.central], "o-", label="central test accuracy")
+        ax_acc.plot(xs_c, [r.central["macro-f1"] for r in rounds if r.central], "s--", label="central test macro-F1")
+    xs_f = [r.round for r in rounds if r.federated]
+    if xs_f:
+        ax_acc.plot(xs_f, [r.federated.get("eval-accuracy", float("nan")) for r in rounds if r.federated],
+                    "^-", label="federated validation accuracy")
+    ax_acc.set_xlabel("round")
+    ax_acc.set_ylabel("score")
+    ax_acc.set_ylim(0, 1.02)
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(loc="lower right", fontsize=8)
+    ax_acc.set_title("global model")
+    clients = sorted({c for r in rounds for c in r.clients})
+    for cid in clients:
+        pts = [(r.round, r.clients[cid].get("epsilon")) for r in rounds if cid in r.clients]
+        pts = [(x, y) for x, y in pts if isinstance(y, float) and y != float("inf")]
+        if pts:
+            ax_eps.plot([p[0] for p in pts], [p[1] for p in pts], ".-", alpha=0.7, label=cid)
+    ax_eps.set_xlabel("round")
+    ax_eps.set_ylabel("epsilon spent (composed over rounds)")
+    ax_eps.grid(alpha=0.3)
+    ax_eps.set_title("privacy spend per client")
+    if 0 < len(clients) <= 12:
+        ax_eps.legend(fontsize=7, ncol=2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,104 @@
+"""What a run leaves in its output folder, written as it goes so a crash loses at most one round.
+
+- ``config.json``: the resolved run config;
+- ``metrics.jsonl``: one line per round (per-client training reports, federated and central evaluation);
+- ``summary.json``: the final figures (rewritten after every round, atomically);
+- ``global.safetensors`` (plaintext) or ``global.he-checkpoint`` (encrypted): the trainable weights;
+- ``rounds.png``: accuracy and epsilon per round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no inf/NaN: write them as strings a reader can still parse with float()."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(_finite(data), fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class RoundReport:
+    round: int
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)  # client id -> its training report
+    dropped: dict[str, str] = field(default_factory=dict)  # client id or node -> reason
+    federated: dict[str, float] = field(default_factory=dict)
+    central: dict[str, float] = field(default_factory=dict)
+    aggregated: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class RunRecorder:
+    """Collects round reports and keeps the output folder current."""
+
+    out_dir: Path
+    summary_base: dict[str, Any]
+    observer: Callable[[RoundReport], None] | None = None
+    rounds: list[RoundReport] = field(default_factory=list)
+    per_client_epsilon: dict[str, float] = field(default_factory=dict)
+    stopped_reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "metrics.jsonl").touch()
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json_atomic(self.out_dir / "config.json", config)
+
+    def finish_round(self, report: RoundReport) -> None:
+        self.rounds.append(report)
+        for cid, rep in report.clients.items():
+            eps = rep.get("epsilon")
+            if isinstance(eps, (int, float)):
+                self.per_client_epsilon[cid] = float(eps)
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(_finite(report.__dict__), sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.write_summary()
+        if self.observer is not None:
+            self.observer(report)
+
+    def summary(self) -> dict[str, Any]:
+        trained_rounds = [r for r in self.rounds if r.round > 0 and r.aggregated]
+        last_central = next((r.central for r in reversed(self.rounds) if r.central), {})
+        last_fed = next((r.federated for r in reversed(self.rounds) if r.federated), {})
+        return {
+            **self.summary_base,
+            "rounds_completed": len(trained_rounds),
+            "test_accuracy": last_central.get("accuracy"),
+            "test_macro_f1": last_central.get("macro-f1"),
+            "test_loss": last_central.get("loss"),
+            "federated_accuracy": last_fed.get("eval-accuracy"),
+            "federated_macro_f1": last_fed.get("eval-macro-f1"),
+            "per_client_epsilon": dict(sorted(self.per_client_epsilon.items())),
+            "max_client_epsilon": max(self.per_client_epsilon.values(), default=None),
+            "stopped_reason": self.stopped_reason,
+        }
+
+    def write_summary(self, **extra: Any) -> dict[str, Any]:
+        data = {**self.summary(), **extra}
+        write_json_atomic(self.out_dir / "summary.json", data)
+        return data

@@ -1,0 +1,112 @@
+"""A whole federation on one machine: Flower's simulation engine, the real ServerApp and ClientApp.
+
+Everything the run writes goes to ``out_dir`` (results, ledgers, keys, feature cache); Ray's
+session files go to a temporary folder that is removed afterwards, and Ray is shut down, so no
+process outlives the command.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from common.config import RunConfig
+from common.federation_data import check_federation_size
+from server.run_record import RoundReport, write_json_atomic
+
+log = logging.getLogger("privatune.simulate")
+
+
+def prepare_config(cfg: RunConfig, num_clients: int, out_dir: Path) -> RunConfig:
+    """Validate what can be validated before any training, and fill in paths."""
+    if num_clients < 1:
+        raise ValueError("--clients must be at least 1")
+    if cfg.min_clients > num_clients:
+        cfg = replace(cfg, min_clients=num_clients)
+    check_federation_size(cfg, num_clients)
+    out_dir = out_dir.resolve()
+    cfg = replace(cfg, out_dir=str(out_dir))
+    if cfg.secure_aggregation == "he" and not cfg.he_public_context:
+        from common import he
+
+        paths = he.write_keys(out_dir / "keys", he.HEParams())
+        cfg = replace(cfg, he_public_context=str(Path(paths["public"]).resolve()))
+    return cfg
+
+
+def run_simulation(
+    cfg: RunConfig,
+    num_clients: int,
+    out_dir: Path,
+    observer: Callable[[RoundReport], None] | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run the federation and return its summary (also in ``out_dir/summary.json``)."""
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from client.app import app as client_app
+    from server.app import make_server_app
+
+    cfg = prepare_config(cfg, num_clients, out_dir)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    ray_tmp = tempfile.mkdtemp(prefix="pt-ray-")
+    cpus = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "_temp_dir": ray_tmp,
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "logging_level": logging.WARNING if not verbose else logging.INFO,
+            "log_to_driver": True,
+        },
+    }
+    t0 = time.perf_counter()
+    try:
+        flwr_run_simulation(
+            server_app=make_server_app(cfg, observer),
+            client_app=client_app,
+            num_supernodes=num_clients,
+            backend_config=backend_config,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    summary_path = out / "summary.json"
+    import json
+
+    summary = json.loads(summary_path.read_text())
+    if cfg.secure_aggregation == "he" and cfg.central_eval:
+        summary.update(he_central_evaluation(cfg, out))
+    summary["num_clients"] = num_clients
+    summary["simulation_seconds"] = time.perf_counter() - t0
+    write_json_atomic(summary_path, summary)
+    return summary
+
+
+def he_central_evaluation(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    """Decrypt the final encrypted global model with the clients' key (simulation holds it) and test it."""
+    from common import he
+    from server.app import HE_CHECKPOINT_NAME
+    from server.central_eval import CentralEvaluator
+
+    secret = Path(cfg.he_public_context).parent / "secret.ctx"
+    decrypted = out / "global.decrypted.safetensors"
+    he.decrypt_checkpoint_to_safetensors(secret, out / HE_CHECKPOINT_NAME, decrypted)
+    from safetensors.numpy import load_file
+
+    res = CentralEvaluator(cfg, out / "cache")(load_file(str(decrypted)))
+    return {"test_accuracy": res.accuracy, "test_macro_f1": res.macro_f1, "test_loss": res.loss,
+            "test_evaluated": "decrypted final model (clients' key)"}
