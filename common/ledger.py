@@ -378,6 +378,8 @@ def _real_columns(columns: Sequence[tuple[str, str]]) -> tuple[str, ...]:
 
 
 def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
+    if read_only and not path.is_file():
+        raise LedgerError(f"ledger {path} does not exist")
     try:
         if read_only:
             try:

@@ -588,13 +588,22 @@ def compute_features(
     device = next(backbone.parameters()).device
     was_training = backbone.training
     backbone.eval()
+    # Text: (input_ids, attention_mask) padded to a fixed length. Sorting by length and trimming each
+    # batch to its longest record skips the padding (most SMS/TREC records are far shorter than the
+    # padded length); masked mean pooling makes the result the same up to float rounding.
+    lengths = None
+    if len(encoded) == 2 and encoded[1].dim() == 2 and encoded[1].shape == encoded[0].shape:
+        lengths = encoded[1].sum(dim=1)
+    order = torch.argsort(lengths, stable=True) if lengths is not None else torch.arange(n)
+    out = torch.empty((n, model.feature_dim), dtype=torch.float32)
     try:
-        chunks = [
-            backbone(*(t[i : i + batch_size].to(device) for t in encoded)).float().cpu()
-            for i in range(0, n, batch_size)
-        ]
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            batch = [t[idx] for t in encoded]
+            if lengths is not None:
+                keep = max(int(lengths[idx].max()), 1)
+                batch = [t[:, :keep] for t in batch]
+            out[idx] = backbone(*(t.to(device) for t in batch)).float().cpu()
     finally:
         backbone.train(was_training)
-    if not chunks:
-        return torch.zeros((0, model.feature_dim), dtype=torch.float32)
-    return torch.cat(chunks)
+    return out

@@ -128,19 +128,23 @@ def audit(
     """Verify ledgers, recompute every epsilon, cross-check server against sites; exit 1 on any violation."""
     import json
 
-    from common.audit import audit_paths, render_table, report_to_json, write_report
+    from common.audit import AuditInputError, audit_paths, render_table, render_violations, report_to_json, write_report
 
-    rep = audit_paths(paths)
+    try:
+        rep = audit_paths(paths)
+    except AuditInputError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
     console.print(render_table(rep))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report_to_json(rep), indent=2, default=str))
     if report:
-        for p in write_report(rep, report):
+        files = write_report(rep, report)
+        for p in (files.markdown, files.plot, files.json):
             console.print(f"wrote {p}")
     if not rep.ok:
-        for v in rep.violations:
-            err_console.print(f"[bold red]violation[/] {v}")
+        err_console.print(render_violations(rep))
         raise typer.Exit(1)
     console.print("[green]audit clean[/]")
 

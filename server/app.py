@@ -17,13 +17,13 @@ from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
+from common.ledger import SERVER_LEDGER_NAME, ServerLedger
 from common.models import configure_trainable, get_model_spec, trainable_state
 from server.run_record import RoundReport, RunRecorder
 from server.strategy import FederationStopped, PrivatuneFedAvg
 
 log = logging.getLogger("privatune.server")
 
-SERVER_LEDGER_NAME = "server.ledger.sqlite"
 HE_CHECKPOINT_NAME = "global.he-checkpoint"
 PLAIN_WEIGHTS_NAME = "global.safetensors"
 
@@ -95,8 +95,6 @@ def run_federation(
         initial = state_to_arrayrecord(he.encrypt_state(he_ctx, initial_state))
     else:
         initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in initial_state.items()})
-
-    from common.ledger import ServerLedger
 
     ledger = ServerLedger(out / SERVER_LEDGER_NAME)
     ledger.record_run(run_id, cfg.to_flower(), cfg.secure_aggregation)

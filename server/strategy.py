@@ -198,19 +198,24 @@ class PrivatuneFedAvg(FedAvg):
         report["node-id"] = int(msg.metadata.src_node_id)
         self.current.clients[cid] = report
         if self.ledger is not None:
+            def num(key: str) -> float | None:
+                v = m.get(key)
+                return float(v) if isinstance(v, (int, float)) else None
+
+            steps = m.get("steps")
             self.ledger.record_report(
                 run_id=self.run_id,
                 round=server_round,
                 client_id=cid,
                 node_id=int(msg.metadata.src_node_id),
-                noise_multiplier=float(m.get("noise-multiplier", 0.0)),
-                sample_rate=float(m.get("sample-rate", 0.0)),
-                steps=int(m.get("steps", 0)),
-                max_grad_norm=float(m.get("max-grad-norm", 0.0)),
-                delta=float(m.get("delta", 0.0)),
+                noise_multiplier=num("noise-multiplier"),
+                sample_rate=num("sample-rate"),
+                steps=int(steps) if isinstance(steps, (int, float)) else None,
+                max_grad_norm=num("max-grad-norm"),
+                delta=num("delta"),
                 accountant=str(st.get("accountant", self.cfg.accountant)),
-                epsilon_reported=float(m.get("epsilon", float("inf"))),
-                epsilon_dataset_reported=float(m.get("epsilon-dataset", float("inf"))),
+                epsilon_reported=num("epsilon"),
+                epsilon_dataset_reported=num("epsilon-dataset"),
                 dataset_fingerprint=str(st.get("dataset-fingerprint", "")) or None,
                 status=STATUS_TRAINED,
             )

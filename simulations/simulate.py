@@ -91,6 +91,7 @@ def run_simulation(
     if cfg.secure_aggregation == "he" and cfg.central_eval:
         summary.update(he_central_evaluation(cfg, out))
     summary["num_clients"] = num_clients
+    summary["ray_temp_dir"] = ray_tmp  # removed; named so a check can prove no Ray process still uses it
     summary["simulation_seconds"] = time.perf_counter() - t0
     write_json_atomic(summary_path, summary)
     return summary

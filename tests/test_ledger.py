@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -146,6 +147,21 @@ def test_spend_is_on_disk_when_the_process_dies_right_after_append(tmp_path: Pat
     assert verify_chain(path) == []
 
 
+def test_concurrent_appenders_serialise(tmp_path: Path) -> None:
+    """Several writers on one file (e.g. a restarted client overlapping the old one) never fork the chain."""
+    path = tmp_path / "l.ledger.sqlite"
+    SiteLedger(path)
+
+    def work(worker: int) -> list[int]:
+        ledger = SiteLedger(path, verify=False)
+        return [ledger.append(make_entry(f"run-{worker}", r)) for r in range(1, 6)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        seqs = [s for batch in pool.map(work, range(4)) for s in batch]
+    assert sorted(seqs) == list(range(1, 21))
+    assert verify_chain(path) == []
+
+
 def test_history_spans_runs_and_run_history_one_run(tmp_path: Path) -> None:
     ledger = SiteLedger(tmp_path / "l.ledger.sqlite")
     ledger.append(make_entry("run-a", 1, mech=(1.0, 0.1, 10)))
@@ -219,7 +235,7 @@ def test_edit_in_place_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("column, value", [("steps", 1), ("noise_multiplier", 9.0), ("run_id", "'x'"),
-                                           ("max_epsilon", "NULL"), ("prev_hash", "'00'")])
+                                           ("max_epsilon", "NULL"), ("prev_hash", "'00'"), ("hash", "'00'")])
 def test_editing_any_field_is_detected(tmp_path: Path, column: str, value: object) -> None:
     path = fill(tmp_path / "l.ledger.sqlite", 4).path
     sql(path, f"UPDATE spend SET {column} = {value} WHERE seq = 2")

@@ -522,19 +522,34 @@ class Federation:
 
     def expect_refused(self, index: int, timeout: float = 60.0, **start_options: object) -> ManagedProcess:
         """Start SuperNode ``index`` and require that it exits non-zero without ever connecting."""
-        start_options.setdefault("max_retries", 2)
-        start_options.setdefault("max_wait_time", 10)
-        proc = self.start_supernode(index, wait=False, **start_options)  # type: ignore[arg-type]
-        code = proc.wait(timeout)
-        if code is None:
-            proc.signal_group(signal.SIGKILL)
-            proc.wait(10)
-            raise HarnessError(f"supernode-{index} neither connected nor exited in {timeout:.0f} s:\n"
-                               + _tail(proc.log_text()))
-        log = proc.log_text()
-        if code == 0 or _NODE_ID_RE.search(log):
-            raise HarnessError(f"supernode-{index} was admitted (exit {code}) but should be refused:\n" + _tail(log))
-        return proc
+        return self.expect_refused_many({index: start_options}, timeout)[index]
+
+    def expect_refused_many(
+        self, attempts: Mapping[int, Mapping[str, object]], timeout: float = 60.0
+    ) -> dict[int, ManagedProcess]:
+        """Start several SuperNodes at once (index -> start options) and require each to be refused.
+
+        Started together because each refusal is mostly interpreter start-up and retry back-off.
+        ``max_retries``/``max_wait_time`` default to 2 / 10 s so a refused node gives up.
+        """
+        procs = {}
+        for index, options in attempts.items():
+            opts = {"max_retries": 2, "max_wait_time": 10, **options}
+            procs[index] = self.start_supernode(index, wait=False, **opts)  # type: ignore[arg-type]
+        deadline = time.monotonic() + timeout
+        problems = []
+        for index, proc in procs.items():
+            code = proc.wait(max(0.1, deadline - time.monotonic()))
+            log = proc.log_text()
+            if code is None:
+                proc.signal_group(signal.SIGKILL)
+                proc.wait(10)
+                problems.append(f"supernode-{index} neither connected nor exited in {timeout:.0f} s:\n{_tail(log)}")
+            elif code == 0 or _NODE_ID_RE.search(log):
+                problems.append(f"supernode-{index} was admitted (exit {code}) but should be refused:\n{_tail(log)}")
+        if problems:
+            raise HarnessError("\n\n".join(problems))
+        return procs
 
     def kill_supernode(self, index: int, sig: int = signal.SIGKILL, timeout: float = 30.0) -> int | None:
         """Send ``sig`` to SuperNode ``index``'s whole process group (SIGKILL: a crash); return its exit code."""

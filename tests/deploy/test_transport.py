@@ -60,38 +60,47 @@ def test_superlink_serves_only_verified_tls(fed: Federation) -> None:
         urllib.request.urlopen(f"http://{fed.address}/health", timeout=5)  # no plaintext
 
 
-def test_unregistered_node_is_refused(fed: Federation) -> None:
-    before = len(fed.list_nodes())
-    proc = fed.expect_refused(10)  # a valid P-384 key the coordinator never registered
-    log = proc.log_text()
-    assert "Failed to activate SuperNode" in log, log
-    assert "No SuperNode found with the given public key" in fed.superlink.log_text()
-    assert len(fed.list_nodes()) == before
+UNREGISTERED, NO_KEY, INSECURE, OTHER_CA = 10, 11, 12, 13
 
 
-def test_node_without_key_is_refused(fed: Federation) -> None:
-    proc = fed.expect_refused(11, use_key=False)
-    assert "All SuperNodes must be registered" in proc.log_text(), proc.log_text()
-
-
-def test_insecure_node_is_refused(fed: Federation) -> None:
-    # No key either: the refusal must come from the link speaking TLS only, not from the
-    # node's own check that auth needs TLS (exit code 303).
-    proc = fed.expect_refused(12, insecure=True, use_key=False)
-    assert proc.popen.returncode != 303
-    assert "could not establish a connection to the SuperLink" in proc.log_text(), proc.log_text()
-
-
-def test_node_trusting_another_ca_is_refused(fed: Federation) -> None:
+@pytest.fixture(scope="module")
+def refused(fed: Federation) -> dict[int, str]:
+    """Four nodes the link must not admit, started together; index -> that node's log."""
     other = make_trial_pki(fed.root / "other-pki", 0)
-    fed.register(13)  # registered, so only the server-certificate check can stop it
-    proc = fed.expect_refused(13, root_certificates=other.ca_cert)
-    assert "CERTIFICATE_VERIFY_FAILED" in proc.log_text(), proc.log_text()
+    fed.register(OTHER_CA)  # registered, so only the server-certificate check can stop it
+    procs = fed.expect_refused_many(
+        {
+            UNREGISTERED: {},  # a valid P-384 key the coordinator never registered
+            NO_KEY: {"use_key": False},
+            # No key either: the refusal must come from the link speaking TLS only, not from
+            # the node's own rule that authentication needs TLS (exit code 303).
+            INSECURE: {"insecure": True, "use_key": False},
+            OTHER_CA: {"root_certificates": other.ca_cert},
+        }
+    )
+    assert procs[INSECURE].popen.returncode != 303
+    return {index: proc.log_text() for index, proc in procs.items()}
 
 
-def test_harness_reports_a_node_that_cannot_connect(fed: Federation) -> None:
-    with pytest.raises(HarnessError, match="exited with code"):
-        fed.start_supernode(14, {"site-id": "x"}, timeout=60, max_retries=1, max_wait_time=5)
+def test_unregistered_node_is_refused(fed: Federation, refused: dict[int, str]) -> None:
+    assert "Failed to activate SuperNode" in refused[UNREGISTERED], refused[UNREGISTERED]
+    assert "No SuperNode found with the given public key" in fed.superlink.log_text()
+    online = [n for n in fed.list_nodes() if n["status"] == "online"]
+    assert len(online) == len(SITES)
+    with pytest.raises(HarnessError, match="exited with code"):  # the harness says so, with the log
+        fed.wait_supernode_ready(UNREGISTERED, timeout=5)
+
+
+def test_node_without_key_is_refused(refused: dict[int, str]) -> None:
+    assert "All SuperNodes must be registered" in refused[NO_KEY], refused[NO_KEY]
+
+
+def test_insecure_node_is_refused(refused: dict[int, str]) -> None:
+    assert "could not establish a connection to the SuperLink" in refused[INSECURE], refused[INSECURE]
+
+
+def test_node_trusting_another_ca_is_refused(refused: dict[int, str]) -> None:
+    assert "CERTIFICATE_VERIFY_FAILED" in refused[OTHER_CA], refused[OTHER_CA]
 
 
 @pytest.mark.slow

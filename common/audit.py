@@ -1,0 +1,702 @@
+"""``privatune audit``: check site and server ledgers without trusting anyone's arithmetic.
+
+For every ledger file given (or found under a folder: ``*.ledger.sqlite``, i.e. ``site-<id>.ledger.sqlite`` and
+``server.ledger.sqlite``) the audit
+
+1. verifies the hash chain (an edited, deleted, inserted or moved row is a violation naming the row);
+2. recomputes every epsilon from the recorded mechanisms alone, with both Opacus accountants (RDP and PRV):
+   a site row's run epsilon from that run's rows up to it, its dataset epsilon from every row on that dataset up
+   to it (all runs), a server report's epsilon from that client's trained reports in the run up to it;
+3. flags a recorded epsilon below the recomputation (with the accountant the row names, beyond ``tolerance``) and a
+   dataset epsilon above the site budget in force;
+4. cross-checks the server's record against the sites': a round the server has as trained for a client but the
+   client's ledger lacks (or the reverse), and any reported value that differs from the site's record.
+
+A report is ``ok`` only without violations; notes (e.g. a client whose ledger was not among the paths, or a spend
+the site recorded whose reply never reached the server) are informative and do not fail the audit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from common.accounting import ACCOUNTANTS, AccountingError, Mechanism, check_mechanism, epsilon_of, normalise
+from common.ledger import (
+    LEDGER_GLOB,
+    LEDGER_SUFFIX,
+    SITE_SCHEMA,
+    STATUS_BUDGET_EXHAUSTED,
+    STATUS_DROPPED,
+    STATUS_TRAINED,
+    LedgerError,
+    ledger_schema,
+    read_rows,
+    verify_chain,
+)
+
+SITE = "site"
+SERVER = "server"
+VIOLATION_KINDS = (
+    "unreadable",  # not a ledger, or not readable
+    "chain-edited", "chain-deleted", "chain-inserted", "chain-reordered",  # hash chain broken at a named row
+    "invalid-entry",  # a row whose mechanism cannot be accounted (e.g. sample rate 0)
+    "unverifiable",  # the recorded accountant cannot recompute this epsilon
+    "epsilon-underreported",  # a recorded epsilon below the independent recomputation
+    "budget-exceeded",  # the recomputed dataset epsilon is above the site budget in force
+    "missing-at-site",  # the server has the client as trained in a round the client's ledger lacks
+    "missing-at-server",  # the site recorded a spend in a run the server ledger knows nothing of for that round
+    "report-mismatch",  # what the server recorded differs from the site's record
+)
+_PLOT_CAP = 1e6
+MARKDOWN_NAME = "audit.md"
+PLOT_NAME = "epsilon_per_round.png"
+JSON_NAME = "audit.json"
+_MECH_FIELDS = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta", "accountant")
+
+
+class AuditInputError(ValueError):
+    """The paths given to the audit do not lead to any ledger (or do not exist)."""
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: str  # one of VIOLATION_KINDS
+    file: str
+    seq: int | None  # the row (None: the file as a whole; 0: a chain's head record)
+    message: str
+    table: str | None = None  # spend (site), runs / reports (server)
+    party: str | None = None  # the site / client concerned, when known
+
+
+@dataclass
+class AuditEntry:
+    """One accounted row: a site's spend or a server's record of a client report, with recomputed epsilons."""
+
+    source: str  # SITE or SERVER
+    file: str
+    seq: int
+    run_id: str
+    round: int
+    party: str  # site_id (site rows) or client_id (server rows)
+    status: str  # "trained" for site rows; the reported status for server rows
+    node_id: str | None
+    dataset_fingerprint: str | None
+    params_fingerprint: str | None
+    noise_multiplier: float | None
+    sample_rate: float | None
+    steps: int | None
+    max_grad_norm: float | None
+    delta: float | None
+    accountant: str | None
+    epsilon_reported: float | None  # site: epsilon_run; server: what the client reported for the run
+    epsilon_dataset_reported: float | None
+    max_epsilon: float | None
+    epsilon_rdp: float | None = None  # recomputed epsilon of the run after this round, RDP accountant
+    epsilon_prv: float | None = None  # same with the PRV accountant (None when PRV cannot compute it)
+    epsilon_dataset: float | None = None  # recomputed dataset epsilon (all runs), with the recorded accountant
+    aggregation: str | None = None
+    recorded_at: str | None = None
+    problems: list[str] = field(default_factory=list)  # violation kinds that name this row
+
+    @property
+    def epsilon_recomputed(self) -> float | None:
+        """The recomputed run epsilon with the accountant this row names."""
+        return self.epsilon_prv if self.accountant == "prv" else self.epsilon_rdp
+
+
+@dataclass(frozen=True)
+class LedgerFileInfo:
+    path: str
+    kind: str  # SITE, SERVER or "unknown"
+    rows: int
+    chain_ok: bool
+
+
+@dataclass
+class PartySummary:
+    source: str
+    party: str
+    file: str
+    runs: list[str]
+    rounds_trained: int
+    budget_exhausted: int
+    dropped: int
+    accountant: str | None
+    epsilon_run: float | None  # largest recomputed run epsilon (recorded accountant)
+    epsilon_dataset: float | None  # largest recomputed dataset epsilon (sites only)
+    max_epsilon: float | None  # the budget last in force (sites only)
+    violations: int
+
+    @property
+    def budget_left(self) -> float | None:
+        if self.max_epsilon is None or self.epsilon_dataset is None:
+            return None
+        return self.max_epsilon - self.epsilon_dataset
+
+
+@dataclass
+class AuditReport:
+    tolerance: float
+    files: list[LedgerFileInfo]
+    entries: list[AuditEntry]
+    violations: list[Violation]
+    notes: list[str]
+    summaries: list[PartySummary]
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    markdown: Path
+    plot: Path
+    json: Path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding ledgers
+
+
+def find_ledgers(paths: Sequence[Path]) -> list[Path]:
+    """Ledger files named directly, plus every ``*.ledger.sqlite`` under folders (recursively), de-duplicated."""
+    if not paths:
+        raise AuditInputError("no paths given: name ledger files or folders that contain *.ledger.sqlite files")
+    found: dict[Path, None] = {}
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            hits = sorted(p for p in path.rglob(LEDGER_GLOB) if p.is_file())
+            if not hits:
+                raise AuditInputError(f"no ledger files ({LEDGER_GLOB}) under {path}")
+            for p in hits:
+                found.setdefault(p.resolve(), None)
+        elif path.is_file():
+            found.setdefault(path.resolve(), None)
+        else:
+            raise AuditInputError(f"{path} does not exist")
+    return list(found)
+
+
+def _site_id_from_name(path: Path) -> str | None:
+    name = path.name
+    if name.startswith("site-") and name.endswith(LEDGER_SUFFIX):
+        return name[len("site-"):-len(LEDGER_SUFFIX)]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recomputation
+
+
+class _Recomputer:
+    """epsilon_of with a cache: rounds of a run share histories with the server's view and with other sites."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, tuple[float | None, str | None]] = {}
+
+    def __call__(self, history: Sequence[Mechanism], delta: float, accountant: str) -> tuple[float | None, str | None]:
+        try:
+            key = (tuple(normalise(history)), float(delta), accountant)
+        except (AccountingError, TypeError, ValueError) as exc:
+            return None, str(exc)
+        if key not in self._cache:
+            try:
+                self._cache[key] = (epsilon_of(list(key[0]), delta, accountant), None)
+            except AccountingError as exc:
+                self._cache[key] = (None, str(exc))
+        return self._cache[key]
+
+
+def _mechanism_of(row: dict[str, Any]) -> tuple[Mechanism | None, str | None]:
+    """The row's mechanism, or why it cannot be accounted (a tampered or corrupt row)."""
+    try:
+        mech = check_mechanism((row["noise_multiplier"], row["sample_rate"], row["steps"]))
+        delta = row["delta"]
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < delta < 1.0:
+            return None, f"delta must be in (0, 1), got {delta!r}"
+        if row["accountant"] not in ACCOUNTANTS:
+            return None, f"unknown accountant {row['accountant']!r}"
+        return mech, None
+    except AccountingError as exc:
+        return None, str(exc)
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _below(reported: Any, recomputed: float | None, tolerance: float) -> bool:
+    """A reported epsilon is too low when it is below the recomputation by more than the tolerance (or missing)."""
+    if recomputed is None:
+        return False
+    value = _num(reported)
+    if value is None or math.isnan(value):
+        return True
+    return value < recomputed - tolerance
+
+
+class _Auditor:
+    def __init__(self, tolerance: float):
+        self.tolerance = tolerance
+        self.eps = _Recomputer()
+        self.files: list[LedgerFileInfo] = []
+        self.entries: list[AuditEntry] = []
+        self.violations: list[Violation] = []
+        self.notes: list[str] = []
+        self.site_parties: set[str] = set()
+        self.server_runs: set[str] = set()
+
+    def flag(self, kind: str, file: Path, seq: int | None, message: str, table: str | None = None,
+             party: str | None = None) -> None:
+        self.violations.append(Violation(kind=kind, file=str(file), seq=seq, message=message, table=table,
+                                         party=party))
+
+    # -- files --------------------------------------------------------------------------------------------------
+
+    def load(self, path: Path) -> None:
+        try:
+            schema = ledger_schema(path)
+            problems = verify_chain(path)
+        except LedgerError as exc:
+            self.flag("unreadable", path, None, str(exc))
+            self.files.append(LedgerFileInfo(str(path), "unknown", 0, False))
+            return
+        for p in problems:
+            where = "the chain head" if p.seq == 0 else f"row {p.seq}"
+            self.flag(f"chain-{p.kind}", path, p.seq, f"{p.table} {where}: {p.detail}", table=p.table)
+        try:
+            if schema == SITE_SCHEMA:
+                rows = read_rows(path, "spend")
+                self._site(path, rows)
+                kind = SITE
+            else:
+                runs, rows = read_rows(path, "runs"), read_rows(path, "reports")
+                self._server(path, runs, rows)
+                kind = SERVER
+        except LedgerError as exc:
+            self.flag("unreadable", path, None, str(exc))
+            self.files.append(LedgerFileInfo(str(path), "unknown", 0, False))
+            return
+        self.files.append(LedgerFileInfo(str(path), kind, len(rows), not problems))
+
+    # -- site ledgers ------------------------------------------------------------------------------------------
+
+    def _site(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        named = _site_id_from_name(path)
+        if named:
+            self.site_parties.add(named)
+        run_hist: dict[tuple[str, str], list[Mechanism]] = defaultdict(list)
+        data_hist: dict[str, list[Mechanism]] = defaultdict(list)
+        tol = self.tolerance
+        for row in rows:
+            seq, site = row["seq"], str(row["site_id"])
+            self.site_parties.add(site)
+            entry = AuditEntry(
+                source=SITE, file=str(path), seq=seq, run_id=str(row["run_id"]), round=row["round"], party=site,
+                status=STATUS_TRAINED, node_id=None, dataset_fingerprint=row["dataset_fingerprint"],
+                params_fingerprint=row["params_fingerprint"],
+                **{k: row[k] for k in _MECH_FIELDS},
+                epsilon_reported=row["epsilon_run"], epsilon_dataset_reported=row["epsilon_dataset"],
+                max_epsilon=row["max_epsilon"], recorded_at=row["recorded_at"],
+            )
+            self.entries.append(entry)
+            mech, why = _mechanism_of(row)
+            if mech is None:
+                self.flag("invalid-entry", path, seq, f"row {seq} cannot be accounted: {why}", "spend", site)
+                continue
+            run_key = (entry.run_id, str(entry.dataset_fingerprint))
+            run_hist[run_key].append(mech)
+            data_hist[str(entry.dataset_fingerprint)].append(mech)
+            delta, acc = float(row["delta"]), row["accountant"]
+            entry.epsilon_rdp, _ = self.eps(run_hist[run_key], delta, "rdp")
+            entry.epsilon_prv, prv_err = self.eps(run_hist[run_key], delta, "prv")
+            entry.epsilon_dataset, data_err = self.eps(data_hist[run_key[1]], delta, acc)
+            if prv_err and acc != "prv":
+                self.notes.append(f"{path.name} row {seq}: no PRV value ({prv_err})")
+            recomputed = entry.epsilon_recomputed
+            if recomputed is None or entry.epsilon_dataset is None:
+                self.flag("unverifiable", path, seq, f"row {seq}: the {acc} accountant cannot recompute its "
+                                                     f"epsilon: {prv_err or data_err}", "spend", site)
+                continue
+            if _below(row["epsilon_run"], recomputed, tol):
+                self.flag("epsilon-underreported", path, seq,
+                          f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) records run epsilon "
+                          f"{_fmt(row['epsilon_run'])} but its mechanisms give {_fmt(recomputed)} ({acc})",
+                          "spend", site)
+            if _below(row["epsilon_dataset"], entry.epsilon_dataset, tol):
+                self.flag("epsilon-underreported", path, seq,
+                          f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) records dataset "
+                          f"epsilon {_fmt(row['epsilon_dataset'])} but all spends on dataset "
+                          f"{entry.dataset_fingerprint} give {_fmt(entry.epsilon_dataset)} ({acc})", "spend", site)
+            budget = _num(row["max_epsilon"])
+            if budget is not None and entry.epsilon_dataset > budget + tol:
+                self.flag("budget-exceeded", path, seq,
+                          f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) takes dataset "
+                          f"{entry.dataset_fingerprint} to epsilon {_fmt(entry.epsilon_dataset)} ({acc}), above the "
+                          f"site budget max-epsilon {_fmt(budget)}", "spend", site)
+
+    # -- server ledgers ----------------------------------------------------------------------------------------
+
+    def _server(self, path: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+        aggregation = {r["run_id"]: r["aggregation"] for r in runs}
+        self.server_runs.update(str(r["run_id"]) for r in runs)
+        self.server_runs.update(str(r["run_id"]) for r in rows)
+        hist: dict[tuple[str, str], list[Mechanism]] = defaultdict(list)
+        for row in rows:
+            seq, client = row["seq"], str(row["client_id"])
+            entry = AuditEntry(
+                source=SERVER, file=str(path), seq=seq, run_id=str(row["run_id"]), round=row["round"],
+                party=client, status=str(row["status"]), node_id=row["node_id"],
+                dataset_fingerprint=row["dataset_fingerprint"], params_fingerprint=None,
+                **{k: row[k] for k in _MECH_FIELDS},
+                epsilon_reported=row["epsilon_reported"], epsilon_dataset_reported=row["epsilon_dataset_reported"],
+                max_epsilon=None, aggregation=aggregation.get(row["run_id"]), recorded_at=row["recorded_at"],
+            )
+            self.entries.append(entry)
+            if entry.run_id not in aggregation:
+                self.notes.append(f"{path.name}: reports for run {entry.run_id} but no run record (configuration "
+                                  "and aggregation mode unknown)")
+                aggregation[entry.run_id] = None  # note once
+            if entry.status != STATUS_TRAINED:
+                continue
+            mech, why = _mechanism_of(row)
+            if mech is None:
+                self.flag("invalid-entry", path, seq, f"report row {seq} cannot be accounted: {why}", "reports",
+                          client)
+                continue
+            key = (entry.run_id, client)
+            hist[key].append(mech)
+            delta, acc = float(row["delta"]), row["accountant"]
+            entry.epsilon_rdp, _ = self.eps(hist[key], delta, "rdp")
+            entry.epsilon_prv, prv_err = self.eps(hist[key], delta, "prv")
+            recomputed = entry.epsilon_recomputed
+            if recomputed is None:
+                self.flag("unverifiable", path, seq, f"report row {seq}: the {acc} accountant cannot recompute its "
+                                                     f"epsilon: {prv_err}", "reports", client)
+                continue
+            if _below(row["epsilon_reported"], recomputed, self.tolerance):
+                self.flag("epsilon-underreported", path, seq,
+                          f"report row {seq} (run {entry.run_id}, round {entry.round}, client {client}) has epsilon "
+                          f"{_fmt(row['epsilon_reported'])} but the mechanisms the server recorded for this client "
+                          f"give {_fmt(recomputed)} ({acc})", "reports", client)
+
+    # -- cross-check -------------------------------------------------------------------------------------------
+
+    def cross_check(self) -> None:
+        site_rows: dict[tuple[str, str, int], list[AuditEntry]] = defaultdict(list)
+        server_rows: dict[tuple[str, str, int], list[AuditEntry]] = defaultdict(list)
+        for e in self.entries:
+            (site_rows if e.source == SITE else server_rows)[(e.run_id, e.party, e.round)].append(e)
+        server_runs = self.server_runs
+        absent: dict[str, int] = defaultdict(int)
+        for key, reports in server_rows.items():
+            run_id, client, rnd = key
+            at_site = site_rows.get(key, [])
+            for rep in reports:
+                if rep.status == STATUS_TRAINED:
+                    if client not in self.site_parties:
+                        absent[client] += 1
+                    elif not at_site:
+                        self.flag("missing-at-site", Path(rep.file), rep.seq,
+                                  f"the server recorded client {client} as trained in run {run_id} round {rnd}, but "
+                                  f"no site ledger has that spend", "reports", client)
+                    else:
+                        self._compare(rep, at_site)
+                elif at_site and rep.status == STATUS_BUDGET_EXHAUSTED:
+                    self.flag("report-mismatch", Path(rep.file), rep.seq,
+                              f"client {client} reported its budget exhausted in run {run_id} round {rnd}, yet its "
+                              f"ledger records a spend for that round (row {at_site[0].seq} of {at_site[0].file})",
+                              "reports", client)
+        for client, n in sorted(absent.items()):
+            self.notes.append(f"no site ledger for client {client} among the audited paths: its {n} trained "
+                              "round(s) recorded by the server were not cross-checked")
+        for key, spends in site_rows.items():
+            run_id, site, rnd = key
+            if run_id not in server_runs:
+                continue  # a run of another federation, or the server ledger was not given
+            statuses = {rep.status for rep in server_rows.get(key, [])}
+            if len(spends) > 1:
+                self.notes.append(f"site {site} recorded run {run_id} round {rnd} {len(spends)} times (rows "
+                                  f"{', '.join(str(s.seq) for s in spends)}): a retried round, each spend counted")
+            if STATUS_TRAINED in statuses or STATUS_BUDGET_EXHAUSTED in statuses:
+                continue  # compared (or flagged) above
+            if STATUS_DROPPED in statuses:
+                self.notes.append(f"site {site} recorded a spend in run {run_id} round {rnd} whose reply the server "
+                                  "recorded as dropped: the spend counts against the site's budget")
+                continue
+            for spend in spends:
+                self.flag("missing-at-server", Path(spend.file), spend.seq,
+                          f"site {site} recorded a spend in run {run_id} round {rnd} (row {spend.seq}) that the "
+                          "server ledger does not record for this client", "spend", site)
+
+    def _compare(self, rep: AuditEntry, spends: list[AuditEntry]) -> None:
+        def diffs(spend: AuditEntry) -> list[str]:
+            out = []
+            for name in _MECH_FIELDS:
+                a, b = getattr(rep, name), getattr(spend, name)
+                same = (a == b) if not (_num(a) is not None and _num(b) is not None) else math.isclose(
+                    float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+                if not same:
+                    out.append(f"{name} server {a!r} vs site {b!r}")
+            if rep.dataset_fingerprint and rep.dataset_fingerprint != spend.dataset_fingerprint:
+                out.append(f"dataset_fingerprint server {rep.dataset_fingerprint!r} vs site "
+                           f"{spend.dataset_fingerprint!r}")
+            for mine, theirs, label in ((rep.epsilon_reported, spend.epsilon_reported, "epsilon (run)"),
+                                        (rep.epsilon_dataset_reported, spend.epsilon_dataset_reported,
+                                         "epsilon (dataset)")):
+                if label == "epsilon (dataset)" and mine is None:
+                    continue
+                x, y = _num(mine), _num(theirs)
+                if x is None or y is None or not (x == y or abs(x - y) <= self.tolerance):
+                    out.append(f"{label} server {_fmt(mine)} vs site {_fmt(theirs)}")
+            return out
+
+        found = [diffs(s) for s in spends]
+        if any(not d for d in found):
+            return
+        spend = spends[-1]
+        self.flag("report-mismatch", Path(rep.file), rep.seq,
+                  f"run {rep.run_id} round {rep.round} client {rep.party}: the server's record differs from the "
+                  f"site's (row {spend.seq} of {Path(spend.file).name}): {'; '.join(found[-1])}", "reports",
+                  rep.party)
+
+    # -- summary -----------------------------------------------------------------------------------------------
+
+    def finish(self) -> AuditReport:
+        by_row: dict[tuple[str, str, int], list[str]] = defaultdict(list)
+        for v in self.violations:
+            if v.seq is not None and v.table is not None:
+                by_row[(v.file, v.table, v.seq)].append(v.kind)
+        for e in self.entries:
+            e.problems = sorted(set(by_row.get((e.file, "spend" if e.source == SITE else "reports", e.seq), [])))
+        groups: dict[tuple[str, str, str], list[AuditEntry]] = defaultdict(list)
+        for e in self.entries:
+            groups[(e.source, e.file, e.party)].append(e)
+        summaries = []
+        for (source, file, party), rows in sorted(groups.items()):
+            trained = [e for e in rows if e.status == STATUS_TRAINED]
+            run_eps = [e.epsilon_recomputed for e in trained if e.epsilon_recomputed is not None]
+            data_eps = [e.epsilon_dataset for e in trained if e.epsilon_dataset is not None]
+            last = trained[-1] if trained else None
+            summaries.append(PartySummary(
+                source=source, party=party, file=file, runs=sorted({e.run_id for e in rows}),
+                rounds_trained=len(trained),
+                budget_exhausted=sum(e.status == STATUS_BUDGET_EXHAUSTED for e in rows),
+                dropped=sum(e.status == STATUS_DROPPED for e in rows),
+                accountant=last.accountant if last else None,
+                epsilon_run=max(run_eps) if run_eps else None,
+                epsilon_dataset=max(data_eps) if data_eps else None,
+                max_epsilon=_num(last.max_epsilon) if last else None,
+                violations=sum(v.file == file and (v.party in (None, party)) for v in self.violations),
+            ))
+        return AuditReport(tolerance=self.tolerance, files=self.files, entries=self.entries,
+                           violations=self.violations, notes=list(dict.fromkeys(self.notes)), summaries=summaries)
+
+
+def audit_paths(paths: Sequence[Path], tolerance: float = 1e-6) -> AuditReport:
+    """Audit every ledger under ``paths`` (files, or folders searched recursively for ``*.ledger.sqlite``).
+
+    Raises AuditInputError when a path does not exist or a folder holds no ledger (an audit of nothing must not
+    pass); every finding about the ledgers themselves is a violation or a note in the report.
+    """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise AuditInputError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    auditor = _Auditor(float(tolerance))
+    for path in find_ledgers(paths):
+        auditor.load(path)
+    auditor.cross_check()
+    return auditor.finish()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.{digits}g}"
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON has no infinity: non-finite floats become the strings "inf", "-inf", "nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def report_to_json(report: AuditReport) -> dict[str, Any]:
+    """The whole report as plain JSON types; entries carry the mechanism fields and the recomputed epsilons."""
+    entries = []
+    for e in report.entries:
+        d = asdict(e)
+        d["epsilon_recomputed"] = e.epsilon_recomputed
+        entries.append(d)
+    summaries = []
+    for s in report.summaries:
+        d = asdict(s)
+        d["budget_left"] = s.budget_left
+        summaries.append(d)
+    return _jsonable({
+        "ok": report.ok,
+        "tolerance": report.tolerance,
+        "counts": {"files": len(report.files), "entries": len(report.entries),
+                   "violations": len(report.violations), "notes": len(report.notes)},
+        "files": [asdict(f) for f in report.files],
+        "violations": [asdict(v) for v in report.violations],
+        "notes": list(report.notes),
+        "summaries": summaries,
+        "entries": entries,
+    })
+
+
+def render_table(report: AuditReport) -> Table:
+    """Every accounted row with its mechanism, reported and recomputed epsilons, and what is wrong with it."""
+    verdict = "[bold green]PASS[/]" if report.ok else f"[bold red]FAIL[/]: {len(report.violations)} violation(s)"
+    table = Table(title="Privacy ledger audit", caption=f"{verdict} · {len(report.files)} ledger(s) · "
+                                                       f"tolerance {report.tolerance:g}")
+    for name, justify in (("Src", "left"), ("Ledger", "left"), ("Seq", "right"), ("Run", "left"),
+                          ("Rnd", "right"), ("Site/client", "left"), ("Status", "left"), ("σ", "right"),
+                          ("q", "right"), ("Steps", "right"), ("C", "right"), ("δ", "right"), ("Acc", "left"),
+                          ("ε reported", "right"), ("ε RDP", "right"), ("ε PRV", "right"), ("ε dataset", "right"),
+                          ("Budget", "right"), ("Check", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for e in report.entries:
+        check = "[green]ok[/]" if not e.problems else "[red]" + ", ".join(e.problems) + "[/]"
+        table.add_row(e.source, Path(e.file).name, str(e.seq), e.run_id, str(e.round), e.party, e.status,
+                      _fmt(e.noise_multiplier), _fmt(e.sample_rate), _fmt(e.steps), _fmt(e.max_grad_norm),
+                      _fmt(e.delta, 3), _fmt(e.accountant), _fmt(e.epsilon_reported), _fmt(e.epsilon_rdp),
+                      _fmt(e.epsilon_prv), _fmt(e.epsilon_dataset), _fmt(e.max_epsilon), check)
+    return table
+
+
+def render_violations(report: AuditReport) -> Table:
+    """The violations, one per row, each naming the file and row."""
+    table = Table(title="Violations" if report.violations else "Violations: none")
+    for name in ("Kind", "Ledger", "Row", "Message"):
+        table.add_column(name)
+    for v in report.violations:
+        row = "—" if v.seq is None else ("head" if v.seq == 0 else f"{v.table or ''} {v.seq}".strip())
+        table.add_row(f"[red]{v.kind}[/]", Path(v.file).name, row, v.message)
+    return table
+
+
+def _plot(report: AuditReport, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    site = [e for e in report.entries if e.source == SITE and e.epsilon_recomputed is not None]
+    rows = site or [e for e in report.entries if e.source == SERVER and e.epsilon_recomputed is not None]
+    runs = sorted({e.run_id for e in rows})
+    panels = 2 if site else 1
+    fig = Figure(figsize=(7 * panels, 4.5))
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+    series: dict[tuple[str, str], list[AuditEntry]] = defaultdict(list)
+    for e in rows:
+        series[(e.party, e.run_id)].append(e)
+    for (party, run_id), pts in sorted(series.items()):
+        label = party if len(runs) == 1 else f"{party} · {run_id}"
+        pts = sorted(pts, key=lambda e: (e.round, e.seq))
+        # an infinite epsilon (no noise) is drawn at the top of the axis rather than dropped
+        axes[0].plot([e.round for e in pts], [min(e.epsilon_recomputed, _PLOT_CAP) for e in pts], marker="o",
+                     label=label)
+        if site:
+            data = [(e.round, min(e.epsilon_dataset, _PLOT_CAP)) for e in pts if e.epsilon_dataset is not None]
+            axes[1].plot([x for x, _ in data], [y for _, y in data], marker="o", label=label)
+    axes[0].set_title("epsilon of the run after each round (recomputed)")
+    if site:
+        axes[1].set_title("epsilon of the dataset, all runs (recomputed)")
+        budgets = sorted({float(e.max_epsilon) for e in site if _num(e.max_epsilon) is not None})
+        for b in budgets:
+            axes[1].axhline(b, linestyle="--", color="red", linewidth=1)
+            axes[1].annotate(f"max-epsilon {b:g}", (0.01, b), xycoords=("axes fraction", "data"), color="red",
+                             fontsize=8, va="bottom")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("epsilon")
+        ax.grid(True, alpha=0.3)
+        if series:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no trained rounds", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _md_escape(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(report: AuditReport, out_dir: Path) -> ReportFiles:
+    """Write ``audit.md`` (verdict, ledgers, violations, notes, summaries, entries), ``epsilon_per_round.png``
+    and ``audit.json`` into ``out_dir`` (created if needed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = ReportFiles(markdown=out / MARKDOWN_NAME, plot=out / PLOT_NAME, json=out / JSON_NAME)
+    _plot(report, files.plot)
+    files.json.write_text(json.dumps(report_to_json(report), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    lines = ["# Privacy ledger audit", ""]
+    verdict = "**PASS**: no violations" if report.ok else f"**FAIL**: {len(report.violations)} violation(s)"
+    lines += [f"{verdict}. {len(report.files)} ledger(s), {len(report.entries)} row(s), tolerance "
+              f"{report.tolerance:g}. Every epsilon below was recomputed from the recorded mechanisms with Opacus' "
+              "RDP and PRV accountants.", ""]
+    lines += ["## Ledgers", "", "| File | Kind | Rows | Chain |", "|---|---|---:|---|"]
+    lines += [f"| {_md_escape(f.path)} | {f.kind} | {f.rows} | {'intact' if f.chain_ok else 'BROKEN'} |"
+              for f in report.files]
+    lines += ["", "## Violations", ""]
+    if report.violations:
+        lines += ["| Kind | File | Row | Message |", "|---|---|---|---|"]
+        for v in report.violations:
+            row = "—" if v.seq is None else ("head" if v.seq == 0 else f"{v.table or ''} {v.seq}".strip())
+            lines.append(f"| {v.kind} | {_md_escape(Path(v.file).name)} | {row} | {_md_escape(v.message)} |")
+    else:
+        lines.append("None.")
+    if report.notes:
+        lines += ["", "## Notes", ""] + [f"- {_md_escape(n)}" for n in report.notes]
+    lines += ["", "## Per site and client", "",
+              "| Source | Party | File | Runs | Trained | Budget exhausted | Dropped | Acc | ε run (max) | "
+              "ε dataset | max-epsilon | Left | Violations |",
+              "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for s in report.summaries:
+        lines.append(f"| {s.source} | {_md_escape(s.party)} | {_md_escape(Path(s.file).name)} | "
+                     f"{_md_escape(', '.join(s.runs))} | {s.rounds_trained} | {s.budget_exhausted} | {s.dropped} | "
+                     f"{_fmt(s.accountant)} | {_fmt(s.epsilon_run)} | {_fmt(s.epsilon_dataset)} | "
+                     f"{_fmt(s.max_epsilon)} | {_fmt(s.budget_left)} | {s.violations} |")
+    lines += ["", f"![epsilon per round per client]({PLOT_NAME})", "", "## Rows", "",
+              "| Src | File | Seq | Run | Round | Party | Status | σ | q | Steps | C | δ | Acc | ε reported | "
+              "ε RDP | ε PRV | ε dataset | max-epsilon | Check |",
+              "|---|---|---:|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    for e in report.entries:
+        lines.append(
+            f"| {e.source} | {_md_escape(Path(e.file).name)} | {e.seq} | {_md_escape(e.run_id)} | {e.round} | "
+            f"{_md_escape(e.party)} | {e.status} | {_fmt(e.noise_multiplier)} | {_fmt(e.sample_rate)} | "
+            f"{_fmt(e.steps)} | {_fmt(e.max_grad_norm)} | {_fmt(e.delta, 3)} | {_fmt(e.accountant)} | "
+            f"{_fmt(e.epsilon_reported)} | {_fmt(e.epsilon_rdp)} | {_fmt(e.epsilon_prv)} | "
+            f"{_fmt(e.epsilon_dataset)} | {_fmt(e.max_epsilon)} | {', '.join(e.problems) or 'ok'} |")
+    files.markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return files

@@ -1,0 +1,286 @@
+"""The audit: independent recomputation, chain checks with the row named, server/site cross-check, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from common.accounting import epsilon_of
+from common.audit import (
+    AuditInputError,
+    audit_paths,
+    render_table,
+    render_violations,
+    report_to_json,
+    write_report,
+)
+from common.ledger import SERVER_LEDGER_NAME, ServerLedger, SiteLedger, SpendEntry, site_ledger_filename, utc_now
+
+DELTA = 1e-5
+MECH = (3.0, 1.0, 2)  # sigma, q, steps per round; q = 1 (one batch per epoch) keeps both accountants fast
+SGD = (1.2, 0.04, 25)  # a typical mini-batch DP-SGD round
+FP = "ds-{site}"
+
+
+def federate(folder: Path, *, sites=("s1", "s2"), rounds: int = 3, run_id: str = "run-1", mech=MECH,
+             accountant: str = "rdp", max_epsilon: float | None = 50.0, skip_site: set | None = None,
+             skip_server: set | None = None, server: bool = True, aggregation: str = "plain") -> None:
+    """Write what a well-behaved federation writes: each site appends its spend before replying, the server
+    records each reply. ``skip_site`` / ``skip_server`` hold (site, round) pairs one side fails to record."""
+    skip_site, skip_server = skip_site or set(), skip_server or set()
+    srv = ServerLedger(folder / SERVER_LEDGER_NAME) if server else None
+    if srv:
+        srv.record_run(run_id, {"num-server-rounds": rounds, "accountant": accountant}, aggregation)
+    for rnd in range(1, rounds + 1):
+        for node, site in enumerate(sites, start=1):
+            ledger = SiteLedger(folder / site_ledger_filename(site))
+            fp = FP.format(site=site)
+            eps_run, eps_data = ledger.projected(run_id, fp, mech, DELTA, accountant)
+            if (site, rnd) not in skip_site:
+                now = utc_now()
+                ledger.append(SpendEntry(
+                    run_id=run_id, round=rnd, site_id=site, dataset_fingerprint=fp, params_fingerprint="head-v1",
+                    noise_multiplier=mech[0], sample_rate=mech[1], steps=mech[2], max_grad_norm=1.0, delta=DELTA,
+                    accountant=accountant, epsilon_run=eps_run, epsilon_dataset=eps_data, max_epsilon=max_epsilon,
+                    started_at=now, recorded_at=utc_now()))
+            if srv and (site, rnd) not in skip_server:
+                srv.record_report(run_id, rnd, site, 1000 + node, status="trained", noise_multiplier=mech[0],
+                                  sample_rate=mech[1], steps=mech[2], max_grad_norm=1.0, delta=DELTA,
+                                  accountant=accountant, epsilon_reported=eps_run, epsilon_dataset_reported=eps_data,
+                                  dataset_fingerprint=fp)
+
+
+def sql(path: Path, *statements: str) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    for stmt in statements:
+        conn.execute(stmt)
+    conn.close()
+
+
+def vkinds(report) -> set[tuple[str, str, int | None]]:
+    return {(v.kind, Path(v.file).name, v.seq) for v in report.violations}
+
+
+# ---------------------------------------------------------------------------------------------- clean runs
+
+
+def test_clean_federation_passes_and_matches_an_independent_recomputation(tmp_path: Path) -> None:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    rounds = 3
+    federate(tmp_path, rounds=rounds, mech=SGD)
+    report = audit_paths([tmp_path])
+    assert report.ok, report.violations
+    assert {Path(f.path).name for f in report.files} == {"site-s1.ledger.sqlite", "site-s2.ledger.sqlite",
+                                                          SERVER_LEDGER_NAME}
+    site_rows = [e for e in report.entries if e.source == "site"]
+    assert len(site_rows) == 2 * rounds
+    for e in site_rows:
+        # Independent of our code: one Opacus accountant that ran every step of rounds 1..r in one go.
+        rdp, prv = RDPAccountant(), PRVAccountant()
+        rdp.history = prv.history = [(SGD[0], SGD[1], SGD[2] * e.round)]
+        assert e.epsilon_reported == pytest.approx(rdp.get_epsilon(DELTA), abs=1e-6)
+        assert e.epsilon_rdp == pytest.approx(rdp.get_epsilon(DELTA), abs=1e-6)
+        assert e.epsilon_prv == pytest.approx(prv.get_epsilon(DELTA), abs=1e-6)
+        assert e.epsilon_prv < e.epsilon_rdp
+        assert e.problems == []
+    server_rows = [e for e in report.entries if e.source == "server"]
+    assert len(server_rows) == 2 * rounds and all(e.aggregation == "plain" for e in server_rows)
+    last = [s for s in report.summaries if s.source == "site" and s.party == "s1"][0]
+    assert last.rounds_trained == rounds and last.budget_left == pytest.approx(50.0 - last.epsilon_dataset)
+
+
+def test_prv_accounted_federation_passes(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=2, accountant="prv", sites=("s1",))
+    report = audit_paths([tmp_path])
+    assert report.ok, report.violations
+    assert all(e.epsilon_recomputed == e.epsilon_prv for e in report.entries)
+
+
+def test_budget_composes_across_runs(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=2, run_id="run-1", sites=("s1",))
+    federate(tmp_path, rounds=2, run_id="run-2", sites=("s1",))
+    report = audit_paths([tmp_path])
+    assert report.ok, report.violations
+    first = [e for e in report.entries if e.source == "site" and e.run_id == "run-1"]
+    second = [e for e in report.entries if e.source == "site" and e.run_id == "run-2"]
+    assert second[0].epsilon_rdp == pytest.approx(first[0].epsilon_rdp, abs=1e-12)  # a new run starts afresh
+    assert second[-1].epsilon_dataset == pytest.approx(epsilon_of([MECH] * 4, DELTA), abs=1e-9)  # the data does not
+    assert second[-1].epsilon_dataset > second[-1].epsilon_rdp
+    assert second[-1].epsilon_dataset_reported == pytest.approx(second[-1].epsilon_dataset, abs=1e-6)
+
+
+def test_no_noise_is_infinite_and_consistent(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=2, mech=(0.0, 0.04, 25), max_epsilon=None, sites=("s1",))
+    report = audit_paths([tmp_path])
+    assert report.ok, report.violations
+    assert all(e.epsilon_rdp == math.inf for e in report.entries)
+
+
+# ---------------------------------------------------------------------------------------------- tampering
+
+
+def test_editing_one_row_fails_the_audit_with_the_row_named(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=3)
+    sql(tmp_path / "site-s1.ledger.sqlite", "UPDATE spend SET epsilon_run = 0.01 WHERE seq = 2")
+    report = audit_paths([tmp_path])
+    assert not report.ok
+    kinds = vkinds(report)
+    assert ("chain-edited", "site-s1.ledger.sqlite", 2) in kinds
+    assert ("epsilon-underreported", "site-s1.ledger.sqlite", 2) in kinds
+    assert any(k == "report-mismatch" for k, _, _ in kinds)  # the server still has the true value
+    assert all(f == "site-s1.ledger.sqlite" or k == "report-mismatch" for k, f, _ in kinds)
+    row = next(e for e in report.entries if e.source == "site" and e.party == "s1" and e.seq == 2)
+    assert "chain-edited" in row.problems
+
+
+def test_deleting_one_row_fails_the_audit_with_the_row_named(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=3)
+    sql(tmp_path / "site-s2.ledger.sqlite", "DELETE FROM spend WHERE seq = 2")
+    report = audit_paths([tmp_path])
+    assert not report.ok
+    kinds = vkinds(report)
+    assert ("chain-deleted", "site-s2.ledger.sqlite", 2) in kinds
+    # the server had s2 trained in round 2: that spend is now missing at the site
+    missing = [v for v in report.violations if v.kind == "missing-at-site"]
+    assert len(missing) == 1 and "client s2" in missing[0].message and "round 2" in missing[0].message
+
+
+def test_editing_a_server_row_is_named(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=2)
+    sql(tmp_path / SERVER_LEDGER_NAME, "UPDATE reports SET steps = 1 WHERE seq = 3")
+    report = audit_paths([tmp_path / SERVER_LEDGER_NAME, tmp_path / "site-s1.ledger.sqlite",
+                          tmp_path / "site-s2.ledger.sqlite"])
+    assert ("chain-edited", SERVER_LEDGER_NAME, 3) in vkinds(report)
+    assert any(v.kind == "report-mismatch" and v.seq == 3 for v in report.violations)
+
+
+def test_a_lower_epsilon_written_through_the_api_is_flagged(tmp_path: Path) -> None:
+    """The chain is intact (the client itself lied); only the recomputation catches it."""
+    federate(tmp_path, rounds=2, sites=("s1",), server=False)
+    ledger = SiteLedger(tmp_path / "site-s1.ledger.sqlite")
+    honest = ledger.entries()[-1].entry
+    now = utc_now()
+    ledger.append(SpendEntry(**{**honest.__dict__, "round": 3, "epsilon_run": honest.epsilon_run,
+                                "epsilon_dataset": honest.epsilon_dataset, "started_at": now, "recorded_at": now}))
+    report = audit_paths([tmp_path])
+    assert not report.ok
+    assert {(v.kind, v.seq) for v in report.violations} == {("epsilon-underreported", 3)}
+    assert all(f.chain_ok for f in report.files)
+    assert sorted(v.message.split(" records ")[1].split(" epsilon")[0] for v in report.violations) == [
+        "dataset", "run"]
+
+
+def test_budget_exceeded_is_flagged(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=3, sites=("s1",), max_epsilon=1.0)  # this site ignored its own budget
+    report = audit_paths([tmp_path])
+    over = [v for v in report.violations if v.kind == "budget-exceeded"]
+    assert over and all(v.party == "s1" for v in over)
+    eps = {e.seq: e.epsilon_dataset for e in report.entries if e.source == "site"}
+    assert {v.seq for v in over} == {seq for seq, x in eps.items() if x > 1.0}
+
+
+def test_round_missing_at_the_site_is_flagged(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=3, skip_site={("s2", 3)})
+    report = audit_paths([tmp_path])
+    assert not report.ok
+    (v,) = report.violations
+    assert v.kind == "missing-at-site" and Path(v.file).name == SERVER_LEDGER_NAME
+    assert "client s2" in v.message and "round 3" in v.message
+
+
+def test_round_missing_at_the_server_is_flagged(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=3, skip_server={("s1", 2)})
+    report = audit_paths([tmp_path])
+    assert not report.ok
+    (v,) = report.violations
+    assert (v.kind, Path(v.file).name, v.seq) == ("missing-at-server", "site-s1.ledger.sqlite", 2)
+
+
+def test_dropped_reply_with_a_recorded_spend_is_a_note_not_a_violation(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=2, skip_server={("s1", 2)})
+    ServerLedger(tmp_path / SERVER_LEDGER_NAME).record_report("run-1", 2, "s1", 1001, status="dropped",
+                                                              reason="no reply before timeout")
+    report = audit_paths([tmp_path])
+    assert report.ok, report.violations
+    assert any("dropped" in n and "s1" in n for n in report.notes)
+
+
+def test_budget_exhausted_reply_with_a_recorded_spend_is_flagged(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=2, sites=("s1",), skip_server={("s1", 2)})
+    ServerLedger(tmp_path / SERVER_LEDGER_NAME).record_report("run-1", 2, "s1", 1001, status="budget-exhausted",
+                                                              reason="would exceed")
+    report = audit_paths([tmp_path])
+    assert [v.kind for v in report.violations] == ["report-mismatch"]
+
+
+def test_mechanism_reported_differently_is_flagged(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=1, sites=("s1",), skip_server={("s1", 1)})
+    ServerLedger(tmp_path / SERVER_LEDGER_NAME).record_report(
+        "run-1", 1, "s1", 1001, status="trained", noise_multiplier=2.0 * MECH[0], sample_rate=MECH[1],
+        steps=MECH[2], max_grad_norm=1.0, delta=DELTA, accountant="rdp", epsilon_reported=100.0)
+    report = audit_paths([tmp_path])
+    (v,) = report.violations
+    assert v.kind == "report-mismatch" and "noise_multiplier" in v.message and "epsilon (run)" in v.message
+
+
+def test_server_only_audit_notes_the_unchecked_clients(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=2)
+    report = audit_paths([tmp_path / SERVER_LEDGER_NAME])
+    assert report.ok
+    assert any("no site ledger for client s1" in n for n in report.notes)
+
+
+def test_unreadable_file_and_bad_paths(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=1, sites=("s1",))
+    (tmp_path / "site-junk.ledger.sqlite").write_bytes(b"not a database" * 100)
+    report = audit_paths([tmp_path])
+    assert [(v.kind, Path(v.file).name) for v in report.violations] == [("unreadable", "site-junk.ledger.sqlite")]
+    with pytest.raises(AuditInputError, match="does not exist"):
+        audit_paths([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AuditInputError, match="no ledger files"):
+        audit_paths([tmp_path / "empty"])
+    with pytest.raises(AuditInputError, match="tolerance"):
+        audit_paths([tmp_path], tolerance=-1)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def test_json_entries_carry_mechanism_and_recomputed_epsilons(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=2, mech=MECH)
+    federate(tmp_path / "nodp", rounds=1, sites=("s9",), mech=(0.0, 0.1, 3), max_epsilon=None)
+    data = report_to_json(audit_paths([tmp_path]))
+    text = json.dumps(data, allow_nan=False)  # strict JSON: infinities are spelled "inf"
+    assert json.loads(text)["ok"] is True
+    assert data["counts"]["violations"] == 0
+    for entry in data["entries"]:
+        for key in ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta", "accountant",
+                    "epsilon_rdp", "epsilon_prv", "epsilon_recomputed", "epsilon_reported", "run_id", "round",
+                    "party", "source", "file", "seq"):
+            assert key in entry
+    trained = [e for e in data["entries"] if e["party"] != "s9"]
+    assert all(isinstance(e["epsilon_rdp"], float) and isinstance(e["epsilon_prv"], float) for e in trained)
+    assert any(e["epsilon_rdp"] == "inf" for e in data["entries"] if e["party"] == "s9")
+
+
+def test_report_files_and_table(tmp_path: Path) -> None:
+    federate(tmp_path / "run", rounds=3)
+    sql(tmp_path / "run" / "site-s1.ledger.sqlite", "DELETE FROM spend WHERE seq = 3")
+    report = audit_paths([tmp_path / "run"])
+    files = write_report(report, tmp_path / "out")
+    assert files.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and files.plot.stat().st_size > 5000
+    md = files.markdown.read_text()
+    assert "**FAIL**" in md and "chain-deleted" in md and "epsilon_per_round.png" in md
+    assert json.loads(files.json.read_text())["ok"] is False
+    console = Console(record=True, width=250)
+    console.print(render_table(report))
+    console.print(render_violations(report))
+    out = console.export_text()
+    assert "chain-deleted" in out and "site-s2.ledger.sqlite" in out and "FAIL" in out

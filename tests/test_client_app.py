@@ -1,0 +1,92 @@
+"""The ClientApp end to end on one message: what travels, what is recorded, what stays frozen."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client.app import train
+from client.training import train_local
+from common.config import RunConfig
+from common.ledger import SiteLedger
+from common.models import configure_trainable, frozen_state_fingerprint, get_model_spec, trainable_state
+
+
+def _digits_cfg(tmp_path, **kw):
+    values = dict(preset="digits", num_server_rounds=2, local_epochs=1, max_records=300, out_dir=str(tmp_path))
+    values.update(kw)
+    return RunConfig.create(**values)
+
+
+def _initial_state(cfg):
+    model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
+    configure_trainable(model, cfg.mode)
+    return trainable_state(model)
+
+
+@pytest.mark.parametrize("mode", ["head", "partial"])
+def test_only_trainable_weights_travel_and_spend_is_recorded(tmp_path, message_factory, context_factory, mode):
+    cfg = _digits_cfg(tmp_path, mode=mode)
+    state = _initial_state(cfg)
+    reply = train(message_factory(cfg, state), context_factory({"partition-id": 0, "num-partitions": 3}))
+    content = reply.content
+    assert content["status"]["status"] == "trained"
+    sent = {k: v.numpy() for k, v in content["arrays"].items()}
+    # Exactly the trainable set travels back: no frozen backbone weight is in the message.
+    assert set(sent) == set(state)
+    if mode == "head":
+        assert all(k.startswith("head.") for k in sent)
+    assert any(not np.array_equal(sent[k], state[k]) for k in state), "training changed nothing"
+    metrics = content["metrics"]
+    assert 0 < metrics["epsilon"] <= cfg.target_epsilon
+    # Write-ahead: the spend is in the site's ledger with the mechanism the reply reports.
+    ledger = SiteLedger(tmp_path / "ledgers" / "site-client-0.ledger.sqlite")
+    (record,) = ledger.entries()
+    entry = record.entry
+    assert entry.noise_multiplier == pytest.approx(metrics["noise-multiplier"])
+    assert entry.steps == metrics["steps"]
+    assert entry.epsilon_run == pytest.approx(metrics["epsilon"])
+
+
+def test_frozen_weights_are_bit_identical_after_dp_training():
+    spec = get_model_spec("digits-cnn")
+    model = spec.build(10, 0)
+    configure_trainable(model, "partial")
+    before = frozen_state_fingerprint(model)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    x = torch.randn(64, 1, 28, 28)
+    y = torch.randint(0, 10, (64,))
+    res = train_local(model, (x,), y, epochs=2, batch_size=16, lr=0.1, dp=True, noise_multiplier=1.0,
+                      max_grad_norm=1.0, seed=0)
+    assert res.steps == 2 * 4
+    assert frozen_state_fingerprint(model) == before
+    for n, p in model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p.detach(), frozen_before[n]), n
+
+
+def test_second_round_composes_with_the_first(tmp_path, message_factory, context_factory):
+    cfg = _digits_cfg(tmp_path)
+    state = _initial_state(cfg)
+    ctx = context_factory({"partition-id": 1, "num-partitions": 3})
+    r1 = train(message_factory(cfg, state, server_round=1), ctx).content["metrics"]
+    r2 = train(message_factory(cfg, state, server_round=2), ctx).content["metrics"]
+    assert r2["epsilon"] > r1["epsilon"]
+    # Calibrated over the whole run: the last planned round lands on the target, not above it.
+    assert r2["epsilon"] == pytest.approx(cfg.target_epsilon, rel=0.02)
+    assert r2["epsilon"] <= cfg.target_epsilon * 1.01
+
+
+def test_budget_exhausted_site_does_not_train(tmp_path, message_factory, context_factory):
+    cfg = _digits_cfg(tmp_path)
+    state = _initial_state(cfg)
+    data = tmp_path / "site.csv"
+    ctx = context_factory({"partition-id": 2, "num-partitions": 3, "max-epsilon": 2.0})
+    reply = train(message_factory(cfg, state), ctx).content
+    assert reply["status"]["status"] == "budget-exhausted"
+    assert "max-epsilon" in reply["status"]["reason"]
+    assert "arrays" not in reply
+    assert not data.exists()
+    ledger = SiteLedger(tmp_path / "ledgers" / "site-client-2.ledger.sqlite")
+    assert ledger.entries() == []
