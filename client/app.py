@@ -28,6 +28,7 @@ from client.site_data import SiteDataError, load_site_data
 from client.training import evaluate, train_local
 from common.config import RunConfig
 from common.datasets import LabelledData
+from common.he import HEError
 from common.features import cached_features, encode
 from common.federation_data import client_partition
 from common.models import (
@@ -138,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
     except SiteDataError as err:
         log.error("site data refused: %s", err)
         return _reply_without_update(msg, context, STATUS_DATA_ERROR, str(err))
-    except ValueError as err:
+    except (ValueError, HEError) as err:
         log.error("round refused: %s", err)
         return _reply_without_update(msg, context, STATUS_REFUSED, str(err))
     cfg, site = run.cfg, run.site
@@ -232,7 +233,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Federated evaluation of the global model on this site's validation split."""
     try:
         run = prepare(msg, context)
-    except (SiteDataError, ValueError) as err:
+    except (SiteDataError, ValueError, HEError) as err:
         log.error("evaluation refused: %s", err)
         return _reply_without_update(msg, context, STATUS_DATA_ERROR, str(err))
     data = run.val if len(run.val) else run.train

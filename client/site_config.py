@@ -100,6 +100,8 @@ class SiteConfig:
             )
         if out is None:
             raise SiteConfigError("a simulated client needs the run's out-dir in the run config")
+        if max_epsilon is None and cfg.sim_max_epsilon > 0:
+            max_epsilon = cfg.sim_max_epsilon
         pid = int(node_config["partition-id"])
         num = int(node_config.get("num-partitions", 0))
         site_id = str(node_config.get("site-id", f"client-{pid}"))

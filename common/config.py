@@ -93,6 +93,7 @@ class RunConfig:
     labels: str = ""  # comma-separated label set; "" = the preset dataset's labels
     backbone_lr_scale: float = 0.1  # partial/full: backbone learns at lr x this ("trained more slowly")
     central_eval: bool = True  # the server evaluates on the held-out set (simulation only)
+    sim_max_epsilon: float = 0.0  # simulation only: every simulated site's budget (0 = none); real sites set max-epsilon in their node config
     round_timeout: float = 900.0  # seconds the server waits for a round's replies
     secure_aggregation: str = "none"
     he_public_context: str = ""
@@ -174,6 +175,7 @@ class RunConfig:
         )
         need(len(self.label_names) >= 2, "labels", "a classifier needs at least 2 labels")
         need(len(set(self.label_names)) == len(self.label_names), "labels", "labels must be unique")
+        need(self.sim_max_epsilon >= 0, "sim-max-epsilon", "must be >= 0 (0 = no site budget)")
         need(self.round_timeout > 0, "round-timeout", "must be > 0 seconds")
         need(self.backbone_lr_scale >= 0, "backbone-lr-scale", "must be >= 0")
         need(self.mode in FINE_TUNING_MODES, "mode", f"'{self.mode}' is not one of {FINE_TUNING_MODES}")

@@ -96,9 +96,14 @@ def keygen(
     from common import he
 
     params = he.HEParams() if not poly_modulus_degree else he.HEParams(poly_modulus_degree=poly_modulus_degree)
-    paths = he.write_keys(out, params)
-    for k, v in paths.items():
-        console.print(f"{k:12s} {v}")
+    try:
+        paths = he.write_keys(out, params)
+    except (he.HEError, FileExistsError) as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    console.print(f"secret      {paths.secret}")
+    console.print(f"public      {paths.public}")
+    console.print(f"fingerprint {paths.fingerprint}")
     console.print("[yellow]secret.ctx holds the secret key: give it to the sites only, never to the server.[/]")
 
 

@@ -82,6 +82,11 @@ class PrivatuneFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        if self.he_context is not None:
+            from common import he
+
+            # Check and add each encrypted reply in one pass: every ciphertext is parsed once.
+            self._accumulator = he.HEAccumulator(self.he_context, self.expected_length)
         accepted: list[tuple[str, Message]] = []
         exhausted: list[str] = []
         for msg in replies:
@@ -119,7 +124,9 @@ class PrivatuneFedAvg(FedAvg):
             return None, None
         contents = [m.content for _, m in accepted]
         if self.he_context is not None:
-            arrays = self._aggregate_encrypted(contents)
+            from common.he_records import state_to_arrayrecord
+
+            arrays = state_to_arrayrecord(self._accumulator.result())
         else:
             arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
         self.current.aggregated = True
@@ -176,20 +183,12 @@ class PrivatuneFedAvg(FedAvg):
             from common.he_records import arrayrecord_to_update
 
             try:
-                update = arrayrecord_to_update(content["arrays"])
-                he.check_update(self.he_context, update, self.expected_length)
-            except (he.HEReplyError, ValueError, KeyError) as err:
+                self._accumulator.add(arrayrecord_to_update(content["arrays"]))
+            except (he.HEError, ValueError, KeyError) as err:
                 raise UpdateRejected(str(err)) from None
         else:
             state = {k: v.numpy() for k, v in content["arrays"].items()}
             check_plain_update(state, self.expected_shapes)
-
-    def _aggregate_encrypted(self, contents: list) -> ArrayRecord:
-        from common import he
-        from common.he_records import arrayrecord_to_update, state_to_arrayrecord
-
-        updates = [arrayrecord_to_update(c["arrays"]) for c in contents]
-        return state_to_arrayrecord(he.sum_updates(self.he_context, updates))
 
     def _record_trained(self, server_round: int, cid: str, msg: Message) -> None:
         m = msg.content["metrics"]

@@ -35,8 +35,11 @@ def prepare_config(cfg: RunConfig, num_clients: int, out_dir: Path) -> RunConfig
     if cfg.secure_aggregation == "he" and not cfg.he_public_context:
         from common import he
 
-        paths = he.write_keys(out_dir / "keys", he.HEParams())
-        cfg = replace(cfg, he_public_context=str(Path(paths["public"]).resolve()))
+        keys = out_dir / "keys"
+        public = keys / "public.ctx"
+        if not public.exists():  # a rerun into the same folder keeps its keys (and its ledgers)
+            public = he.write_keys(keys, he.HEParams()).public
+        cfg = replace(cfg, he_public_context=str(Path(public).resolve()))
     return cfg
 
 

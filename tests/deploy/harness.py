@@ -46,6 +46,7 @@ from typing import IO, Union
 from privatune.pki import PkiPaths, make_trial_pki, write_node_keypair
 
 LOOPBACK = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MARKER_ENV = "PRIVATUNE_DEPLOY_HARNESS"
 ConfigValue = Union[str, int, float, bool]
 
@@ -510,15 +511,15 @@ class Federation:
             time.sleep(0.1)
         raise HarnessError(f"supernode-{index} not connected after {timeout:.0f} s:\n" + _tail(proc.log_text()))
 
-    def wait_for_log(self, index: int, text: str, timeout: float = 60.0) -> None:
-        """Wait until SuperNode ``index``'s current log contains ``text`` (e.g. a message arrived)."""
+    def wait_for_log(self, index: int, text: str, timeout: float = 60.0, occurrence: int = 1) -> None:
+        """Wait until SuperNode ``index``'s current log holds ``text`` ``occurrence`` times (e.g. round 2's message)."""
         proc = self.supernodes[index]
         deadline = time.monotonic() + timeout
-        while text not in proc.log_text():
+        while proc.log_text().count(text) < occurrence:
             if time.monotonic() > deadline:
-                raise HarnessError(f"{text!r} not in supernode-{index} log after {timeout:.0f} s:\n"
+                raise HarnessError(f"{text!r} (x{occurrence}) not in supernode-{index} log after {timeout:.0f} s:\n"
                                    + _tail(proc.log_text()))
-            time.sleep(0.1)
+            time.sleep(0.2)
 
     def expect_refused(self, index: int, timeout: float = 60.0, **start_options: object) -> ManagedProcess:
         """Start SuperNode ``index`` and require that it exits non-zero without ever connecting."""

@@ -1,12 +1,15 @@
-"""Transport security of a real loopback deployment: TLS on the SuperLink, registered node keys.
+"""A real loopback deployment: TLS on the SuperLink, registered node keys, the project's app.
 
-One SuperLink (TLS + ``--enable-supernode-auth``) and two registered SuperNodes are shared by
-the module; each test adds what it needs. Admission is judged by the node itself (exit code,
-no ``SuperNode ID`` line) and by the link's node list.
+The module shares one SuperLink (TLS + ``--enable-supernode-auth``) and three registered
+SuperNodes, each with its own digits file written here; site C's file has a bad label at
+record 5. Admission is judged by the node itself (exit code, no ``SuperNode ID`` line) and by
+the link's node list. The fast run uses a tiny generated app (plumbing only); the runs of the
+real ServerApp/ClientApp (``preset=digits``) take minutes on 2 cores and are marked slow.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import ssl
 import threading
@@ -15,19 +18,69 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from privatune.pki import make_trial_pki
 
-from .harness import Federation, HarnessError, stage_app, start_federation
+from .harness import REPO_ROOT, Federation, HarnessError, stage_app, start_federation
 from .tiny_app import write_tiny_app
 
-SITES = [{"site-id": "site-a"}, {"site-id": "site-b"}]
+BAD_RECORD = 5  # 1-based record of site C's file that carries an unknown label
+
+
+def write_digits_site(folder: Path, site_id: str, rows: np.ndarray, bad_record: int | None = None) -> dict:
+    """Write one site's ``digits.npz`` (8x8 images, labels 0..9) and return its node config."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = digits.target[rows].copy()
+    if bad_record is not None:
+        labels[bad_record - 1] = 42
+    np.savez(folder / "digits.npz", x=digits.images[rows], y=labels)
+    return {
+        "site-id": site_id,
+        "data-path": str(folder / "digits.npz"),
+        "data-format": "npz",
+        "ledger-path": str(folder / "ledger.sqlite"),
+        "cache-dir": str(folder / "cache"),
+        "max-epsilon": 50.0,
+        "device": "cpu",
+    }
+
+
+def digits_sites(root: Path, n: int, bad_site: int | None = None) -> list[dict]:
+    rows = np.random.default_rng(0).permutation(1797)[: 300 * n]
+    return [
+        write_digits_site(root / f"site-{chr(97 + i)}", f"site-{chr(97 + i)}", part,
+                          BAD_RECORD if i == bad_site else None)
+        for i, part in enumerate(np.array_split(rows, n))
+    ]
+
+
+def tiny_run_config(out_dir: Path, rounds: int = 2) -> dict:
+    return {"preset": "digits", "num-server-rounds": rounds, "local-epochs": 1, "out-dir": str(out_dir)}
+
+
+def ledger_entries(node_config: dict, run_id: int | None = None) -> list:
+    from common.ledger import SiteLedger
+
+    path = Path(node_config["ledger-path"])
+    if not path.exists():
+        return []
+    entries = [r.entry for r in SiteLedger(path).entries()]
+    return [e for e in entries if run_id is None or e.run_id == str(run_id)]
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    federation = start_federation(tmp_path_factory.mktemp("fed"), SITES)
+def sites(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return digits_sites(tmp_path_factory.mktemp("sites"), 3, bad_site=2)
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory, sites: list[dict]) -> Iterator[Federation]:
+    federation = start_federation(tmp_path_factory.mktemp("fed"), sites)
     try:
         yield federation
     finally:
@@ -35,21 +88,17 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
         assert leftovers == [], f"processes left behind: {leftovers}"
 
 
-@pytest.fixture(scope="module")
-def app_dir(fed: Federation) -> Path:
-    return stage_app(write_tiny_app(fed.root / "app-src"), fed.root / "app")
-
-
-def test_tls_and_auth_federation_completes(fed: Federation, app_dir: Path) -> None:
-    result = fed.run_app(app_dir, {"num-server-rounds": 2}, timeout=300)
+def test_tls_and_auth_federation_completes(fed: Federation, sites: list[dict]) -> None:
+    app = stage_app(write_tiny_app(fed.root / "tiny-src"), fed.root / "tiny-app")
+    result = fed.run_app(app, {"num-server-rounds": 2}, timeout=300)
     assert result.ok, result.output
-    assert "TINYAPP FINAL [2.0, 2.0, 2.0, 2.0]" in result.output  # 2 rounds, both sites each round
-    for index, site in enumerate(SITES):
+    assert "TINYAPP FINAL [2.0, 2.0, 2.0, 2.0]" in result.output  # 2 rounds, all sites each round
+    for index, site in enumerate(sites):
         log = fed.supernodes[index].log_text()
         assert log.count(f"TINYAPP TRAIN site={site['site-id']}") == 2, log  # node_config arrived
     online = {n["node-id"] for n in fed.list_nodes() if n["status"] == "online"}
-    assert {str(fed.supernodes[i].node_id) for i in range(len(SITES))} <= online
-    assert set(fed.registered.values()) == {fed.supernodes[i].node_id for i in range(len(SITES))}
+    assert {str(p.node_id) for p in fed.supernodes.values()} <= online
+    assert set(fed.registered.values()) == {p.node_id for p in fed.supernodes.values()}
 
 
 def test_superlink_serves_only_verified_tls(fed: Federation) -> None:
@@ -86,7 +135,7 @@ def test_unregistered_node_is_refused(fed: Federation, refused: dict[int, str]) 
     assert "Failed to activate SuperNode" in refused[UNREGISTERED], refused[UNREGISTERED]
     assert "No SuperNode found with the given public key" in fed.superlink.log_text()
     online = [n for n in fed.list_nodes() if n["status"] == "online"]
-    assert len(online) == len(SITES)
+    assert len(online) == 3
     with pytest.raises(HarnessError, match="exited with code"):  # the harness says so, with the log
         fed.wait_supernode_ready(UNREGISTERED, timeout=5)
 
@@ -104,23 +153,58 @@ def test_node_trusting_another_ca_is_refused(refused: dict[int, str]) -> None:
 
 
 @pytest.mark.slow
-def test_killed_node_run_completes_and_node_rejoins(tmp_path: Path) -> None:
-    """SIGKILL one of three nodes mid-round: the run finishes with the other two; it rejoins."""
-    sites = [{"site-id": f"site-{c}"} for c in "abc"]
+def test_real_app_digits_over_tls_with_a_bad_site(fed: Federation, sites: list[dict]) -> None:
+    """The project's app, 2 DP rounds on digits: improves; good sites' ledgers hold the spend; the
+    site with a bad record says which, trains nothing, and the run completes without it."""
+    out = fed.root / "server-out"
+    app = stage_app(REPO_ROOT, fed.root / "app")
+    result = fed.run_app(app, tiny_run_config(out), timeout=900)
+    assert result.ok, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["rounds_completed"] == 2
+    assert rounds[-1]["central"]["accuracy"] > rounds[0]["central"]["accuracy"] + 0.2
+    for site in sites[:2]:
+        spent = ledger_entries(site, result.run_id)
+        assert [e.round for e in spent] == [1, 2], site["site-id"]
+        assert 0 < spent[-1].epsilon_run <= 8.0 + 1e-6
+        assert summary["per_client_epsilon"][site["site-id"]] == pytest.approx(spent[-1].epsilon_run)
+    bad = sites[2]
+    assert ledger_entries(bad) == []  # nothing trained, nothing spent
+    assert all(bad["site-id"] in r["dropped"] for r in rounds[1:])
+    reason = json.dumps(rounds[1]["dropped"][bad["site-id"]])
+    assert bad["data-path"] in reason and f"record {BAD_RECORD}" in reason, reason
+
+
+@pytest.mark.slow
+def test_killed_site_run_completes_and_its_budget_continues(tmp_path: Path) -> None:
+    """SIGKILL a site in round 2: the run finishes with the others; restarted, the site's next
+    run composes on top of what its ledger already holds."""
+    sites = digits_sites(tmp_path / "sites", 3)
     with start_federation(tmp_path / "fed", sites) as fed3:
-        app = stage_app(write_tiny_app(tmp_path / "app-src"), tmp_path / "app")
-        def kill_when_training() -> None:
-            fed3.wait_for_log(2, "Received successfully", timeout=120)
+        app = stage_app(REPO_ROOT, tmp_path / "app")
+
+        def kill_in_round_two() -> None:
+            fed3.wait_for_log(2, "Receiving: train message", timeout=600, occurrence=2)  # round 2
             fed3.kill_supernode(2, signal.SIGKILL)
 
-        killer = threading.Thread(target=kill_when_training, daemon=True)
+        killer = threading.Thread(target=kill_in_round_two, daemon=True)
         killer.start()
-        result = fed3.run_app(app, {"num-server-rounds": 2, "client-sleep": 4.0}, timeout=400)
+        first = fed3.run_app(app, tiny_run_config(tmp_path / "out-1"), timeout=900)
         killer.join(5)
-        assert result.ok, result.output
-        assert "Node Unavailable" in result.output  # the link answered for the dead node
-        assert "TINYAPP FINAL [2.0, 2.0, 2.0, 2.0]" in result.output
+        assert first.ok, first.output
+        assert not fed3.supernodes[2].alive()
+        assert "Node Unavailable" in first.output  # the link answered for the dead node
+        spent_before = ledger_entries(sites[2])
+        assert [e.round for e in spent_before] in ([1], [1, 2])  # round 2 may be written ahead
+
         old_id = fed3.supernodes[2].node_id
         fed3.restart_supernode(2, timeout=150)
         assert fed3.supernodes[2].node_id == old_id  # same key, same identity
+        second = fed3.run_app(app, tiny_run_config(tmp_path / "out-2", rounds=1), timeout=600)
+        assert second.ok, second.output
+        after = ledger_entries(sites[2], second.run_id)
+        assert len(after) == 1
+        assert after[0].epsilon_dataset > max(e.epsilon_dataset for e in spent_before)
+        assert after[0].epsilon_dataset > after[0].epsilon_run  # earlier runs counted
         assert fed3.teardown() == []
