@@ -194,7 +194,11 @@ def train(msg: Message, context: Context) -> Message:
         accountant=cfg.accountant,
         **{"dataset-fingerprint": dataset_fp, "params-fingerprint": params_fp},
     )
-    arrays = encode_update(state, len(run.train), cfg, site)
+    try:
+        arrays = encode_update(state, len(run.train), cfg, site)
+    except HEError as err:  # e.g. a non-finite weight: refuse to encrypt, say why
+        log.error("[%s] update not sent: %s", site.site_id, err)
+        return _reply_without_update(msg, context, STATUS_REFUSED, f"update not encrypted: {err}", site_id=site.site_id)
     log.info(
         "[%s] round %d: %d records, loss %.4f, epsilon %.3f",
         site.site_id, run.server_round, len(run.train), result.loss, plan.epsilon_run,

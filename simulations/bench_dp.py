@@ -77,18 +77,21 @@ class BenchPlan:
     max_records: int = 0  # 0 = whole datasets
     timing_repeats: int = 5
     head_timing_epochs: int = 5  # per call; a head epoch on cached features is a few ms
-    partial_records: int = 256
+    partial_records: int = 128
     partial_repeats: int = 3
+    timing_threads: int = 1  # a simulated client's torch threads: Ray sets OMP_NUM_THREADS to its 1 CPU
     overrides: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def make(cls, quick: bool, overrides: Mapping[str, str]) -> "BenchPlan":
+    def make(cls, quick: bool, overrides: Mapping[str, str], threads: int = 1) -> "BenchPlan":
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
         if quick:
             return cls(
                 quick=True, clients=3, rounds=2, max_records=600, timing_repeats=2, head_timing_epochs=2,
-                partial_records=64, partial_repeats=1, overrides=dict(overrides),
+                partial_records=64, partial_repeats=1, timing_threads=threads, overrides=dict(overrides),
             )
-        return cls(overrides=dict(overrides))
+        return cls(timing_threads=threads, overrides=dict(overrides))
 
 
 def parse_overrides(text: str) -> dict[str, str]:
@@ -198,6 +201,7 @@ class TimingRow:
             median_nondp_epoch_s=median(self.nondp_epoch_s), median_dp_epoch_s=median(self.dp_epoch_s),
             ratio=self.ratio, median_nondp_call_s=median(self.nondp_call_s),
             median_dp_call_s=median(self.dp_call_s), call_ratio=self.call_ratio,
+            min_ratio=min(self.dp_epoch_s) / min(self.nondp_epoch_s),
         )
         return d
 
@@ -370,6 +374,7 @@ class AccuracyRow:
     seconds: float = 0.0
     rounds_completed: int | None = None
     out_dir: str = ""
+    error: str = ""  # a federated run that failed: why (the benchmark goes on with the others)
 
     @property
     def label(self) -> str:
@@ -436,7 +441,16 @@ def federated_run(
     log(f"[fed] {cfg.preset}, {'DP eps=' + format(epsilon, 'g') if dp else 'no DP'}: {plan.clients} clients, "
         f"{cfg.num_server_rounds} rounds x {cfg.local_epochs} local epochs, batch {cfg.batch_size}, lr {cfg.lr:g}")
     t0 = time.perf_counter()
-    summary = run_simulation(cfg, plan.clients, out, observer=observer)
+    try:
+        summary = run_simulation(cfg, plan.clients, out, observer=observer)
+    except Exception as err:  # noqa: BLE001  one failed run must not lose the other measurements
+        reason = f"{type(err).__name__}: {err}"
+        log(f"  [error] this run failed, the benchmark goes on: {reason}")
+        return AccuracyRow(
+            preset=cfg.preset, setting="federated", dp=dp, epsilon=epsilon if dp else math.inf,
+            accuracy=math.nan, macro_f1=math.nan, seconds=time.perf_counter() - t0, out_dir=str(out),
+            error=reason,
+        )
     seconds = time.perf_counter() - t0
     eps_values = [float(v) for v in (summary.get("per_client_epsilon") or {}).values()]
     if summary.get("rounds_completed") != cfg.num_server_rounds:
@@ -464,6 +478,8 @@ def accuracy_rows(
     for eps in sorted(FED_EPSILONS, reverse=True):
         rows.append(federated_run(data, plan, runs_dir, dp=True, epsilon=eps, log=log))
     for row in rows[1:]:
+        if row.error:
+            continue
         row.gap_accuracy_pts = gap_points(row.accuracy, baseline.accuracy)
         row.gap_macro_f1_pts = gap_points(row.macro_f1, baseline.macro_f1)
     return rows
@@ -493,7 +509,8 @@ def accuracy_table(rows: Sequence[AccuracyRow]) -> str:
         [
             [r.preset, r.label, _pct(r.accuracy), _pct(r.macro_f1), _pts(r.gap_accuracy_pts),
              _pts(r.gap_macro_f1_pts),
-             _eps(r.max_client_epsilon) if r.setting == "federated" and r.dp else "-", f"{r.seconds:.0f}"]
+             _eps(r.max_client_epsilon) if r.setting == "federated" and r.dp else "-",
+             f"{r.seconds:.0f}" + (" FAILED (see JSON)" if r.error else "")]
             for r in rows
         ],
     )
@@ -503,6 +520,8 @@ def goal_line(rows: Sequence[AccuracyRow]) -> str:
     """The issue's goal: at epsilon 8, SMS Spam federated accuracy within 2 points of centralised."""
     for r in rows:
         if r.preset == GOAL_PRESET and r.setting == "federated" and r.dp and r.epsilon == GOAL_EPSILON:
+            if r.error:
+                return f"goal: not measured, the {GOAL_PRESET} run at eps={GOAL_EPSILON:g} failed ({r.error})"
             gap = r.gap_accuracy_pts or 0.0
             met = gap >= -GOAL_POINTS
             return (f"goal: {GOAL_PRESET} federated at eps={GOAL_EPSILON:g} within {GOAL_POINTS:g} points of the "
@@ -536,8 +555,13 @@ def run(plan: BenchPlan, out: Path, log: Callable[[str], None] = print) -> dict[
     prepared = {p: prepare_data(p, plan, out / "feature-cache" / p, log) for p in ACCURACY_PRESETS}
     result["features_seconds"] = {p: d.feature_seconds for p, d in prepared.items()}
 
-    log("\n== DP vs non-DP local-epoch time (train_local, medians) ==")
-    timings = timing_cases(plan, prepared, log)
+    log(f"\n== DP vs non-DP local-epoch time (train_local, medians, {plan.timing_threads} torch thread(s)) ==")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(plan.timing_threads)
+    try:
+        timings = timing_cases(plan, prepared, log)
+    finally:
+        torch.set_num_threads(threads_before)
     result["timing"] = [t.to_json() for t in timings]
     result["load_average"]["after_timing"] = list(os.getloadavg())
     log(timing_table(timings))
@@ -582,9 +606,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small smoke run of the same pipeline (not for figures)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--run-config", default="", help='overrides for every run, e.g. "lr=1.0 local-epochs=3"')
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the timing part (default 1, what a simulated client gets)")
     args = parser.parse_args(argv)
     try:
-        plan = BenchPlan.make(args.quick, parse_overrides(args.run_config))
+        plan = BenchPlan.make(args.quick, parse_overrides(args.run_config), args.threads)
         for preset in ACCURACY_PRESETS:  # refuse a bad override before any model loads
             base_config(preset, plan)
     except ValueError as err:
