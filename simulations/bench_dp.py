@@ -434,7 +434,7 @@ def federated_run(
             parts.append(f"{len(report.dropped)} not aggregated")
         if acc is not None:
             parts.append(f"test acc {100 * acc:.2f}")
-        if eps:
+        if eps and dp:
             parts.append(f"max eps {max(eps):.3f}")
         log(" | ".join(parts))
 

@@ -63,8 +63,11 @@ def run_simulation(
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # Flower warns that run_simulation is deprecated: we use it on purpose (in-process, no
+        # per-run dependency install); `flwr run .` works too (docs/deploy-coordinator.md).
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     ray_tmp = tempfile.mkdtemp(prefix="pt-ray-")
     cpus = os.cpu_count() or 1
     backend_config = {
@@ -74,7 +77,9 @@ def run_simulation(
             "num_cpus": cpus,
             "include_dashboard": False,
             "logging_level": logging.WARNING if not verbose else logging.INFO,
-            "log_to_driver": True,
+            # Client logs stay in the actors unless asked for: the server already reports every
+            # refused or dropped client with its reason.
+            "log_to_driver": verbose,
         },
     }
     t0 = time.perf_counter()

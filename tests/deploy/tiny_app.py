@@ -32,6 +32,7 @@ clientapp = "tinyapp.client:app"
 num-server-rounds = 2
 min-clients = 2
 client-sleep = 0.0
+out-dir = ""
 """
 
 SERVER = '''\
