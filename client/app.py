@@ -30,7 +30,7 @@ from common.config import RunConfig
 from common.datasets import LabelledData
 from common.he import HEError
 from common.features import cached_features, encode
-from common.federation_data import client_partition
+from common.federation_data import client_records
 from common.models import (
     Classifier,
     backbone_is_frozen,
@@ -65,6 +65,7 @@ class LocalRun:
     server_round: int
     train: LabelledData
     val: LabelledData
+    dataset_fingerprint: str  # of all local records, before the validation split: budgets follow the data
     model: Classifier
     trainable_names: list[str]
 
@@ -75,28 +76,31 @@ def read_run_config(msg: Message) -> tuple[RunConfig, int]:
     return RunConfig.from_flower(values), int(record.get("server-round", 0))
 
 
-def load_local_data(cfg: RunConfig, site: SiteConfig) -> tuple[LabelledData, LabelledData]:
-    if site.simulated:
-        assert site.partition_id is not None and site.num_partitions
-        return client_partition(cfg, site.partition_id, site.num_partitions)
+def load_local_data(cfg: RunConfig, site: SiteConfig) -> tuple[LabelledData, LabelledData, str]:
+    """(train, validation, fingerprint of all local records)."""
     from common.datasets import train_val_split
 
-    assert site.data is not None
-    kind = get_model_spec(cfg.model).kind
-    data = load_site_data(site.data, cfg.label_names, kind=kind, name=site.site_id)
-    return train_val_split(data, cfg.val_fraction, seed=cfg.seed)
+    if site.simulated:
+        assert site.partition_id is not None and site.num_partitions
+        data = client_records(cfg, site.partition_id, site.num_partitions)
+    else:
+        assert site.data is not None
+        kind = get_model_spec(cfg.model).kind
+        data = load_site_data(site.data, cfg.label_names, kind=kind, name=site.site_id)
+    train, val = train_val_split(data, cfg.val_fraction, seed=cfg.seed)
+    return train, val, data.fingerprint()
 
 
 def prepare(msg: Message, context: Context) -> LocalRun:
     cfg, server_round = read_run_config(msg)
     site = SiteConfig.from_node_config(dict(context.node_config), cfg)
-    train, val = load_local_data(cfg, site)
+    train, val, data_fp = load_local_data(cfg, site)
     spec = get_model_spec(cfg.model)
     model = spec.build(len(cfg.label_names), cfg.seed)
     names = configure_trainable(model, cfg.mode)
     incoming = decode_global_state(msg, cfg, site)
     load_trainable_state(model, incoming)
-    return LocalRun(cfg, site, str(context.run_id), server_round, train, val, model, names)
+    return LocalRun(cfg, site, str(context.run_id), server_round, train, val, data_fp, model, names)
 
 
 def decode_global_state(msg: Message, cfg: RunConfig, site: SiteConfig) -> dict[str, np.ndarray]:
@@ -144,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
         return _reply_without_update(msg, context, STATUS_REFUSED, str(err))
     cfg, site = run.cfg, run.site
     started = datetime.now(timezone.utc)
-    dataset_fp = run.train.fingerprint()
+    dataset_fp = run.dataset_fingerprint
     params_fp = trainable_fingerprint(
         [(n, tuple(p.shape)) for n, p in run.model.named_parameters() if p.requires_grad]
     )

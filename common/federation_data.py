@@ -20,7 +20,12 @@ def central_split(cfg: RunConfig) -> tuple[LabelledData, LabelledData]:
 def client_partition(
     cfg: RunConfig, partition_id: int, num_partitions: int
 ) -> tuple[LabelledData, LabelledData]:
-    """(local train, local validation) of simulated client ``partition_id``."""
+    """(local train, local validation) of simulated client ``partition_id``, split as the client does."""
+    return train_val_split(client_records(cfg, partition_id, num_partitions), cfg.val_fraction, seed=cfg.seed)
+
+
+def client_records(cfg: RunConfig, partition_id: int, num_partitions: int) -> LabelledData:
+    """All local records of simulated client ``partition_id`` (before its validation split)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     pool, _ = central_split(cfg)
@@ -31,8 +36,7 @@ def client_partition(
         alpha=cfg.alpha,
         seed=cfg.seed,
     )
-    local = pool.subset(parts[partition_id])
-    return train_val_split(local, cfg.val_fraction, seed=cfg.seed + 1 + partition_id)
+    return pool.subset(parts[partition_id])
 
 
 def check_federation_size(cfg: RunConfig, num_clients: int) -> None:

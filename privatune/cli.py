@@ -154,6 +154,29 @@ def audit(
     console.print("[green]audit clean[/]")
 
 
+@site_app.command("check")
+def site_check(
+    node_config: str = typer.Option(..., "--node-config", help="the SuperNode's --node-config string"),
+    run_config: str = typer.Option("", "--run-config", help="the coordinator's run config, e.g. \"preset=digits\""),
+    he_fingerprint: Optional[str] = typer.Option(None, "--he-fingerprint", help="the key fingerprint the coordinator published"),
+) -> None:
+    """Check a site's data, ledger, budget, keys and device without connecting to anything."""
+    from client.site_check import check_site
+
+    rep = check_site(_parse_kv(node_config), _parse_kv(run_config), he_fingerprint)
+    table = Table(title="privatune site check")
+    table.add_column("check")
+    table.add_column("", justify="center")
+    table.add_column("detail", overflow="fold")
+    for c in rep.checks:
+        table.add_row(c.name, "[green]ok[/]" if c.ok else "[bold red]FAIL[/]", c.detail)
+    console.print(table)
+    if not rep.ok:
+        err_console.print("[bold red]site check failed[/]: fix the lines marked FAIL; this site would not train.")
+        raise typer.Exit(1)
+    console.print("[green]site ready[/]")
+
+
 @app.command()
 def pki(
     out: Path = typer.Option(..., help="folder for the trial CA, server certificate and node keys"),

@@ -310,11 +310,15 @@ class Federation:
         return ManagedProcess(name, cmd, log_path, popen, time.monotonic(), offset)
 
     # ---------------------------------------------------------------- SuperLink
-    def start_superlink(self, timeout: float = 60.0) -> ManagedProcess:
-        """Start ``flower-superlink`` and wait until ``/health`` answers over (verified) TLS."""
+    def start_superlink(self, timeout: float = 60.0, same_port: bool = False) -> ManagedProcess:
+        """Start ``flower-superlink`` and wait until ``/health`` answers over (verified) TLS.
+
+        ``same_port`` restarts it where the SuperNodes already dial (its ``--database`` keeps state).
+        """
         if self.superlink is not None and self.superlink.alive():
             raise HarnessError("SuperLink already running")
-        self.superlink_port = free_port()
+        if not (same_port and self.superlink_port):
+            self.superlink_port = free_port()
         home = self.root / "superlink"
         cmd = [_bin("flower-superlink")]
         if self.tls:

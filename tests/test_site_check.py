@@ -1,0 +1,53 @@
+"""`privatune site check` validates a site alone and names what to fix."""
+
+from __future__ import annotations
+
+import numpy as np
+from typer.testing import CliRunner
+
+from client.site_check import check_site
+from privatune.cli import app
+
+
+def _csv(path, rows):
+    path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
+    return path
+
+
+def test_a_good_site_passes_and_reports_counts(tmp_path):
+    data = _csv(tmp_path / "sms.csv", [(f"message number {i}", "spam" if i % 5 == 0 else "ham") for i in range(200)])
+    node = {"site-id": "bank-a", "data-path": str(data), "ledger-path": str(tmp_path / "l.sqlite"), "max-epsilon": 8}
+    rep = check_site(node, {"preset": "sms-spam", "batch-size": 32})
+    assert rep.ok, [(c.name, c.detail) for c in rep.checks]
+    assert rep.data_summary["labels"] == {"ham": 160, "spam": 40}
+    assert any(c.name == "budget" and "8 on this data" in c.detail for c in rep.checks)
+
+
+def test_unknown_label_names_the_file_and_record(tmp_path):
+    data = _csv(tmp_path / "bad.csv", [("fine", "ham"), ("odd", "phishing")])
+    rep = check_site({"site-id": "s", "data-path": str(data), "ledger-path": str(tmp_path / "l")}, {"preset": "sms-spam"})
+    assert not rep.ok
+    (fail,) = [c for c in rep.checks if not c.ok]
+    assert str(data) in fail.detail and "record 2" in fail.detail and "phishing" in fail.detail
+
+
+def test_missing_ledger_path_and_wrong_images_are_refused(tmp_path):
+    rep = check_site({"site-id": "s", "data-path": str(tmp_path / "x.csv")}, {"preset": "sms-spam"})
+    assert not rep.ok and "ledger-path is required" in rep.checks[-1].detail
+    npz = tmp_path / "imgs.npz"
+    np.savez(npz, x=np.zeros((10, 30, 30), np.float32), y=np.zeros(10, np.int64))
+    rep = check_site({"site-id": "s", "data-path": str(npz), "ledger-path": str(tmp_path / "l")}, {"preset": "digits"})
+    assert not rep.ok and "imgs.npz" in rep.checks[-1].detail
+
+
+def test_cli_exit_status(tmp_path):
+    data = _csv(tmp_path / "sms.csv", [(f"m {i}", "ham" if i % 3 else "spam") for i in range(120)])
+    runner = CliRunner()
+    ok = runner.invoke(app, ["site", "check", "--node-config", f"site-id=a data-path={data} ledger-path={tmp_path}/l.sqlite",
+                             "--run-config", "preset=sms-spam batch-size=16"])
+    assert ok.exit_code == 0, ok.output
+    assert "site ready" in ok.output
+    bad = runner.invoke(app, ["site", "check", "--node-config", f"site-id=a data-path={tmp_path}/none.csv ledger-path={tmp_path}/l",
+                              "--run-config", "preset=sms-spam"])
+    assert bad.exit_code == 1
+    assert "none.csv" in bad.output
