@@ -42,7 +42,7 @@ def test_missing_ledger_path_and_wrong_images_are_refused(tmp_path):
 
 def test_cli_exit_status(tmp_path):
     data = _csv(tmp_path / "sms.csv", [(f"m {i}", "ham" if i % 3 else "spam") for i in range(120)])
-    runner = CliRunner()
+    runner = CliRunner(env={"COLUMNS": "250"})
     ok = runner.invoke(app, ["site", "check", "--node-config", f"site-id=a data-path={data} ledger-path={tmp_path}/l.sqlite",
                              "--run-config", "preset=sms-spam batch-size=16"])
     assert ok.exit_code == 0, ok.output
