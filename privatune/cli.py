@@ -45,9 +45,13 @@ def simulate(
     secure_aggregation: str = typer.Option("none", "--secure-aggregation", help="none | he"),
     out: Path = typer.Option(Path("runs/latest"), help="output folder"),
     run_config: str = typer.Option("", "--run-config", help='extra overrides, e.g. "lr=0.5 batch-size=32"'),
+    client_gpus: float = typer.Option(0.0, "--client-gpus", help="GPU share per simulated client (0.5 = two per GPU)"),
     verbose: bool = typer.Option(False, "--verbose", help="show Flower's and Ray's logs"),
 ) -> None:
     """Run a simulated federation on this machine and report accuracy against epsilon."""
+    from simulations.simulate import confine_writes
+
+    confine_writes(out.resolve())
     from common.config import ConfigError, RunConfig
 
     try:
@@ -83,7 +87,11 @@ def simulate(
 
     printer = RoundPrinter(console, cfg, clients)
     printer.header()
-    summary = run_simulation(cfg, clients, out, observer=printer, verbose=verbose)
+    try:
+        summary = run_simulation(cfg, clients, out, observer=printer, verbose=verbose, client_gpus=client_gpus)
+    except ValueError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
     printer.final(summary, out)
 
 

@@ -43,14 +43,22 @@ def prepare_config(cfg: RunConfig, num_clients: int, out_dir: Path) -> RunConfig
     return cfg
 
 
+def confine_writes(out: Path) -> None:
+    """Keep Flower's and matplotlib's per-user files inside the run folder (set before they load)."""
+    os.environ.setdefault("FLWR_HOME", str(out / ".flwr"))
+    os.environ.setdefault("MPLCONFIGDIR", str(out / ".cache" / "matplotlib"))
+
+
 def run_simulation(
     cfg: RunConfig,
     num_clients: int,
     out_dir: Path,
     observer: Callable[[RoundReport], None] | None = None,
     verbose: bool = False,
+    client_gpus: float = 0.0,
 ) -> dict[str, Any]:
     """Run the federation and return its summary (also in ``out_dir/summary.json``)."""
+    confine_writes(out_dir.resolve())
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from client.app import app as client_app
@@ -71,7 +79,8 @@ def run_simulation(
     ray_tmp = tempfile.mkdtemp(prefix="pt-ray-")
     cpus = os.cpu_count() or 1
     backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        # A GPU share per client (e.g. 0.5 = two clients per GPU); 0 without a GPU, or Ray makes no actors.
+        "client_resources": {"num_cpus": 1, "num_gpus": float(client_gpus)},
         "init_args": {
             "_temp_dir": ray_tmp,
             "num_cpus": cpus,
@@ -82,6 +91,12 @@ def run_simulation(
             "log_to_driver": verbose,
         },
     }
+    if client_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--client-gpus > 0 but this machine has no CUDA GPU; Flower would start no clients")
+        backend_config["init_args"]["num_gpus"] = torch.cuda.device_count()
     t0 = time.perf_counter()
     try:
         flwr_run_simulation(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,10 +16,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "digits"
+    home = tmp_path_factory.mktemp("home")
     cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "3",
            "--rounds", "2", "--epsilon", "4", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("FLWR_HOME", None)
+    env.pop("MPLCONFIGDIR", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc.home = home
     return out, proc
 
 
@@ -63,6 +69,8 @@ def test_no_process_is_left_behind(digits_run):
     assert summary["ray_temp_dir"] not in ps
     assert str(out) not in ps
     assert not (tmp_dir := __import__("pathlib").Path(summary["ray_temp_dir"])).exists(), tmp_dir
+    # Nothing written outside --out (Flower's and matplotlib's per-user folders are redirected into it).
+    assert list(digits_run[1].home.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

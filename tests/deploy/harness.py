@@ -98,6 +98,14 @@ def format_config(config: Mapping[str, ConfigValue]) -> str:
     return " ".join(parts)
 
 
+def write_node_config_toml(path: Path | str, config: Mapping[str, ConfigValue]) -> Path:
+    """Write a node config as a TOML file; ``flower-supernode --node-config site.toml`` reads it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k} = {_toml_value(k, v)}\n" for k, v in config.items()), encoding="utf-8")
+    return path
+
+
 def stage_app(src: Path | str, dest: Path | str) -> Path:
     """Copy a Flower app (``pyproject.toml`` + its top-level packages) into ``dest`` and return ``dest``.
 

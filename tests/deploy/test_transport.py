@@ -23,7 +23,7 @@ import pytest
 
 from privatune.pki import make_trial_pki
 
-from .harness import REPO_ROOT, Federation, HarnessError, stage_app, start_federation
+from .harness import REPO_ROOT, Federation, HarnessError, stage_app, start_federation, write_node_config_toml
 from .tiny_app import write_tiny_app
 
 BAD_RECORD = 5  # 1-based record of site C's file that carries an unknown label
@@ -80,7 +80,9 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory, sites: list[dict]) -> Iterator[Federation]:
-    federation = start_federation(tmp_path_factory.mktemp("fed"), sites)
+    # Site B's node config comes as a TOML file (`--node-config site.toml`), the others as strings.
+    as_file = write_node_config_toml(Path(sites[1]["ledger-path"]).parent / "site.toml", sites[1])
+    federation = start_federation(tmp_path_factory.mktemp("fed"), [sites[0], as_file, sites[2]])
     try:
         yield federation
     finally:
@@ -208,3 +210,16 @@ def test_killed_site_run_completes_and_its_budget_continues(tmp_path: Path) -> N
         assert after[0].epsilon_dataset > max(e.epsilon_dataset for e in spent_before)
         assert after[0].epsilon_dataset > after[0].epsilon_run  # earlier runs counted
         assert fed3.teardown() == []
+
+
+def test_superlink_restart_keeps_registrations_and_nodes_reconnect(fed: Federation) -> None:
+    """Last in the module: SIGTERM the SuperLink, start it on the same port with the same database."""
+    before = {n["node-id"]: n["status"] for n in fed.list_nodes()}
+    fed.superlink.signal_group(signal.SIGTERM)
+    assert fed.superlink.wait(30) is not None
+    fed.start_superlink(same_port=True)
+    for index in range(3):
+        fed.wait_for_log(index, "Connection successful after", timeout=90)
+    after = {n["node-id"]: n["status"] for n in fed.list_nodes()}
+    assert set(after) == set(before)  # registered keys kept in --database
+    assert all(after[str(fed.supernodes[i].node_id)] == "online" for i in range(3))
