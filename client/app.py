@@ -50,6 +50,14 @@ from common.protocol import (
 )
 
 log = logging.getLogger("privatune.client")
+if not logging.getLogger("privatune").handlers:
+    # A SuperNode runs each message in a fresh `flwr-clientapp` process whose root logger prints
+    # nothing at INFO: give the site operator readable lines (round, loss, epsilon, refusals).
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s privatune %(levelname)s: %(message)s"))
+    logging.getLogger("privatune").addHandler(_handler)
+    logging.getLogger("privatune").setLevel(logging.INFO)
+    logging.getLogger("privatune").propagate = False
 
 app = ClientApp()
 
@@ -132,6 +140,12 @@ def module_and_inputs(run: LocalRun, data: LabelledData) -> tuple[torch.nn.Modul
     return run.model, encode(cfg.model, data, cfg.max_length)
 
 
+def _data_error_for_server(err: SiteDataError) -> str:
+    """What the coordinator learns of a data error: where, not what (the value stays in the site log)."""
+    where = f"record {err.record}" if err.record is not None else "the file"
+    return f"site data refused: {err.path.name}, {where}; the site's log has the details and the fix"
+
+
 def status_record(site_id: str, status: str, reason: str = "", **extra: str) -> ConfigRecord:
     return ConfigRecord({"status": status, "client-id": site_id, "reason": reason, **extra})
 
@@ -142,7 +156,7 @@ def train(msg: Message, context: Context) -> Message:
         run = prepare(msg, context)
     except SiteDataError as err:
         log.error("site data refused: %s", err)
-        return _reply_without_update(msg, context, STATUS_DATA_ERROR, str(err))
+        return _reply_without_update(msg, context, STATUS_DATA_ERROR, _data_error_for_server(err))
     except (ValueError, HEError) as err:
         log.error("round refused: %s", err)
         return _reply_without_update(msg, context, STATUS_REFUSED, str(err))
@@ -241,9 +255,12 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Federated evaluation of the global model on this site's validation split."""
     try:
         run = prepare(msg, context)
-    except (SiteDataError, ValueError, HEError) as err:
+    except SiteDataError as err:
         log.error("evaluation refused: %s", err)
-        return _reply_without_update(msg, context, STATUS_DATA_ERROR, str(err))
+        return _reply_without_update(msg, context, STATUS_DATA_ERROR, _data_error_for_server(err))
+    except (ValueError, HEError) as err:
+        log.error("evaluation refused: %s", err)
+        return _reply_without_update(msg, context, STATUS_REFUSED, str(err))
     data = run.val if len(run.val) else run.train
     module, inputs = module_and_inputs(run, data)
     res = evaluate(

@@ -572,24 +572,75 @@ def report_to_json(report: AuditReport) -> dict[str, Any]:
     })
 
 
-def render_table(report: AuditReport) -> Table:
-    """Every accounted row with its mechanism, reported and recomputed epsilons, and what is wrong with it."""
+def render_table(report: AuditReport, entries: bool = False) -> Any:
+    """What ``privatune audit`` prints: by default a compact view that fits an 80-column terminal, with ``entries``
+    every accounted row with its mechanism, reported and recomputed epsilons, and what is wrong with it.
+
+    The compact view is two small tables: the ledgers (kind, rows, chain intact or broken) and one row per site or
+    client and ledger: its run(s), trained rounds, the last epsilon (reported, recomputed with RDP and with PRV),
+    the site budget and a status. The JSON and Markdown reports always carry every field of every row.
+    """
+    from rich import box
+    from rich.console import Group
+
     verdict = "[bold green]PASS[/]" if report.ok else f"[bold red]FAIL[/]: {len(report.violations)} violation(s)"
-    table = Table(title="Privacy ledger audit", caption=f"{verdict} · {len(report.files)} ledger(s) · "
-                                                       f"tolerance {report.tolerance:g}")
-    for name, justify in (("Src", "left"), ("Ledger", "left"), ("Seq", "right"), ("Run", "left"),
-                          ("Rnd", "right"), ("Site/client", "left"), ("Status", "left"), ("σ", "right"),
-                          ("q", "right"), ("Steps", "right"), ("C", "right"), ("δ", "right"), ("Acc", "left"),
-                          ("ε reported", "right"), ("ε RDP", "right"), ("ε PRV", "right"), ("ε dataset", "right"),
-                          ("Budget", "right"), ("Check", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    caption = f"{verdict} · {len(report.files)} ledger(s) · tolerance {report.tolerance:g}"
+    if entries:
+        table = Table(title="Privacy ledger audit", caption=caption)
+        for name, justify in (("Src", "left"), ("Ledger", "left"), ("Seq", "right"), ("Run", "left"),
+                              ("Rnd", "right"), ("Site/client", "left"), ("Status", "left"), ("σ", "right"),
+                              ("q", "right"), ("Steps", "right"), ("C", "right"), ("δ", "right"), ("Acc", "left"),
+                              ("ε reported", "right"), ("ε RDP", "right"), ("ε PRV", "right"),
+                              ("ε dataset", "right"), ("Budget", "right"), ("Check", "left")):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for e in report.entries:
+            check = "[green]ok[/]" if not e.problems else "[red]" + ", ".join(e.problems) + "[/]"
+            table.add_row(e.source, Path(e.file).name, str(e.seq), e.run_id, str(e.round), e.party, e.status,
+                          _fmt(e.noise_multiplier), _fmt(e.sample_rate), _fmt(e.steps), _fmt(e.max_grad_norm),
+                          _fmt(e.delta, 3), _fmt(e.accountant), _fmt(e.epsilon_reported), _fmt(e.epsilon_rdp),
+                          _fmt(e.epsilon_prv), _fmt(e.epsilon_dataset), _fmt(e.max_epsilon), check)
+        return table
+
+    ledgers = Table(title="Privacy ledger audit", box=box.SIMPLE_HEAD, title_justify="left", collapse_padding=True,
+                    pad_edge=False)
+    for name, justify in (("Ledger", "left"), ("Kind", "left"), ("Rows", "right"), ("Chain", "left")):
+        ledgers.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for f in report.files:
+        ledgers.add_row(Path(f.path).name, f.kind, str(f.rows), "intact" if f.chain_ok else "[bold red]BROKEN[/]")
+
+    last: dict[tuple[str, str, str], AuditEntry] = {}
     for e in report.entries:
-        check = "[green]ok[/]" if not e.problems else "[red]" + ", ".join(e.problems) + "[/]"
-        table.add_row(e.source, Path(e.file).name, str(e.seq), e.run_id, str(e.round), e.party, e.status,
-                      _fmt(e.noise_multiplier), _fmt(e.sample_rate), _fmt(e.steps), _fmt(e.max_grad_norm),
-                      _fmt(e.delta, 3), _fmt(e.accountant), _fmt(e.epsilon_reported), _fmt(e.epsilon_rdp),
-                      _fmt(e.epsilon_prv), _fmt(e.epsilon_dataset), _fmt(e.max_epsilon), check)
-    return table
+        if e.status == STATUS_TRAINED:
+            last[(e.source, e.file, e.party)] = e  # entries are in ledger order: the last one wins
+    clients = Table(box=box.SIMPLE_HEAD, caption=caption + " · --entries: every row", caption_justify="left",
+                    collapse_padding=True, pad_edge=False)
+    for name, justify in (("Src", "left"), ("Site/client", "left"), ("Run", "left"), ("Rnds", "right"),
+                          ("ε rep.", "right"), ("ε RDP", "right"), ("ε PRV", "right"), ("Budget", "right"),
+                          ("Status", "left")):
+        # Numbers never wrap; a long run id is cut with an ellipsis before anything else gives way.
+        wraps = name in ("Site/client", "Status")
+        clients.add_column(name, justify=justify, no_wrap=not wraps,  # type: ignore[arg-type]
+                           overflow="ellipsis" if name == "Run" else "fold", min_width=len(name),
+                           max_width=12 if name == "Run" else None)
+
+    def eps(x: Any) -> str:  # fixed decimals keep the columns aligned; violations are in Status
+        return f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else _fmt(x)
+
+    for s in report.summaries:
+        e = last.get((s.source, s.file, s.party))
+        run = s.runs[0] if len(s.runs) == 1 else f"{len(s.runs)} runs"
+        status = []
+        if s.violations:
+            status.append(f"[bold red]FAIL {s.violations}[/]")
+        if s.budget_exhausted:
+            status.append(f"[yellow]{s.budget_exhausted} exhausted[/]")
+        if s.dropped:
+            status.append(f"[yellow]{s.dropped} dropped[/]")
+        budget = "—" if s.max_epsilon is None else f"{_fmt(s.max_epsilon)}"
+        clients.add_row(s.source, s.party, run, str(s.rounds_trained),
+                        eps(e.epsilon_reported if e else None), eps(e.epsilon_rdp if e else None),
+                        eps(e.epsilon_prv if e else None), budget, " ".join(status) or "[green]ok[/]")
+    return Group(ledgers, clients)
 
 
 def render_violations(report: AuditReport) -> Table:

@@ -137,6 +137,7 @@ def audit(
     paths: List[Path] = typer.Argument(..., help="ledger files or folders holding them"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the machine-readable audit here"),
     report: Optional[Path] = typer.Option(None, help="folder for the Markdown report and its PNG"),
+    entries: bool = typer.Option(False, "--entries", help="print every ledger row (wide) instead of the summary"),
 ) -> None:
     """Verify ledgers, recompute every epsilon, cross-check server against sites; exit 1 on any violation."""
     import json
@@ -148,7 +149,7 @@ def audit(
     except AuditInputError as err:
         err_console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
-    console.print(render_table(rep))
+    console.print(render_table(rep, entries=entries))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report_to_json(rep), indent=2, default=str))
@@ -162,10 +163,43 @@ def audit(
     console.print("[green]audit clean[/]")
 
 
+@app.command("canary-audit")
+def canary_audit(
+    preset: str = typer.Option("digits", help="the preset whose client data the canaries join"),
+    canaries: int = typer.Option(1000, help="m: canaries, each included with probability 1/2"),
+    epsilon: float = typer.Option(8.0, help="target epsilon of the one training run"),
+    no_dp: bool = typer.Option(False, "--no-dp", help="train without DP (the control: the bound should be high)"),
+    mode: str = typer.Option("", help="head | partial | full (default: partial for images, head for text)"),
+    epochs: int = typer.Option(0, help="local epochs (0 = the audit's default for the mode)"),
+    lr: float = typer.Option(0.0, help="learning rate (0 = the audit's default for the mode)"),
+    batch_size: int = typer.Option(0, "--batch-size", help="batch size (0 = the audit's default)"),
+    k: int = typer.Option(0, help="guesses on each side (0 = canaries // 10)"),
+    clients: int = typer.Option(3, help="simulated clients the preset is split into"),
+    client: int = typer.Option(0, help="which of them trains"),
+    seed: int = typer.Option(42),
+    accountant: str = typer.Option("rdp", help="rdp | prv: the accountant whose epsilon is the claim"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result here"),
+) -> None:
+    """Empirical privacy audit in one training run: canaries, the client's DP-SGD path, a 95 % epsilon lower
+    bound beside the claimed epsilon; exit 1 if the bound exceeds the claim (a bug)."""
+    from simulations.canary_audit import CanaryAuditError, CanarySettings, report, run_canary_audit
+
+    settings = CanarySettings(
+        preset=preset, canaries=canaries, dp=not no_dp, epsilon=epsilon, mode=mode, epochs=epochs, lr=lr,
+        batch_size=batch_size, k=k, clients=clients, client=client, seed=seed, accountant=accountant,
+    )
+    try:
+        res = run_canary_audit(settings)
+    except CanaryAuditError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    raise typer.Exit(report(res, json_out, console))
+
+
 @site_app.command("check")
 def site_check(
     node_config: str = typer.Option(..., "--node-config", help="the SuperNode's --node-config string"),
-    run_config: str = typer.Option("", "--run-config", help="the coordinator's run config, e.g. \"preset=digits\""),
+    run_config: str = typer.Option("", "--run-config", help="the coordinator's run config, as for flwr: 'preset=\"digits\" batch-size=32'"),
     he_fingerprint: Optional[str] = typer.Option(None, "--he-fingerprint", help="the key fingerprint the coordinator published"),
 ) -> None:
     """Check a site's data, ledger, budget, keys and device without connecting to anything."""
@@ -187,13 +221,28 @@ def site_check(
 
 @app.command()
 def pki(
-    out: Path = typer.Option(..., help="folder for the trial CA, server certificate and node keys"),
+    out: Optional[Path] = typer.Option(None, help="folder for the trial CA, server certificate and node keys"),
     nodes: int = typer.Option(3, help="number of SuperNode key pairs"),
+    host: List[str] = typer.Option([], "--host", help="SuperLink host name or IP for the certificate (repeatable)"),
+    days: int = typer.Option(30, help="certificate lifetime"),
+    node_key: Optional[Path] = typer.Option(None, "--node-key", help="make only this site's own key pair at PATH"),
+    force: bool = typer.Option(False, "--force", help="overwrite existing files"),
 ) -> None:
-    """Make a throw-away CA, server certificate and SuperNode keys for trials on one machine."""
+    """Make a throw-away CA, server certificate and SuperNode keys for trials, or one site's key pair."""
     from privatune.pki import main as pki_main
 
-    raise typer.Exit(pki_main(["--out", str(out), "--nodes", str(nodes)]))
+    argv: list[str] = []
+    if node_key is not None:
+        argv += ["--node-key", str(node_key)]
+    else:
+        if out is None:
+            raise typer.BadParameter("give --out DIR (or --node-key PATH for one site's key)")
+        argv += ["--out", str(out), "--nodes", str(nodes), "--days", str(days)]
+        for h in host:
+            argv += ["--host", h]
+    if force:
+        argv.append("--force")
+    raise typer.Exit(pki_main(argv))
 
 
 def main() -> None:

@@ -7,7 +7,7 @@
 # checks that, and runs this script), so the guides cannot drift from what works.
 #
 # Usage:  scripts/deploy_local.sh [WORK_DIR]        (run inside the project's virtualenv)
-# Env:    NUM_SITES=2   RUN_CONFIG="preset=digits num-server-rounds=2 local-epochs=1"
+# Env:    NUM_SITES=2   RUN_CONFIG='preset="digits" num-server-rounds=2 local-epochs=1' (TOML values: quote strings)
 #         APP_SRC=<app folder, default: this repository>   KEEP=1 keeps WORK_DIR after success
 # Exit:   0 when the run finished completed; non-zero otherwise (logs are printed).
 # Nothing is left running: every process is started in its own process group and stopped on exit.
@@ -16,7 +16,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=$(realpath -m "${1:-$(mktemp -d -t privatune-deploy-XXXXXX)}")
 NUM_SITES=${NUM_SITES:-2}
-RUN_CONFIG_EXTRA=${RUN_CONFIG:-"preset=digits num-server-rounds=2 local-epochs=1"}
+RUN_CONFIG_EXTRA=${RUN_CONFIG:-'preset="digits" num-server-rounds=2 local-epochs=1'}
 APP_SRC=$(realpath "${APP_SRC:-$REPO}")
 mkdir -p "$WORK/logs"
 LOGS="$WORK/logs"
@@ -130,7 +130,7 @@ say "work dir $WORK, SuperLink $SUPERLINK_ADDRESS, $NUM_SITES sites"
       --host "$SUPERLINK_HOST" --port "$SUPERLINK_PORT" \
       --database "$COORD_DIR/superlink.db" \
       --disable-runtime-dependency-installation
-  wait_for_log superlink "Uvicorn running on https://$SUPERLINK_ADDRESS" 120
+  wait_for_log superlink "Uvicorn running on https://$SUPERLINK_ADDRESS" 180
   # doc: coordinator-cli-config
   mkdir -p "$FLWR_HOME"
   cat > "$FLWR_HOME/config.toml" <<EOF
@@ -168,12 +168,8 @@ for i in $(seq 0 $((NUM_SITES - 1))); do
   )
   (
     export FLWR_HOME="$SITE_DIR/flwr" FLWR_TELEMETRY_ENABLED=0
-    if privatune site check --help >/dev/null 2>&1; then
-      # doc: site-check
-      privatune site check --node-config "$NODE_CONFIG"
-    else
-      say "privatune site check is not available in this version: skipped"
-    fi
+    # doc: site-check
+    privatune site check --node-config "$NODE_CONFIG" --run-config "$RUN_CONFIG"
     CLIENTAPP_PORT=$(free_port)
     # doc: site-supernode
     start_bg "supernode-$SITE_ID" \
@@ -187,7 +183,7 @@ for i in $(seq 0 $((NUM_SITES - 1))); do
 done
 for i in $(seq 0 $((NUM_SITES - 1))); do
   SITE_ID="site-${LETTERS[$i]}"
-  wait_for_log "supernode-$SITE_ID" "SuperNode ID:" 120
+  wait_for_log "supernode-$SITE_ID" "SuperNode ID:" 180
 done
 say "$NUM_SITES SuperNodes connected"
 

@@ -1,7 +1,7 @@
 """DP fine-tuning benchmark: what DP-SGD costs in time, and what DP plus federation cost in accuracy.
 
-    python -m simulations.bench_dp                 # the full benchmark (about 10-15 minutes on 2 cores)
-    python -m simulations.bench_dp --quick         # a small smoke run of the same pipeline (not for figures)
+    python -m simulations.bench_dp             # the full benchmark (~30 min on a shared 2-core machine)
+    python -m simulations.bench_dp --quick     # smoke run of the same pipeline (~5 min; not for figures)
     python -m simulations.bench_dp --out DIR --run-config "lr=1.0 local-epochs=3"
 
 Everything is measured in the same process, in one run:
@@ -26,7 +26,6 @@ Results go to ``DIR/bench_dp.json`` (default DIR: ``<tmp>/privatune-bench-dp``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -146,7 +145,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain Markdown table (also readable on a terminal), columns padded to their widest cell."""
     cells = [list(headers)] + [list(r) for r in rows]
     widths = [max(len(str(row[i])) for row in cells) for i in range(len(headers))]
-    line = lambda row: "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 

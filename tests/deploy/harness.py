@@ -53,6 +53,9 @@ ConfigValue = Union[str, int, float, bool]
 _NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
 _RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
 _NOT_ACTIVATED = "could not be activated"
+#: Readiness bound for one process: generous because a loaded 2-core CI box took 47 s to start a
+#: SuperNode (each Flower process imports for seconds); failures still end at this bound, with logs.
+READY_TIMEOUT = 120.0
 _LIVE: set["Federation"] = set()  # strong refs: a forgotten Federation is still torn down at exit
 
 
@@ -205,7 +208,7 @@ def _tail(text: str, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _marked_pids(marker: str) -> list[int]:
+def marked_pids(marker: str) -> list[int]:
     """PIDs of live processes whose environment carries ``MARKER_ENV=marker`` (zombies excluded)."""
     needle = f"{MARKER_ENV}={marker}".encode()
     found = []
@@ -318,7 +321,7 @@ class Federation:
         return ManagedProcess(name, cmd, log_path, popen, time.monotonic(), offset)
 
     # ---------------------------------------------------------------- SuperLink
-    def start_superlink(self, timeout: float = 60.0, same_port: bool = False) -> ManagedProcess:
+    def start_superlink(self, timeout: float = READY_TIMEOUT, same_port: bool = False) -> ManagedProcess:
         """Start ``flower-superlink`` and wait until ``/health`` answers over (verified) TLS.
 
         ``same_port`` restarts it where the SuperNodes already dial (its ``--database`` keeps state).
@@ -485,7 +488,7 @@ class Federation:
         node_config: Mapping[str, ConfigValue] | Path | None = None,
         *,
         wait: bool = True,
-        timeout: float = 60.0,
+        timeout: float = READY_TIMEOUT,
         **cmd_options: object,
     ) -> ManagedProcess:
         """Start SuperNode ``index`` (its own FLWR_HOME and a free runtime port).
@@ -504,7 +507,7 @@ class Federation:
             self.wait_supernode_ready(index, timeout)
         return proc
 
-    def wait_supernode_ready(self, index: int, timeout: float = 60.0) -> int:
+    def wait_supernode_ready(self, index: int, timeout: float = READY_TIMEOUT) -> int:
         """Wait for ``SuperNode ID: <id>`` in this start's log; return the node id."""
         proc = self.supernodes[index]
         deadline = time.monotonic() + timeout
@@ -533,12 +536,12 @@ class Federation:
                                    + _tail(proc.log_text()))
             time.sleep(0.2)
 
-    def expect_refused(self, index: int, timeout: float = 60.0, **start_options: object) -> ManagedProcess:
+    def expect_refused(self, index: int, timeout: float = READY_TIMEOUT, **start_options: object) -> ManagedProcess:
         """Start SuperNode ``index`` and require that it exits non-zero without ever connecting."""
         return self.expect_refused_many({index: start_options}, timeout)[index]
 
     def expect_refused_many(
-        self, attempts: Mapping[int, Mapping[str, object]], timeout: float = 60.0
+        self, attempts: Mapping[int, Mapping[str, object]], timeout: float = READY_TIMEOUT
     ) -> dict[int, ManagedProcess]:
         """Start several SuperNodes at once (index -> start options) and require each to be refused.
 
@@ -673,7 +676,7 @@ class Federation:
 
     def leftover_pids(self) -> list[int]:
         """Live processes started by this harness (found by environment marker)."""
-        return _marked_pids(self.marker)
+        return marked_pids(self.marker)
 
     def teardown(self, grace: float = 10.0) -> list[int]:
         """Stop SuperNodes, then the SuperLink: SIGTERM, wait ``grace``, SIGKILL, sweep; return survivors."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .harness import REPO_ROOT, _marked_pids
+from .harness import REPO_ROOT, marked_pids
 from .tiny_app import write_tiny_app
 
 SCRIPT = REPO_ROOT / "scripts" / "deploy_local.sh"
@@ -88,13 +89,16 @@ def _run_script(tmp_path: Path, env_extra: dict[str, str], timeout: float) -> su
         return subprocess.run(["bash", str(SCRIPT), str(tmp_path / "work")], env=env, capture_output=True,
                               text=True, timeout=timeout, cwd=tmp_path, start_new_session=True)
     finally:
-        assert _marked_pids(marker) == [], "deploy_local.sh left processes behind"
+        leftovers = marked_pids(marker)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        assert leftovers == [], "deploy_local.sh left processes behind"
 
 
 @pytest.mark.slow
 def test_deploy_local_runs_the_documented_sequence_with_a_tiny_app(tmp_path: Path) -> None:
     app = write_tiny_app(tmp_path / "tiny")
-    res = _run_script(tmp_path, {"APP_SRC": str(app), "RUN_CONFIG": "num-server-rounds=2"}, timeout=400)
+    res = _run_script(tmp_path, {"APP_SRC": str(app), "RUN_CONFIG": 'preset="digits" num-server-rounds=2'}, timeout=400)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "TINYAPP FINAL [2.0, 2.0, 2.0, 2.0]" in res.stdout
     assert "registered successfully" in res.stdout

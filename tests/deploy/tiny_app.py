@@ -1,5 +1,8 @@
 """A minimal Flower app written into a temp folder, to test deployment plumbing on its own.
 
+Its run config mirrors the keys scripts/deploy_local.sh and `privatune site check` pass
+(``preset``, ``out-dir``), which it ignores.
+
 It exercises exactly what the transport needs (ServerApp -> SuperLink -> SuperNode ->
 ClientApp and back, node_config reaching the ClientApp) in seconds, independent of the
 project's models. It is generated at test time, never kept in the repository.
@@ -32,6 +35,7 @@ clientapp = "tinyapp.client:app"
 num-server-rounds = 2
 min-clients = 2
 client-sleep = 0.0
+preset = "digits"
 out-dir = ""
 """
 
