@@ -130,6 +130,8 @@ def train_local(
                 f"{steps_expected}) before training: refusing to release an update whose privacy "
                 "cost differs from its record"
             )
+        if hasattr(train_module, "remove_hooks"):
+            train_module.remove_hooks()  # the module may be trained again in this process
         _strip_opacus(module)
     return LocalTrainResult(
         loss=total_loss / max(total_seen, 1),

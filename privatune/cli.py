@@ -126,7 +126,7 @@ def decrypt(
 
     try:
         he.decrypt_checkpoint_to_safetensors(secret_context, checkpoint, out)
-    except he.HEKeyError as err:
+    except (he.HEError, FileNotFoundError) as err:
         err_console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
     console.print(f"wrote {out}")
