@@ -6,6 +6,10 @@ server's central test set never overlaps any client's records and no index list 
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
+
 from common.config import RunConfig
 from common.datasets import LabelledData, holdout_split, load_dataset, train_val_split
 from common.partition import partition_indices
@@ -13,8 +17,22 @@ from common.partition import partition_indices
 
 def central_split(cfg: RunConfig) -> tuple[LabelledData, LabelledData]:
     """(pool the clients share out, held-out central test set)."""
-    data = load_dataset(cfg.dataset, max_records=cfg.max_records or None, seed=cfg.seed)
-    return holdout_split(data, cfg.test_fraction, seed=cfg.seed)
+    return _central_split(cfg.dataset, cfg.max_records, cfg.seed, cfg.test_fraction)
+
+
+@functools.lru_cache(maxsize=8)
+def _central_split(dataset: str, max_records: int, seed: int, test_fraction: float) -> tuple[LabelledData, LabelledData]:
+    data = load_dataset(dataset, max_records=max_records or None, seed=seed)
+    return holdout_split(data, test_fraction, seed=seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions(
+    dataset: str, max_records: int, seed: int, test_fraction: float, scheme: str, alpha: float, num: int
+) -> tuple[np.ndarray, ...]:
+    """Every client's indices into the pool; computed once per process (each message needs its own)."""
+    pool, _ = _central_split(dataset, max_records, seed, test_fraction)
+    return tuple(partition_indices(pool.labels, num, scheme=scheme, alpha=alpha, seed=seed))  # type: ignore[arg-type]
 
 
 def client_partition(
@@ -29,19 +47,11 @@ def client_records(cfg: RunConfig, partition_id: int, num_partitions: int) -> La
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     pool, _ = central_split(cfg)
-    parts = partition_indices(
-        pool.labels,
-        num_partitions,
-        scheme=cfg.partition,  # type: ignore[arg-type]
-        alpha=cfg.alpha,
-        seed=cfg.seed,
-    )
+    parts = _partitions(cfg.dataset, cfg.max_records, cfg.seed, cfg.test_fraction, cfg.partition, cfg.alpha,
+                        num_partitions)
     return pool.subset(parts[partition_id])
 
 
 def check_federation_size(cfg: RunConfig, num_clients: int) -> None:
     """Refuse, before any training, a federation with more clients than records can feed."""
-    pool, _ = central_split(cfg)
-    partition_indices(
-        pool.labels, num_clients, scheme=cfg.partition, alpha=cfg.alpha, seed=cfg.seed  # type: ignore[arg-type]
-    )
+    _partitions(cfg.dataset, cfg.max_records, cfg.seed, cfg.test_fraction, cfg.partition, cfg.alpha, num_clients)
