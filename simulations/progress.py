@@ -49,17 +49,19 @@ class RoundPrinter:
 
     def __call__(self, report: RoundReport) -> None:
         eps = [r.get("epsilon") for r in report.clients.values() if isinstance(r.get("epsilon"), float)]
-        parts = [f"round {report.round}/{self.cfg.num_server_rounds}"]
+        parts = [f"round {report.round}/{self.cfg.num_server_rounds}"]  # kept under 80 columns
         if report.round > 0:
             parts.append(f"{len(report.clients)} trained")
+            if report.clients and not report.aggregated:
+                parts.append("[yellow]not aggregated[/]")
             if report.dropped:
-                parts.append(f"[yellow]{len(report.dropped)} not aggregated[/]")
+                parts.append(f"[yellow]{len(report.dropped)} dropped[/]")
         if report.central:
             parts.append(f"test acc {_fmt(report.central.get('accuracy'))} F1 {_fmt(report.central.get('macro-f1'))}")
         if report.federated:
-            parts.append(f"fed. val acc {_fmt(report.federated.get('eval-accuracy'))}")
+            parts.append(f"val acc {_fmt(report.federated.get('eval-accuracy'))}")
         if eps:
-            parts.append(f"max epsilon {_fmt(max(eps))}")
+            parts.append(f"eps<={_fmt(max(eps), 2)}")
         parts.append(f"[dim]{time.perf_counter() - self.t0:.0f}s[/]")
         self.console.print("  " + " | ".join(parts))
 

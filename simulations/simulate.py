@@ -64,6 +64,9 @@ def run_simulation(
     from client.app import app as client_app
     from server.app import make_server_app
 
+    if not verbose:
+        # The round printer shows progress; keep privatune's own INFO lines for --verbose and sites.
+        logging.getLogger("privatune").setLevel(logging.WARNING)
     cfg = prepare_config(cfg, num_clients, out_dir)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
