@@ -138,7 +138,9 @@ def run_federation(
     save_global(latest["arrays"], cfg, out, he_ctx is not None)
     from server.plots import plot_rounds
 
-    plot_rounds(recorder.rounds, out / "rounds.png", title=f"{cfg.preset}: {cfg.mode}, target epsilon {cfg.target_epsilon:g}" if cfg.private else f"{cfg.preset}: {cfg.mode}, no DP")
+    title = f"{cfg.preset}: {cfg.mode}, " + (f"target epsilon {cfg.target_epsilon:g}" if cfg.private else "no DP")
+    plot_rounds(recorder.rounds, out / "rounds.png", title=title,
+                target_epsilon=cfg.target_epsilon if cfg.private else None)
     summary = recorder.write_summary(
         trainable_parameters=n_params,
         wall_seconds=time.perf_counter() - t0,

@@ -8,7 +8,9 @@ from typing import Sequence
 from server.run_record import RoundReport
 
 
-def plot_rounds(rounds: Sequence[RoundReport], path: Path, title: str = "") -> Path:
+def plot_rounds(
+    rounds: Sequence[RoundReport], path: Path, title: str = "", target_epsilon: float | None = None
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,6 +37,13 @@ def plot_rounds(rounds: Sequence[RoundReport], path: Path, title: str = "") -> P
         pts = [(x, y) for x, y in pts if isinstance(y, float) and y != float("inf")]
         if pts:
             ax_eps.plot([p[0] for p in pts], [p[1] for p in pts], ".-", alpha=0.7, label=cid)
+    if target_epsilon is not None and target_epsilon != float("inf"):
+        ax_eps.axhline(target_epsilon, color="black", linestyle=":", linewidth=1, label="target")
+    ax_eps.set_ylim(bottom=0)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_acc, ax_eps):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_eps.set_xlabel("round")
     ax_eps.set_ylabel("epsilon spent (composed over rounds)")
     ax_eps.grid(alpha=0.3)
