@@ -86,7 +86,7 @@ def train_local(
     loss_fn = nn.CrossEntropyLoss()
     train_module: nn.Module = module
     steps_expected = steps_per_epoch(n, batch_size) * epochs
-    q = dp_sample_rate(n, batch_size) if dp else batch_size / n
+    q = dp_sample_rate(n, batch_size) if dp else min(1.0, batch_size / n)
     engine = None
     if dp:
         from opacus import PrivacyEngine
