@@ -90,3 +90,22 @@ def test_budget_exhausted_site_does_not_train(tmp_path, message_factory, context
     assert not data.exists()
     ledger = SiteLedger(tmp_path / "ledgers" / "site-client-2.ledger.sqlite")
     assert ledger.entries() == []
+
+
+def test_non_private_round_is_recorded_as_an_infinite_spend(tmp_path, message_factory, context_factory):
+    import math
+
+    from common.ledger import ServerLedger
+
+    cfg = _digits_cfg(tmp_path, dp=False, batch_size=500)  # a batch larger than the client's data
+    reply = train(message_factory(cfg, _initial_state(cfg)), context_factory({"partition-id": 0, "num-partitions": 3}))
+    m = reply.content["metrics"]
+    assert reply.content["status"]["status"] == "trained"
+    assert math.isinf(m["epsilon"]) and m["noise-multiplier"] == 0.0 and m["sample-rate"] == 1.0
+    (record,) = SiteLedger(tmp_path / "ledgers" / "site-client-0.ledger.sqlite").entries()
+    assert math.isinf(record.entry.epsilon_run)
+    # The server can record what this client reported.
+    ServerLedger(tmp_path / "server.ledger.sqlite").record_report(
+        "r", 1, "client-0", 1, status="trained", noise_multiplier=m["noise-multiplier"], sample_rate=m["sample-rate"],
+        steps=int(m["steps"]), max_grad_norm=m["max-grad-norm"], delta=1e-5, accountant="rdp",
+        epsilon_reported=m["epsilon"])
