@@ -115,7 +115,7 @@ if client_gpus > 0:
     import torch
 
     if not torch.cuda.is_available():
-        fail("CLIENT_GPUS > 0 but torch sees no CUDA GPU here: Ray would start no ClientApp and the run would hang")
+        fail("CLIENT_GPUS > 0 but torch sees no CUDA GPU here: Ray would start no ClientApp and the run would fail")
 final = dict(overrides)
 final["out-dir"] = ready.out_dir
 if ready.min_clients != cfg.min_clients:

@@ -74,8 +74,18 @@ def ledger_entries(node_config: dict, run_id: int | None = None) -> list:
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return digits_sites(tmp_path_factory.mktemp("sites"), 3, bad_site=2)
+def he_keys(tmp_path_factory: pytest.TempPathFactory):
+    from common import he
+
+    return he.write_keys(tmp_path_factory.mktemp("he-keys"))
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory, he_keys) -> list[dict]:
+    configured = digits_sites(tmp_path_factory.mktemp("sites"), 3, bad_site=2)
+    for site in configured:  # every site holds the secret context; the coordinator only public.ctx
+        site["he-secret-context"] = str(he_keys.secret)
+    return configured
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +188,34 @@ def test_real_app_digits_over_tls_with_a_bad_site(fed: Federation, sites: list[d
     # The coordinator learns where (file name, record), not what: the bad value stays in the site's log.
     assert Path(bad["data-path"]).name in reason and f"record {BAD_RECORD}" in reason, reason
     assert "unknown label" not in reason
+
+
+@pytest.mark.slow
+def test_real_app_with_he_aggregation_over_tls(fed: Federation, sites: list[dict], he_keys) -> None:
+    """The same deployment with CKKS aggregation: the coordinator holds only public.ctx, the sites
+    decrypt, and the final (encrypted) checkpoint decrypts with a site's key to a model that learned."""
+    from common import he
+    from common.config import RunConfig
+    from server.central_eval import CentralEvaluator
+
+    out = fed.root / "server-out-he"
+    app = stage_app(REPO_ROOT, fed.root / "app-he")
+    config = {**tiny_run_config(out), "secure-aggregation": "he", "he-public-context": str(he_keys.public)}
+    result = fed.run_app(app, config, timeout=900)
+    assert result.ok, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["secure_aggregation"] == "he"
+    assert summary["federated_accuracy"] > 0.5
+    assert (out / "global.he-checkpoint").exists() and not (out / "global.safetensors").exists()
+    decrypted = he.decrypt_checkpoint_to_safetensors(he_keys.secret, out / "global.he-checkpoint",
+                                                     fed.root / "he-final.safetensors")
+    from safetensors.numpy import load_file
+
+    cfg = RunConfig.create(preset="digits")
+    accuracy = CentralEvaluator(cfg, None)(load_file(str(decrypted))).accuracy
+    assert accuracy > 0.5, accuracy  # a fresh head scores about 0.1
+    for site in sites[:2]:
+        assert [e.round for e in ledger_entries(site, result.run_id)] == [1, 2], site["site-id"]
 
 
 @pytest.mark.slow
