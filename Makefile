@@ -1,6 +1,8 @@
 # The two commands of the README. Both set up .venv first (idempotent, quick once done).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Flower's SuperLink/SuperNode start flwr-serverapp / flwr-clientapp by name: the venv's must come first.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup simulate test test-fast bench clean
 

@@ -14,6 +14,9 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Use the project's virtualenv when there is one (Flower starts flwr-serverapp/flwr-clientapp by name).
+[ -x "$REPO/.venv/bin/python" ] && case ":$PATH:" in *":$REPO/.venv/bin:"*) ;; *) PATH="$REPO/.venv/bin:$PATH";; esac
+export PATH
 WORK=$(realpath -m "${1:-$(mktemp -d -t privatune-deploy-XXXXXX)}")
 NUM_SITES=${NUM_SITES:-2}
 RUN_CONFIG_EXTRA=${RUN_CONFIG:-'preset="digits" num-server-rounds=2 local-epochs=1'}

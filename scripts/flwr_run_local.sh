@@ -33,6 +33,9 @@ if [ $# -lt 1 ] || [ $# -gt 2 ] || [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; t
 fi
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Use the project's virtualenv when there is one (Flower starts flwr-serverapp/flwr-clientapp by name).
+[ -x "$REPO/.venv/bin/python" ] && case ":$PATH:" in *":$REPO/.venv/bin:"*) ;; *) PATH="$REPO/.venv/bin:$PATH";; esac
+export PATH
 APP_DIR=$(realpath "${APP_DIR:-$REPO}")
 OUT_DIR=$(realpath -m "$1")
 EXTRA_CONFIG=${2:-}

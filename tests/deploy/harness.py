@@ -281,8 +281,12 @@ class Federation:
     def env(self, flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment of every child: own FLWR_HOME, unbuffered output, no telemetry, the marker."""
         env = dict(os.environ)
+        # The SuperLink and SuperNodes spawn flwr-serverapp / flwr-clientapp by name: they must be the
+        # project venv's (next to this interpreter), not whatever else is on PATH.
+        venv_bin = str(Path(sys.executable).parent)
         env.update(
             {
+                "PATH": venv_bin + os.pathsep + env.get("PATH", ""),
                 "FLWR_HOME": str(flwr_home),
                 "PYTHONUNBUFFERED": "1",
                 "FLWR_TELEMETRY_ENABLED": "0",
