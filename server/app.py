@@ -131,6 +131,7 @@ def run_federation(
     except FederationStopped as stop:
         log.warning("%s", stop)
         recorder.stopped_reason = str(stop)
+        recorder.status = "stopped"
         # The interrupted round has no evaluation; record what it did (who was refused).
         if strategy.current.round > 0 and (not recorder.rounds or recorder.rounds[-1].round != strategy.current.round):
             recorder.finish_round(strategy.current)
@@ -141,6 +142,8 @@ def run_federation(
     title = f"{cfg.preset}: {cfg.mode}, " + (f"target epsilon {cfg.target_epsilon:g}" if cfg.private else "no DP")
     plot_rounds(recorder.rounds, out / "rounds.png", title=title,
                 target_epsilon=cfg.target_epsilon if cfg.private else None)
+    if recorder.status == "running":
+        recorder.status = "completed"
     summary = recorder.write_summary(
         trainable_parameters=n_params,
         wall_seconds=time.perf_counter() - t0,

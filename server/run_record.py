@@ -59,6 +59,7 @@ class RunRecorder:
     rounds: list[RoundReport] = field(default_factory=list)
     per_client_epsilon: dict[str, float] = field(default_factory=dict)
     stopped_reason: str = ""
+    status: str = "running"  # "running" until the run ends: a crashed run's summary says so
 
     def __post_init__(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +97,7 @@ class RunRecorder:
             "per_client_epsilon": dict(sorted(self.per_client_epsilon.items())),
             "max_client_epsilon": max(self.per_client_epsilon.values(), default=None),
             "stopped_reason": self.stopped_reason,
+            "status": self.status,
         }
 
     def write_summary(self, **extra: Any) -> dict[str, Any]:

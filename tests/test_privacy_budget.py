@@ -106,7 +106,7 @@ def test_run_ends_cleanly_when_too_few_clients_have_budget(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert "privacy budget" in summary["stopped_reason"]
+    assert "privacy budget" in summary["stopped_reason"] and summary["status"] == "stopped"
     assert 1 <= summary["rounds_completed"] < 4
     assert all(e <= 6.0 for e in summary["per_client_epsilon"].values())
     assert "stopped early" in proc.stdout
