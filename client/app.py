@@ -146,6 +146,26 @@ def _data_error_for_server(err: SiteDataError) -> str:
     return f"site data refused: {err.path.name}, {where}; the site's log has the details and the fix"
 
 
+def train_round(run: LocalRun, data: LabelledData, noise_multiplier: float):
+    """One round of local training exactly as the ClientApp runs it (the canary audit reuses it)."""
+    cfg = run.cfg
+    module, inputs = module_and_inputs(run, data)
+    return train_local(
+        module,
+        inputs,
+        torch.as_tensor(data.labels, dtype=torch.long),
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        dp=cfg.private,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed * 7919 + run.server_round * 104729 + (run.site.partition_id or 0),
+        backbone_lr_scale=cfg.backbone_lr_scale,
+        device=run.site.device,
+    )
+
+
 def status_record(site_id: str, status: str, reason: str = "", **extra: str) -> ConfigRecord:
     return ConfigRecord({"status": status, "client-id": site_id, "reason": reason, **extra})
 
@@ -167,7 +187,6 @@ def train(msg: Message, context: Context) -> Message:
         [(n, tuple(p.shape)) for n, p in run.model.named_parameters() if p.requires_grad]
     )
     guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon)
-    labels = torch.as_tensor(run.train.labels, dtype=torch.long)
     plan = guard.plan(cfg, run.run_id, len(run.train), dataset_fp)
     if not plan.allowed:
         log.warning("[%s] not training round %d: %s", site.site_id, run.server_round, plan.reason)
@@ -175,21 +194,7 @@ def train(msg: Message, context: Context) -> Message:
     # Write-ahead: the spend is on disk before a single gradient is computed.
     guard.record(plan, cfg, run.run_id, run.server_round, dataset_fp, params_fp, started)
     noise, delta = plan.noise_multiplier, plan.delta
-    module, inputs = module_and_inputs(run, run.train)
-    result = train_local(
-        module,
-        inputs,
-        labels,
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        dp=cfg.private,
-        noise_multiplier=noise,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed * 7919 + run.server_round * 104729 + (site.partition_id or 0),
-        backbone_lr_scale=cfg.backbone_lr_scale,
-        device=site.device,
-    )
+    result = train_round(run, run.train, noise)
     run.model.to("cpu")
     state = trainable_state(run.model)
     metrics = MetricRecord(

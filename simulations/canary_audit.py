@@ -11,7 +11,7 @@ What runs, in order:
 2. ``m`` canaries the data never contains: out-of-distribution inputs (random sparse pixel patterns for images,
    strings of random letters for text), each with a fixed random label; each canary joins the training set
    independently with probability 1/2;
-3. one local training pass through :func:`client.training.train_local` with the module the ClientApp picks for
+3. one local training pass through :func:`client.app.train_round` (what the ClientApp runs) with the module it picks for
    the fine-tuning mode (:func:`client.app.module_and_inputs`: the head on cached backbone features in ``head``
    mode, the whole classifier otherwise), the noise the client would plan (:func:`client.privacy_guard.plan_noise`
    for a one-round run at ``--epsilon``), the client's delta and seed formula;
@@ -248,10 +248,9 @@ def run_canary_audit(settings: CanarySettings) -> CanaryRunResult:
 
 
 def _run(s: CanarySettings, cfg: RunConfig, kind: str, t0: float) -> CanaryRunResult:
-    from client.app import LocalRun, module_and_inputs
+    from client.app import LocalRun, train_round
     from client.privacy_guard import plan_noise
     from client.site_config import SiteConfig
-    from client.training import train_local
     from common.federation_data import client_partition
     from common.models import configure_trainable, get_model_spec
 
@@ -276,21 +275,7 @@ def _run(s: CanarySettings, cfg: RunConfig, kind: str, t0: float) -> CanaryRunRe
     names = configure_trainable(model, cfg.mode)
     run = LocalRun(cfg=cfg, site=site, run_id=RUN_ID, server_round=1, train=train, val=train.subset([]),
                    dataset_fingerprint=train.fingerprint(), model=model, trainable_names=names)
-    module, inputs = module_and_inputs(run, train)
-    result = train_local(
-        module,
-        inputs,
-        torch.as_tensor(train.labels, dtype=torch.long),
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        dp=cfg.private,
-        noise_multiplier=noise,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed * 7919 + 1 * 104729 + s.client,
-        backbone_lr_scale=cfg.backbone_lr_scale,
-        device=s.device,
-    )
+    result = train_round(run, train, noise)
 
     losses = canary_losses(run, canaries, s.device)
     audit = audit_from_scores(-losses, included, k, k, delta, s.confidence)
