@@ -166,8 +166,16 @@ stop_all() {
   # SIGTERM after 3 s, SIGKILL after 8 s, give up after 15 s.
   [ -n "$CLI_PID" ] && kill -TERM "$CLI_PID" 2>/dev/null
   [ -n "$SL_PID" ] && kill -TERM -- "-$SL_PID" 2>/dev/null
-  local left start=$SECONDS termed=0
-  while left=$(marked_pids); [ -n "$left" ]; do
+  local left start=$SECONDS termed=0 quiet=0
+  # Done only after two empty sweeps 1 s apart: Ray can still fork a worker while its parent dies.
+  while [ "$quiet" -lt 2 ]; do
+    left=$(marked_pids)
+    if [ -z "$left" ]; then
+      quiet=$((quiet + 1))
+      sleep 1
+      continue
+    fi
+    quiet=0
     if [ $((SECONDS - start)) -ge 15 ]; then
       echo "$PROG: processes still alive after teardown: $(echo $left)" >&2
       return 1
