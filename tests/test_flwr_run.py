@@ -47,8 +47,20 @@ def _start(out: Path, run_config: str, env: dict[str, str], log: Path) -> subpro
         )
 
 
-def _gone(marker: str, grace: float = 10.0) -> bool:
-    """No process of this run is left (within a short grace for ones already dying)."""
+def _describe(pids: list[int]) -> list[str]:
+    """What the leftover processes are, for the failure message."""
+    out = []
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
+        except OSError:
+            cmd = "(gone)"
+        out.append(f"{pid}: {cmd}")
+    return out
+
+
+def _gone(marker: str, grace: float = 30.0) -> bool:
+    """No process of this run is left (within a grace for Ray workers that notice their raylet died)."""
     deadline = time.monotonic() + grace
     while marked_pids(marker):
         if time.monotonic() > deadline:
@@ -160,7 +172,7 @@ def test_interrupt_mid_run_stops_everything(tmp_path):
     code = _finish(proc, marker, timeout=60)
     output = (tmp_path / "script.log").read_text(errors="replace")
     assert code == 130, output[-3000:]
-    assert _gone(marker), marked_pids(marker)
+    assert _gone(marker), _describe(marked_pids(marker))
     port, work = _started(output)
     assert _port_is_closed(port)
     assert not work.exists()
@@ -189,7 +201,7 @@ def test_bad_run_config_is_refused_before_anything_starts(tmp_path, run_config, 
     assert message in proc.stderr
     assert "SuperLink" not in proc.stdout  # nothing was started
     assert not out.exists()
-    assert _gone(marker), marked_pids(marker)
+    assert _gone(marker), _describe(marked_pids(marker))
 
 
 def test_too_many_clients_and_legacy_federations_table_are_refused(tmp_path):
