@@ -165,11 +165,14 @@ stop_all() {
   # then everything still carrying the marker (flwr-simulation and Ray live in other sessions):
   # SIGTERM after 3 s, SIGKILL after 8 s, give up after 15 s.
   [ -n "$CLI_PID" ] && kill -TERM "$CLI_PID" 2>/dev/null
+  local before
+  before=$(marked_pids)
   [ -n "$SL_PID" ] && kill -TERM -- "-$SL_PID" 2>/dev/null
-  local left start=$SECONDS termed=0 quiet=0
+  local left start=$SECONDS termed=0 quiet=0 seen="$before"
   # Done only after two empty sweeps 1 s apart: Ray can still fork a worker while its parent dies.
   while [ "$quiet" -lt 2 ]; do
     left=$(marked_pids)
+    seen="$seen $left"
     if [ -z "$left" ]; then
       quiet=$((quiet + 1))
       sleep 1
@@ -186,6 +189,11 @@ stop_all() {
       termed=1
     fi
     sleep 0.2
+  done
+  # Ray's DashboardAgent rewrites its process title over its environment, so a later sweep can miss
+  # it: every process seen during teardown that is still alive now is killed outright.
+  for pid in $seen; do
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
   done
   return 0
 }
