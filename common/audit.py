@@ -29,6 +29,7 @@ from typing import Any
 from rich.table import Table
 
 from common.accounting import ACCOUNTANTS, AccountingError, Mechanism, check_mechanism, epsilon_of, normalise
+from common.jsonsafe import jsonable
 from common.ledger import (
     LEDGER_GLOB,
     LEDGER_SUFFIX,
@@ -536,17 +537,6 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON has no infinity: non-finite floats become the strings "inf", "-inf", "nan"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def report_to_json(report: AuditReport) -> dict[str, Any]:
     """The whole report as plain JSON types; entries carry the mechanism fields and the recomputed epsilons."""
     entries = []
@@ -559,7 +549,7 @@ def report_to_json(report: AuditReport) -> dict[str, Any]:
         d = asdict(s)
         d["budget_left"] = s.budget_left
         summaries.append(d)
-    return _jsonable({
+    return jsonable({
         "ok": report.ok,
         "tolerance": report.tolerance,
         "counts": {"files": len(report.files), "entries": len(report.entries),

@@ -10,30 +10,20 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-
-def _finite(x: Any) -> Any:
-    """JSON has no inf/NaN: write them as strings a reader can still parse with float()."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
+from common.jsonsafe import jsonable
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
-        json.dump(_finite(data), fh, indent=2, sort_keys=True)
+        json.dump(jsonable(data), fh, indent=2, sort_keys=True)
         fh.write("\n")
     os.replace(tmp, path)
 
@@ -75,7 +65,7 @@ class RunRecorder:
             if isinstance(eps, (int, float)):
                 self.per_client_epsilon[cid] = float(eps)
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(_finite(report.__dict__), sort_keys=True) + "\n")
+            fh.write(json.dumps(jsonable(report.__dict__), sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.write_summary()

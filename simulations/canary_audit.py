@@ -49,6 +49,7 @@ from common.accounting import AccountingError, default_delta, epsilon_of
 from common.canary import CanaryAuditResult, audit_from_scores, draw_inclusion
 from common.config import PRESETS, RunConfig
 from common.datasets import IMAGE_SIDE, LabelledData, pixels_to_model_input
+from common.jsonsafe import jsonable
 
 # (epochs, lr, batch size) per (data kind, fine-tuning mode), found by measurement (digits for images, trec6 for
 # text; docs/benchmarks.md). Text models train the head only here: DP-SGD through MiniLM on 2 CPU cores is too slow
@@ -131,17 +132,7 @@ class CanaryRunResult:
         d["audit"]["accuracy"] = self.audit.accuracy
         d["epsilon_lower_bound"] = self.epsilon_lower_bound
         d["violation"] = self.violation
-        return _jsonable(d)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+        return jsonable(d)
 
 
 # ------------------------------------------------------------------------------------------------- canaries
