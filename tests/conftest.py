@@ -49,3 +49,21 @@ def message_factory():
 @pytest.fixture
 def context_factory():
     return make_context
+
+
+def digits_config(out_dir, **overrides):
+    """A small, fast digits run config for ClientApp-level tests (300 records, 1 local epoch)."""
+    from common.config import RunConfig
+
+    values = dict(preset="digits", local_epochs=1, max_records=300, out_dir=str(out_dir))
+    values.update(overrides)
+    return RunConfig.create(**values)
+
+
+def initial_state(cfg):
+    """The global model's trainable weights before round 1, as the server builds them."""
+    from common.models import configure_trainable, get_model_spec, trainable_state
+
+    model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
+    configure_trainable(model, cfg.mode)
+    return trainable_state(model)

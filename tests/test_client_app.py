@@ -8,27 +8,19 @@ import torch
 
 from client.app import train
 from client.training import train_local
-from common.config import RunConfig
 from common.ledger import SiteLedger
-from common.models import configure_trainable, frozen_state_fingerprint, get_model_spec, trainable_state
+from common.models import configure_trainable, frozen_state_fingerprint, get_model_spec
+from tests.conftest import digits_config, initial_state
 
 
 def _digits_cfg(tmp_path, **kw):
-    values = dict(preset="digits", num_server_rounds=2, local_epochs=1, max_records=300, out_dir=str(tmp_path))
-    values.update(kw)
-    return RunConfig.create(**values)
-
-
-def _initial_state(cfg):
-    model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
-    configure_trainable(model, cfg.mode)
-    return trainable_state(model)
+    return digits_config(tmp_path, **{"num_server_rounds": 2, **kw})
 
 
 @pytest.mark.parametrize("mode", ["head", "partial"])
 def test_only_trainable_weights_travel_and_spend_is_recorded(tmp_path, message_factory, context_factory, mode):
     cfg = _digits_cfg(tmp_path, mode=mode)
-    state = _initial_state(cfg)
+    state = initial_state(cfg)
     reply = train(message_factory(cfg, state), context_factory({"partition-id": 0, "num-partitions": 3}))
     content = reply.content
     assert content["status"]["status"] == "trained"
@@ -68,7 +60,7 @@ def test_frozen_weights_are_bit_identical_after_dp_training():
 
 def test_second_round_composes_with_the_first(tmp_path, message_factory, context_factory):
     cfg = _digits_cfg(tmp_path)
-    state = _initial_state(cfg)
+    state = initial_state(cfg)
     ctx = context_factory({"partition-id": 1, "num-partitions": 3})
     r1 = train(message_factory(cfg, state, server_round=1), ctx).content["metrics"]
     r2 = train(message_factory(cfg, state, server_round=2), ctx).content["metrics"]
@@ -80,7 +72,7 @@ def test_second_round_composes_with_the_first(tmp_path, message_factory, context
 
 def test_budget_exhausted_site_does_not_train(tmp_path, message_factory, context_factory):
     cfg = _digits_cfg(tmp_path)
-    state = _initial_state(cfg)
+    state = initial_state(cfg)
     data = tmp_path / "site.csv"
     ctx = context_factory({"partition-id": 2, "num-partitions": 3, "max-epsilon": 2.0})
     reply = train(message_factory(cfg, state), ctx).content
@@ -98,7 +90,7 @@ def test_non_private_round_is_recorded_as_an_infinite_spend(tmp_path, message_fa
     from common.ledger import ServerLedger
 
     cfg = _digits_cfg(tmp_path, dp=False, batch_size=500)  # a batch larger than the client's data
-    reply = train(message_factory(cfg, _initial_state(cfg)), context_factory({"partition-id": 0, "num-partitions": 3}))
+    reply = train(message_factory(cfg, initial_state(cfg)), context_factory({"partition-id": 0, "num-partitions": 3}))
     m = reply.content["metrics"]
     assert reply.content["status"]["status"] == "trained"
     assert math.isinf(m["epsilon"]) and m["noise-multiplier"] == 0.0 and m["sample-rate"] == 1.0

@@ -11,24 +11,17 @@ import pytest
 
 from client.app import train
 from common.accounting import epsilon_of
-from common.config import RunConfig
 from common.ledger import SiteLedger
-from common.models import configure_trainable, get_model_spec, trainable_state
+from tests.conftest import digits_config, initial_state
 
 NODE = {"partition-id": 0, "num-partitions": 3}
 
 
 def _cfg(tmp_path, **kw):
-    values = dict(preset="digits", num_server_rounds=3, local_epochs=1, max_records=300, out_dir=str(tmp_path),
-                  target_epsilon=6.0)
-    values.update(kw)
-    return RunConfig.create(**values)
+    return digits_config(tmp_path, **{"num_server_rounds": 3, "target_epsilon": 6.0, **kw})
 
 
-def _state(cfg):
-    model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
-    configure_trainable(model, cfg.mode)
-    return trainable_state(model)
+_state = initial_state
 
 
 def _ledger(tmp_path):
