@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.privacy_guard import PrivacyGuard
+from client.randomness import SiteRandomness
 from client.site_config import SiteConfig
 from client.site_data import SiteDataError, load_site_data
 from client.training import evaluate, train_local
@@ -160,7 +161,7 @@ def train_round(run: LocalRun, data: LabelledData, noise_multiplier: float):
         dp=cfg.private,
         noise_multiplier=noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed * 7919 + run.server_round * 104729 + (run.site.partition_id or 0),
+        randomness=SiteRandomness(),
         backbone_lr_scale=cfg.backbone_lr_scale,
         device=run.site.device,
     )

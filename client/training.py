@@ -9,21 +9,39 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.randomness import PoissonBatchSampler, Randomness, install_noise
 from common.accounting import sample_rate as dp_sample_rate
 from common.accounting import steps_per_epoch
 from common.evaluation import EvalResult, evaluate  # noqa: F401  (re-exported for the client glue)
 
-# Seeded noise is a documented choice for reproducible simulations (docs/privacy.md); the hook warning
-# is Opacus' per-sample-gradient hooks on a module whose inputs need no grad (frozen features).
+# Opacus warns that its own secure RNG is off: its noise is not used (client.randomness.install_noise
+# draws it from the site's source). The hook warning is Opacus' per-sample-gradient hooks on a module
+# whose inputs need no grad (frozen features).
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+@dataclass
+class TrainHooks:
+    """Observation and fault-injection points for white-box audits and tests (never set in production).
+
+    ``after_make_private(optimizer)``: once, after Opacus wrapped the optimizer (a test may plant a fault);
+    ``before_step(step, module, optimizer)``: after backward, per-sample gradients in ``p.grad_sample``,
+    before clipping and noise; ``after_step(step, module)``: after the optimizer step.
+    """
+
+    after_make_private: Callable[[Any], None] | None = None
+    before_step: Callable[[int, nn.Module, Any], None] | None = None
+    after_step: Callable[[int, nn.Module], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,16 +80,18 @@ def train_local(
     dp: bool,
     noise_multiplier: float,
     max_grad_norm: float,
-    seed: int,
+    randomness: Randomness,
     backbone_lr_scale: float = 0.1,
     momentum: float = 0.0,
     device: torch.device | str = "cpu",
+    hooks: TrainHooks | None = None,
 ) -> LocalTrainResult:
     """Train ``module`` in place for ``epochs`` passes.
 
     With ``dp`` the loop is Opacus DP-SGD with Poisson sampling: ``sample_rate = 1/ceil(n/B)`` and
-    ``ceil(n/B)`` steps per epoch, exactly what :func:`common.accounting.steps_per_epoch` predicts
-    and what the ledger records before training starts.
+    exactly ``ceil(n/B)`` steps per epoch (:class:`client.randomness.PoissonBatchSampler`), what
+    :func:`common.accounting.steps_per_epoch` predicts and the ledger records before training starts.
+    Sampling, noise and (without DP) shuffling all draw from ``randomness``, the site's own source.
     """
     n = int(labels.shape[0])
     if n == 0:
@@ -79,29 +99,52 @@ def train_local(
     device = torch.device(device)
     module.to(device)
     module.train()
-    gen = torch.Generator().manual_seed(seed)
+    hooks = hooks or TrainHooks()
     dataset = TensorDataset(*[t.cpu() for t in inputs], labels.cpu())
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=not dp, generator=gen)
+    per_epoch = steps_per_epoch(n, batch_size)
+    if dp:
+        from opacus.data_loader import wrap_collate_with_empty
+        from torch.utils.data import default_collate
+
+        first = dataset[0]
+        loader = DataLoader(
+            dataset,
+            batch_sampler=PoissonBatchSampler(n, dp_sample_rate(n, batch_size), per_epoch, randomness),
+            collate_fn=wrap_collate_with_empty(
+                collate_fn=default_collate,
+                sample_empty_shapes=[(0, *x.shape) for x in first],
+                dtypes=[x.dtype for x in first],
+            ),
+        )
+    else:
+        order_seed = int(randomness.uniform(1)[0] * 2**62)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(order_seed)
+        )
     optimizer = torch.optim.SGD(param_groups(module, lr, backbone_lr_scale), lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
     train_module: nn.Module = module
-    steps_expected = steps_per_epoch(n, batch_size) * epochs
+    steps_expected = per_epoch * epochs
     q = dp_sample_rate(n, batch_size) if dp else min(1.0, batch_size / n)
     engine = None
     if dp:
         from opacus import PrivacyEngine
 
-        engine = PrivacyEngine(accountant="rdp")
-        noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        engine = PrivacyEngine(accountant="rdp")  # only its history is read: the release check below
+        # poisson_sampling=False: the loader above already samples (Poisson, exact step count) from the
+        # site's randomness; Opacus then takes sample_rate = 1 / len(loader) = q, as recorded.
         train_module, optimizer, loader = engine.make_private(
             module=module,
             optimizer=optimizer,
             data_loader=loader,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=noise_gen,
+            poisson_sampling=False,
         )
+        train_module.forbid_grad_accumulation()
+        install_noise(optimizer, randomness)
+        if hooks.after_make_private:
+            hooks.after_make_private(optimizer)
     start = time.perf_counter()
     total_loss, total_seen, steps = 0.0, 0, 0
     for _ in range(epochs):
@@ -115,7 +158,11 @@ def train_local(
             # (noise only), so it runs through the optimiser like any other.
             loss = loss_fn(out, y) if y.numel() else out.sum() * 0.0
             loss.backward()
+            if hooks.before_step:
+                hooks.before_step(steps, train_module, optimizer)
             optimizer.step()
+            if hooks.after_step:
+                hooks.after_step(steps, train_module)
             steps += 1
             total_loss += float(loss.detach()) * int(y.numel())
             total_seen += int(y.numel())

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.randomness import SeededRandomness
 from client.training import train_local
 from common.accounting import calibrate_noise, default_delta, sample_rate, steps_per_epoch
 from common.config import RunConfig
@@ -240,7 +241,7 @@ def time_dp_vs_nondp(
             result = train_local(
                 module, inputs, labels, epochs=epochs, batch_size=batch_size, lr=lr, dp=dp,
                 noise_multiplier=noise_multiplier if dp else 0.0, max_grad_norm=max_grad_norm,
-                seed=1000 + rep, backbone_lr_scale=backbone_lr_scale,
+                randomness=SeededRandomness(1000 + rep), backbone_lr_scale=backbone_lr_scale,
             )
             call = time.perf_counter() - t0
             (row.dp_epoch_s if dp else row.nondp_epoch_s).append(result.seconds / epochs)
@@ -402,7 +403,8 @@ def central_head(
     t0 = time.perf_counter()
     train_local(
         head, (data.pooled_features,), data.pooled_labels, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        dp=dp, noise_multiplier=noise, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
+        dp=dp, noise_multiplier=noise, max_grad_norm=cfg.max_grad_norm,
+        randomness=SeededRandomness(cfg.seed),
     )
     seconds = time.perf_counter() - t0
     res = evaluate(head, (data.test_features,), data.test_labels, num_classes=len(cfg.label_names))

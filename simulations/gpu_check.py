@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report["device_name"] = torch.cuda.get_device_name(0)
     from client.site_config import resolve_device
+    from client.randomness import SiteRandomness
     from client.training import train_local
     from common.models import configure_trainable, get_model_spec, trainable_state
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         y = torch.randint(0, 10, (512,))
         t = time.perf_counter()
         res = train_local(module, (x,), y, epochs=2, batch_size=64, lr=0.1, dp=True, noise_multiplier=1.0,
-                          max_grad_norm=1.0, seed=0, device=dev)
+                          max_grad_norm=1.0, randomness=SiteRandomness(), device=dev)
         on_gpu = next(module.parameters()).is_cuda
         report["steps"][f"dp-{mode}"] = {"seconds": time.perf_counter() - t, "steps": res.steps, "on_gpu": on_gpu}
         assert on_gpu and res.steps == 16

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from client.app import train
+from client.randomness import SiteRandomness
 from client.training import train_local
 from common.ledger import SiteLedger
 from common.models import configure_trainable, frozen_state_fingerprint, get_model_spec
@@ -50,7 +51,7 @@ def test_frozen_weights_are_bit_identical_after_dp_training():
     x = torch.randn(64, 1, 28, 28)
     y = torch.randint(0, 10, (64,))
     res = train_local(model, (x,), y, epochs=2, batch_size=16, lr=0.1, dp=True, noise_multiplier=1.0,
-                      max_grad_norm=1.0, seed=0)
+                      max_grad_norm=1.0, randomness=SiteRandomness())
     assert res.steps == 2 * 4
     assert frozen_state_fingerprint(model) == before
     for n, p in model.named_parameters():
