@@ -241,6 +241,7 @@ class Federation:
         tls: bool = True,
         node_auth: bool = True,
         connection: str = "trial",
+        proxy: bool = False,
         log: IO[str] | None = None,
     ) -> None:
         self.root = Path(root).resolve()
@@ -248,6 +249,11 @@ class Federation:
         self.tls = tls
         self.node_auth = node_auth
         self.connection = connection
+        # proxy: the SuperLink stays on loopback and sites dial an nginx that forwards only the Fleet API
+        # (server/fleet_proxy.py); the `outside` CLI connection goes through the proxy like an outsider.
+        self.proxy = proxy
+        self.proxy_port: int | None = None
+        self.proxy_process: ManagedProcess | None = None
         self.logs_dir = self.root / "logs"
         self.logs_dir.mkdir(exist_ok=True)
         self.marker = uuid.uuid4().hex
@@ -277,6 +283,15 @@ class Federation:
         if self.superlink_port is None:
             raise HarnessError("SuperLink not started")
         return f"{LOOPBACK}:{self.superlink_port}"
+
+    @property
+    def site_address(self) -> str:
+        """What SuperNodes dial: the proxy when there is one, else the SuperLink itself."""
+        if self.proxy:
+            if self.proxy_port is None:
+                raise HarnessError("proxy not started")
+            return f"{LOOPBACK}:{self.proxy_port}"
+        return self.address
 
     def env(self, flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment of every child: own FLWR_HOME, unbuffered output, no telemetry, the marker."""
@@ -357,8 +372,48 @@ class Federation:
         self._wait_health(proc, timeout)
         proc.ready_s = time.monotonic() - proc.started_at
         self.timings["superlink_start_s"] = proc.ready_s
+        if self.proxy:
+            self.start_proxy(timeout)
         self._write_cli_config()
         return proc
+
+    def start_proxy(self, timeout: float = READY_TIMEOUT) -> ManagedProcess:
+        """Start nginx in front of the SuperLink (Fleet API only) and wait until /health answers through it."""
+        from server.fleet_proxy import FleetProxy, write_nginx_conf
+
+        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+        if nginx is None:
+            raise HarnessError("nginx is not installed (Debian: apt-get install nginx-light); .ci/run installs it")
+        assert self.superlink_port is not None
+        if self.proxy_port is None:
+            self.proxy_port = free_port()
+        prefix = self.root / "proxy"
+        conf = write_nginx_conf(
+            FleetProxy(
+                listen_host=LOOPBACK, listen_port=self.proxy_port,
+                superlink_host=LOOPBACK, superlink_port=self.superlink_port,
+                server_cert=self.pki.server_cert, server_key=self.pki.server_key, ca_cert=self.pki.ca_cert,
+                prefix=prefix, user="root" if os.geteuid() == 0 else None,
+            ),
+            prefix / "nginx.conf",
+        )
+        proc = self._spawn("proxy", [nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"], prefix)
+        self.proxy_process = proc
+        url = f"https://{self.site_address}/health"
+        context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise HarnessError(f"nginx exited with code {proc.popen.returncode}:\n" + _tail(proc.log_text()))
+            try:
+                with urllib.request.urlopen(url, timeout=2, context=context) as resp:
+                    if resp.status == 200:
+                        return proc
+            except (urllib.error.URLError, OSError) as err:
+                last = str(err)
+            time.sleep(0.1)
+        raise HarnessError(f"proxy not healthy at {url} after {timeout:.0f} s ({last}):\n" + _tail(proc.log_text()))
 
     def _wait_health(self, proc: ManagedProcess, timeout: float) -> None:
         scheme = "https" if self.tls else "http"
@@ -400,6 +455,9 @@ class Federation:
             lines.append(f"root-certificates = '{self.pki.ca_cert}'")
         else:
             lines.append("insecure = true")
+        if self.proxy:  # an outsider: holds the CA certificate, reaches only the public (proxy) address
+            lines += ["", "[superlink.outside]", f'address = "{self.site_address}"',
+                      f"root-certificates = '{self.pki.ca_cert}'"]
         path = home / "config.toml"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return path
@@ -475,7 +533,7 @@ class Federation:
             cmd += ["--root-certificates", str(root_certificates or self.pki.ca_cert)]
         if use_key if use_key is not None else self.node_auth:
             cmd += ["--auth-supernode-private-key", str(self.node_key(index)[0])]
-        cmd += ["--superlink", self.address, "--port", str(port)]
+        cmd += ["--superlink", self.site_address, "--port", str(port)]
         if isinstance(node_config, Path):
             cmd += ["--node-config", str(node_config)]
         elif node_config:
@@ -669,6 +727,8 @@ class Federation:
         procs = list(self.supernodes.values())
         if self.superlink is not None:
             procs.append(self.superlink)
+        if self.proxy_process is not None:
+            procs.append(self.proxy_process)
         return procs
 
     def print_logs(self, lines: int = 80) -> None:
@@ -688,7 +748,11 @@ class Federation:
             return self.leftover_pids()
         self._closed = True
         _LIVE.discard(self)
-        groups: Iterable[list[ManagedProcess]] = (list(self.supernodes.values()), [self.superlink] if self.superlink else [])
+        groups: Iterable[list[ManagedProcess]] = (
+            list(self.supernodes.values()),
+            [self.superlink] if self.superlink else [],
+            [self.proxy_process] if self.proxy_process else [],
+        )
         for group in groups:
             for proc in group:
                 if proc.alive():
