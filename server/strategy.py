@@ -75,6 +75,7 @@ class PrivatuneFedAvg(FedAvg):
         self._round_started = time.perf_counter()
         self._guard = ReplyGuard()  # duplicates and replays, across the whole run
         self._sent: list[Message] = []  # this round's train messages (the grid stamps their ids)
+        self._sent_round = 0
         self._global: dict[str, np.ndarray] | None = None  # this round's plaintext global weights
 
     # ----------------------------------------------------------------- configure
@@ -91,6 +92,7 @@ class PrivatuneFedAvg(FedAvg):
         if self.he_context is None:
             self._global = {k: v.numpy() for k, v in arrays.items()}
         self._sent = list(super().configure_train(server_round, arrays, self._run_config_record(), grid))
+        self._sent_round = server_round
         return self._sent
 
     def configure_evaluate(
@@ -108,9 +110,8 @@ class PrivatuneFedAvg(FedAvg):
 
             # Check and add each encrypted reply in one pass: every ciphertext is parsed once.
             self._accumulator = he.HEAccumulator(self.he_context, self.expected_length)
-        self._guard.start_round(
-            server_round, [(m.metadata.message_id, m.metadata.dst_node_id) for m in self._sent]
-        )
+        sent = self._sent if self._sent_round == server_round else []
+        self._guard.start_round(server_round, [(m.metadata.message_id, m.metadata.dst_node_id) for m in sent])
         accepted: list[tuple[str, Message]] = []
         exhausted: list[str] = []
         for msg in replies:
@@ -308,6 +309,7 @@ class PrivatuneFedAvg(FedAvg):
             st = msg.content["status"] if msg.has_content() and "status" in msg.content else {}
             accountant = str(st.get("accountant", "")) if mech else ""
             fingerprint = str(st.get("dataset-fingerprint", "")) if mech else ""
+            fingerprint = fingerprint if len(fingerprint) <= 128 else ""  # a hex digest, nothing longer
             self.ledger.record_report(
                 run_id=self.run_id,
                 round=server_round,
