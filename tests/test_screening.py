@@ -435,3 +435,26 @@ def test_aggregator_keys_travel_in_the_flower_config():
     cfg = RunConfig.from_flower({"aggregator": "fedtrimmedavg", "trim-beta": "0.1", "krum-byzantine": 0})
     assert cfg.aggregator == "fedtrimmedavg" and cfg.trim_beta == 0.1
     assert RunConfig.from_flower(cfg.to_flower()) == cfg
+
+
+@pytest.mark.slow
+def test_robust_aggregator_federation_drops_no_honest_reply(tmp_path):
+    """A real DP federation (Ray simulation) with fedmedian: every honest reply passes screening, it learns."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "median"
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    env.pop("FLWR_HOME", None)
+    cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "3",
+           "--rounds", "2", "--epsilon", "4", "--out", str(out), "--run-config", "aggregator=fedmedian"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dropped"] for r in rounds] == [{}, {}, {}]
+    assert all(len(r["clients"]) == 3 for r in rounds[1:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "config.json").read_text())["aggregator"] == "fedmedian"
+    assert summary["rounds_completed"] == 2 and summary["test_accuracy"] > rounds[0]["central"]["accuracy"] + 0.3
