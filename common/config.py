@@ -26,6 +26,7 @@ FINE_TUNING_MODES = ("head", "partial", "full")
 PARTITION_SCHEMES = ("iid", "dirichlet")
 SECURE_AGGREGATION = ("none", "he")
 ACCOUNTANTS = ("rdp", "prv")
+AGGREGATORS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")  # server.aggregation implements them
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,10 @@ class RunConfig:
     round_timeout: float = 900.0  # seconds the server waits for a round's replies
     secure_aggregation: str = "none"
     he_public_context: str = ""
+    aggregator: str = "fedavg"  # fedmedian / fedtrimmedavg / krum: robust, plaintext runs only
+    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end of every coordinate
+    krum_byzantine: int = 0  # krum: number of faulty or malicious clients to tolerate (f)
+    krum_select: int = 1  # krum: replies averaged after selection (1 = Krum, >1 = MultiKrum)
     out_dir: str = ""
     run_name: str = ""
 
@@ -205,6 +210,23 @@ class RunConfig:
             "secure-aggregation",
             f"must be one of {SECURE_AGGREGATION}",
         )
+        need(self.aggregator in AGGREGATORS, "aggregator", f"'{self.aggregator}' is not one of {AGGREGATORS}")
+        need(
+            self.aggregator == "fedavg" or self.secure_aggregation != "he",
+            "aggregator",
+            f"'{self.aggregator}' compares plaintext updates, but secure-aggregation=he only lets the server add "
+            "ciphertexts; use aggregator=fedavg with he, or secure-aggregation=none",
+        )
+        need(0 <= self.trim_beta < 0.5, "trim-beta", "must be in [0, 0.5): the fraction cut at each end")
+        need(self.krum_byzantine >= 0, "krum-byzantine", "must be >= 0")
+        need(self.krum_select >= 1, "krum-select", "must be at least 1 (1 = Krum, more = MultiKrum)")
+        if self.aggregator == "krum" and self.krum_byzantine > 0:
+            need(
+                self.min_clients >= 2 * self.krum_byzantine + 3,
+                "krum-byzantine",
+                f"Krum tolerates f={self.krum_byzantine} faulty clients only with at least 2f+3 = "
+                f"{2 * self.krum_byzantine + 3} replies; raise min-clients or lower krum-byzantine",
+            )
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:

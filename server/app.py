@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.ledger import SERVER_LEDGER_NAME, ServerLedger
 from common.models import configure_trainable, get_model_spec, trainable_state
+from server.reasons import one_line
 from server.run_record import RoundReport, RunRecorder
 from server.strategy import FederationStopped, PrivatuneFedAvg
 
@@ -129,8 +130,8 @@ def run_federation(
             evaluate_fn=evaluate_fn,
         )
     except FederationStopped as stop:
-        log.warning("%s", stop)
-        recorder.stopped_reason = str(stop)
+        recorder.stopped_reason = one_line(stop, limit=1000)
+        log.warning("%s", recorder.stopped_reason)
         recorder.status = "stopped"
         # The interrupted round has no evaluation; record what it did (who was refused).
         if strategy.current.round > 0 and (not recorder.rounds or recorder.rounds[-1].round != strategy.current.round):

@@ -32,7 +32,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 class RoundReport:
     round: int
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)  # client id -> its training report
-    dropped: dict[str, str] = field(default_factory=dict)  # client id or node -> reason
+    # client id (or node-N; "id@node-N" for a second reply claiming an id already seen this round) -> reason
+    dropped: dict[str, str] = field(default_factory=dict)
+    # client id -> {"epsilon", "node-id"} of an update that was trained (spent) but rejected by screening
+    rejected_spends: dict[str, dict[str, Any]] = field(default_factory=dict)
     federated: dict[str, float] = field(default_factory=dict)
     central: dict[str, float] = field(default_factory=dict)
     aggregated: bool = False
@@ -60,7 +63,8 @@ class RunRecorder:
 
     def finish_round(self, report: RoundReport) -> None:
         self.rounds.append(report)
-        for cid, rep in report.clients.items():
+        # A rejected update was still trained: its spend counts like an aggregated one.
+        for cid, rep in [*report.clients.items(), *report.rejected_spends.items()]:
             eps = rep.get("epsilon")
             if isinstance(eps, (int, float)):
                 self.per_client_epsilon[cid] = float(eps)

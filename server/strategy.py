@@ -3,15 +3,20 @@
 One class, Flower's hooks; the federation loop stays in ``Strategy.start``. What it adds to FedAvg:
 
 - every train message carries the whole run config, so clients need nothing else;
-- replies are screened one by one (errors, refusals, budget exhaustion, malformed or encrypted
-  updates that fail their checks) and dropped with a logged reason instead of failing the round;
-- each client's reported spend goes to the server ledger and the run record;
+- replies are screened one by one (errors, refusals, budget exhaustion, duplicates and replays,
+  malformed, mistyped, non-finite or out-of-bound updates: ``server.screening``) and dropped with a
+  one-line reason (``server.reasons``) instead of failing the round;
+- each client's reported spend goes to the server ledger and the run record, also when its update
+  was rejected (the site spent it);
+- plaintext runs aggregate with the run's ``aggregator`` (``server.aggregation``: FedAvg by default,
+  or Flower's FedMedian, FedTrimmedAvg, Krum);
 - under HE the "arrays" passed between rounds are ciphertexts: the strategy only adds them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -20,12 +25,22 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.config import RunConfig
+from common.config import ACCOUNTANTS, RunConfig
 from common.protocol import STATUS_BUDGET, STATUS_TRAINED
-from server.aggregation import UpdateRejected, check_plain_update, weighted_mean
+from server.aggregation import UpdateRejected, aggregate_plain, weighted_mean
+from server.reasons import one_line
 from server.run_record import RoundReport
+from server.screening import (
+    ReplyGuard,
+    check_mechanism,
+    check_num_examples,
+    check_plain_arrays,
+    check_values,
+    dp_change_bound,
+    reported_mechanism,
+    update_digest,
+)
 
 log = logging.getLogger("privatune.server")
 
@@ -58,6 +73,10 @@ class PrivatuneFedAvg(FedAvg):
         self.ledger = ledger
         self.current: RoundReport = RoundReport(round=0)
         self._round_started = time.perf_counter()
+        self._guard = ReplyGuard()  # duplicates and replays, across the whole run
+        self._sent: list[Message] = []  # this round's train messages (the grid stamps their ids)
+        self._sent_round = 0
+        self._global: dict[str, np.ndarray] | None = None  # this round's plaintext global weights
 
     # ----------------------------------------------------------------- configure
     def _run_config_record(self) -> ConfigRecord:
@@ -70,7 +89,11 @@ class PrivatuneFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self.current = RoundReport(round=server_round)
         self._round_started = time.perf_counter()
-        return super().configure_train(server_round, arrays, self._run_config_record(), grid)
+        if self.he_context is None:
+            self._global = {k: v.numpy() for k, v in arrays.items()}
+        self._sent = list(super().configure_train(server_round, arrays, self._run_config_record(), grid))
+        self._sent_round = server_round
+        return self._sent
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -87,10 +110,17 @@ class PrivatuneFedAvg(FedAvg):
 
             # Check and add each encrypted reply in one pass: every ciphertext is parsed once.
             self._accumulator = he.HEAccumulator(self.he_context, self.expected_length)
+        sent = self._sent if self._sent_round == server_round else []
+        self._guard.start_round(server_round, [(m.metadata.message_id, m.metadata.dst_node_id) for m in sent])
         accepted: list[tuple[str, Message]] = []
         exhausted: list[str] = []
         for msg in replies:
             cid, status, reason = self._identify(msg)
+            node = int(msg.metadata.src_node_id)
+            why = self._guard.check_identity(node, cid, msg.metadata.reply_to_message_id)
+            if why is not None:
+                self._drop(server_round, cid, why, msg)
+                continue
             if status is None:
                 self._drop(server_round, cid, reason, msg)
                 continue
@@ -101,10 +131,16 @@ class PrivatuneFedAvg(FedAvg):
             if status != STATUS_TRAINED:
                 self._drop(server_round, cid, f"{status}: {reason}", msg, status=status)
                 continue
+            if "arrays" in msg.content and isinstance(msg.content["arrays"], ArrayRecord):
+                why = self._guard.check_update(update_digest(msg.content["arrays"]), cid)
+                if why is not None:  # a copy of an update already counted: no new spend
+                    self._drop(server_round, cid, why, msg)
+                    continue
             try:
                 self._check_update(msg)
             except UpdateRejected as err:
-                self._drop(server_round, cid, f"update rejected: {err}", msg, status="dropped")
+                # The site trained (and recorded the spend) even though its update is refused.
+                self._drop(server_round, cid, f"update rejected: {err}", msg, status="dropped", spent=True)
                 continue
             accepted.append((cid, msg))
             self._record_trained(server_round, cid, msg)
@@ -128,7 +164,13 @@ class PrivatuneFedAvg(FedAvg):
 
             arrays = state_to_arrayrecord(self._accumulator.result())
         else:
-            arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+            arrays = aggregate_plain(
+                contents,
+                self.cfg.aggregator,
+                trim_beta=self.cfg.trim_beta,
+                krum_byzantine=self.cfg.krum_byzantine,
+                krum_select=self.cfg.krum_select,
+            )
         self.current.aggregated = True
         metrics = MetricRecord(
             {
@@ -163,7 +205,7 @@ class PrivatuneFedAvg(FedAvg):
     def _identify(msg: Message) -> tuple[str, str | None, str]:
         node = f"node-{msg.metadata.src_node_id}"
         if msg.has_error():
-            return node, None, f"client error: {msg.error.reason}"
+            return node, None, f"client error: {one_line(msg.error.reason)}"
         content = msg.content
         if "status" not in content:
             return node, None, "reply has no status record"
@@ -172,12 +214,19 @@ class PrivatuneFedAvg(FedAvg):
         return cid, str(st.get("status", "")), str(st.get("reason", ""))
 
     def _check_update(self, msg: Message) -> None:
+        """Screen one trained reply (server.screening); under HE, add it to the running sum if it passes."""
         content = msg.content
         if "arrays" not in content or "metrics" not in content:
             raise UpdateRejected("a 'trained' reply without arrays or metrics")
-        n = content["metrics"].get("num-examples", 0)
-        if not isinstance(n, (int, float)) or n <= 0:
-            raise UpdateRejected(f"num-examples must be positive, got {n!r}")
+        metrics = content["metrics"]
+        n = check_num_examples(metrics.get("num-examples"))
+        mech = check_mechanism(metrics)
+        loss = metrics.get("train-loss")
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            raise UpdateRejected(f"train-loss must be a finite number, got {loss!r}")
+        accountant = str(content["status"].get("accountant", self.cfg.accountant))
+        if accountant not in ACCOUNTANTS:
+            raise UpdateRejected(f"accountant {accountant!r} is not one of {ACCOUNTANTS}")
         if self.he_context is not None:
             from common import he
             from common.he_records import arrayrecord_to_update
@@ -186,9 +235,23 @@ class PrivatuneFedAvg(FedAvg):
                 self._accumulator.add(arrayrecord_to_update(content["arrays"]))
             except (he.HEError, ValueError, KeyError) as err:
                 raise UpdateRejected(str(err)) from None
+            return
+        arrays = content["arrays"]
+        check_plain_arrays(arrays, self.expected_shapes)
+        state = {k: v.numpy() for k, v in arrays.items()}
+        if self.cfg.private and self._global is not None:
+            bound = dp_change_bound(
+                num_examples=n,
+                batch_size=self.cfg.batch_size,
+                epochs=self.cfg.local_epochs,
+                lr=self.cfg.lr * max(1.0, self.cfg.backbone_lr_scale),
+                max_grad_norm=self.cfg.max_grad_norm,
+                noise_multiplier=float(mech["noise_multiplier"] or 0.0),
+                num_params=self.expected_length,
+            )
+            check_values(state, reference=self._global, max_change_l2=bound)
         else:
-            state = {k: v.numpy() for k, v in content["arrays"].items()}
-            check_plain_update(state, self.expected_shapes)
+            check_values(state)
 
     def _record_trained(self, server_round: int, cid: str, msg: Message) -> None:
         m = msg.content["metrics"]
@@ -219,16 +282,42 @@ class PrivatuneFedAvg(FedAvg):
                 status=STATUS_TRAINED,
             )
 
-    def _drop(self, server_round: int, cid: str, reason: str, msg: Message, status: str = "dropped") -> None:
+    def _drop(
+        self, server_round: int, cid: str, reason: str, msg: Message, status: str = "dropped", spent: bool = False
+    ) -> None:
+        """Log and record a reply that is not aggregated. ``spent``: the site trained for it, so the mechanism
+        and epsilon it reports are recorded (status dropped) and count in the run record's epsilons."""
+        reason = one_line(reason)
         log.warning("round %d: %s not aggregated: %s", server_round, cid, reason)
-        self.current.dropped[cid] = reason
+        key = cid
+        if key in self.current.dropped or key in self.current.clients:  # a second reply claiming this id
+            key = base = f"{cid}@node-{msg.metadata.src_node_id}"
+            k = 1
+            while key in self.current.dropped or key in self.current.clients:
+                k += 1
+                key = f"{base}#{k}"
+        self.current.dropped[key] = reason
+        mech: dict[str, Any] = {}
+        if spent and "metrics" in msg.content:
+            mech = reported_mechanism(msg.content["metrics"])
+            if mech.get("epsilon_reported") is not None:
+                self.current.rejected_spends[key] = {
+                    "epsilon": mech["epsilon_reported"], "node-id": int(msg.metadata.src_node_id),
+                }
         if self.ledger is not None:
             ledger_status = STATUS_BUDGET if status == STATUS_BUDGET else "dropped"
+            st = msg.content["status"] if msg.has_content() and "status" in msg.content else {}
+            accountant = str(st.get("accountant", "")) if mech else ""
+            fingerprint = str(st.get("dataset-fingerprint", "")) if mech else ""
+            fingerprint = fingerprint if len(fingerprint) <= 128 else ""  # a hex digest, nothing longer
             self.ledger.record_report(
                 run_id=self.run_id,
                 round=server_round,
                 client_id=cid,
                 node_id=int(msg.metadata.src_node_id),
                 status=ledger_status,
-                reason=reason[:500],
+                reason=reason,
+                accountant=accountant if accountant in ACCOUNTANTS else None,
+                dataset_fingerprint=fingerprint or None,
+                **mech,
             )
