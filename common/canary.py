@@ -40,6 +40,8 @@ __all__ = [
     "epsilon_lower_bound",
     "make_guesses",
     "p_value",
+    "perfect_guess_bound",
+    "subsampled_gaussian_llr",
 ]
 
 # Above this eps, q = e^eps/(1+e^eps) is 1.0 in double precision: every guess is "allowed" to be right.
@@ -226,3 +228,32 @@ def audit_from_scores(
         confidence=float(confidence),
         epsilon_lower_bound=epsilon_lower_bound(m, r, v, delta, confidence),
     )
+
+
+# ------------------------------------------------------------------------------- white-box (gradient) canaries
+
+
+def perfect_guess_bound(m: int, r: int, delta: float, confidence: float = 0.95) -> float:
+    """The most an audit with ``m`` canaries and ``r`` guesses can show: the lower bound when all ``r`` are right.
+
+    A bound at this cap says "the attack guessed perfectly"; the true epsilon may be anything above it, so a
+    claim above the cap cannot be refuted with this many canaries, however broken the mechanism.
+    """
+    return epsilon_lower_bound(m, r, r, delta, confidence)
+
+
+def subsampled_gaussian_llr(x: np.ndarray, sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """Log-likelihood ratio, per canary, of one DP-SGD step's observation ``x`` (clip-norm units).
+
+    "In": the canary's clipped gradient (1 on its coordinate) was in the step with probability ``sample_rate``,
+    plus Gaussian noise of std ``noise_multiplier``; "out": the noise alone. Summed over steps this is the
+    Neyman-Pearson score for a Dirac canary under the *claimed* mechanism; with ``sample_rate`` 1 it is an
+    increasing affine function of ``x``, so it ranks canaries as the plain sum of their updates does.
+    """
+    q, s = float(sample_rate), float(noise_multiplier)
+    if not 0.0 < q <= 1.0 or not s > 0.0:
+        raise ValueError(f"need 0 < sample_rate <= 1 and noise_multiplier > 0, got q={q}, sigma={s}")
+    z = (np.asarray(x, dtype=np.float64) - 0.5) / (s * s)
+    if q == 1.0:
+        return z
+    return np.logaddexp(math.log1p(-q), math.log(q) + z)
