@@ -38,6 +38,7 @@ __all__ = [
     "count_correct",
     "draw_inclusion",
     "epsilon_lower_bound",
+    "fit_noise_scale",
     "make_guesses",
     "p_value",
     "perfect_guess_bound",
@@ -257,3 +258,16 @@ def subsampled_gaussian_llr(x: np.ndarray, sample_rate: float, noise_multiplier:
     if q == 1.0:
         return z
     return np.logaddexp(math.log1p(-q), math.log(q) + z)
+
+
+def fit_noise_scale(x: np.ndarray, floor: float = 1e-3) -> float:
+    """Robust standard deviation of one step's canary observations (1.4826 x median absolute deviation).
+
+    The Dirac canaries' coordinates carry noise alone except for the few canaries sampled in the step, so the
+    median absolute deviation measures the noise the mechanism actually added, whatever it claims. ``floor``
+    keeps a likelihood ratio finite when the noise was removed (a replayed seed).
+    """
+    v = np.asarray(x, dtype=np.float64).reshape(-1)
+    if v.size == 0 or not np.isfinite(v).all():
+        raise ValueError("need a non-empty, finite array of observations to fit the noise scale")
+    return max(1.4826 * float(np.median(np.abs(v - np.median(v)))), float(floor))

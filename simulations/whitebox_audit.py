@@ -15,8 +15,10 @@ missed noise seeded from the run config. This one follows Steinke, Nasr and Jagi
 3. the real step code, :func:`client.training.train_local` (Poisson sampler, Opacus clipping, ``install_noise``),
    with the noise :func:`common.accounting.calibrate_noise` sets for ``--epsilon`` over the run's steps;
 4. after every step the auditor reads each canary coordinate's update (``after_step``), turns it into clip-norm
-   units and scores the canary by the sum over steps of the log-likelihood ratio under the claimed mechanism
-   (:func:`common.canary.subsampled_gaussian_llr`; ``--score sum`` uses the plain sum of updates instead);
+   units and scores the canary by the sum over steps of the log-likelihood ratio of a subsampled Gaussian step
+   (:func:`common.canary.subsampled_gaussian_llr` at the real ``q``, with the noise scale fitted to that step's
+   observations by :func:`common.canary.fit_noise_scale`, so less noise than claimed sharpens the test);
+   ``--score sum`` uses the plain sum of the updates instead;
 5. the top ``k+`` scores are guessed "in", the bottom ``k-`` "out", and :mod:`common.canary` turns the correct
    guesses into a 95 % lower bound on epsilon. A bound above the accountant's claim proves a bug: exit status 1.
 
@@ -271,7 +273,7 @@ def _run(s: WhiteboxSettings, site: Any, t0: float) -> WhiteboxResult:
     from client.training import TrainHooks, train_local
     from common.accounting import AccountingError, calibrate_noise, default_delta, epsilon_of, sample_rate
     from common.accounting import steps_per_epoch
-    from common.canary import audit_from_scores, perfect_guess_bound, subsampled_gaussian_llr
+    from common.canary import audit_from_scores, fit_noise_scale, perfect_guess_bound, subsampled_gaussian_llr
 
     m, C = s.canaries, float(s.max_grad_norm)
     q = sample_rate(s.records, s.batch_size)
@@ -330,7 +332,9 @@ def _run(s: WhiteboxSettings, site: Any, t0: float) -> WhiteboxResult:
         obs = (state["prev"] - cur) * scale
         state["prev"] = cur.copy()
         energy[0] += float(obs @ obs)
-        score = (lambda v: subsampled_gaussian_llr(v, q, sigma)) if s.score == "llr" else (lambda v: v)
+        def score(v: np.ndarray) -> np.ndarray:  # the noise scale the run shows, not the one it claims
+            return subsampled_gaussian_llr(v, q, fit_noise_scale(v)) if s.score == "llr" else v
+
         raw[:] += score(obs)
         if "replay" in state:
             res = obs + state["replay"].next_step(sigma * C, coords) / C * -1.0  # minus the replayed noise
