@@ -39,6 +39,7 @@ __all__ = [
     "draw_inclusion",
     "epsilon_lower_bound",
     "fit_noise_scale",
+    "guesses_for_claim",
     "make_guesses",
     "p_value",
     "perfect_guess_bound",
@@ -271,3 +272,24 @@ def fit_noise_scale(x: np.ndarray, floor: float = 1e-3) -> float:
     if v.size == 0 or not np.isfinite(v).all():
         raise ValueError("need a non-empty, finite array of observations to fit the noise scale")
     return max(1.4826 * float(np.median(np.abs(v - np.median(v)))), float(floor))
+
+
+GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2)
+
+
+def guesses_for_claim(m: int, claim: float, delta: float, confidence: float = 0.95, headroom: float = 1.2) -> int:
+    """How many "in" guesses an audit of ``claim`` should make with ``m`` canaries, fixed before any score is seen.
+
+    Few guesses are the most precise, but their perfect-guessing cap may sit below the claim, and then no bug can
+    be proven. Takes the smallest fraction of ``m`` in :data:`GUESS_FRACTIONS` whose cap is at least
+    ``headroom x claim``, else the one with the highest cap. Depends on ``m``, the claim and delta alone.
+    """
+    best, best_cap = 1, -1.0
+    for fraction in GUESS_FRACTIONS:
+        r = max(int(m * fraction), 1)
+        cap = perfect_guess_bound(m, r, delta, confidence)
+        if cap >= headroom * claim:
+            return r
+        if cap > best_cap:
+            best, best_cap = r, cap
+    return best

@@ -202,7 +202,7 @@ def whitebox_audit(
     canaries: int = typer.Option(5000, help="m: Dirac gradient canaries, each included with probability 1/2"),
     plant: str = typer.Option("none", help="none | noise-half | noise-seeded | no-clip: a known bug to catch"),
     adversary: str = typer.Option("informed", help="informed (replays noise seeded from the run config) | blind"),
-    k_plus: int = typer.Option(-1, "--k-plus", help="'in' guesses (-1 = canaries // 50)"),
+    k_plus: int = typer.Option(-1, "--k-plus", help="'in' guesses (-1 = chosen from m and the claim)"),
     k_minus: int = typer.Option(0, "--k-minus", help="'out' guesses"),
     auditor_seed: int = typer.Option(0, "--auditor-seed", help="the auditor's coin flips and data"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the result here"),

@@ -73,7 +73,7 @@ class WhiteboxSettings:
     plant: str = "none"
     adversary: str = "informed"
     score: str = "llr"
-    k_plus: int = -1  # -1 = canaries // 50
+    k_plus: int = -1  # -1 = chosen from m and the claim (common.canary.guesses_for_claim)
     k_minus: int = 0
     records: int = 1000
     batch_size: int = 20  # q = 1 / ceil(records / batch_size) = 0.02
@@ -89,10 +89,6 @@ class WhiteboxSettings:
     confidence: float = 0.95
     threads: int = 1
 
-    @property
-    def guesses_plus(self) -> int:
-        return self.k_plus if self.k_plus >= 0 else max(self.canaries // 50, 1)
-
 
 @dataclass(frozen=True)
 class WhiteboxResult:
@@ -106,6 +102,7 @@ class WhiteboxResult:
     delta: float
     epsilon_claimed: float
     included: int
+    k_plus: int
     guesses: int
     correct: int
     epsilon_lower_bound: float
@@ -235,10 +232,10 @@ def check(s: WhiteboxSettings) -> None:
         raise WhiteboxAuditError(f"--epsilon must be a finite number > 0, got {s.epsilon}")
     if not 2 <= s.canaries <= 200_000:
         raise WhiteboxAuditError(f"--canaries must be in 2..200000, got {s.canaries}")
-    kp, km = s.guesses_plus, s.k_minus
-    if kp < 0 or km < 0 or kp + km < 1 or kp + km > s.canaries:
-        raise WhiteboxAuditError(f"--k-plus {kp} and --k-minus {km} must be >= 0, at least one guess in all, and "
-                                 f"at most --canaries ({s.canaries}) together")
+    kp, km = s.k_plus, s.k_minus
+    if kp < -1 or km < 0 or (kp == 0 and km == 0) or max(kp, 0) + km > s.canaries:
+        raise WhiteboxAuditError(f"--k-plus {kp} (-1 = automatic) and --k-minus {km} must be >= 0, at least one "
+                                 f"guess in all, and at most --canaries ({s.canaries}) together")
     for name, value, low in (("records", s.records, 1), ("batch-size", s.batch_size, 1), ("epochs", s.epochs, 1),
                              ("classes", s.classes, 2), ("data-features", s.data_features, 1)):
         if value < low:
@@ -273,7 +270,9 @@ def _run(s: WhiteboxSettings, site: Any, t0: float) -> WhiteboxResult:
     from client.training import TrainHooks, train_local
     from common.accounting import AccountingError, calibrate_noise, default_delta, epsilon_of, sample_rate
     from common.accounting import steps_per_epoch
-    from common.canary import audit_from_scores, fit_noise_scale, perfect_guess_bound, subsampled_gaussian_llr
+    from common.canary import (
+        audit_from_scores, fit_noise_scale, guesses_for_claim, perfect_guess_bound, subsampled_gaussian_llr,
+    )
 
     m, C = s.canaries, float(s.max_grad_norm)
     q = sample_rate(s.records, s.batch_size)
@@ -284,6 +283,8 @@ def _run(s: WhiteboxSettings, site: Any, t0: float) -> WhiteboxResult:
     except AccountingError as err:
         raise WhiteboxAuditError(f"cannot calibrate the noise for --epsilon {s.epsilon}: {err}") from None
     claim = epsilon_of([(sigma, q, steps)], delta, s.accountant)
+    km = s.k_minus
+    kp = s.k_plus if s.k_plus >= 0 else min(guesses_for_claim(m, claim, delta, s.confidence), m - km)
 
     # The auditor's own randomness: data, initial model, coin flips, per-step canary sampling.
     rng = np.random.default_rng([s.auditor_seed, 0xD1AC])
@@ -352,12 +353,11 @@ def _run(s: WhiteboxSettings, site: Any, t0: float) -> WhiteboxResult:
     ratio = energy[1] / energy[0] if "replay" in state and energy[0] > 0 else math.nan
     use_replay = "replay" in state and ratio < _REPLAY_EXPLAINS
     scores = resid if use_replay else raw
-    kp, km = s.guesses_plus, s.k_minus
     audit = audit_from_scores(scores, included, kp, km, delta, s.confidence)
     return WhiteboxResult(
         settings=asdict(s), parameters=sum(p.numel() for p in model.parameters()), sample_rate=q, steps=steps,
         noise_multiplier=sigma, delta=delta, epsilon_claimed=claim, included=int(included.sum()),
-        guesses=audit.guesses, correct=audit.correct, epsilon_lower_bound=audit.epsilon_lower_bound,
+        k_plus=kp, guesses=audit.guesses, correct=audit.correct, epsilon_lower_bound=audit.epsilon_lower_bound,
         epsilon_max_for_m=perfect_guess_bound(m, kp + km, delta, s.confidence), replay_used=bool(use_replay),
         replay_energy_ratio=ratio, mean_score_in=float(scores[included].mean()) if included.any() else math.nan,
         mean_score_out=float(scores[~included].mean()) if (~included).any() else math.nan,
@@ -378,8 +378,7 @@ def summary_lines(res: WhiteboxResult) -> list[tuple[str, str]]:
                       f"C {s['max_grad_norm']:g}, {res.parameters} parameters"),
         ("plant", s["plant"]),
         ("canaries (m)", f"{s['canaries']} Dirac, norm {s['canary_norm']:g} C, {res.included} included"),
-        ("guesses (r)", f"{s['k_plus'] if s['k_plus'] >= 0 else s['canaries'] // 50} in + {s['k_minus']} out, "
-                        f"score {s['score']}, {s['adversary']} adversary"),
+        ("guesses (r)", f"{res.k_plus} in + {s['k_minus']} out, score {s['score']}, {s['adversary']} adversary"),
         ("seeded-noise replay", replay),
         ("correct", f"{res.correct} of {res.guesses}"),
         (f"empirical eps >= ({s['confidence']:.0%})", f"{res.epsilon_lower_bound:.3f}"),
@@ -426,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--plant", default=d.plant, choices=PLANTS)
     p.add_argument("--adversary", default=d.adversary, choices=ADVERSARIES)
     p.add_argument("--score", default=d.score, choices=SCORES)
-    p.add_argument("--k-plus", type=int, default=d.k_plus, help="'in' guesses (default canaries // 50)")
+    p.add_argument("--k-plus", type=int, default=d.k_plus, help="'in' guesses (-1: from m and the claim)")
     p.add_argument("--k-minus", type=int, default=d.k_minus, help="'out' guesses")
     p.add_argument("--records", type=int, default=d.records)
     p.add_argument("--batch-size", type=int, default=d.batch_size)

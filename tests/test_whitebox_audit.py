@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from client.randomness import SeededRandomness
-from common.canary import epsilon_lower_bound, fit_noise_scale, perfect_guess_bound, subsampled_gaussian_llr
+from common.canary import (
+    epsilon_lower_bound,
+    fit_noise_scale,
+    guesses_for_claim,
+    perfect_guess_bound,
+    subsampled_gaussian_llr,
+)
 from simulations.whitebox_audit import (
     HalfNoise,
     NoiseReplay,
@@ -48,6 +54,15 @@ def test_perfect_guess_cap_is_monotone_in_m(fraction):
     caps = [perfect_guess_bound(m, max(int(m * fraction), 1), 1e-5) for m in (100, 300, 1000, 3000, 10_000, 30_000)]
     assert all(b > a for a, b in zip(caps, caps[1:])), caps
     assert caps[0] < 2.0 < caps[-1]
+
+
+def test_guesses_for_claim_leave_room_above_the_claim():
+    assert guesses_for_claim(5000, 2.0, 1e-5) == 100  # m / 50: its cap, 3.35, is already 1.2 x above
+    r4 = guesses_for_claim(10_000, 4.0, 1e-5)
+    assert r4 > 200 and perfect_guess_bound(10_000, r4, 1e-5) >= 4.8
+    # epsilon 8 is out of reach at delta 1e-5 (the 2 m delta term caps every bound): the highest cap is chosen
+    r8 = guesses_for_claim(10_000, 8.0, 1e-5)
+    assert r8 == 2000 and perfect_guess_bound(10_000, r8, 1e-5) < 8.0
 
 
 def test_llr_is_the_sum_at_full_sampling_and_increasing_when_subsampled():
