@@ -48,7 +48,8 @@ def table(results: Sequence[WhiteboxResult]) -> str:
         groups.setdefault((r.settings["epsilon"], r.settings["canaries"]), {})[r.settings["plant"]] = r
     for (eps, m), by_plant in groups.items():
         first = next(iter(by_plant.values()))
-        rows.append(f"| {eps:g} | {first.epsilon_claimed:.2f} | {m} ({first.guesses}) | {first.epsilon_max_for_m:.2f} | "
+        rows.append(f"| {eps:g} | {first.epsilon_claimed:.2f} | {m} ({first.guesses}) | "
+                    f"{first.epsilon_max_for_m:.2f} | "
                     + " | ".join(cell(by_plant[p]) if p in by_plant else "" for p in PLANTS) + " |")
     return "\n".join(rows)
 

@@ -307,6 +307,9 @@ def _run(s: WhiteboxSettings, site: Any, t0: float) -> WhiteboxResult:
     resid = np.zeros(m)
     energy = [0.0, 0.0]  # observed, residual
 
+    def score(v: np.ndarray) -> np.ndarray:  # with the noise scale the step shows, not the one it claims
+        return subsampled_gaussian_llr(v, q, fit_noise_scale(v)) if s.score == "llr" else v
+
     def after_make_private(optimizer: Any) -> None:
         state["optimizer"] = optimizer
         params = list(optimizer.params)
@@ -333,12 +336,9 @@ def _run(s: WhiteboxSettings, site: Any, t0: float) -> WhiteboxResult:
         obs = (state["prev"] - cur) * scale
         state["prev"] = cur.copy()
         energy[0] += float(obs @ obs)
-        def score(v: np.ndarray) -> np.ndarray:  # the noise scale the run shows, not the one it claims
-            return subsampled_gaussian_llr(v, q, fit_noise_scale(v)) if s.score == "llr" else v
-
         raw[:] += score(obs)
-        if "replay" in state:
-            res = obs + state["replay"].next_step(sigma * C, coords) / C * -1.0  # minus the replayed noise
+        if "replay" in state:  # obs = (clipped canary gradient + noise) / C: take the regenerated noise away
+            res = obs - state["replay"].next_step(sigma * C, coords) / C
             energy[1] += float(res @ res)
             resid[:] += score(res)
 
@@ -372,7 +372,8 @@ def summary_lines(res: WhiteboxResult) -> list[tuple[str, str]]:
     """(label, value) rows for the terminal."""
     s = res.settings
     replay = ("not tried (blind adversary)" if s["adversary"] == "blind" else
-              f"{'used' if res.replay_used else 'not used'} (residual energy {res.replay_energy_ratio:.3g} of observed)")
+              f"{'used' if res.replay_used else 'not used'} "
+              f"(residual energy {res.replay_energy_ratio:.3g} of observed)")
     return [
         ("mechanism", f"{res.steps} steps, q {res.sample_rate:.4g}, sigma {res.noise_multiplier:.4g}, "
                       f"C {s['max_grad_norm']:g}, {res.parameters} parameters"),

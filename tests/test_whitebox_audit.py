@@ -175,3 +175,13 @@ def test_cli_exit_codes_and_json(tmp_path):
     assert data["epsilon_lower_bound"] > data["epsilon_claimed"]
     clean = runner.invoke(app, ["whitebox-audit", "--epsilon", "2", "--canaries", "2000"])
     assert clean.exit_code == 0, clean.output
+
+
+def test_bench_table_has_a_row_per_claim_and_a_column_per_plant():
+    from simulations.bench_whitebox import bench, table
+
+    results = bench([1.0], [200])
+    assert [r.settings["plant"] for r in results] == ["none", "noise-half", "noise-seeded", "no-clip"]
+    lines = table(results).splitlines()
+    assert len(lines) == 3 and lines[0].count("|") == 9
+    assert lines[2].startswith("| 1 | 0.99 | 200 (")
