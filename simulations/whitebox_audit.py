@@ -19,8 +19,9 @@ missed noise seeded from the run config. This one follows Steinke, Nasr and Jagi
    (:func:`common.canary.subsampled_gaussian_llr` at the real ``q``, with the noise scale fitted to that step's
    observations by :func:`common.canary.fit_noise_scale`, so less noise than claimed sharpens the test);
    ``--score sum`` uses the plain sum of the updates instead;
-5. the top ``k+`` scores are guessed "in", the bottom ``k-`` "out", and :mod:`common.canary` turns the correct
-   guesses into a 95 % lower bound on epsilon. A bound above the accountant's claim proves a bug: exit status 1.
+5. the top ``k+`` scores are guessed "in" (by default ``k+`` is set from ``m`` and the claim before training,
+   :func:`common.canary.guesses_for_claim`), the bottom ``k-`` "out" (none by default), and :mod:`common.canary`
+   turns the correct guesses into a 95 % lower bound on epsilon. A bound above the accountant's claim proves a bug: exit status 1.
 
 The *informed* adversary (the default) also knows the run config and the mechanism: it regenerates the noise the
 site would draw if the noise were seeded from the run config (``SeededRandomness(seed)``, the draws in the order
@@ -55,6 +56,8 @@ ADVERSARIES = ("informed", "blind")
 SCORES = ("llr", "sum")
 # The run config's seed, as the planted bug would use it: the informed adversary derives the very same seed.
 RUN_CONFIG_SEED = 42
+# Memory: each step appends about q * m / 2 dense rows of ~m weights (50,000 canaries: ~100 MB a step).
+MAX_CANARIES = 50_000
 # The informed adversary uses its replay when the residual energy is below this fraction of the observed one
 # (a correct replay leaves float rounding; a wrong one doubles the energy).
 _REPLAY_EXPLAINS = 0.5
@@ -230,8 +233,9 @@ def check(s: WhiteboxSettings) -> None:
         raise WhiteboxAuditError(f"--score must be one of {', '.join(SCORES)}, got {s.score!r}")
     if not (isinstance(s.epsilon, (int, float)) and s.epsilon > 0 and math.isfinite(s.epsilon)):
         raise WhiteboxAuditError(f"--epsilon must be a finite number > 0, got {s.epsilon}")
-    if not 2 <= s.canaries <= 200_000:
-        raise WhiteboxAuditError(f"--canaries must be in 2..200000, got {s.canaries}")
+    if not 2 <= s.canaries <= MAX_CANARIES:
+        raise WhiteboxAuditError(f"--canaries must be in 2..{MAX_CANARIES} (each step holds a dense per-sample "
+                                 f"gradient for every sampled canary, q x m/2 rows of m weights), got {s.canaries}")
     kp, km = s.k_plus, s.k_minus
     if kp < -1 or km < 0 or (kp == 0 and km == 0) or max(kp, 0) + km > s.canaries:
         raise WhiteboxAuditError(f"--k-plus {kp} (-1 = automatic) and --k-minus {km} must be >= 0, at least one "
