@@ -38,8 +38,12 @@ __all__ = [
     "count_correct",
     "draw_inclusion",
     "epsilon_lower_bound",
+    "fit_noise_scale",
+    "guesses_for_claim",
     "make_guesses",
     "p_value",
+    "perfect_guess_bound",
+    "subsampled_gaussian_llr",
 ]
 
 # Above this eps, q = e^eps/(1+e^eps) is 1.0 in double precision: every guess is "allowed" to be right.
@@ -226,3 +230,66 @@ def audit_from_scores(
         confidence=float(confidence),
         epsilon_lower_bound=epsilon_lower_bound(m, r, v, delta, confidence),
     )
+
+
+# ------------------------------------------------------------------------------- white-box (gradient) canaries
+
+
+def perfect_guess_bound(m: int, r: int, delta: float, confidence: float = 0.95) -> float:
+    """The most an audit with ``m`` canaries and ``r`` guesses can show: the lower bound when all ``r`` are right.
+
+    A bound at this cap says "the attack guessed perfectly"; the true epsilon may be anything above it, so a
+    claim above the cap cannot be refuted with this many canaries, however broken the mechanism.
+    """
+    return epsilon_lower_bound(m, r, r, delta, confidence)
+
+
+def subsampled_gaussian_llr(x: np.ndarray, sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """Log-likelihood ratio, per canary, of one DP-SGD step's observation ``x`` (clip-norm units).
+
+    "In": the canary's clipped gradient (1 on its coordinate) was in the step with probability ``sample_rate``,
+    plus Gaussian noise of std ``noise_multiplier``; "out": the noise alone. Summed over steps this is the
+    Neyman-Pearson score for a Dirac canary under the *claimed* mechanism; with ``sample_rate`` 1 it is an
+    increasing affine function of ``x``, so it ranks canaries as the plain sum of their updates does.
+    """
+    q, s = float(sample_rate), float(noise_multiplier)
+    if not 0.0 < q <= 1.0 or not s > 0.0:
+        raise ValueError(f"need 0 < sample_rate <= 1 and noise_multiplier > 0, got q={q}, sigma={s}")
+    z = (np.asarray(x, dtype=np.float64) - 0.5) / (s * s)
+    if q == 1.0:
+        return z
+    return np.logaddexp(math.log1p(-q), math.log(q) + z)
+
+
+def fit_noise_scale(x: np.ndarray, floor: float = 1e-3) -> float:
+    """Robust standard deviation of one step's canary observations (1.4826 x median absolute deviation).
+
+    The Dirac canaries' coordinates carry noise alone except for the few canaries sampled in the step, so the
+    median absolute deviation measures the noise the mechanism actually added, whatever it claims. ``floor``
+    keeps a likelihood ratio finite when the noise was removed (a replayed seed).
+    """
+    v = np.asarray(x, dtype=np.float64).reshape(-1)
+    if v.size == 0 or not np.isfinite(v).all():
+        raise ValueError("need a non-empty, finite array of observations to fit the noise scale")
+    return max(1.4826 * float(np.median(np.abs(v - np.median(v)))), float(floor))
+
+
+GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2)
+
+
+def guesses_for_claim(m: int, claim: float, delta: float, confidence: float = 0.95, headroom: float = 1.2) -> int:
+    """How many "in" guesses an audit of ``claim`` should make with ``m`` canaries, fixed before any score is seen.
+
+    Few guesses are the most precise, but their perfect-guessing cap may sit below the claim, and then no bug can
+    be proven. Takes the smallest fraction of ``m`` in :data:`GUESS_FRACTIONS` whose cap is at least
+    ``headroom x claim``, else the one with the highest cap. Depends on ``m``, the claim and delta alone.
+    """
+    best, best_cap = 1, -1.0
+    for fraction in GUESS_FRACTIONS:
+        r = max(int(m * fraction), 1)
+        cap = perfect_guess_bound(m, r, delta, confidence)
+        if cap >= headroom * claim:
+            return r
+        if cap > best_cap:
+            best, best_cap = r, cap
+    return best

@@ -196,6 +196,31 @@ def canary_audit(
     raise typer.Exit(report(res, json_out, console))
 
 
+@app.command("whitebox-audit")
+def whitebox_audit(
+    epsilon: float = typer.Option(2.0, help="target epsilon of the audited run (the noise is calibrated to it)"),
+    canaries: int = typer.Option(5000, help="m: Dirac gradient canaries, each included with probability 1/2"),
+    plant: str = typer.Option("none", help="none | noise-half | noise-seeded | no-clip: a known bug to catch"),
+    adversary: str = typer.Option("informed", help="informed (replays noise seeded from the run config) | blind"),
+    k_plus: int = typer.Option(-1, "--k-plus", help="'in' guesses (-1 = chosen from m and the claim)"),
+    k_minus: int = typer.Option(0, "--k-minus", help="'out' guesses"),
+    auditor_seed: int = typer.Option(0, "--auditor-seed", help="the auditor's coin flips and data"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result here"),
+) -> None:
+    """White-box one-run audit through the real DP-SGD step: gradient canaries, per-step models, a 95 % epsilon
+    lower bound beside the claim; exit 1 if the bound exceeds the claim (a bug), 2 on bad input."""
+    from simulations.whitebox_audit import WhiteboxAuditError, WhiteboxSettings, report, run_whitebox_audit
+
+    settings = WhiteboxSettings(epsilon=epsilon, canaries=canaries, plant=plant, adversary=adversary,
+                                k_plus=k_plus, k_minus=k_minus, auditor_seed=auditor_seed)
+    try:
+        res = run_whitebox_audit(settings)
+    except WhiteboxAuditError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    raise typer.Exit(report(res, json_out, console))
+
+
 @site_app.command("check")
 def site_check(
     node_config: str = typer.Option(..., "--node-config", help="the SuperNode's --node-config string"),
