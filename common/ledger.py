@@ -467,7 +467,7 @@ def _connect(path: Path, *, read_only: bool, create: bool = False) -> sqlite3.Co
                 raise LedgerError(f"ledger {path}: cannot leave journal mode {mode!r} (another process has it open "
                                   "in WAL mode); stop it and retry")
             conn.execute("PRAGMA synchronous=FULL")
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, UnicodeError) as exc:
         raise LedgerError(f"cannot open ledger {path}: {exc} (is it an SQLite file?)") from exc
     return conn
 
@@ -491,7 +491,7 @@ def read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
         for key, value in conn.execute(f"SELECT key, value FROM {META_TABLE} ORDER BY seq"):
             meta.setdefault(key, value)
         return meta
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, UnicodeError) as exc:
         raise LedgerError(f"cannot read the meta table of {path}: {exc}") from exc
 
 

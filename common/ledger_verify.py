@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import sqlite3
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -74,22 +75,37 @@ class _Findings:
         return sorted(self._found.values(), key=key)
 
 
+@dataclass(frozen=True)
+class Inspection:
+    """What verification found in one file: its schema (None: not a ledger this code reads), every problem, and
+    the well-formed rows of each readable chained table in seq order (malformed rows left out)."""
+
+    schema: str | None
+    problems: list[ChainProblem]
+    rows: dict[str, list[dict[str, Any]]]
+
+
 def verify_ledger(path: Path) -> list[ChainProblem]:
     """Every problem in the ledger file at ``path``; LedgerError only when there is no file there."""
+    return inspect_ledger(path).problems
+
+
+def inspect_ledger(path: Path) -> Inspection:
+    """Verify the file at ``path`` and return its problems and well-formed rows (LedgerError: no file there)."""
     path = Path(path)
     if not path.is_file():
         raise LedgerError(f"ledger {path} does not exist")
     found = _Findings(path)
+    verified: dict[str, list[dict[str, Any]]] = {}
     try:
         conn = _connect(path, read_only=True)
     except LedgerError as exc:
         found.add(None, None, "malformed", str(exc))
-        return found.sorted()
+        return Inspection(None, found.sorted(), verified)
     try:
         schema = _structure_pass(conn, found)
         if schema is not None:
             heads = _heads_pass(conn, found, schema)
-            verified: dict[str, list[dict[str, Any]]] = {}
             for table, columns in _SCHEMAS[schema].items():
                 decoded = _rows_pass(conn, found, table, columns)
                 if decoded is None:
@@ -100,7 +116,7 @@ def verify_ledger(path: Path) -> list[ChainProblem]:
             _cross_pass(found, verified)
     finally:
         conn.close()
-    return found.sorted()
+    return Inspection(schema, found.sorted(), verified)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,7 +157,7 @@ def _structure_pass(conn: sqlite3.Connection, found: _Findings) -> str | None:
     found.schema = schema
     try:
         messages = [str(r[0]) for r in conn.execute(f"PRAGMA integrity_check({_MAX_SQLITE_MESSAGES})")]
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, UnicodeError) as exc:
         messages = [str(exc)]
     if messages != ["ok"]:
         for m in messages[:_MAX_SQLITE_MESSAGES]:
@@ -150,7 +166,7 @@ def _structure_pass(conn: sqlite3.Connection, found: _Findings) -> str | None:
     try:
         actual = {(t, n): (tb, sql) for t, n, tb, sql in conn.execute("SELECT type, name, tbl_name, sql FROM "
                                                                       "sqlite_master")}
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, UnicodeError) as exc:
         found.add(None, None, "malformed", f"cannot read the schema table: {exc}")
         found.unusable.update(_SCHEMAS[schema])
         found.unusable.add(HEADS_TABLE)
@@ -189,7 +205,7 @@ def _heads_pass(conn: sqlite3.Connection, found: _Findings, schema: str) -> dict
         return {}
     try:
         records = conn.execute(f"SELECT rowid, chain, count, head_hash FROM {HEADS_TABLE}").fetchall()
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, UnicodeError) as exc:
         found.add(HEADS_TABLE, None, "malformed", f"cannot read the chain head records: {exc}")
         return {}
     heads: dict[str, tuple[int, str]] = {}
@@ -236,14 +252,9 @@ def _rows_pass(conn: sqlite3.Connection, found: _Findings, table: str, columns: 
     if table in found.unusable:
         return None
     names = ["seq", *(n for n, _ in columns), "prev_hash", "hash"]
-    try:
-        cursor = conn.execute(f"SELECT * FROM {table} ORDER BY seq")
-        got = [d[0] for d in cursor.description]
-        if got != names:
-            found.add(table, None, "malformed", f"table {table} has columns {got!r}, not {names!r}")
-            return None
-        stored = cursor.fetchall()
-    except sqlite3.Error as exc:
+    try:  # named columns: a damaged schema fails here ("no such column") instead of returning other columns
+        stored = conn.execute(f"SELECT {', '.join(names)} FROM {table} ORDER BY seq").fetchall()
+    except (sqlite3.Error, UnicodeError) as exc:
         found.add(table, None, "malformed", f"cannot read table {table}: {exc}")
         return None
     rows: list[dict[str, Any]] = []
@@ -342,7 +353,8 @@ class _Chain:
                 self.head = (self.count, self.head[1])
 
     def reorders(self) -> None:
-        """Rows written at a position but stored out of order relative to their neighbours."""
+        """Rows written at one position but stored at another: out of order relative to their neighbours, or
+        renumbered in a way no deletion or insertion explains (those are reported at the gap or the intruder)."""
         stored_order = [r["seq"] for r in self.rows]
         prefix_max, running = [], -1
         for s in stored_order:
@@ -356,6 +368,10 @@ class _Chain:
             p = self.position[s]
             if p != s and (prefix_max[i] > p or suffix_min[i] < p):
                 self.add(s, "reordered", f"row stored as seq {s} was written as row {p}: rows were moved")
+            elif p != s and s != i + 1:
+                # In order, but not where closing a gap (a deletion) or making room (an insertion) would have
+                # renumbered it: its seq alone was changed.
+                self.add(s, "reordered", f"row stored as seq {s} was written as row {p}: it was renumbered")
 
     def choose(self) -> None:
         """One genuine row per position; the others claiming it were inserted."""
