@@ -501,6 +501,9 @@ def _read_schema(conn: sqlite3.Connection, path: Path) -> str:
     if not isinstance(schema, str) or schema not in _SCHEMAS:
         raise LedgerError(f"{path} is not a privatune ledger (unknown schema {schema!r})")
     version = meta.get("version")
+    if version == "1":
+        raise LedgerError(f"{path} is a version 1 ledger (written before the meta table was hash-chained); this "
+                          f"privatune reads version {SCHEMA_VERSION} only and has no migration for it yet")
     if version != SCHEMA_VERSION:
         raise LedgerError(f"{path}: unsupported ledger version {version!r}, this privatune reads version "
                           f"{SCHEMA_VERSION}")

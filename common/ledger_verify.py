@@ -241,7 +241,8 @@ def _row_malformation(row: dict[str, Any], columns: Sequence[tuple[str, str]]) -
         ok = {"TEXT": _is_text(value), "INTEGER": isinstance(value, int),
               "REAL": isinstance(value, (int, float))}.get(kind, False)
         if not ok:
-            what = "text that is not valid UTF-8" if isinstance(value, str) else f"a {type(value).__name__}"
+            what = ("text that is not valid UTF-8" if isinstance(value, str) and not _is_text(value)
+                    else f"a {type(value).__name__}")
             return f"{name} holds {what}, not {kind}"
     return None
 
