@@ -630,12 +630,12 @@ class _ChainedLedger:
         """Build the empty ledger under a temporary name in the same folder, then link it into place, so a crash
         mid-create leaves no half ledger at the real path. False when another process created it first."""
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.creating")
-        old_umask = os.umask(0o077)  # the file and its -journal are owner-only from the first byte
         try:
-            conn = _connect(tmp, read_only=False, create=True)
-        finally:
-            os.umask(old_umask)
-        try:
+            old_umask = os.umask(0o077)  # the file and its -journal are owner-only from the first byte
+            try:
+                conn = _connect(tmp, read_only=False, create=True)
+            finally:
+                os.umask(old_umask)
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 for stmt in schema_ddl(self.SCHEMA):
@@ -646,7 +646,8 @@ class _ChainedLedger:
                     _insert_row(conn, tmp, self.SCHEMA, META_TABLE, {"key": key, "value": value})
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise LedgerError(f"cannot create ledger {self.path}: {exc}") from exc
             finally:
                 conn.close()
