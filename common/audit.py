@@ -3,7 +3,10 @@
 For every ledger file given (or found under a folder: ``*.ledger.sqlite``, i.e. ``site-<id>.ledger.sqlite`` and
 ``server.ledger.sqlite``) the audit
 
-1. verifies the hash chain (an edited, deleted, inserted or moved row is a violation naming the row);
+1. verifies the file (``common.ledger_verify``): a file that is not a ledger or whose pages or structure are
+   damaged is ``unreadable``; a malformed row (wrong type, invalid text, NULL) is ``chain-malformed``; an edited,
+   deleted, inserted or moved row of any chained table is a violation naming the table and row. A bad ledger
+   never stops the audit: the other files are audited, and only well-formed rows are accounted;
 2. recomputes every epsilon from the recorded mechanisms alone, with both Opacus accountants (RDP and PRV):
    a site row's run epsilon from that run's rows up to it, its dataset epsilon from every row on that dataset up
    to it (all runs), a server report's epsilon from that client's trained reports in the run up to it;
@@ -43,7 +46,7 @@ from common.ledger_verify import inspect_ledger
 SITE = "site"
 SERVER = "server"
 VIOLATION_KINDS = (
-    "unreadable",  # not a ledger, or not readable
+    "unreadable",  # not a ledger, not readable, or its pages / structure are damaged (the file as a whole)
     "chain-malformed",  # the file, a table or a row is not a well-formed ledger (corrupt, wrong type, NULL...)
     "chain-edited", "chain-deleted", "chain-inserted", "chain-reordered",  # hash chain broken at a named row
     "invalid-entry",  # a row whose mechanism cannot be accounted (e.g. sample rate 0)
