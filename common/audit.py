@@ -277,6 +277,9 @@ class _Auditor:
         if found.schema is None:
             self.files.append(LedgerFileInfo(str(path), "unknown", 0, False))
             return
+        if found.version == "1":
+            self.notes.append(f"{path.name} is a version 1 ledger: its chains are verified, but its meta table "
+                              "(schema, creation time) is not hash-chained")
         # Only rows that decoded with their declared types are accounted; the others are named above.
         if found.schema == SITE_SCHEMA:
             rows = found.rows.get("spend", [])

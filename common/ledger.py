@@ -409,13 +409,38 @@ def _real_columns(columns: Sequence[tuple[str, str]]) -> tuple[str, ...]:
     return tuple(name for name, sql in columns if sql.startswith("REAL"))
 
 
+def hashed_fields(table: str, names: Sequence[str], row: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a row that its hash covers: every declared column. The one place the writer and the verifier
+    agree on it (a column added later that must not change old rows' hashes is dropped here when NULL)."""
+    return {n: row[n] for n in names}
+
+
 def chained_tables(schema: str) -> dict[str, tuple[tuple[str, str], ...]]:
     """The declared chained tables of a ledger kind (table -> its data columns), in creation order."""
     return dict(_SCHEMAS[schema])
 
 
-def schema_ddl(schema: str) -> list[str]:
-    """The exact CREATE statements of a ledger kind: used to create a ledger and to check one's structure."""
+def chained_tables_of(schema: str, version: str = SCHEMA_VERSION) -> dict[str, tuple[tuple[str, str], ...]]:
+    """The chained tables of a ledger kind as a file of ``version`` has them (version 1: meta was not chained)."""
+    tables = dict(_SCHEMAS[schema])
+    if version == "1":
+        tables.pop(META_TABLE)
+    return tables
+
+
+def schema_ddl(schema: str, version: str = SCHEMA_VERSION) -> list[str]:
+    """The exact CREATE statements of a ledger kind: used to create a ledger and to check one's structure
+    (``version`` "1": the layout older files have, which is only ever verified, never written)."""
+    if version == "1":
+        stmts = ["CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+                 "CREATE TABLE IF NOT EXISTS chain_heads (chain TEXT PRIMARY KEY, count INTEGER NOT NULL, "
+                 "head_hash TEXT NOT NULL)"]
+        for table, columns in chained_tables_of(schema, "1").items():
+            cols = ", ".join(f"{name} {sql}" for name, sql in columns)
+            stmts.append(f"CREATE TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, {cols}, "
+                         "prev_hash TEXT NOT NULL, hash TEXT NOT NULL)")
+        return stmts + [s.replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ") for s in _INDEXES[schema]
+                        if " ON meta(" not in s]
     stmts = [f"CREATE TABLE {HEADS_TABLE} (chain TEXT PRIMARY KEY, count INTEGER NOT NULL, "
              "head_hash TEXT NOT NULL)"]
     for table, columns in _SCHEMAS[schema].items():
@@ -488,7 +513,7 @@ def read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
         if META_TABLE not in tables:
             raise LedgerError(f"{path} is not a privatune ledger (it has no meta table)")
         meta: dict[str, Any] = {}
-        for key, value in conn.execute(f"SELECT key, value FROM {META_TABLE} ORDER BY seq"):
+        for key, value in conn.execute(f"SELECT key, value FROM {META_TABLE} ORDER BY rowid"):
             meta.setdefault(key, value)
         return meta
     except (sqlite3.Error, UnicodeError) as exc:
@@ -496,14 +521,16 @@ def read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
 
 
 def _read_schema(conn: sqlite3.Connection, path: Path) -> str:
+    """The schema of a ledger this code writes (the current version); LedgerError for anything else."""
     meta = read_meta(conn, path)
     schema = meta.get("schema")
     if not isinstance(schema, str) or schema not in _SCHEMAS:
         raise LedgerError(f"{path} is not a privatune ledger (unknown schema {schema!r})")
     version = meta.get("version")
     if version == "1":
-        raise LedgerError(f"{path} is a version 1 ledger (written before the meta table was hash-chained); this "
-                          f"privatune reads version {SCHEMA_VERSION} only and has no migration for it yet")
+        raise LedgerError(f"{path} is a version 1 ledger (written before the meta table was hash-chained): "
+                          f"`privatune audit` verifies it, but this privatune writes only version {SCHEMA_VERSION} "
+                          "and has no migration for it yet")
     if version != SCHEMA_VERSION:
         raise LedgerError(f"{path}: unsupported ledger version {version!r}, this privatune reads version "
                           f"{SCHEMA_VERSION}")
@@ -559,7 +586,7 @@ def _insert_row(conn: sqlite3.Connection, path: Path, schema: str, table: str, v
             ChainProblem(seq=0, kind="edited", detail="the chain head does not match the rows", table=table)])
     count, head = found
     seq = count + 1
-    digest = row_hash(table, seq, {n: values[n] for n in names}, _real_columns(columns), head)
+    digest = row_hash(table, seq, hashed_fields(table, names, values), _real_columns(columns), head)
     conn.execute(f"INSERT INTO {table} (seq, {', '.join(names)}, prev_hash, hash) "
                  f"VALUES ({', '.join('?' * (len(names) + 3))})", [seq, *(values[n] for n in names), head, digest])
     conn.execute(f"UPDATE {HEADS_TABLE} SET count=?, head_hash=? WHERE chain=?", (seq, digest, table))

@@ -43,9 +43,13 @@ from common.ledger import (
     _finish,
     _hash_prefix,
     _real_columns,
+    chained_tables_of,
+    hashed_fields,
     read_meta,
     schema_ddl,
 )
+
+READABLE_VERSIONS = ("1", SCHEMA_VERSION)  # version 1: verified and audited (its meta table is not chained)
 
 _MAX_LISTED = 20  # missing rows listed one by one before they are summarised as a range
 _MAX_SEARCH = 1024  # how far past the stored rows a moved row's original position is searched for
@@ -58,6 +62,8 @@ class _Findings:
     def __init__(self, path: Path, schema: str | None = None):
         self.path = path
         self.schema = schema
+        self.version = SCHEMA_VERSION
+        self.meta: dict[str, Any] = {}
         self.unusable: set[str] = set()  # declared tables missing from the file: no row pass
         self._found: dict[tuple[Any, ...], ChainProblem] = {}
 
@@ -83,6 +89,7 @@ class Inspection:
     schema: str | None
     problems: list[ChainProblem]
     rows: dict[str, list[dict[str, Any]]]
+    version: str = SCHEMA_VERSION
 
 
 def verify_ledger(path: Path) -> list[ChainProblem]:
@@ -106,7 +113,7 @@ def inspect_ledger(path: Path) -> Inspection:
         schema = _structure_pass(conn, found)
         if schema is not None:
             heads = _heads_pass(conn, found, schema)
-            for table, columns in _SCHEMAS[schema].items():
+            for table, columns in chained_tables_of(schema, found.version).items():
                 decoded = _rows_pass(conn, found, table, columns)
                 if decoded is None:
                     continue
@@ -116,7 +123,7 @@ def inspect_ledger(path: Path) -> Inspection:
             _cross_pass(found, verified)
     finally:
         conn.close()
-    return Inspection(schema, found.sorted(), verified)
+    return Inspection(schema, found.sorted(), verified, found.version)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,11 +131,11 @@ def inspect_ledger(path: Path) -> Inspection:
 
 
 @lru_cache(maxsize=None)
-def _expected_master(schema: str) -> dict[tuple[str, str], tuple[str, str | None]]:
+def _expected_master(schema: str, version: str = SCHEMA_VERSION) -> dict[tuple[str, str], tuple[str, str | None]]:
     """``sqlite_master`` as privatune creates it for ``schema``: {(type, name): (table, sql)}."""
     conn = sqlite3.connect(":memory:")
     try:
-        for stmt in schema_ddl(schema):
+        for stmt in schema_ddl(schema, version):
             conn.execute(stmt)
         return {(t, n): (tb, sql) for t, n, tb, sql in conn.execute("SELECT type, name, tbl_name, sql FROM "
                                                                     "sqlite_master")}
@@ -150,11 +157,11 @@ def _structure_pass(conn: sqlite3.Connection, found: _Findings) -> str | None:
     if not isinstance(schema, str) or schema not in _SCHEMAS:
         found.add(None, None, "malformed", f"{found.path} is not a privatune ledger (unknown schema {schema!r})")
         return None
-    if version != SCHEMA_VERSION:
-        found.add(None, None, "malformed", f"unsupported ledger version {version!r} (this privatune reads version "
-                                           f"{SCHEMA_VERSION})")
+    if version not in READABLE_VERSIONS:
+        found.add(None, None, "malformed", f"unsupported ledger version {version!r} (this privatune reads versions "
+                                           f"{', '.join(READABLE_VERSIONS)})")
         return None
-    found.schema = schema
+    found.schema, found.version, found.meta = schema, version, meta
     try:
         messages = [str(r[0]) for r in conn.execute(f"PRAGMA integrity_check({_MAX_SQLITE_MESSAGES})")]
     except (sqlite3.Error, UnicodeError) as exc:
@@ -162,13 +169,13 @@ def _structure_pass(conn: sqlite3.Connection, found: _Findings) -> str | None:
     if messages != ["ok"]:
         for m in messages[:_MAX_SQLITE_MESSAGES]:
             found.add(None, None, "malformed", f"SQLite integrity check: {m!r}")
-    expected = _expected_master(schema)
+    expected = _expected_master(schema, version)
     try:
         actual = {(t, n): (tb, sql) for t, n, tb, sql in conn.execute("SELECT type, name, tbl_name, sql FROM "
                                                                       "sqlite_master")}
     except (sqlite3.Error, UnicodeError) as exc:
         found.add(None, None, "malformed", f"cannot read the schema table: {exc}")
-        found.unusable.update(_SCHEMAS[schema])
+        found.unusable.update(chained_tables_of(schema, version))
         found.unusable.add(HEADS_TABLE)
         return schema
     for (kind, name), (table, sql) in expected.items():
@@ -210,7 +217,7 @@ def _heads_pass(conn: sqlite3.Connection, found: _Findings, schema: str) -> dict
         return {}
     heads: dict[str, tuple[int, str]] = {}
     for rowid, chain, count, head_hash in records:
-        if not _is_text(chain) or chain not in _SCHEMAS[schema]:
+        if not _is_text(chain) or chain not in chained_tables_of(schema, found.version):
             found.add(HEADS_TABLE, None, "malformed", f"head record {rowid!r} names no declared chain "
                                                       f"({chain!r})")
             continue
@@ -307,7 +314,7 @@ class _Chain:
         self.found, self.table = found, table
         names = [name for name, _ in columns]
         reals = _real_columns(columns)
-        self.prefixes = {r["seq"]: _hash_prefix(table, {n: r[n] for n in names}, reals, r["prev_hash"])
+        self.prefixes = {r["seq"]: _hash_prefix(table, hashed_fields(table, names, r), reals, r["prev_hash"])
                          for r in rows}
         self.rows = rows
         self.by_seq = {r["seq"]: r for r in rows}
@@ -477,6 +484,11 @@ def _chain_pass(found: _Findings, table: str, columns: Sequence[tuple[str, str]]
 
 def _cross_pass(found: _Findings, verified: dict[str, list[dict[str, Any]]]) -> None:
     """The meta table holds each required key once (schema and version were read in pass 1)."""
+    if found.version == "1":  # meta is not a chain there: only check what it must hold
+        for key in META_REQUIRED:
+            if key not in found.meta:
+                found.add(None, None, "malformed", f"the meta table has no {key!r} entry")
+        return
     meta_rows = verified.get(META_TABLE)
     if meta_rows is None:
         return

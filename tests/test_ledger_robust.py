@@ -361,3 +361,36 @@ def test_ledger_and_journal_files_are_owner_only(tmp_path: Path) -> None:
         assert _mode(legacy) == 0o600
     finally:
         os.umask(old)
+
+
+# ---------------------------------------------------------------------------------------- version 1 files
+
+
+def _v1_site_ledger(path: Path, rows: int) -> Path:
+    """A site ledger as privatune wrote them before version 2 (unchained meta, same row hashes)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    site = ledger_mod.SITE_SCHEMA
+    for stmt in ledger_mod.schema_ddl(site, "1"):
+        conn.execute(stmt)
+    conn.execute("INSERT INTO chain_heads VALUES ('spend', 0, ?)", (ledger_mod.GENESIS_HASH,))
+    for key, value in (("schema", site), ("version", "1"), ("created_at", "2026-01-01T00:00:00+00:00")):
+        conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
+    from dataclasses import asdict
+
+    for i in range(1, rows + 1):
+        ledger_mod._insert_row(conn, path, site, "spend", asdict(spend("run-a", i, 0.5 * i)))
+    conn.close()
+    return path
+
+
+def test_a_version_1_ledger_is_verified_and_audited_but_not_written(tmp_path: Path) -> None:
+    path = _v1_site_ledger(tmp_path / "site-s1.ledger.sqlite", rows=3)
+    assert verify_chain(path) == []
+    with pytest.raises(LedgerError, match="version 1 ledger"):
+        SiteLedger(path)
+    from common.audit import audit_paths
+
+    report = audit_paths([path])
+    assert len(report.entries) == 3 and any("version 1 ledger" in n for n in report.notes)
+    sql(path, "UPDATE spend SET steps = 1 WHERE seq = 2")
+    assert {(p.table, p.seq, p.kind) for p in verify_chain(path)} == {("spend", 2, "edited")}
