@@ -149,7 +149,7 @@ def _data_error_for_server(err: SiteDataError) -> str:
     return f"site data refused: {err.path.name}, {where}; the site's log has the details and the fix"
 
 
-def _ledger_error_for_server(ledger_path) -> str:
+def _ledger_error_for_server(ledger_path: str | Path) -> str:
     """What the coordinator learns of a ledger error: the file's name, not its folder or contents."""
     return (f"site ledger refused: {Path(ledger_path).name} cannot be read or verified; the site's log has the "
             "details and the recovery steps")
