@@ -72,7 +72,7 @@ class CampaignResult:
 
 def spend(run_id: str, rnd: int, eps: float, dataset: str = "ds-1", site: str = "s1") -> SpendEntry:
     """A valid spend row with fixed timestamps (the campaign's ledgers are reproducible but for created_at)."""
-    stamp = f"2026-01-01T00:00:{rnd:02d}.000000+00:00"
+    stamp = f"2026-01-01T{rnd // 3600 % 24:02d}:{rnd // 60 % 60:02d}:{rnd % 60:02d}.000000+00:00"
     return SpendEntry(run_id=run_id, round=rnd, site_id=site, dataset_fingerprint=dataset, params_fingerprint="p-1",
                       noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=1.0, delta=1e-5,
                       accountant="rdp", epsilon_run=0.5 * rnd, epsilon_dataset=eps, max_epsilon=8.0,
@@ -253,27 +253,26 @@ def run_campaign(flips: int = 3000, seed: int = 0, truncations: int = 40, journa
 
 
 def bench_appends(n: int, workdir: Path) -> dict[str, float]:
-    """Median milliseconds per ``SiteLedger.append`` (rollback journal, synchronous=FULL: what privatune does),
-    and for comparison the same append in WAL mode with and without a checkpoint after every commit."""
-    out: dict[str, float] = {}
-    path = workdir / "bench-delete.ledger.sqlite"
-    ledger = SiteLedger(path)
-    times = []
+    """Median milliseconds per append over ``n`` appends: ``SiteLedger.append`` (rollback journal,
+    synchronous=FULL: what privatune does), and the same transaction in WAL mode with and without a checkpoint
+    after every commit. The three designs take turns append by append, so drifting load on a shared machine
+    (other processes' fsyncs) hits them alike."""
+    ledger = SiteLedger(workdir / "bench-delete.ledger.sqlite")
+    wal = {checkpoint: workdir / f"bench-wal-{checkpoint}.ledger.sqlite" for checkpoint in (True, False)}
+    for path in wal.values():
+        SiteLedger(path)
+    labels = {"delete": "rollback journal (privatune)", True: "WAL, checkpoint after each append",
+              False: "WAL, no checkpoint (before)"}
+    times: dict[Any, list[float]] = {key: [] for key in labels}
     for i in range(1, n + 1):
-        t = time.perf_counter()
-        ledger.append(spend("run-a", i, 0.5 * i))
-        times.append(time.perf_counter() - t)
-    out["rollback journal (privatune)"] = 1000 * statistics.median(times)
-    for label, checkpoint in (("WAL, checkpoint after each append", True), ("WAL, no checkpoint (before)", False)):
-        wal = workdir / f"bench-wal-{checkpoint}.ledger.sqlite"
-        SiteLedger(wal)
-        times = []
-        for i in range(1, n + 1):
+        for key in labels:
             t = time.perf_counter()
-            _wal_append(wal, checkpoint, i)
-            times.append(time.perf_counter() - t)
-        out[label] = 1000 * statistics.median(times)
-    return out
+            if key == "delete":
+                ledger.append(spend("run-a", i, 0.5 * i))
+            else:
+                _wal_append(wal[key], key, i)
+            times[key].append(time.perf_counter() - t)
+    return {labels[key]: 1000 * statistics.median(ts) for key, ts in times.items()}
 
 
 def _wal_append(path: Path, checkpoint: bool, i: int) -> None:
