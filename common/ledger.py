@@ -33,6 +33,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -403,6 +404,7 @@ _INDEXES = {
                     "CREATE INDEX reports_run ON reports(run_id)"),
 }
 META_REQUIRED = ("schema", "version", "created_at")
+MIGRATING = "migrating"  # the version a version 1 file is given while it is migrated: writers stop on it
 
 
 def _real_columns(columns: Sequence[tuple[str, str]]) -> tuple[str, ...]:
@@ -527,10 +529,13 @@ def _read_schema(conn: sqlite3.Connection, path: Path) -> str:
     if not isinstance(schema, str) or schema not in _SCHEMAS:
         raise LedgerError(f"{path} is not a privatune ledger (unknown schema {schema!r})")
     version = meta.get("version")
+    if version == MIGRATING:
+        raise LedgerError(f"{path}: a migration of this ledger was interrupted; its original is kept as "
+                          f"{meta.get('migration_backup')!r} in the same folder: put it back and migrate again")
     if version == "1":
         raise LedgerError(f"{path} is a version 1 ledger (written before the meta table was hash-chained): "
-                          f"`privatune audit` verifies it, but this privatune writes only version {SCHEMA_VERSION} "
-                          "and has no migration for it yet")
+                          f"`privatune audit` verifies it, but this privatune writes only version {SCHEMA_VERSION}: "
+                          "stop the site and run `privatune site migrate-ledger` on it")
     if version != SCHEMA_VERSION:
         raise LedgerError(f"{path}: unsupported ledger version {version!r}, this privatune reads version "
                           f"{SCHEMA_VERSION}")
@@ -604,6 +609,85 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def migrate_ledger(path: Path) -> Path:
+    """Rewrite a version 1 ledger as the current version, keeping every row with its seq and hash (the chains
+    carry over unchanged; the meta table becomes a chain of its own). Returns where the original is kept.
+
+    Run it with the site stopped. The original must verify; it is copied aside (``<name>.v1-<time>.bak``) under an
+    exclusive lock, the new file is built under a temporary name and verified, the original is marked as being
+    migrated (so a writer that still had it open fails instead of writing to a file about to be replaced), and the
+    new file is renamed over it."""
+    from common.ledger_verify import inspect_ledger
+
+    path = Path(path)
+    found = inspect_ledger(path)
+    if found.schema is None or found.problems:
+        raise LedgerIntegrityError(path, found.problems)
+    if found.version != "1":
+        raise LedgerError(f"{path} is a version {found.version} ledger: nothing to migrate")
+    schema = found.schema
+    conn = _connect(path, read_only=False)  # leaving WAL checkpoints the log into the main file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.creating")
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.row_factory = sqlite3.Row
+        meta = read_meta(conn, path)
+        heads = {r["chain"]: (r["count"], r["head_hash"]) for r in conn.execute(f"SELECT * FROM {HEADS_TABLE}")}
+        present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = {t: ([dict(r) for r in conn.execute(f"SELECT * FROM {t} ORDER BY seq")] if t in present else [])
+                  for t in chained_tables_of(schema, "1")}
+        backup = path.with_name(f"{path.name}.v1-{utc_now()[:19].replace(':', '')}.bak")
+        shutil.copy2(path, backup)
+        os.chmod(backup, 0o600)
+        old_umask = os.umask(0o077)
+        try:
+            new = _connect(tmp, read_only=False, create=True)
+        finally:
+            os.umask(old_umask)
+        try:
+            new.execute("BEGIN IMMEDIATE")
+            for stmt in schema_ddl(schema):
+                new.execute(stmt)
+            new.execute(f"INSERT INTO {HEADS_TABLE} VALUES (?, 0, ?)", (META_TABLE, GENESIS_HASH))
+            items = {**meta, "version": SCHEMA_VERSION, "migrated_from": "1", "migrated_at": utc_now()}
+            for key in (*META_REQUIRED, *sorted(k for k in items if k not in META_REQUIRED)):
+                _insert_row(new, tmp, schema, META_TABLE, {"key": key, "value": str(items[key])})
+            for table, rows in tables.items():
+                names = [n for n, _ in _SCHEMAS[schema][table]]
+                for r in rows:  # verbatim: same seq, fields, prev_hash and hash
+                    new.execute(f"INSERT INTO {table} (seq, {', '.join(names)}, prev_hash, hash) VALUES "
+                                f"({', '.join('?' * (len(names) + 3))})",
+                                [r["seq"], *(r.get(n) for n in names), r["prev_hash"], r["hash"]])
+                count, head = heads.get(table, (0, GENESIS_HASH))
+                new.execute(f"INSERT INTO {HEADS_TABLE} VALUES (?, ?, ?)", (table, count, head))
+            new.execute("COMMIT")
+        finally:
+            new.close()
+        problems = verify_chain(tmp)
+        if problems:
+            raise LedgerIntegrityError(tmp, problems)
+        # Writers that still hold the original open must fail, not write to a file about to be replaced.
+        conn.execute(f"DELETE FROM {HEADS_TABLE}")
+        conn.execute(f"UPDATE {META_TABLE} SET value=? WHERE key='version'", (MIGRATING,))
+        conn.execute(f"INSERT OR REPLACE INTO {META_TABLE} (key, value) VALUES ('migration_backup', ?)",
+                     (backup.name,))
+        conn.execute("COMMIT")
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return backup
+    except sqlite3.Error as exc:
+        raise LedgerError(f"cannot migrate ledger {path}: {exc}") from exc
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            try:
+                leftover.unlink()
+            except FileNotFoundError:
+                pass
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -394,3 +394,38 @@ def test_a_version_1_ledger_is_verified_and_audited_but_not_written(tmp_path: Pa
     assert len(report.entries) == 3 and any("version 1 ledger" in n for n in report.notes)
     sql(path, "UPDATE spend SET steps = 1 WHERE seq = 2")
     assert {(p.table, p.seq, p.kind) for p in verify_chain(path)} == {("spend", 2, "edited")}
+
+
+def test_a_version_1_ledger_migrates_with_every_row_and_hash(tmp_path: Path) -> None:
+    path = _v1_site_ledger(tmp_path / "site-s1.ledger.sqlite", rows=3)
+    original = path.read_bytes()
+    conn = sqlite3.connect(path)
+    old_rows = conn.execute("SELECT * FROM spend ORDER BY seq").fetchall()
+    conn.close()
+    from typer.testing import CliRunner
+
+    from privatune.cli import app
+
+    result = CliRunner().invoke(app, ["site", "migrate-ledger", str(path)])
+    assert result.exit_code == 0, result.output
+    (backup,) = [p for p in tmp_path.iterdir() if p.name.endswith(".bak")]
+    assert backup.read_bytes() == original and backup.name.startswith("site-s1.ledger.sqlite.v1-")
+    assert verify_chain(path) == [] and ledger_mod.ledger_schema(path) == ledger_mod.SITE_SCHEMA
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT * FROM spend ORDER BY seq").fetchall() == old_rows  # seq, fields, hashes
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    conn.close()
+    assert meta["version"] == ledger_mod.SCHEMA_VERSION and meta["migrated_from"] == "1"
+    assert meta["created_at"] == "2026-01-01T00:00:00+00:00"
+    assert SiteLedger(path).append(spend("run-b", 1, 9.0)) == 4  # the chain continues
+    again = CliRunner().invoke(app, ["site", "migrate-ledger", str(path)])
+    assert again.exit_code == 1 and "nothing to migrate" in again.output
+
+
+def test_a_tampered_version_1_ledger_is_not_migrated(tmp_path: Path) -> None:
+    path = _v1_site_ledger(tmp_path / "site-s1.ledger.sqlite", rows=3)
+    sql(path, "UPDATE spend SET steps = 1 WHERE seq = 2")
+    before = path.read_bytes()
+    with pytest.raises(LedgerIntegrityError, match="spend row 2: edited"):
+        ledger_mod.migrate_ledger(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
