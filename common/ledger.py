@@ -65,6 +65,10 @@ class LedgerError(RuntimeError):
     """A ledger file cannot be opened, read or written as asked."""
 
 
+class LedgerVersionError(LedgerError):
+    """The ledger is sound but of an older version this privatune does not write (migrate it)."""
+
+
 class LedgerIntegrityError(LedgerError):
     """The ledger failed verification; ``problems`` lists what ``verify_chain`` found."""
 
@@ -533,7 +537,7 @@ def _read_schema(conn: sqlite3.Connection, path: Path) -> str:
         raise LedgerError(f"{path}: a migration of this ledger was interrupted; its original is kept as "
                           f"{meta.get('migration_backup')!r} in the same folder: put it back and migrate again")
     if version == "1":
-        raise LedgerError(f"{path} is a version 1 ledger (written before the meta table was hash-chained): "
+        raise LedgerVersionError(f"{path} is a version 1 ledger (written before the meta table was hash-chained): "
                           f"`privatune audit` verifies it, but this privatune writes only version {SCHEMA_VERSION}: "
                           "stop the site and run `privatune site migrate-ledger` on it")
     if version != SCHEMA_VERSION:
@@ -721,6 +725,8 @@ class _ChainedLedger:
                               f"{recovery_advice(path)}")
         try:
             schema = ledger_schema(path)
+        except LedgerVersionError:
+            raise
         except LedgerError as exc:
             raise LedgerError(f"{exc}. {recovery_advice(path)}") from exc
         if schema != self.SCHEMA:
