@@ -16,6 +16,7 @@ import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from client.training import evaluate, train_local
 from common.config import RunConfig
 from common.datasets import LabelledData
 from common.he import HEError
+from common.ledger import LedgerError
 from common.features import cached_features, encode
 from common.federation_data import client_records
 from common.models import (
@@ -147,6 +149,12 @@ def _data_error_for_server(err: SiteDataError) -> str:
     return f"site data refused: {err.path.name}, {where}; the site's log has the details and the fix"
 
 
+def _ledger_error_for_server(ledger_path: str | Path) -> str:
+    """What the coordinator learns of a ledger error: the file's name, not its folder or contents."""
+    return (f"site ledger refused: {Path(ledger_path).name} cannot be read or verified; the site's log has the "
+            "details and the recovery steps")
+
+
 def train_round(run: LocalRun, data: LabelledData, noise_multiplier: float):
     """One round of local training exactly as the ClientApp runs it (the canary audit reuses it)."""
     cfg = run.cfg
@@ -187,13 +195,18 @@ def train(msg: Message, context: Context) -> Message:
     params_fp = trainable_fingerprint(
         [(n, tuple(p.shape)) for n, p in run.model.named_parameters() if p.requires_grad]
     )
-    guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon)
-    plan = guard.plan(cfg, run.run_id, len(run.train), dataset_fp)
-    if not plan.allowed:
-        log.warning("[%s] not training round %d: %s", site.site_id, run.server_round, plan.reason)
-        return _reply_without_update(msg, context, STATUS_BUDGET, plan.reason, site_id=site.site_id)
-    # Write-ahead: the spend is on disk before a single gradient is computed.
-    guard.record(plan, cfg, run.run_id, run.server_round, dataset_fp, params_fp, started)
+    try:
+        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon)
+        plan = guard.plan(cfg, run.run_id, len(run.train), dataset_fp)
+        if not plan.allowed:
+            log.warning("[%s] not training round %d: %s", site.site_id, run.server_round, plan.reason)
+            return _reply_without_update(msg, context, STATUS_BUDGET, plan.reason, site_id=site.site_id)
+        # Write-ahead: the spend is on disk before a single gradient is computed.
+        guard.record(plan, cfg, run.run_id, run.server_round, dataset_fp, params_fp, started)
+    except LedgerError as err:  # a ledger that cannot be trusted or written: no spend can be proven, no training
+        log.error("[%s] round %d refused: %s", site.site_id, run.server_round, err)
+        return _reply_without_update(msg, context, STATUS_REFUSED, _ledger_error_for_server(site.ledger_path),
+                                     site_id=site.site_id)
     noise, delta = plan.noise_multiplier, plan.delta
     result = train_round(run, run.train, noise)
     run.model.to("cpu")

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from client.site_config import SiteConfig, SiteConfigError
 from client.site_data import SiteDataError, describe_site_data, load_site_data
 from common.config import ConfigError, RunConfig
+from common.ledger import LedgerError
 
 
 @dataclass
@@ -98,7 +99,9 @@ def check_site(
             left = site.max_epsilon - spent
             rep.add("budget", left > 0, f"spent {spent:.3f} of max-epsilon {site.max_epsilon:g} on this data; {max(left, 0):.3f} left")
         rep.add("ledger", True, f"{site.ledger_path} (chain verified)")
-    except Exception as err:  # a broken chain or an unwritable path must stop the site
+    except LedgerError as err:  # empty, corrupt, foreign or tampered: it names the file and the recovery steps
+        rep.add("ledger", False, str(err))
+    except Exception as err:  # e.g. an unwritable folder must stop the site too
         rep.add("ledger", False, f"{site.ledger_path}: {err}")
 
     if site.he_secret_context is not None:

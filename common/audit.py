@@ -3,7 +3,10 @@
 For every ledger file given (or found under a folder: ``*.ledger.sqlite``, i.e. ``site-<id>.ledger.sqlite`` and
 ``server.ledger.sqlite``) the audit
 
-1. verifies the hash chain (an edited, deleted, inserted or moved row is a violation naming the row);
+1. verifies the file (``common.ledger_verify``): a file that is not a ledger or whose pages or structure are
+   damaged is ``unreadable``; a malformed row (wrong type, invalid text, NULL) is ``chain-malformed``; an edited,
+   deleted, inserted or moved row of any chained table is a violation naming the table and row. A bad ledger
+   never stops the audit: the other files are audited, and only well-formed rows are accounted;
 2. recomputes every epsilon from the recorded mechanisms alone, with both Opacus accountants (RDP and PRV):
    a site row's run epsilon from that run's rows up to it, its dataset epsilon from every row on that dataset up
    to it (all runs), a server report's epsilon from that client's trained reports in the run up to it;
@@ -37,16 +40,14 @@ from common.ledger import (
     STATUS_BUDGET_EXHAUSTED,
     STATUS_DROPPED,
     STATUS_TRAINED,
-    LedgerError,
-    ledger_schema,
-    read_rows,
-    verify_chain,
 )
+from common.ledger_verify import inspect_ledger
 
 SITE = "site"
 SERVER = "server"
 VIOLATION_KINDS = (
-    "unreadable",  # not a ledger, or not readable
+    "unreadable",  # not a ledger, not readable, or its pages / structure are damaged (the file as a whole)
+    "chain-malformed",  # the file, a table or a row is not a well-formed ledger (corrupt, wrong type, NULL...)
     "chain-edited", "chain-deleted", "chain-inserted", "chain-reordered",  # hash chain broken at a named row
     "invalid-entry",  # a row whose mechanism cannot be accounted (e.g. sample rate 0)
     "unverifiable",  # the recorded accountant cannot recompute this epsilon
@@ -265,30 +266,30 @@ class _Auditor:
     # -- files --------------------------------------------------------------------------------------------------
 
     def load(self, path: Path) -> None:
-        try:
-            schema = ledger_schema(path)
-            problems = verify_chain(path)
-        except LedgerError as exc:
-            self.flag("unreadable", path, None, str(exc))
-            self.files.append(LedgerFileInfo(str(path), "unknown", 0, False))
-            return
-        for p in problems:
-            where = "the chain head" if p.seq == 0 else f"row {p.seq}"
+        """Verify and account one ledger file; every problem with it becomes a violation, never an exception."""
+        found = inspect_ledger(path)  # reports damage; raises only when the file vanished (caught by the caller)
+        for p in found.problems:
+            if p.table is None:  # not a ledger, or its pages / structure are damaged
+                self.flag("unreadable", path, None, p.detail)
+                continue
+            where = {None: "as a whole", 0: "head"}.get(p.seq, f"row {p.seq}")
             self.flag(f"chain-{p.kind}", path, p.seq, f"{p.table} {where}: {p.detail}", table=p.table)
-        try:
-            if schema == SITE_SCHEMA:
-                rows = read_rows(path, "spend")
-                self._site(path, rows)
-                kind = SITE
-            else:
-                runs, rows = read_rows(path, "runs"), read_rows(path, "reports")
-                self._server(path, runs, rows)
-                kind = SERVER
-        except LedgerError as exc:
-            self.flag("unreadable", path, None, str(exc))
+        if found.schema is None:
             self.files.append(LedgerFileInfo(str(path), "unknown", 0, False))
             return
-        self.files.append(LedgerFileInfo(str(path), kind, len(rows), not problems))
+        if found.version == "1":
+            self.notes.append(f"{path.name} is a version 1 ledger: its chains are verified, but its meta table "
+                              "(schema, creation time) is not hash-chained")
+        # Only rows that decoded with their declared types are accounted; the others are named above.
+        if found.schema == SITE_SCHEMA:
+            rows = found.rows.get("spend", [])
+            self._site(path, rows)
+            kind = SITE
+        else:
+            rows = found.rows.get("reports", [])
+            self._server(path, found.rows.get("runs", []), rows)
+            kind = SERVER
+        self.files.append(LedgerFileInfo(str(path), kind, len(rows), not found.problems))
 
     # -- site ledgers ------------------------------------------------------------------------------------------
 
@@ -514,7 +515,12 @@ def audit_paths(paths: Sequence[Path], tolerance: float = 1e-6) -> AuditReport:
         raise AuditInputError(f"tolerance must be a number >= 0, got {tolerance!r}")
     auditor = _Auditor(float(tolerance))
     for path in find_ledgers(paths):
-        auditor.load(path)
+        try:
+            auditor.load(path)
+        except Exception as exc:  # noqa: BLE001 -- one bad ledger must not stop the audit of the others
+            auditor.entries = [e for e in auditor.entries if e.file != str(path)]
+            auditor.flag("unreadable", path, None, f"{path.name} could not be audited: {type(exc).__name__}: {exc}")
+            auditor.files.append(LedgerFileInfo(str(path), "unknown", 0, False))
     auditor.cross_check()
     return auditor.finish()
 

@@ -1,15 +1,25 @@
 """Append-only, hash-chained SQLite ledgers of privacy spend.
 
-A *site ledger* lives where the data lives: one row per training round a client takes part in, written (and
-committed, WAL mode with ``synchronous=FULL``) before the update leaves the site. It is the source of truth for
-the site's budget across runs. The *server ledger* is the coordinator's record of what each client reported, plus
-the run's configuration and aggregation mode.
+A *site ledger* lives where the data lives: one row per training round a client takes part in, written before
+the update leaves the site. Each append is committed in rollback-journal mode with ``synchronous=FULL``, so the
+row is in the main database file, fsynced, before ``append`` returns: losing a ``-wal``, ``-shm`` or ``-journal``
+file cannot lose an acknowledged spend. It is the source of truth for the site's budget across runs. The
+*server ledger* is the coordinator's record of what each client reported, plus the run's configuration and
+aggregation mode.
 
-Tamper evidence: every row stores ``prev_hash`` and ``hash = sha256(canonical JSON of chain name, seq, the row's
-fields and prev_hash)``; a per-chain head record (row count and last hash), updated in the same transaction as the
-row, exposes truncation of the tail. ``verify_chain`` names the row that was edited, deleted, inserted or moved.
-There is no secret key: someone who rewrites a whole suffix of the chain and its head consistently is not caught
-by the chain alone; that is what the audit's cross-check against the other party's ledger is for.
+Tamper evidence: every declared table (``_SCHEMAS``: the meta table with the schema, version and creation time,
+and the spend / runs / reports tables) is a hash chain: each row stores ``prev_hash`` and ``hash = sha256(canonical
+JSON of chain name, seq, the row's fields and prev_hash)``; a per-chain head record (row count and last hash),
+updated in the same transaction as the row, exposes truncation of the tail. ``verify_chain`` (``common.ledger_verify``)
+checks the file's structure against the declared schema, SQLite's own integrity check, every row's types, every
+chain link and head, and names the row that was edited, deleted, inserted, moved or is malformed; it reports and
+never raises on a damaged file. There is no secret key: someone who rewrites a whole suffix of the chain and its
+head consistently is not caught by the chain alone; that is what the audit's cross-check against the other
+party's ledger is for.
+
+An existing ledger file is never re-created: an empty, truncated, corrupt or foreign file at a ledger path is
+refused with a LedgerError that says how to recover. Only a missing path creates a ledger, built under a temporary
+name in the same folder and linked into place, owner-only (0600) like its journal.
 
 File naming (what ``privatune audit`` searches folders for): site ledgers ``site-<site_id>.ledger.sqlite``, the
 server ledger ``server.ledger.sqlite``. Files are told apart by the schema recorded inside them, not by name.
@@ -20,7 +30,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import secrets
+import shutil
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,14 +50,14 @@ LEDGER_GLOB = "*" + LEDGER_SUFFIX
 SERVER_LEDGER_NAME = "server" + LEDGER_SUFFIX
 SITE_SCHEMA = "privatune.site-ledger"
 SERVER_SCHEMA = "privatune.server-ledger"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the meta table is chained too; rollback-journal mode
 
 STATUS_TRAINED = "trained"
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"
 STATUS_DROPPED = "dropped"
 STATUSES = (STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED, STATUS_DROPPED)
 
-PROBLEM_KINDS = ("edited", "deleted", "inserted", "reordered")
+PROBLEM_KINDS = ("malformed", "edited", "deleted", "inserted", "reordered")
 _BUSY_TIMEOUT_S = 30.0
 
 
@@ -52,28 +65,45 @@ class LedgerError(RuntimeError):
     """A ledger file cannot be opened, read or written as asked."""
 
 
+class LedgerVersionError(LedgerError):
+    """The ledger is sound but of an older version this privatune does not write (migrate it)."""
+
+
 class LedgerIntegrityError(LedgerError):
-    """The ledger's hash chain is broken; ``problems`` lists what ``verify_chain`` found."""
+    """The ledger failed verification; ``problems`` lists what ``verify_chain`` found."""
 
     def __init__(self, path: Path, problems: Sequence[ChainProblem]):
         self.path = Path(path)
         self.problems = list(problems)
-        listed = "; ".join(f"{p.table} row {p.seq}: {p.kind} ({p.detail})" for p in self.problems[:5])
+        listed = "; ".join(p.describe() for p in self.problems[:5])
         more = f" and {len(self.problems) - 5} more" if len(self.problems) > 5 else ""
         super().__init__(
-            f"ledger {self.path} failed verification: {listed}{more}. The recorded privacy spend cannot be trusted; "
-            "keep the file as evidence, audit it with `privatune audit`, and start a new ledger only after review."
+            f"ledger {self.path} failed verification: {listed}{more}. The recorded privacy spend cannot be trusted. "
+            f"{recovery_advice(self.path)}."
         )
 
 
 @dataclass(frozen=True)
 class ChainProblem:
-    """One break in a hash chain. ``seq`` is the row's sequence number (0: the chain's head record)."""
+    """One problem in a ledger file. ``seq``: the row's sequence number (0: the chain's head record; None: the
+    table, or with ``table`` None the file, as a whole). ``kind`` is one of PROBLEM_KINDS: "malformed" for
+    anything that is not a well-formed ledger (unreadable file, wrong structure, a value of the wrong type)."""
 
-    seq: int
+    seq: int | None
     kind: str  # one of PROBLEM_KINDS
     detail: str
-    table: str = "spend"
+    table: str | None = "spend"
+
+    def describe(self) -> str:
+        if self.table is None:
+            where = "the file"
+        elif self.seq is None:
+            where = f"table {self.table}"
+        elif self.seq == 0:
+            where = f"{self.table} head"
+        else:
+            where = f"{self.table} row {self.seq}"
+        return f"{where}: {self.kind} ({self.detail})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,44 +388,118 @@ _REPORT_COLUMNS = (
     ("epsilon_dataset_reported", "REAL"),
     ("recorded_at", "TEXT NOT NULL"),
 )
+_META_COLUMNS = (
+    ("key", "TEXT NOT NULL"),
+    ("value", "TEXT NOT NULL"),
+)
+META_TABLE = "meta"
+HEADS_TABLE = "chain_heads"
+# The chained tables of each kind of ledger. Every table listed here is created, hash-chained, given a head record
+# and verified by the same generic code: a new table needs only its entry here (and a new SCHEMA_VERSION).
 _SCHEMAS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
-    SITE_SCHEMA: {"spend": _SPEND_COLUMNS},
-    SERVER_SCHEMA: {"runs": _RUN_COLUMNS, "reports": _REPORT_COLUMNS},
+    SITE_SCHEMA: {META_TABLE: _META_COLUMNS, "spend": _SPEND_COLUMNS},
+    SERVER_SCHEMA: {META_TABLE: _META_COLUMNS, "runs": _RUN_COLUMNS, "reports": _REPORT_COLUMNS},
 }
 _INDEXES = {
-    SITE_SCHEMA: ("CREATE INDEX IF NOT EXISTS spend_dataset ON spend(dataset_fingerprint)",
-                  "CREATE INDEX IF NOT EXISTS spend_run ON spend(run_id)"),
-    SERVER_SCHEMA: ("CREATE INDEX IF NOT EXISTS reports_run ON reports(run_id)",),
+    SITE_SCHEMA: ("CREATE UNIQUE INDEX meta_key ON meta(key)",
+                  "CREATE INDEX spend_dataset ON spend(dataset_fingerprint)",
+                  "CREATE INDEX spend_run ON spend(run_id)"),
+    SERVER_SCHEMA: ("CREATE UNIQUE INDEX meta_key ON meta(key)",
+                    "CREATE INDEX reports_run ON reports(run_id)"),
 }
+META_REQUIRED = ("schema", "version", "created_at")
+MIGRATING = "migrating"  # the version a version 1 file is given while it is migrated: writers stop on it
 
 
 def _real_columns(columns: Sequence[tuple[str, str]]) -> tuple[str, ...]:
     return tuple(name for name, sql in columns if sql.startswith("REAL"))
 
 
+def hashed_fields(table: str, names: Sequence[str], row: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a row that its hash covers: every declared column. The one place the writer and the verifier
+    agree on it (a column added later that must not change old rows' hashes is dropped here when NULL)."""
+    return {n: row[n] for n in names}
+
+
+def chained_tables(schema: str) -> dict[str, tuple[tuple[str, str], ...]]:
+    """The declared chained tables of a ledger kind (table -> its data columns), in creation order."""
+    return dict(_SCHEMAS[schema])
+
+
+def chained_tables_of(schema: str, version: str = SCHEMA_VERSION) -> dict[str, tuple[tuple[str, str], ...]]:
+    """The chained tables of a ledger kind as a file of ``version`` has them (version 1: meta was not chained)."""
+    tables = dict(_SCHEMAS[schema])
+    if version == "1":
+        tables.pop(META_TABLE)
+    return tables
+
+
+def schema_ddl(schema: str, version: str = SCHEMA_VERSION) -> list[str]:
+    """The exact CREATE statements of a ledger kind: used to create a ledger and to check one's structure
+    (``version`` "1": the layout older files have, which is only ever verified, never written)."""
+    if version == "1":
+        stmts = ["CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+                 "CREATE TABLE IF NOT EXISTS chain_heads (chain TEXT PRIMARY KEY, count INTEGER NOT NULL, "
+                 "head_hash TEXT NOT NULL)"]
+        for table, columns in chained_tables_of(schema, "1").items():
+            cols = ", ".join(f"{name} {sql}" for name, sql in columns)
+            stmts.append(f"CREATE TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, {cols}, "
+                         "prev_hash TEXT NOT NULL, hash TEXT NOT NULL)")
+        return stmts + [s.replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ") for s in _INDEXES[schema]
+                        if " ON meta(" not in s]
+    stmts = [f"CREATE TABLE {HEADS_TABLE} (chain TEXT PRIMARY KEY, count INTEGER NOT NULL, "
+             "head_hash TEXT NOT NULL)"]
+    for table, columns in _SCHEMAS[schema].items():
+        cols = ", ".join(f"{name} {sql}" for name, sql in columns)
+        stmts.append(f"CREATE TABLE {table} (seq INTEGER PRIMARY KEY, {cols}, prev_hash TEXT NOT NULL, "
+                     "hash TEXT NOT NULL)")
+    return stmts + list(_INDEXES[schema])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # SQLite plumbing
+#
+# Durability: rollback-journal mode (journal_mode=DELETE) with synchronous=FULL. A commit has reached the main
+# file (and been fsynced) before it returns, so nothing acknowledged lives only in a -wal file that could be lost;
+# the -journal file only ever holds the *old* pages of a transaction still in flight.
 
 
-def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
-    if read_only and not path.is_file():
+def lenient_text(raw: bytes) -> str:
+    """SQLite text factory that cannot fail: invalid UTF-8 becomes lone surrogates, which the verifier reports."""
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def _connect(path: Path, *, read_only: bool, create: bool = False) -> sqlite3.Connection:
+    """A connection to an existing ledger file (``create``: the temporary file a new ledger is built in).
+
+    Writers open with ``mode=rw``: a ledger that vanished is an error, never silently re-created empty."""
+    if not create and not path.is_file():
         raise LedgerError(f"ledger {path} does not exist")
+    uri = path.resolve().as_uri()
     try:
+        conn = None
         if read_only:
             try:
-                conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S,
-                                       isolation_level=None)
+                conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+                conn.text_factory = lenient_text
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
                 return conn
-            except sqlite3.Error:  # e.g. a WAL file whose -shm cannot be created read-only: read it normally
-                pass
-        conn = sqlite3.connect(str(path), timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            except sqlite3.Error:  # e.g. a hot journal a read-only connection may not roll back
+                if conn is not None:
+                    conn.close()
+        conn = sqlite3.connect(uri + ("?mode=rwc" if create else "?mode=rw"), uri=True, timeout=_BUSY_TIMEOUT_S,
+                               isolation_level=None)
+        conn.text_factory = lenient_text
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.Error as exc:
+        if not read_only:
+            mode = conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+            if str(mode).lower() != "delete":
+                conn.close()
+                raise LedgerError(f"ledger {path}: cannot leave journal mode {mode!r} (another process has it open "
+                                  "in WAL mode); stop it and retry")
+            conn.execute("PRAGMA synchronous=FULL")
+    except (sqlite3.Error, UnicodeError) as exc:
         raise LedgerError(f"cannot open ledger {path}: {exc} (is it an SQLite file?)") from exc
-    if not read_only:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
     return conn
 
 
@@ -408,30 +512,45 @@ def _open(path: Path, *, read_only: bool) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
+def read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
+    """The meta table as {key: value} (first row of a key wins); LedgerError when it is missing or unreadable."""
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if META_TABLE not in tables:
+            raise LedgerError(f"{path} is not a privatune ledger (it has no meta table)")
+        meta: dict[str, Any] = {}
+        for key, value in conn.execute(f"SELECT key, value FROM {META_TABLE} ORDER BY rowid"):
+            meta.setdefault(key, value)
+        return meta
+    except (sqlite3.Error, UnicodeError) as exc:
+        raise LedgerError(f"cannot read the meta table of {path}: {exc}") from exc
+
+
 def _read_schema(conn: sqlite3.Connection, path: Path) -> str:
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if "meta" not in tables:
-        raise LedgerError(f"{path} is not a privatune ledger (it has no meta table)")
-    row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-    if row is None or row[0] not in _SCHEMAS:
-        raise LedgerError(f"{path} is not a privatune ledger (unknown schema {row[0] if row else None!r})")
-    version = conn.execute("SELECT value FROM meta WHERE key='version'").fetchone()
-    if version is None or version[0] != SCHEMA_VERSION:
-        raise LedgerError(f"{path}: unsupported ledger version {version[0] if version else None!r}, "
-                          f"this privatune reads version {SCHEMA_VERSION}")
-    return row[0]
+    """The schema of a ledger this code writes (the current version); LedgerError for anything else."""
+    meta = read_meta(conn, path)
+    schema = meta.get("schema")
+    if not isinstance(schema, str) or schema not in _SCHEMAS:
+        raise LedgerError(f"{path} is not a privatune ledger (unknown schema {schema!r})")
+    version = meta.get("version")
+    if version == MIGRATING:
+        raise LedgerError(f"{path}: a migration of this ledger was interrupted; its original is kept as "
+                          f"{meta.get('migration_backup')!r} in the same folder: put it back and migrate again")
+    if version == "1":
+        raise LedgerVersionError(f"{path} is a version 1 ledger (written before the meta table was hash-chained): "
+                          f"`privatune audit` verifies it, but this privatune writes only version {SCHEMA_VERSION}: "
+                          "stop the site and run `privatune site migrate-ledger` on it")
+    if version != SCHEMA_VERSION:
+        raise LedgerError(f"{path}: unsupported ledger version {version!r}, this privatune reads version "
+                          f"{SCHEMA_VERSION}")
+    return schema
 
 
 def ledger_schema(path: Path) -> str:
     """``SITE_SCHEMA`` or ``SERVER_SCHEMA`` for a ledger file; LedgerError for anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise LedgerError(f"ledger {path} does not exist")
     with _open(path, read_only=True) as conn:
-        try:
-            return _read_schema(conn, path)
-        except sqlite3.Error as exc:
-            raise LedgerError(f"cannot read ledger {path}: {exc}") from exc
+        return _read_schema(conn, path)
 
 
 def read_rows(path: Path, table: str) -> list[dict[str, Any]]:
@@ -448,183 +567,131 @@ def read_rows(path: Path, table: str) -> list[dict[str, Any]]:
             raise LedgerError(f"cannot read table {table} of {path}: {exc}") from exc
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Chain verification
-
-
-def _candidate_seqs(stored: int, hint: int, upper: int) -> Iterator[int]:
-    """Positions a moved row might have been hashed at: first the shift seen on the previous moved row, then
-    outward from where it is stored."""
-    if 1 <= stored + hint <= upper and hint != 0:
-        yield stored + hint
-    for d in range(1, upper + 1):
-        for cand in (stored + d, stored - d):
-            if 1 <= cand <= upper and cand != stored + hint:
-                yield cand
-        if stored + d > upper and stored - d < 1:
-            return
-
-
-def _verify_table(table: str, columns: Sequence[tuple[str, str]], rows: list[dict[str, Any]],
-                  head: tuple[int, str] | None) -> list[ChainProblem]:
-    names = [name for name, _ in columns]
-    reals = _real_columns(columns)
-    found: dict[tuple[int, str], ChainProblem] = {}
-
-    def add(seq: int, kind: str, detail: str) -> None:
-        found.setdefault((seq, kind), ChainProblem(seq=seq, kind=kind, detail=detail, table=table))
-
-    prefixes = {r["seq"]: _hash_prefix(table, {n: r[n] for n in names}, reals, r["prev_hash"]) for r in rows}
-
-    def h(row: dict[str, Any], seq: int) -> str:
-        return _finish(prefixes[row["seq"]], seq)
-
-    count = head[0] if head else 0
-    upper = max([count, len(rows)] + [r["seq"] for r in rows]) + 1
-    # 1. Each row against its own hash: intact, moved (hash valid at another position) or edited.
-    position: dict[int, int] = {}  # stored seq -> position in the chain it was written at
-    edited: set[int] = set()
-    hint = 0
-    for r in rows:
-        s = r["seq"]
-        if h(r, s) == r["hash"]:
-            position[s] = s
-            continue
-        moved_to = next((c for c in _candidate_seqs(s, hint, upper) if h(r, c) == r["hash"]), None)
-        if moved_to is None:
-            edited.add(s)
-            position[s] = s
-            add(s, "edited", f"row {s}'s contents no longer match its stored hash: a field was changed after it "
-                             "was written")
-        else:
-            position[s] = moved_to
-            hint = moved_to - s
-    by_seq = {r["seq"]: r for r in rows}
-    if head is not None:
-        at = [position[r["seq"]] for r in rows if r["hash"] == head[1] and r["seq"] not in edited]
-        if at and max(at) != count:
-            add(0, "edited", f"the chain head records {count} rows but its last hash is row {max(at)}'s: the "
-                             "head's count was changed")
-            count = max(at)
-            head = (count, head[1])
-    # 2. Rows written at a position but stored out of order relative to their neighbours: reordered.
-    stored_order = [r["seq"] for r in rows]
-    prefix_max, running = [], -1
-    for s in stored_order:
-        prefix_max.append(running)
-        running = max(running, position[s])
-    suffix_min, running = [0] * len(stored_order), math.inf
-    for i in range(len(stored_order) - 1, -1, -1):
-        suffix_min[i] = running
-        running = min(running, position[stored_order[i]])
-    for i, s in enumerate(stored_order):
-        p = position[s]
-        if p != s and (prefix_max[i] > p or suffix_min[i] < p):
-            add(s, "reordered", f"row stored as seq {s} was written as row {p}: rows were moved")
-    # 3. Walk the chain by position.
-    holders: dict[int, list[int]] = {}
-    for s in stored_order:
-        holders.setdefault(position[s], []).append(s)
-    last = max([count] + list(holders))
-    chosen: dict[int, int] = {}  # position -> stored seq of the row taken as genuine
-    for p in range(1, last + 1):
-        if p not in holders:
-            continue
-        cands = holders[p]
-        if len(cands) == 1:
-            chosen[p] = cands[0]
-            continue
-        referenced = {by_seq[s]["prev_hash"] for s in holders.get(p + 1, [])}
-        if head and p == count:
-            referenced.add(head[1])
-        genuine = next((s for s in cands if by_seq[s]["hash"] in referenced),
-                       next((s for s in cands if s == p), cands[0]))
-        chosen[p] = genuine
-        for s in cands:
-            if s != genuine:
-                add(s, "inserted", f"row stored as seq {s} claims chain position {p}, which another row holds: "
-                                   "it was inserted")
-    hashes = {by_seq[s]["hash"]: p for p, s in chosen.items()}
-    for p in range(1, last + 1):
-        if p not in chosen:
-            if head and p > count:
-                continue
-            why = "the tail was truncated" if not any(q > p for q in chosen) else "it was deleted"
-            add(p, "deleted", f"row {p} is missing (the chain head records {count} rows): {why}")
-            continue
-        s = chosen[p]
-        if p > 1 and p - 1 not in chosen:
-            continue  # explained by the deletion reported above
-        expected = GENESIS_HASH if p == 1 else by_seq[chosen[p - 1]]["hash"]
-        prev = by_seq[s]["prev_hash"]
-        if prev == expected or s in edited:
-            continue
-        two_back = GENESIS_HASH if p == 2 else (by_seq[chosen[p - 2]]["hash"] if p - 2 in chosen else None)
-        if p >= 2 and prev == two_back:
-            q = chosen[p - 1]
-            add(q, "inserted", f"row {q} does not belong to the chain: row {p}'s prev_hash skips it and points "
-                               f"to row {p - 2}")
-        elif prev in hashes:
-            add(s, "reordered", f"row {s}'s prev_hash points to row {hashes[prev]}, not to the row before it")
-        elif p >= 2:
-            q = chosen[p - 1]
-            add(q, "edited", f"row {q} was rewritten and its hash recomputed: row {p}'s prev_hash no longer "
-                             f"matches it (or rows between them were removed and the rest renumbered)")
-        else:
-            add(s, "edited", f"row {s} is the first row but its prev_hash is not the genesis hash")
-    # 4. The head record: rows past its count were added outside the ledger; its hash must be the last row's.
-    if head is None:
-        add(0, "deleted", "the chain head record (row count and last hash) is missing: truncation of the tail "
-                          "cannot be ruled out")
-    else:
-        for p in sorted(holders):
-            if p > count:
-                for s in holders[p]:
-                    add(s, "inserted", f"row stored as seq {s} lies beyond the {count} rows the chain head "
-                                       "records: it was added outside the ledger")
-        if count == 0 and head[1] != GENESIS_HASH:
-            add(0, "edited", "the chain head records no rows but a non-genesis hash")
-        elif count in chosen and by_seq[chosen[count]]["hash"] != head[1]:
-            q = chosen[count]
-            add(q, "edited", f"row {q}'s hash does not match the chain head's last hash: it was rewritten "
-                             "(or the head record was)")
-    return sorted(found.values(), key=lambda pr: (pr.seq, PROBLEM_KINDS.index(pr.kind)))
-
-
 def verify_chain(path: Path) -> list[ChainProblem]:
-    """Every break in every hash chain of a ledger file (site or server); an empty list when intact.
+    """Every problem in a ledger file (site or server): broken hash chains, and any malformation of the file, its
+    structure or its rows, each naming the table and row. An empty list when intact; LedgerError only when the
+    path is not a file. See ``common.ledger_verify``."""
+    from common.ledger_verify import verify_ledger
 
-    Detected and named: a row edited in place (its hash no longer matches), a row rewritten with a recomputed hash
-    (the next row's prev_hash or the head no longer matches), a row deleted (with or without renumbering the
-    rest), the tail truncated (the head's count is larger), a row inserted or appended outside the ledger, and
-    rows moved to other positions.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise LedgerError(f"ledger {path} does not exist")
-    with _open(path, read_only=True) as conn:
-        return _verify_conn(conn, path)
+    return verify_ledger(Path(path))
 
 
-def _verify_conn(conn: sqlite3.Connection, path: Path) -> list[ChainProblem]:
-    schema = _read_schema(conn, path)
-    saved = conn.row_factory
-    conn.row_factory = sqlite3.Row
+def recovery_advice(path: Path) -> str:
+    """What to do with a ledger that cannot be trusted: never re-create it (its spends would be forgotten)."""
+    return (f"Do not delete or re-create {Path(path).name}: the privacy spend it records would be forgotten. Keep "
+            f"the file as evidence, audit it with `privatune audit {path}`, and restore the ledger from a backup; "
+            "the site must not train until then")
+
+
+def _insert_row(conn: sqlite3.Connection, path: Path, schema: str, table: str, values: dict[str, Any]) -> int:
+    """Insert one row at the end of ``table``'s chain inside the caller's write transaction; returns its seq."""
+    columns = _SCHEMAS[schema][table]
+    names = [name for name, _ in columns]
+    found = conn.execute(f"SELECT count, head_hash FROM {HEADS_TABLE} WHERE chain=?", (table,)).fetchone()
+    n_rows, max_seq = conn.execute(f"SELECT count(*), coalesce(max(seq), 0) FROM {table}").fetchone()
+    last = conn.execute(f"SELECT hash FROM {table} WHERE seq=?", (max_seq,)).fetchone()
+    if found is None or n_rows != found[0] or max_seq != found[0] or (last[0] if last else GENESIS_HASH) != found[1]:
+        raise LedgerIntegrityError(path, verify_chain(path) or [
+            ChainProblem(seq=0, kind="edited", detail="the chain head does not match the rows", table=table)])
+    count, head = found
+    seq = count + 1
+    digest = row_hash(table, seq, hashed_fields(table, names, values), _real_columns(columns), head)
+    conn.execute(f"INSERT INTO {table} (seq, {', '.join(names)}, prev_hash, hash) "
+                 f"VALUES ({', '.join('?' * (len(names) + 3))})", [seq, *(values[n] for n in names), head, digest])
+    conn.execute(f"UPDATE {HEADS_TABLE} SET count=?, head_hash=? WHERE chain=?", (seq, digest, table))
+    return seq
+
+
+def _fsync_dir(folder: Path) -> None:
     try:
-        try:
-            heads = {r["chain"]: (r["count"], r["head_hash"]) for r in conn.execute("SELECT * FROM chain_heads")}
-        except sqlite3.Error:
-            heads = {}
-        problems: list[ChainProblem] = []
-        for table, columns in _SCHEMAS[schema].items():
-            try:
-                rows = [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY seq")]
-            except sqlite3.Error as exc:
-                raise LedgerError(f"cannot read table {table} of {path}: {exc}") from exc
-            problems.extend(_verify_table(table, columns, rows, heads.get(table)))
-        return problems
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
-        conn.row_factory = saved
+        os.close(fd)
+
+
+def migrate_ledger(path: Path) -> Path:
+    """Rewrite a version 1 ledger as the current version, keeping every row with its seq and hash (the chains
+    carry over unchanged; the meta table becomes a chain of its own). Returns where the original is kept.
+
+    Run it with the site stopped. The original must verify; it is copied aside (``<name>.v1-<time>.bak``) under an
+    exclusive lock, the new file is built under a temporary name and verified, the original is marked as being
+    migrated (so a writer that still had it open fails instead of writing to a file about to be replaced), and the
+    new file is renamed over it."""
+    from common.ledger_verify import inspect_ledger
+
+    path = Path(path)
+    found = inspect_ledger(path)
+    if found.schema is None or found.problems:
+        raise LedgerIntegrityError(path, found.problems)
+    if found.version != "1":
+        raise LedgerError(f"{path} is a version {found.version} ledger: nothing to migrate")
+    schema = found.schema
+    conn = _connect(path, read_only=False)  # leaving WAL checkpoints the log into the main file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.creating")
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.row_factory = sqlite3.Row
+        meta = read_meta(conn, path)
+        heads = {r["chain"]: (r["count"], r["head_hash"]) for r in conn.execute(f"SELECT * FROM {HEADS_TABLE}")}
+        present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = {t: ([dict(r) for r in conn.execute(f"SELECT * FROM {t} ORDER BY seq")] if t in present else [])
+                  for t in chained_tables_of(schema, "1")}
+        backup = path.with_name(f"{path.name}.v1-{utc_now()[:19].replace(':', '')}.bak")
+        shutil.copy2(path, backup)
+        os.chmod(backup, 0o600)
+        old_umask = os.umask(0o077)
+        try:
+            new = _connect(tmp, read_only=False, create=True)
+        finally:
+            os.umask(old_umask)
+        try:
+            new.execute("BEGIN IMMEDIATE")
+            for stmt in schema_ddl(schema):
+                new.execute(stmt)
+            new.execute(f"INSERT INTO {HEADS_TABLE} VALUES (?, 0, ?)", (META_TABLE, GENESIS_HASH))
+            items = {**meta, "version": SCHEMA_VERSION, "migrated_from": "1", "migrated_at": utc_now()}
+            for key in (*META_REQUIRED, *sorted(k for k in items if k not in META_REQUIRED)):
+                _insert_row(new, tmp, schema, META_TABLE, {"key": key, "value": str(items[key])})
+            for table, rows in tables.items():
+                names = [n for n, _ in _SCHEMAS[schema][table]]
+                for r in rows:  # verbatim: same seq, fields, prev_hash and hash
+                    new.execute(f"INSERT INTO {table} (seq, {', '.join(names)}, prev_hash, hash) VALUES "
+                                f"({', '.join('?' * (len(names) + 3))})",
+                                [r["seq"], *(r.get(n) for n in names), r["prev_hash"], r["hash"]])
+                count, head = heads.get(table, (0, GENESIS_HASH))
+                new.execute(f"INSERT INTO {HEADS_TABLE} VALUES (?, ?, ?)", (table, count, head))
+            new.execute("COMMIT")
+        finally:
+            new.close()
+        problems = verify_chain(tmp)
+        if problems:
+            raise LedgerIntegrityError(tmp, problems)
+        # Writers that still hold the original open must fail, not write to a file about to be replaced.
+        conn.execute(f"DELETE FROM {HEADS_TABLE}")
+        conn.execute(f"UPDATE {META_TABLE} SET value=? WHERE key='version'", (MIGRATING,))
+        conn.execute(f"INSERT OR REPLACE INTO {META_TABLE} (key, value) VALUES ('migration_backup', ?)",
+                     (backup.name,))
+        conn.execute("COMMIT")
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return backup
+    except sqlite3.Error as exc:
+        raise LedgerError(f"cannot migrate ledger {path}: {exc}") from exc
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            try:
+                leftover.unlink()
+            except FileNotFoundError:
+                pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -635,71 +702,105 @@ class _ChainedLedger:
     SCHEMA = ""
 
     def __init__(self, path: Path, *, verify: bool = True):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        existed = self.path.exists() and self.path.stat().st_size > 0
-        with _open(self.path, read_only=False) as conn:
-            try:
-                self._create(conn, existed)
-            except sqlite3.Error as exc:
-                raise LedgerError(f"cannot initialise ledger {self.path}: {exc}") from exc
-        if existed and verify:
-            problems = verify_chain(self.path)
-            if problems:
-                raise LedgerIntegrityError(self.path, problems)
+        """Open the ledger at ``path``, or create it if (and only if) nothing is there.
 
-    def _create(self, conn: sqlite3.Connection, existed: bool) -> None:
-        if existed:
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if tables:  # an existing ledger: it must be ours and of this kind
-                schema = _read_schema(conn, self.path)
-                if schema != self.SCHEMA:
-                    raise LedgerError(f"{self.path} is a {schema}, not a {self.SCHEMA}")
+        An existing file is never re-created or treated as new, whatever state it is in: empty, truncated,
+        corrupt, another kind of file, or a broken chain all raise LedgerError naming the file and what to do.
+        ``verify=False`` skips the full chain check (the file must still be a readable ledger of this kind)."""
+        self.path = Path(path)
+        if not os.path.lexists(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._create_new():
                 return
-        conn.execute("BEGIN IMMEDIATE")
+        self._open_existing(verify)
+
+    # -- an existing file ----------------------------------------------------------------------------------------
+
+    def _open_existing(self, verify: bool) -> None:
+        path = self.path
+        if not path.is_file():
+            raise LedgerError(f"ledger {path} is not a regular file. {recovery_advice(path)}")
+        if path.stat().st_size == 0:
+            raise LedgerError(f"ledger {path} is empty (0 bytes): it was truncated or never finished. "
+                              f"{recovery_advice(path)}")
         try:
-            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            conn.execute("CREATE TABLE IF NOT EXISTS chain_heads (chain TEXT PRIMARY KEY, "
-                         "count INTEGER NOT NULL, head_hash TEXT NOT NULL)")
-            for table, columns in _SCHEMAS[self.SCHEMA].items():
-                cols = ", ".join(f"{name} {sql}" for name, sql in columns)
-                conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, {cols}, "
-                             "prev_hash TEXT NOT NULL, hash TEXT NOT NULL)")
-                conn.execute("INSERT OR IGNORE INTO chain_heads VALUES (?, 0, ?)", (table, GENESIS_HASH))
-            for stmt in _INDEXES[self.SCHEMA]:
-                conn.execute(stmt)
-            for key, value in (("schema", self.SCHEMA), ("version", SCHEMA_VERSION), ("created_at", utc_now())):
-                conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
+            schema = ledger_schema(path)
+        except LedgerVersionError:
             raise
-        schema = _read_schema(conn, self.path)
+        except LedgerError as exc:
+            raise LedgerError(f"{exc}. {recovery_advice(path)}") from exc
         if schema != self.SCHEMA:
-            raise LedgerError(f"{self.path} is a {schema}, not a {self.SCHEMA}")
+            raise LedgerError(f"{path} is a {schema}, not a {self.SCHEMA}: check the path")
+        if verify:
+            problems = verify_chain(path)
+            if problems:
+                raise LedgerIntegrityError(path, problems)
+        if path.stat().st_mode & 0o077:
+            try:  # ledgers written by an older privatune were world-readable
+                os.chmod(path, 0o600)
+            except OSError:
+                pass
+
+    # -- a new file --------------------------------------------------------------------------------------------
+
+    def _create_new(self) -> bool:
+        """Build the empty ledger under a temporary name in the same folder, then link it into place, so a crash
+        mid-create leaves no half ledger at the real path. False when another process created it first."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.creating")
+        try:
+            old_umask = os.umask(0o077)  # the file and its -journal are owner-only from the first byte
+            try:
+                conn = _connect(tmp, read_only=False, create=True)
+            finally:
+                os.umask(old_umask)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for stmt in schema_ddl(self.SCHEMA):
+                    conn.execute(stmt)
+                for table in _SCHEMAS[self.SCHEMA]:
+                    conn.execute(f"INSERT INTO {HEADS_TABLE} VALUES (?, 0, ?)", (table, GENESIS_HASH))
+                for key, value in (("schema", self.SCHEMA), ("version", SCHEMA_VERSION), ("created_at", utc_now())):
+                    _insert_row(conn, tmp, self.SCHEMA, META_TABLE, {"key": key, "value": value})
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise LedgerError(f"cannot create ledger {self.path}: {exc}") from exc
+            finally:
+                conn.close()
+            os.chmod(tmp, 0o600)
+            try:
+                os.link(tmp, self.path)  # atomic, and never replaces a file that appeared meanwhile
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links
+                if os.path.lexists(self.path):
+                    return False
+                os.rename(tmp, self.path)
+            _fsync_dir(self.path.parent)
+            return True
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+                try:
+                    leftover.unlink()
+                except FileNotFoundError:
+                    pass
+
+    # -- rows --------------------------------------------------------------------------------------------------
 
     def _append(self, table: str, values: dict[str, Any]) -> int:
-        """Insert one row at the end of ``table``'s chain; committed (fsynced) before returning its seq."""
-        columns = _SCHEMAS[self.SCHEMA][table]
-        names = [name for name, _ in columns]
+        """Insert one row at the end of ``table``'s chain; in the main file (fsynced) before returning its seq."""
         with _open(self.path, read_only=False) as conn:
-            conn.execute("BEGIN IMMEDIATE")  # take the write lock before reading the head: appends serialise
             try:
-                count, head = conn.execute("SELECT count, head_hash FROM chain_heads WHERE chain=?",
-                                           (table,)).fetchone()
-                n_rows, max_seq = conn.execute(f"SELECT count(*), coalesce(max(seq), 0) FROM {table}").fetchone()
-                last = conn.execute(f"SELECT hash FROM {table} WHERE seq=?", (max_seq,)).fetchone()
-                if n_rows != count or max_seq != count or (last[0] if last else GENESIS_HASH) != head:
-                    raise LedgerIntegrityError(self.path, _verify_conn(conn, self.path))
-                seq = count + 1
-                digest = row_hash(table, seq, {n: values[n] for n in names}, _real_columns(columns), head)
-                conn.execute(
-                    f"INSERT INTO {table} (seq, {', '.join(names)}, prev_hash, hash) "
-                    f"VALUES ({', '.join('?' * (len(names) + 3))})",
-                    [seq, *(values[n] for n in names), head, digest],
-                )
-                conn.execute("UPDATE chain_heads SET count=?, head_hash=? WHERE chain=?", (seq, digest, table))
+                conn.execute("BEGIN IMMEDIATE")  # take the write lock before reading the head: appends serialise
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot write ledger {self.path}: {exc}") from exc
+            try:
+                seq = _insert_row(conn, self.path, self.SCHEMA, table, values)
                 conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK")
+                raise LedgerError(f"cannot write ledger {self.path}: {exc}") from exc
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -711,7 +812,10 @@ class _ChainedLedger:
     def _select(self, table: str, where: str = "", params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with _open(self.path, read_only=False) as conn:
             conn.row_factory = sqlite3.Row
-            return [dict(r) for r in conn.execute(f"SELECT * FROM {table} {where} ORDER BY seq", params)]
+            try:
+                return [dict(r) for r in conn.execute(f"SELECT * FROM {table} {where} ORDER BY seq", params)]
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot read table {table} of {self.path}: {exc}") from exc
 
 
 _SPEND_FIELDS = tuple(f.name for f in fields(SpendEntry))

@@ -244,6 +244,21 @@ def site_check(
     console.print("[green]site ready[/]")
 
 
+@site_app.command("migrate-ledger")
+def site_migrate_ledger(
+    path: Path = typer.Argument(..., help="a version 1 ledger file (stop the site first)"),
+) -> None:
+    """Rewrite a version 1 ledger as the current version; every row and hash is kept, the original is backed up."""
+    from common.ledger import LedgerError, migrate_ledger
+
+    try:
+        backup = migrate_ledger(path)
+    except LedgerError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(1) from None
+    console.print(f"migrated {path}; the version 1 original is kept as {backup}")
+
+
 @app.command()
 def pki(
     out: Optional[Path] = typer.Option(None, help="folder for the trial CA, server certificate and node keys"),

@@ -94,11 +94,13 @@ def test_append_returns_seq_and_chains_rows(tmp_path: Path) -> None:
     assert ledger_schema(path) == "privatune.site-ledger"
 
 
-def test_wal_mode_and_full_sync(tmp_path: Path) -> None:
+def test_rollback_journal_mode_keeps_no_wal(tmp_path: Path) -> None:
+    """Commits go to the main file (no -wal whose loss could drop an acknowledged spend)."""
     ledger = fill(tmp_path / "l.ledger.sqlite", 1)
     conn = sqlite3.connect(ledger.path)
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     conn.close()
+    assert not any(p.name.endswith(("-wal", "-shm", "-journal")) for p in tmp_path.iterdir())
 
 
 def test_values_round_trip_exactly(tmp_path: Path) -> None:
@@ -221,8 +223,10 @@ def test_wrong_kind_of_file_is_refused(tmp_path: Path) -> None:
         SiteLedger(junk)
     other = tmp_path / "other.sqlite"
     sql(other, "CREATE TABLE t (x)")
+    (problem,) = verify_chain(other)  # the verifier reports, it does not raise
+    assert problem.kind == "malformed" and problem.table is None and "not a privatune ledger" in problem.detail
     with pytest.raises(LedgerError, match="not a privatune ledger"):
-        verify_chain(other)
+        SiteLedger(other)
 
 
 # ---------------------------------------------------------------------------------------------- tampering
