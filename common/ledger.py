@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common.accounting import ACCOUNTANTS, Mechanism, compose, epsilon_of
+from common.record_budget import cohort_id_of, pack_ids, unpack_ids
 
 GENESIS_HASH = "0" * 64
 LEDGER_SUFFIX = ".ledger.sqlite"
@@ -43,6 +44,11 @@ STATUS_TRAINED = "trained"
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"
 STATUS_DROPPED = "dropped"
 STATUSES = (STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED, STATUS_DROPPED)
+
+#: Why a spend was made: DP-SGD training, or a noised release of metrics on validation records.
+PURPOSE_TRAIN = "train"
+PURPOSE_METRICS = "metrics"
+PURPOSES = (PURPOSE_TRAIN, PURPOSE_METRICS)
 
 PROBLEM_KINDS = ("edited", "deleted", "inserted", "reordered")
 _BUSY_TIMEOUT_S = 30.0
@@ -185,9 +191,19 @@ class SpendEntry:
     max_epsilon: float | None  # the site budget in force (None = none)
     started_at: str  # ISO-8601 UTC
     recorded_at: str  # ISO-8601 UTC
+    # The cohort (row of the ``cohorts`` table) the mechanism sampled from; None in ledgers written before
+    # per-record budgets: such a spend counts against every record of the site.
+    cohort_id: str | None = None
+    purpose: str = PURPOSE_TRAIN
 
     def __post_init__(self) -> None:
         w = f"SpendEntry(run {self.run_id!r}, round {self.round!r})"
+        if self.cohort_id is not None:
+            _text(w, "cohort_id", self.cohort_id)
+        if self.purpose is None:  # a row written before purposes existed
+            object.__setattr__(self, "purpose", PURPOSE_TRAIN)
+        if self.purpose not in PURPOSES:
+            raise _bad(w, "purpose", self.purpose, f"one of {PURPOSES}")
         for name in ("run_id", "site_id", "dataset_fingerprint", "params_fingerprint"):
             _text(w, name, getattr(self, name))
         _int(w, "round", self.round, 1)
@@ -333,7 +349,22 @@ _SPEND_COLUMNS = (
     ("max_epsilon", "REAL"),
     ("started_at", "TEXT NOT NULL"),
     ("recorded_at", "TEXT NOT NULL"),
+    ("cohort_id", "TEXT"),
+    ("purpose", "TEXT"),
 )
+#: Each distinct set of records a spend sampled from, stored once: ``ids`` is the base64 of the sorted 16-byte
+#: keyed record ids (common/record_budget.py), ``cohort_id`` the sha256 of those bytes.
+_COHORT_COLUMNS = (
+    ("cohort_id", "TEXT NOT NULL"),
+    ("size", "INTEGER NOT NULL"),
+    ("ids", "TEXT NOT NULL"),
+    ("recorded_at", "TEXT NOT NULL"),
+)
+#: Columns and tables added after version 1 files were written. An added column is hashed only when it holds a
+#: value, so rows written before it existed keep their hashes; an added table missing from an old file reads as
+#: empty (its chain head is missing too) and is created when the file is next opened for writing.
+_ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"spend": ("cohort_id", "purpose")}
+_ADDED_TABLES: tuple[str, ...] = ("cohorts",)
 _RUN_COLUMNS = (
     ("run_id", "TEXT NOT NULL"),
     ("config", "TEXT NOT NULL"),
@@ -359,18 +390,25 @@ _REPORT_COLUMNS = (
     ("recorded_at", "TEXT NOT NULL"),
 )
 _SCHEMAS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
-    SITE_SCHEMA: {"spend": _SPEND_COLUMNS},
+    SITE_SCHEMA: {"spend": _SPEND_COLUMNS, "cohorts": _COHORT_COLUMNS},
     SERVER_SCHEMA: {"runs": _RUN_COLUMNS, "reports": _REPORT_COLUMNS},
 }
 _INDEXES = {
     SITE_SCHEMA: ("CREATE INDEX IF NOT EXISTS spend_dataset ON spend(dataset_fingerprint)",
-                  "CREATE INDEX IF NOT EXISTS spend_run ON spend(run_id)"),
+                  "CREATE INDEX IF NOT EXISTS spend_run ON spend(run_id)",
+                  "CREATE INDEX IF NOT EXISTS cohorts_id ON cohorts(cohort_id)"),
     SERVER_SCHEMA: ("CREATE INDEX IF NOT EXISTS reports_run ON reports(run_id)",),
 }
 
 
 def _real_columns(columns: Sequence[tuple[str, str]]) -> tuple[str, ...]:
     return tuple(name for name, sql in columns if sql.startswith("REAL"))
+
+
+def _hashed_fields(table: str, names: Sequence[str], row: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a row its hash covers: every column, except an added column that holds no value."""
+    added = _ADDED_COLUMNS.get(table, ())
+    return {n: row.get(n) for n in names if not (n in added and row.get(n) is None)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -441,9 +479,16 @@ def read_rows(path: Path, table: str) -> list[dict[str, Any]]:
         schema = _read_schema(conn, path)
         if table not in _SCHEMAS[schema]:
             raise LedgerError(f"{path} ({schema}) has no table {table!r}")
+        present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if table in _ADDED_TABLES and table not in present:
+            return []  # a file written before the table existed
         conn.row_factory = sqlite3.Row
         try:
-            return [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY seq")]
+            rows = [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY seq")]
+            for r in rows:  # a file written before a column existed: the column reads as NULL
+                for column in _ADDED_COLUMNS.get(table, ()):
+                    r.setdefault(column, None)
+            return rows
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot read table {table} of {path}: {exc}") from exc
 
@@ -474,7 +519,7 @@ def _verify_table(table: str, columns: Sequence[tuple[str, str]], rows: list[dic
     def add(seq: int, kind: str, detail: str) -> None:
         found.setdefault((seq, kind), ChainProblem(seq=seq, kind=kind, detail=detail, table=table))
 
-    prefixes = {r["seq"]: _hash_prefix(table, {n: r[n] for n in names}, reals, r["prev_hash"]) for r in rows}
+    prefixes = {r["seq"]: _hash_prefix(table, _hashed_fields(table, names, r), reals, r["prev_hash"]) for r in rows}
 
     def h(row: dict[str, Any], seq: int) -> str:
         return _finish(prefixes[row["seq"]], seq)
@@ -616,7 +661,10 @@ def _verify_conn(conn: sqlite3.Connection, path: Path) -> list[ChainProblem]:
         except sqlite3.Error:
             heads = {}
         problems: list[ChainProblem] = []
+        present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         for table, columns in _SCHEMAS[schema].items():
+            if table in _ADDED_TABLES and table not in present and table not in heads:
+                continue  # a file written before the table existed
             try:
                 rows = [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY seq")]
             except sqlite3.Error as exc:
@@ -655,6 +703,7 @@ class _ChainedLedger:
                 schema = _read_schema(conn, self.path)
                 if schema != self.SCHEMA:
                     raise LedgerError(f"{self.path} is a {schema}, not a {self.SCHEMA}")
+                self._add_missing(conn, tables)
                 return
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -678,6 +727,31 @@ class _ChainedLedger:
         if schema != self.SCHEMA:
             raise LedgerError(f"{self.path} is a {schema}, not a {self.SCHEMA}")
 
+    def _add_missing(self, conn: sqlite3.Connection, tables: set[str]) -> None:
+        """Bring a file written before ``_ADDED_TABLES``/``_ADDED_COLUMNS`` up to date (nothing else changes)."""
+        todo_tables = [t for t in _ADDED_TABLES if t in _SCHEMAS[self.SCHEMA] and t not in tables]
+        todo_cols = [(t, c) for t, cols in _ADDED_COLUMNS.items() if t in _SCHEMAS[self.SCHEMA] and t in tables
+                     for c in cols
+                     if c not in {r[1] for r in conn.execute(f"PRAGMA table_info({t})")}]
+        if not todo_tables and not todo_cols:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table in todo_tables:
+                cols = ", ".join(f"{name} {sql}" for name, sql in _SCHEMAS[self.SCHEMA][table])
+                conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, {cols}, "
+                             "prev_hash TEXT NOT NULL, hash TEXT NOT NULL)")
+                conn.execute("INSERT OR IGNORE INTO chain_heads VALUES (?, 0, ?)", (table, GENESIS_HASH))
+            for table, column in todo_cols:
+                sql = dict(_SCHEMAS[self.SCHEMA][table])[column]
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql}")
+            for stmt in _INDEXES[self.SCHEMA]:
+                conn.execute(stmt)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
     def _append(self, table: str, values: dict[str, Any]) -> int:
         """Insert one row at the end of ``table``'s chain; committed (fsynced) before returning its seq."""
         columns = _SCHEMAS[self.SCHEMA][table]
@@ -692,7 +766,7 @@ class _ChainedLedger:
                 if n_rows != count or max_seq != count or (last[0] if last else GENESIS_HASH) != head:
                     raise LedgerIntegrityError(self.path, _verify_conn(conn, self.path))
                 seq = count + 1
-                digest = row_hash(table, seq, {n: values[n] for n in names}, _real_columns(columns), head)
+                digest = row_hash(table, seq, _hashed_fields(table, names, values), _real_columns(columns), head)
                 conn.execute(
                     f"INSERT INTO {table} (seq, {', '.join(names)}, prev_hash, hash) "
                     f"VALUES ({', '.join('?' * (len(names) + 3))})",
@@ -753,6 +827,19 @@ class SiteLedger(_ChainedLedger):
     def run_history(self, run_id: str, dataset_fingerprint: str) -> list[Mechanism]:
         rows = self._select("spend", "WHERE run_id=? AND dataset_fingerprint=?", (run_id, dataset_fingerprint))
         return [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"])) for r in rows]
+
+    def add_cohort(self, record_ids: Sequence[bytes]) -> str:
+        """Store a set of record ids once (a no-op when already stored); returns its cohort id."""
+        packed = pack_ids(record_ids)
+        cid = cohort_id_of(packed)
+        if not self._select("cohorts", "WHERE cohort_id=?", (cid,)):
+            self._append("cohorts", {"cohort_id": cid, "size": len(unpack_ids(packed)), "ids": packed,
+                                     "recorded_at": utc_now()})
+        return cid
+
+    def cohorts(self) -> dict[str, frozenset[bytes]]:
+        """Every stored cohort: cohort id -> the record ids it holds."""
+        return {r["cohort_id"]: frozenset(unpack_ids(r["ids"])) for r in self._select("cohorts")}
 
     def last_round(self, run_id: str) -> int | None:
         with _open(self.path, read_only=False) as conn:
