@@ -27,7 +27,7 @@ from client.randomness import SiteRandomness
 from client.record_ids import dataset_fingerprint, record_ids, validation_split
 from client.site_config import SiteConfig
 from client.site_data import SiteDataError, load_site_data
-from client.site_secret import load_site_key
+from client.site_secret import key_for_ledger
 from client.training import evaluate, train_local
 from common.config import RunConfig
 from common.datasets import LabelledData
@@ -101,20 +101,6 @@ class LocalData:
     num_records: int
 
 
-def site_key(site: SiteConfig) -> bytes:
-    """The site key; a missing one is created, unless the ledger already holds spends keyed by a lost key."""
-    from common.ledger import read_rows
-
-    path = site.key_path
-    may_create = True
-    if not path.exists() and site.ledger_path.exists() and site.ledger_path.stat().st_size > 0:
-        try:
-            may_create = not any(r.get("cohort_id") for r in read_rows(site.ledger_path, "spend"))
-        except Exception:  # unreadable: the ledger's own check will say why; never guess a new key
-            may_create = False
-    return load_site_key(path, may_create=may_create)
-
-
 def load_local_data(cfg: RunConfig, site: SiteConfig) -> LocalData:
     """The site's records, their keyed ids, the keyed validation split and the keyed dataset fingerprint."""
     if site.simulated:
@@ -124,7 +110,7 @@ def load_local_data(cfg: RunConfig, site: SiteConfig) -> LocalData:
         assert site.data is not None
         kind = get_model_spec(cfg.model).kind
         data = load_site_data(site.data, cfg.label_names, kind=kind, name=site.site_id)
-    key = site_key(site)
+    key = key_for_ledger(site.key_path, site.ledger_path)
     ids = record_ids(key, data)
     train_idx, val_idx = validation_split(key, ids, cfg.val_fraction)
     return LocalData(

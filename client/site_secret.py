@@ -26,6 +26,21 @@ def default_key_path(ledger_path: Path) -> Path:
     return ledger_path.with_name(ledger_path.stem + ".key")
 
 
+def key_for_ledger(key_path: Path, ledger_path: Path) -> bytes:
+    """The site key for a ledger; a missing one is created unless the ledger already holds keyed spends (their
+    record ids could never be matched again) or cannot be read (never guess)."""
+    from common.ledger import read_rows
+
+    key_path, ledger_path = Path(key_path), Path(ledger_path)
+    may_create = True
+    if not key_path.exists() and ledger_path.exists():
+        try:
+            may_create = not any(r.get("cohort_id") for r in read_rows(ledger_path, "spend"))
+        except Exception:
+            may_create = ledger_path.stat().st_size == 0  # a broken ledger: its own check says why
+    return load_site_key(key_path, may_create=may_create)
+
+
 def load_site_key(path: Path, *, may_create: bool = True) -> bytes:
     """The site key at ``path``, created when absent and ``may_create`` (False: a ledger already holds spends keyed
     by a key that must not be replaced)."""

@@ -20,7 +20,8 @@ def test_a_good_site_passes_and_reports_counts(tmp_path):
     rep = check_site(node, {"preset": "sms-spam", "batch-size": 32})
     assert rep.ok, [(c.name, c.detail) for c in rep.checks]
     assert rep.data_summary["labels"] == {"ham": 160, "spam": 40}
-    assert any(c.name == "budget" and "8 on this data" in c.detail for c in rep.checks)
+    assert any(c.name == "budget" and "200 records with budget left, 0 exhausted" in c.detail
+               and "max-epsilon 8" in c.detail for c in rep.checks)
 
 
 def test_unknown_label_names_the_file_and_record(tmp_path):
