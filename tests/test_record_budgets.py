@@ -287,3 +287,31 @@ def test_validation_split_is_keyed_stable_and_grows_with_the_fraction():
     va_sub = validation_split(key, ids[:200], 0.1)[1]
     assert set(va_sub) == {i for i in va1 if i < 200}
     assert len(validation_split(key, ids[:1], 0.4)[0]) == 1  # training is never emptied
+
+
+# ----------------------------------------------------------------------------------------- the audit
+
+
+def test_the_audit_links_site_and_server_rows_by_the_keyed_fingerprint(tmp_path, trained_site):
+    from common.audit import audit_paths
+    from common.ledger import SERVER_LEDGER_NAME, ServerLedger
+
+    _, _, reply = trained_site
+    m, st = reply["metrics"], reply["status"]
+    srv = ServerLedger(tmp_path / SERVER_LEDGER_NAME)
+    srv.record_run("1", {"num-server-rounds": 1}, "plain")
+    srv.record_report("1", 1, st["client-id"], 1, status="trained", noise_multiplier=m["noise-multiplier"],
+                      sample_rate=m["sample-rate"], steps=m["steps"], max_grad_norm=m["max-grad-norm"],
+                      delta=m["delta"], accountant=st["accountant"], epsilon_reported=m["epsilon"],
+                      epsilon_dataset_reported=m["epsilon-dataset"], dataset_fingerprint=st["dataset-fingerprint"])
+    report = audit_paths([tmp_path])
+    assert report.ok, [v.message for v in report.violations]
+    site_rows = [e for e in report.entries if e.source == "site"]
+    assert [e.dataset_fingerprint for e in site_rows] == [st["dataset-fingerprint"]]
+    assert site_rows[0].epsilon_dataset == pytest.approx(m["epsilon-dataset"], abs=1e-6)
+    # A server record with another fingerprint no longer matches the site's row.
+    srv.record_report("1", 1, st["client-id"], 1, status="trained", noise_multiplier=m["noise-multiplier"],
+                      sample_rate=m["sample-rate"], steps=m["steps"], max_grad_norm=m["max-grad-norm"],
+                      delta=m["delta"], accountant=st["accountant"], epsilon_reported=m["epsilon"],
+                      dataset_fingerprint=hashlib.sha256(b"guess").hexdigest())
+    assert any(v.kind == "report-mismatch" for v in audit_paths([tmp_path]).violations)
