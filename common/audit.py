@@ -370,24 +370,16 @@ class _Auditor:
                 entry.epsilon_dataset, data_err = self.eps(data_hist[run_key[1]], delta, acc)
                 what = f"all spends on dataset {entry.dataset_fingerprint}"
             else:
-                try:
-                    entry.epsilon_rdp, _ = self._record_eps(cohorts[cohort], cohorts, spends, delta, "rdp",
-                                                            entry.run_id)
-                except AccountingError:
-                    entry.epsilon_rdp = None
-                try:
-                    entry.epsilon_prv, prv_data = self._record_eps(cohorts[cohort], cohorts, spends, delta, "prv",
-                                                                   entry.run_id)
-                except AccountingError as exc:
-                    entry.epsilon_prv, prv_data, prv_err = None, None, str(exc)
-                if acc == "prv":
-                    entry.epsilon_dataset, data_err = prv_data, prv_err
-                else:
+                worst: dict[str, tuple[float | None, float | None]] = {}
+                errors: dict[str, str] = {}
+                for name in ("rdp", "prv"):
                     try:
-                        entry.epsilon_dataset = self._record_eps(cohorts[cohort], cohorts, spends, delta, acc,
-                                                                 entry.run_id)[1]
+                        worst[name] = self._record_eps(cohorts[cohort], cohorts, spends, delta, name, entry.run_id)
                     except AccountingError as exc:
-                        entry.epsilon_dataset, data_err = None, str(exc)
+                        worst[name], errors[name] = (None, None), str(exc)
+                (entry.epsilon_rdp, _), (entry.epsilon_prv, _) = worst["rdp"], worst["prv"]
+                entry.epsilon_dataset = worst[acc][1] if acc in worst else None
+                prv_err, data_err = errors.get("prv"), errors.get(acc)
                 what = f"the worst of its {len(cohorts[cohort])} records over every spend holding it"
             if prv_err and acc != "prv":
                 self.notes.append(f"{path.name} row {seq}: no PRV value ({prv_err})")
