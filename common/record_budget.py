@@ -124,9 +124,9 @@ def record_epsilons(
     cache: dict[tuple, float] = {}
 
     def cached(history: list[Mechanism]) -> float:
-        key = tuple(history)
+        key = tuple(sorted(history))  # composition does not depend on order: groups with equal multisets share
         if key not in cache:
-            cache[key] = eps(history, delta, accountant)
+            cache[key] = eps(list(key), delta, accountant)
         return cache[key]
 
     for group, idx in group_records(record_ids, cohorts).items():
