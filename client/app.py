@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 
 from client.privacy_guard import PrivacyGuard, check_site_delta
 from client.randomness import SiteRandomness
-from client.record_ids import dataset_fingerprint, record_ids, validation_split
+from client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
 from client.site_config import SiteConfig
 from client.site_data import SiteDataError, load_site_data
 from client.site_secret import key_for_ledger
@@ -79,6 +79,7 @@ class LocalRun:
     train_ids: list[bytes]  # keyed record ids (client/record_ids.py), aligned with train
     val_ids: list[bytes]
     dataset_fingerprint: str  # keyed, of all local records: links this site's ledger rows to the server's
+    key_check: str  # which site key made the ids (client/record_ids.key_check)
     model: Classifier
     trainable_names: list[str]
 
@@ -99,6 +100,7 @@ class LocalData:
     val_ids: list[bytes]
     fingerprint: str
     num_records: int
+    key_check: str
 
 
 def load_local_data(cfg: RunConfig, site: SiteConfig) -> LocalData:
@@ -120,6 +122,7 @@ def load_local_data(cfg: RunConfig, site: SiteConfig) -> LocalData:
         val_ids=[ids[i] for i in val_idx],
         fingerprint=dataset_fingerprint(key, ids),
         num_records=len(data),
+        key_check=key_check(key),
     )
 
 
@@ -134,7 +137,7 @@ def prepare(msg: Message, context: Context) -> LocalRun:
     incoming = decode_global_state(msg, cfg, site)
     load_trainable_state(model, incoming)
     return LocalRun(cfg, site, str(context.run_id), server_round, local.train, local.val, local.train_ids,
-                    local.val_ids, local.fingerprint, model, names)
+                    local.val_ids, local.fingerprint, local.key_check, model, names)
 
 
 def decode_global_state(msg: Message, cfg: RunConfig, site: SiteConfig) -> dict[str, np.ndarray]:
@@ -213,7 +216,8 @@ def train(msg: Message, context: Context) -> Message:
         [(n, tuple(p.shape)) for n, p in run.model.named_parameters() if p.requires_grad]
     )
     try:
-        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted)
+        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted,
+                             run.key_check)
         plan = guard.plan(cfg, run.run_id, run.train_ids)
     except ValueError as err:  # e.g. a looser delta than the site's
         log.error("round refused: %s", err)

@@ -86,6 +86,8 @@ class PrivacyGuard:
     """Per-record budget checks and write-ahead recording for one site.
 
     ``delta`` is the site's (node-config ``delta``); a run may ask for a stricter one, never a looser one.
+    ``key_check`` (client/record_ids.key_check of the site key) must match the one the ledger's cohorts were
+    made with: record ids from another key would match no earlier spend and restart every budget at zero.
     """
 
     ledger_path: str | Path
@@ -93,12 +95,20 @@ class PrivacyGuard:
     max_epsilon: float | None
     delta: float = DEFAULT_SITE_DELTA
     on_exhausted: str = "exclude"
+    key_check: str = "unkeyed"
     ledger: SiteLedger = field(init=False)
 
     def __post_init__(self) -> None:
         if self.on_exhausted not in ON_EXHAUSTED:
             raise ValueError(f"on-exhausted must be one of {ON_EXHAUSTED}, got {self.on_exhausted!r}")
         self.ledger = SiteLedger(Path(self.ledger_path))
+        others = self.ledger.key_checks() - {self.key_check}
+        if others:
+            raise ValueError(
+                f"the site key does not match the key the spends in {Path(self.ledger_path).name} were recorded "
+                "with: restore the site key backed up with this ledger (a new key would restart every record's "
+                "budget at zero)"
+            )
 
     # -- reading the budget ----------------------------------------------------------------------------------
 
@@ -192,7 +202,7 @@ class PrivacyGuard:
     ) -> int:
         """Append a spend on exactly ``record_ids`` durably (its cohort first); returns the spend's sequence
         number. Any release that costs privacy at this site goes through here (``purpose`` says which kind)."""
-        cohort = self.ledger.add_cohort(record_ids)
+        cohort = self.ledger.add_cohort(record_ids, self.key_check)
         noise, q, steps = mechanism
         entry = SpendEntry(
             run_id=run_id,

@@ -46,6 +46,11 @@ def record_ids(key: bytes, data: LabelledData) -> list[bytes]:
     return out
 
 
+def key_check(key: bytes) -> str:
+    """A keyed value that tells this key from another (kept in the ledger's cohorts, never sent)."""
+    return _mac(key, b"privatune.key-check\0").hex()[:32]
+
+
 def dataset_fingerprint(key: bytes, ids: list[bytes]) -> str:
     """The only fingerprint of the data that leaves the site or sits in a ledger: keyed, order-free."""
     return _mac(key, b"privatune.dataset\0", *sorted(ids)).hex()

@@ -74,7 +74,7 @@ def check_site(
         rep.add("data warning", True, w)
 
     from client.privacy_guard import PrivacyGuard
-    from client.record_ids import dataset_fingerprint, record_ids, validation_split
+    from client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
     from client.site_secret import SiteSecretError, key_for_ledger
 
     try:
@@ -102,7 +102,8 @@ def check_site(
                                     "the site would refuse it")
 
     try:
-        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted)
+        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted,
+                             key_check(key))
         eps = guard.epsilons(ids, cfg.accountant)
         worst = eps.worst
         if site.max_epsilon is None:

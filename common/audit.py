@@ -302,6 +302,10 @@ class _Auditor:
     def _cohorts(self, path: Path, rows: list[dict[str, Any]]) -> dict[str, frozenset[bytes]]:
         """The cohorts whose ids match their cohort id and size; a mismatch is a violation."""
         out: dict[str, frozenset[bytes]] = {}
+        keys = {row.get("key_check") for row in rows}
+        if len(keys) > 1:
+            self.flag("invalid-cohort", path, None, f"the cohorts were made with {len(keys)} different site keys: "
+                                                    "records keyed by a replaced key restart at zero", "cohorts")
         for row in rows:
             seq = row["seq"]
             try:

@@ -353,11 +353,13 @@ _SPEND_COLUMNS = (
     ("purpose", "TEXT"),
 )
 #: Each distinct set of records a spend sampled from, stored once: ``ids`` is the base64 of the sorted 16-byte
-#: keyed record ids (common/record_budget.py), ``cohort_id`` the sha256 of those bytes.
+#: keyed record ids (common/record_budget.py), ``cohort_id`` the sha256 of those bytes, ``key_check`` a keyed
+#: value of the site key that made the ids (so a replaced key is noticed instead of restarting every budget).
 _COHORT_COLUMNS = (
     ("cohort_id", "TEXT NOT NULL"),
     ("size", "INTEGER NOT NULL"),
     ("ids", "TEXT NOT NULL"),
+    ("key_check", "TEXT NOT NULL"),
     ("recorded_at", "TEXT NOT NULL"),
 )
 #: Columns and tables added after version 1 files were written. An added column is hashed only when it holds a
@@ -828,14 +830,20 @@ class SiteLedger(_ChainedLedger):
         rows = self._select("spend", "WHERE run_id=? AND dataset_fingerprint=?", (run_id, dataset_fingerprint))
         return [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"])) for r in rows]
 
-    def add_cohort(self, record_ids: Sequence[bytes]) -> str:
+    def add_cohort(self, record_ids: Sequence[bytes], key_check: str) -> str:
         """Store a set of record ids once (a no-op when already stored); returns its cohort id."""
+        _text("add_cohort", "key_check", key_check)
         packed = pack_ids(record_ids)
         cid = cohort_id_of(packed)
         if not self._select("cohorts", "WHERE cohort_id=?", (cid,)):
             self._append("cohorts", {"cohort_id": cid, "size": len(unpack_ids(packed)), "ids": packed,
-                                     "recorded_at": utc_now()})
+                                     "key_check": key_check, "recorded_at": utc_now()})
         return cid
+
+    def key_checks(self) -> set[str]:
+        """The key checks of every site key that made a stored cohort (one, unless the key was replaced)."""
+        with _open(self.path, read_only=False) as conn:
+            return {r[0] for r in conn.execute("SELECT DISTINCT key_check FROM cohorts")}
 
     def cohorts(self) -> dict[str, frozenset[bytes]]:
         """Every stored cohort: cohort id -> the record ids it holds."""

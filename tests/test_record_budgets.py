@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 
 from client.app import train
 from client.privacy_guard import PrivacyGuard
-from client.record_ids import dataset_fingerprint, record_ids, validation_split
+from client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
 from client.site_secret import SiteSecretError, default_key_path, load_site_key
 from common.config import RunConfig
 from common.datasets import LabelledData
@@ -145,7 +145,8 @@ def test_new_records_train_on_their_own_budget_and_exhausted_ones_are_left_out(t
     assert not old & new  # no record of the first run trained again
     assert reply["metrics"]["num-examples"] == len(new) and 40 <= len(new) <= 60
     # Every record, old or new, stays within the site budget.
-    spends = PrivacyGuard(tmp_path / "site-h.ledger.sqlite", "h", MAX_EPS).spends()
+    key = load_site_key(default_key_path(tmp_path / "site-h.ledger.sqlite"))
+    spends = PrivacyGuard(tmp_path / "site-h.ledger.sqlite", "h", MAX_EPS, key_check=key_check(key)).spends()
     eps = record_epsilons(sorted(old | new), cohorts, spends, 1e-5, "rdp")
     assert eps.worst <= MAX_EPS + 1e-9
     assert reply["metrics"]["epsilon-dataset"] == pytest.approx(max(
@@ -242,6 +243,12 @@ def test_key_file_is_owner_only_reused_and_a_readable_one_refused(tmp_path, trai
     lost = _train(_cfg(tmp_path), node, run_id=4)
     assert lost["status"]["status"] == "refused" and "restore the key" in lost["status"]["reason"]
     assert not key_path.exists()
+    other = os.open(key_path, os.O_WRONLY | os.O_CREAT, 0o600)  # another key put in its place
+    os.write(other, os.urandom(32))
+    os.close(other)
+    swapped = _train(_cfg(tmp_path), node, run_id=5)
+    assert swapped["status"]["status"] == "refused" and "does not match" in swapped["status"]["reason"]
+    assert len(_spends(tmp_path)) == 2
 
 
 def test_a_key_created_by_two_processes_at_once_is_one_key(tmp_path):

@@ -58,7 +58,7 @@ def test_site_check_counts_exhausted_records_and_the_worst_spend(tmp_path):
     from datetime import datetime, timezone
 
     from client.privacy_guard import PrivacyGuard
-    from client.record_ids import record_ids
+    from client.record_ids import key_check, record_ids
     from client.site_data import SiteDataSpec, load_site_data
     from client.site_secret import default_key_path, key_for_ledger
 
@@ -66,9 +66,9 @@ def test_site_check_counts_exhausted_records_and_the_worst_spend(tmp_path):
     ledger = tmp_path / "site-a.ledger.sqlite"
     node = {"site-id": "a", "data-path": str(data), "ledger-path": str(ledger), "max-epsilon": 2.0}
     # The site spent epsilon ~3 on the first 50 records in an earlier run.
-    ids = record_ids(key_for_ledger(default_key_path(ledger), ledger),
-                     load_site_data(SiteDataSpec(data, "csv"), ("ham", "spam"), kind="text"))
-    guard = PrivacyGuard(ledger, "a", 2.0)
+    key = key_for_ledger(default_key_path(ledger), ledger)
+    ids = record_ids(key, load_site_data(SiteDataSpec(data, "csv"), ("ham", "spam"), kind="text"))
+    guard = PrivacyGuard(ledger, "a", 2.0, key_check=key_check(key))
     guard.record_spend(purpose="train", record_ids=ids[:50], mechanism=(1.0, 0.5, 10), delta=1e-5,
                        accountant="rdp", max_grad_norm=1.0, run_id="old", server_round=1, dataset_fingerprint="fp",
                        params_fingerprint="pf", epsilon_run=3.0, epsilon_dataset=3.0,
