@@ -23,10 +23,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.privacy_guard import PrivacyGuard
+from client.privacy_guard import PrivacyGuard, check_site_delta
 from client.randomness import SiteRandomness
+from client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
 from client.site_config import SiteConfig
 from client.site_data import SiteDataError, load_site_data
+from client.site_secret import key_for_ledger
 from client.training import evaluate, train_local
 from common.config import RunConfig
 from common.datasets import LabelledData
@@ -76,7 +78,10 @@ class LocalRun:
     server_round: int
     train: LabelledData
     val: LabelledData
-    dataset_fingerprint: str  # of all local records, before the validation split: budgets follow the data
+    train_ids: list[bytes]  # keyed record ids (client/record_ids.py), aligned with train
+    val_ids: list[bytes]
+    dataset_fingerprint: str  # keyed, of all local records: links this site's ledger rows to the server's
+    key_check: str  # which site key made the ids (client/record_ids.key_check)
     model: Classifier
     trainable_names: list[str]
 
@@ -87,10 +92,21 @@ def read_run_config(msg: Message) -> tuple[RunConfig, int]:
     return RunConfig.from_flower(values), int(record.get("server-round", 0))
 
 
-def load_local_data(cfg: RunConfig, site: SiteConfig) -> tuple[LabelledData, LabelledData, str]:
-    """(train, validation, fingerprint of all local records)."""
-    from common.datasets import train_val_split
+@dataclass(frozen=True)
+class LocalData:
+    """A site's records split by its own keyed ids: the split and the ids are the site's alone."""
 
+    train: LabelledData
+    val: LabelledData
+    train_ids: list[bytes]
+    val_ids: list[bytes]
+    fingerprint: str
+    num_records: int
+    key_check: str
+
+
+def load_local_data(cfg: RunConfig, site: SiteConfig) -> LocalData:
+    """The site's records, their keyed ids, the keyed validation split and the keyed dataset fingerprint."""
     if site.simulated:
         assert site.partition_id is not None and site.num_partitions
         data = client_records(cfg, site.partition_id, site.num_partitions)
@@ -98,20 +114,32 @@ def load_local_data(cfg: RunConfig, site: SiteConfig) -> tuple[LabelledData, Lab
         assert site.data is not None
         kind = get_model_spec(cfg.model).kind
         data = load_site_data(site.data, cfg.label_names, kind=kind, name=site.site_id)
-    train, val = train_val_split(data, cfg.val_fraction, seed=cfg.seed)
-    return train, val, data.fingerprint()
+    key = key_for_ledger(site.key_path, site.ledger_path)
+    ids = record_ids(key, data)
+    train_idx, val_idx = validation_split(key, ids, cfg.val_fraction)
+    return LocalData(
+        train=data.subset(train_idx),
+        val=data.subset(val_idx),
+        train_ids=[ids[i] for i in train_idx],
+        val_ids=[ids[i] for i in val_idx],
+        fingerprint=dataset_fingerprint(key, ids),
+        num_records=len(data),
+        key_check=key_check(key),
+    )
 
 
 def prepare(msg: Message, context: Context) -> LocalRun:
     cfg, server_round = read_run_config(msg)
     site = SiteConfig.from_node_config(dict(context.node_config), cfg)
-    train, val, data_fp = load_local_data(cfg, site)
+    local = load_local_data(cfg, site)
+    check_site_delta(site.delta, local.num_records)
     spec = get_model_spec(cfg.model)
     model = spec.build(len(cfg.label_names), cfg.seed)
     names = configure_trainable(model, cfg.mode)
     incoming = decode_global_state(msg, cfg, site)
     load_trainable_state(model, incoming)
-    return LocalRun(cfg, site, str(context.run_id), server_round, train, val, data_fp, model, names)
+    return LocalRun(cfg, site, str(context.run_id), server_round, local.train, local.val, local.train_ids,
+                    local.val_ids, local.fingerprint, local.key_check, model, names)
 
 
 def decode_global_state(msg: Message, cfg: RunConfig, site: SiteConfig) -> dict[str, np.ndarray]:
@@ -196,24 +224,30 @@ def train(msg: Message, context: Context) -> Message:
         [(n, tuple(p.shape)) for n, p in run.model.named_parameters() if p.requires_grad]
     )
     try:
-        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon)
-        plan = guard.plan(cfg, run.run_id, len(run.train), dataset_fp)
-        if not plan.allowed:
-            log.warning("[%s] not training round %d: %s", site.site_id, run.server_round, plan.reason)
-            return _reply_without_update(msg, context, STATUS_BUDGET, plan.reason, site_id=site.site_id)
-        # Write-ahead: the spend is on disk before a single gradient is computed.
-        guard.record(plan, cfg, run.run_id, run.server_round, dataset_fp, params_fp, started)
+        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted,
+                             run.key_check)
+        plan = guard.plan(cfg, run.run_id, run.train_ids)
+        if plan.allowed:
+            # Write-ahead: the spend (and the cohort it samples from) is on disk before a single gradient.
+            guard.record(plan, cfg, run.run_id, run.server_round, run.train_ids, dataset_fp, params_fp, started)
     except LedgerError as err:  # a ledger that cannot be trusted or written: no spend can be proven, no training
         log.error("[%s] round %d refused: %s", site.site_id, run.server_round, err)
         return _reply_without_update(msg, context, STATUS_REFUSED, _ledger_error_for_server(site.ledger_path),
                                      site_id=site.site_id)
+    except ValueError as err:  # e.g. a looser delta than the site's
+        log.error("round refused: %s", err)
+        return _reply_without_update(msg, context, STATUS_REFUSED, str(err), site_id=site.site_id)
+    if not plan.allowed:
+        log.warning("[%s] not training round %d: %s", site.site_id, run.server_round, plan.reason)
+        return _reply_without_update(msg, context, STATUS_BUDGET, plan.reason, site_id=site.site_id)
     noise, delta = plan.noise_multiplier, plan.delta
-    result = train_round(run, run.train, noise)
+    cohort = run.train.subset(np.asarray(plan.train, dtype=np.int64))
+    result = train_round(run, cohort, noise)
     run.model.to("cpu")
     state = trainable_state(run.model)
     metrics = MetricRecord(
         {
-            "num-examples": len(run.train),
+            "num-examples": len(cohort),
             "train-loss": float(result.loss),
             "epsilon": float(plan.epsilon_run),
             "epsilon-dataset": float(plan.epsilon_dataset),
@@ -232,13 +266,13 @@ def train(msg: Message, context: Context) -> Message:
         **{"dataset-fingerprint": dataset_fp, "params-fingerprint": params_fp},
     )
     try:
-        arrays = encode_update(state, len(run.train), cfg, site)
+        arrays = encode_update(state, len(cohort), cfg, site)
     except HEError as err:  # e.g. a non-finite weight: refuse to encrypt, say why
         log.error("[%s] update not sent: %s", site.site_id, err)
         return _reply_without_update(msg, context, STATUS_REFUSED, f"update not encrypted: {err}", site_id=site.site_id)
     log.info(
         "[%s] round %d: %d records, loss %.4f, epsilon %.3f",
-        site.site_id, run.server_round, len(run.train), result.loss, plan.epsilon_run,
+        site.site_id, run.server_round, len(cohort), result.loss, plan.epsilon_run,
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "status": status}), reply_to=msg)
 

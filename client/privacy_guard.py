@@ -1,25 +1,36 @@
-"""A site's privacy budget: plan a round's spend, refuse it if over budget, record it first.
+"""A site's privacy budget, per record: plan a round's spend, exclude or refuse what is over budget, record first.
 
-The ledger on disk is the source of truth (Flower's in-memory node state dies with the SuperNode).
-Order of events for one round, so that a crash at any point over-counts rather than under-counts:
+The ledger on disk is the source of truth (Flower's in-memory node state dies with the SuperNode). Budgets follow
+records, not files: every spend names the cohort (the exact set of keyed record ids) it sampled from, and a record's
+epsilon composes every spend whose cohort holds it, at the site's delta (common/record_budget.py). Order of events
+for one round, so that a crash at any point over-counts rather than under-counts:
 
-1. plan: the mechanism this round will run (noise, sample rate, steps) and the epsilon it leads to,
-   for this run and for the dataset across every run in the ledger;
-2. refuse if the run's target or the site's ``max-epsilon`` would be passed;
-3. append the spend to the ledger (committed, fsynced) -- *before* training starts;
-4. train, and release the update.
+1. plan: the mechanism this round will run for the training records whose budget allows it (records that would
+   pass ``max-epsilon`` are left out and the mechanism recomputed for the smaller set, until nothing changes), and
+   the epsilon it leads to for the worst record, in this run and over every run in the ledger;
+2. refuse if nothing can train, if ``on-exhausted=refuse`` and a record is over budget, or if the run's target
+   would be passed;
+3. append the cohort and the spend to the ledger (committed, fsynced) -- *before* training starts;
+4. train on exactly that cohort, and release the update.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common.accounting import calibrate_noise, default_delta, epsilon_of, sample_rate, steps_per_epoch
+from common.accounting import Mechanism, calibrate_noise, sample_rate, steps_per_epoch
 from common.config import RunConfig
-from common.ledger import SiteLedger, SpendEntry
+from common.ledger import PURPOSE_TRAIN, SiteLedger, SpendEntry
+from common.record_budget import RecordEpsilons, Spend, record_epsilons
+
+log = logging.getLogger("privatune.client")
+
+DEFAULT_SITE_DELTA = 1e-5
+ON_EXHAUSTED = ("exclude", "refuse")
 
 # Calibration is a binary search over the accountant: memoise it, the inputs repeat every round.
 _NOISE_CACHE: dict[tuple, float] = {}
@@ -35,8 +46,14 @@ class RoundPlan:
     sample_rate: float
     steps: int
     delta: float
-    epsilon_run: float
-    epsilon_dataset: float
+    epsilon_run: float  # worst training record, this run, after this round
+    epsilon_dataset: float  # worst training record, every run, after this round
+    train: tuple[int, ...] = ()  # indices (into the training records offered) this round trains on
+    excluded: int = 0  # records left out for their budget: kept in the site log, never sent
+
+    @property
+    def mechanism(self) -> Mechanism:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
 def plan_noise(cfg: RunConfig, num_records: int, delta: float) -> float:
@@ -54,52 +71,160 @@ def plan_noise(cfg: RunConfig, num_records: int, delta: float) -> float:
     return _NOISE_CACHE[key]
 
 
+def check_site_delta(delta: float, num_records: int) -> float:
+    """The site's delta must be below 0.1/n: a delta near 1/n allows releasing a whole record."""
+    if not 0.0 < delta < 0.1 / max(num_records, 1):
+        raise ValueError(
+            f"the site's delta={delta:g} is not below 0.1/n = {0.1 / max(num_records, 1):.3g} for its {num_records} "
+            f"records: set node-config delta to at most {0.1 / max(num_records, 1) / 2:.2g}"
+        )
+    return delta
+
+
+@dataclass
 class PrivacyGuard:
-    """Budget checks and write-ahead recording for one site and one dataset."""
+    """Per-record budget checks and write-ahead recording for one site.
 
-    def __init__(self, ledger_path: str | Path, site_id: str, max_epsilon: float | None) -> None:
-        self.ledger = SiteLedger(Path(ledger_path))
-        self.site_id = site_id
-        self.max_epsilon = max_epsilon
+    ``delta`` is the site's (node-config ``delta``); a run may ask for a stricter one, never a looser one.
+    ``key_check`` (client/record_ids.key_check of the site key) must match the one the ledger's cohorts were
+    made with: record ids from another key would match no earlier spend and restart every budget at zero.
+    """
 
-    def delta_for(self, cfg: RunConfig, num_records: int) -> float:
-        delta = cfg.delta or default_delta(num_records)
-        if delta >= 1.0 / num_records:
+    ledger_path: str | Path
+    site_id: str
+    max_epsilon: float | None
+    delta: float = DEFAULT_SITE_DELTA
+    on_exhausted: str = "exclude"
+    key_check: str = "unkeyed"
+    ledger: SiteLedger = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.on_exhausted not in ON_EXHAUSTED:
+            raise ValueError(f"on-exhausted must be one of {ON_EXHAUSTED}, got {self.on_exhausted!r}")
+        self.ledger = SiteLedger(Path(self.ledger_path))
+        others = self.ledger.key_checks() - {self.key_check}
+        if others:
             raise ValueError(
-                f"delta={delta} is not below 1/n = {1 / num_records:.3g} for this site's {num_records} "
-                "records: such a delta allows releasing a record outright; lower delta"
+                f"the site key does not match the key the spends in {Path(self.ledger_path).name} were recorded "
+                "with: restore the site key backed up with this ledger (a new key would restart every record's "
+                "budget at zero)"
             )
-        return delta
 
-    def spent(self, dataset_fingerprint: str, accountant: str, delta: float) -> float:
-        """Epsilon already spent on this dataset across every run recorded here."""
-        return epsilon_of(self.ledger.history(dataset_fingerprint), delta, accountant)
+    # -- reading the budget ----------------------------------------------------------------------------------
 
-    def plan(self, cfg: RunConfig, run_id: str, num_records: int, dataset_fingerprint: str) -> RoundPlan:
-        delta = self.delta_for(cfg, num_records)
-        steps = cfg.local_epochs * steps_per_epoch(num_records, cfg.batch_size)
-        q = sample_rate(num_records, cfg.batch_size)
-        noise = plan_noise(cfg, num_records, delta)
-        mech = (noise, q, steps)
-        run_hist = self.ledger.run_history(run_id, dataset_fingerprint) + [mech]
-        data_hist = self.ledger.history(dataset_fingerprint) + [mech]
-        eps_run = epsilon_of(run_hist, delta, cfg.accountant)
-        eps_data = epsilon_of(data_hist, delta, cfg.accountant)
+    def run_delta(self, cfg: RunConfig) -> float:
+        """The delta every epsilon of this run is computed at: the site's, or the run's when it is stricter."""
+        if cfg.delta > self.delta:
+            raise ValueError(
+                f"looser delta refused: the run asks for delta={cfg.delta:g} but this site's delta is "
+                f"{self.delta:g}; run with delta=0 (the site's) or a smaller one"
+            )
+        return cfg.delta or self.delta
+
+    def spends(self) -> list[Spend]:
+        return [Spend(r.entry.mechanism, r.entry.cohort_id, r.entry.run_id) for r in self.ledger.entries()]
+
+    def epsilons(self, record_ids: Sequence[bytes], accountant: str, *, delta: float | None = None,
+                 new: Sequence[Mechanism] = (), run_id: str | None = None) -> RecordEpsilons:
+        """Each record's epsilon after every recorded spend holding it (plus ``new``, applied to all of them):
+        the generic budget read (training plans it; noised metric releases check it the same way)."""
+        return record_epsilons(record_ids, self.ledger.cohorts(), self.spends(), delta or self.delta, accountant,
+                               new=new, run_id=run_id)
+
+    def over_budget(self, eps: RecordEpsilons) -> list[int]:
+        if self.max_epsilon is None:
+            return []
+        return [i for i, e in enumerate(eps.spent) if e > self.max_epsilon + 1e-9]
+
+    # -- planning a round ------------------------------------------------------------------------------------
+
+    def plan(self, cfg: RunConfig, run_id: str, record_ids: Sequence[bytes]) -> RoundPlan:
+        """The round's cohort and mechanism for the training records ``record_ids`` (a fixed point: leaving
+        records out raises the sample rate, which may push more records over budget)."""
+        delta = self.run_delta(cfg)
+        cohorts, spends = self.ledger.cohorts(), self.spends()
+        keep = list(range(len(record_ids)))
+        while True:
+            if not keep:
+                return self._refusal(
+                    "budget exhausted: every training record at this site would pass the site budget "
+                    f"max-epsilon={self.max_epsilon:g} with this round", delta)
+            n = len(keep)
+            steps = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
+            mech = (plan_noise(cfg, n, delta), sample_rate(n, cfg.batch_size), steps)
+            ids = [record_ids[i] for i in keep]
+            eps = record_epsilons(ids, cohorts, spends, delta, cfg.accountant, new=[mech], run_id=run_id)
+            over = self.over_budget(eps)
+            if not over:
+                break
+            if self.on_exhausted == "refuse":
+                return self._refusal(
+                    f"budget exhausted: this round would bring some records past the site budget "
+                    f"max-epsilon={self.max_epsilon:g} (worst {eps.worst:.3f}); the site refuses "
+                    "(on-exhausted=refuse)", delta)
+            dropped = set(over)
+            keep = [k for j, k in enumerate(keep) if j not in dropped]
+        excluded = len(record_ids) - len(keep)
+        if excluded:
+            log.info("[%s] %d of %d training records left out: their budget is spent", self.site_id, excluded,
+                     len(record_ids))
         allowed, reason = True, ""
-        if self.max_epsilon is not None and eps_data > self.max_epsilon + 1e-9:
-            allowed = False
-            spent = self.spent(dataset_fingerprint, cfg.accountant, delta)
-            reason = (
-                f"budget exhausted: this round would bring epsilon on this dataset to {eps_data:.3f}, "
-                f"above the site budget max-epsilon={self.max_epsilon:g} (already spent {spent:.3f})"
-            )
-        elif cfg.private and eps_run > cfg.target_epsilon * 1.01 + 1e-6:
+        if cfg.private and eps.worst_run > cfg.target_epsilon * 1.01 + 1e-6:
             allowed = False
             reason = (
-                f"run target exhausted: this round would bring this run's epsilon to {eps_run:.3f}, "
+                f"run target exhausted: this round would bring this run's epsilon to {eps.worst_run:.3f}, "
                 f"above target-epsilon={cfg.target_epsilon:g}"
             )
-        return RoundPlan(allowed, reason, noise, q, steps, delta, eps_run, eps_data)
+        return RoundPlan(allowed, reason, mech[0], mech[1], mech[2], delta, eps.worst_run, eps.worst,
+                         tuple(keep), excluded)
+
+    def _refusal(self, reason: str, delta: float) -> RoundPlan:
+        return RoundPlan(False, reason, 0.0, 1.0, 0, delta, 0.0, 0.0)
+
+    # -- recording -------------------------------------------------------------------------------------------
+
+    def record_spend(
+        self,
+        *,
+        purpose: str,
+        record_ids: Sequence[bytes],
+        mechanism: Mechanism,
+        delta: float,
+        accountant: str,
+        max_grad_norm: float,
+        run_id: str,
+        server_round: int,
+        dataset_fingerprint: str,
+        params_fingerprint: str,
+        epsilon_run: float,
+        epsilon_dataset: float,
+        started_at: datetime,
+    ) -> int:
+        """Append a spend on exactly ``record_ids`` durably (its cohort first); returns the spend's sequence
+        number. Any release that costs privacy at this site goes through here (``purpose`` says which kind)."""
+        cohort = self.ledger.add_cohort(record_ids, self.key_check)
+        noise, q, steps = mechanism
+        entry = SpendEntry(
+            run_id=run_id,
+            round=server_round,
+            site_id=self.site_id,
+            dataset_fingerprint=dataset_fingerprint,
+            params_fingerprint=params_fingerprint,
+            noise_multiplier=noise,
+            sample_rate=q,
+            steps=steps,
+            max_grad_norm=max_grad_norm,
+            delta=delta,
+            accountant=accountant,
+            epsilon_run=epsilon_run,
+            epsilon_dataset=epsilon_dataset,
+            max_epsilon=self.max_epsilon,
+            started_at=started_at.isoformat(),
+            recorded_at=datetime.now(timezone.utc).isoformat(),
+            cohort_id=cohort,
+            purpose=purpose,
+        )
+        return self.ledger.append(entry)
 
     def record(
         self,
@@ -107,27 +232,24 @@ class PrivacyGuard:
         cfg: RunConfig,
         run_id: str,
         server_round: int,
+        record_ids: Sequence[bytes],
         dataset_fingerprint: str,
         params_fingerprint: str,
         started_at: datetime,
     ) -> int:
-        """Append the spend durably; returns the ledger sequence number."""
-        entry = SpendEntry(
-            run_id=run_id,
-            round=server_round,
-            site_id=self.site_id,
-            dataset_fingerprint=dataset_fingerprint,
-            params_fingerprint=params_fingerprint,
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
-            steps=plan.steps,
-            max_grad_norm=cfg.max_grad_norm,
+        """Write-ahead record of a planned training round on the plan's cohort of ``record_ids``."""
+        return self.record_spend(
+            purpose=PURPOSE_TRAIN,
+            record_ids=[record_ids[i] for i in plan.train],
+            mechanism=plan.mechanism,
             delta=plan.delta,
             accountant=cfg.accountant,
+            max_grad_norm=cfg.max_grad_norm,
+            run_id=run_id,
+            server_round=server_round,
+            dataset_fingerprint=dataset_fingerprint,
+            params_fingerprint=params_fingerprint,
             epsilon_run=plan.epsilon_run,
             epsilon_dataset=plan.epsilon_dataset,
-            max_epsilon=self.max_epsilon,
-            started_at=started_at.isoformat(),
-            recorded_at=datetime.now(timezone.utc).isoformat(),
+            started_at=started_at,
         )
-        return self.ledger.append(entry)

@@ -74,30 +74,49 @@ def check_site(
     for w in summary.get("warnings", []):
         rep.add("data warning", True, w)
 
-    from common.accounting import default_delta
-    from common.datasets import train_val_split
+    from client.privacy_guard import PrivacyGuard
+    from client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
+    from client.site_secret import SiteSecretError, key_for_ledger
 
-    train, _ = train_val_split(data, cfg.val_fraction, seed=cfg.seed)
-    n = len(train)
+    try:
+        key = key_for_ledger(site.key_path, site.ledger_path)
+    except (SiteSecretError, OSError) as err:
+        rep.add("site key", False, str(err))
+        return rep
+    rep.add("site key", True, f"{site.key_path} (owner-only; back it up with the ledger)")
+    ids = record_ids(key, data)
+    summary["fingerprint"] = dataset_fingerprint(key, ids)
+    train_idx, _ = validation_split(key, ids, cfg.val_fraction)
+    n = len(train_idx)
     rep.add(
         "size",
         n >= cfg.batch_size,
         f"{n} training records for batch-size {cfg.batch_size}"
         + ("" if n >= cfg.batch_size else ": fewer records than one batch; DP-SGD needs many more"),
     )
-    delta = cfg.delta or default_delta(n)
-    rep.add("delta", delta < 1.0 / n, f"delta {delta:.2g} vs 1/n = {1.0 / n:.2g}")
+    limit = 0.1 / len(data)
+    rep.add("delta", site.delta < limit,
+            f"site delta {site.delta:.2g} vs 0.1/n = {limit:.2g}"
+            + ("" if site.delta < limit else f": set node-config delta below {limit:.2g}"))
+    if cfg.delta > site.delta:
+        rep.add("run delta", False, f"the run's delta {cfg.delta:g} is looser than the site's {site.delta:g}: "
+                                    "the site would refuse it")
 
     try:
-        from client.privacy_guard import PrivacyGuard
-
-        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon)
-        spent = guard.spent(data.fingerprint(), cfg.accountant, delta)
+        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted,
+                             key_check(key))
+        eps = guard.epsilons(ids, cfg.accountant)
+        worst = eps.worst
         if site.max_epsilon is None:
-            rep.add("budget", True, f"spent {spent:.3f} on this data; no max-epsilon set (consider one)")
+            rep.add("budget", True, f"worst record has spent {worst:.3f}; no max-epsilon set (consider one)")
         else:
-            left = site.max_epsilon - spent
-            rep.add("budget", left > 0, f"spent {spent:.3f} of max-epsilon {site.max_epsilon:g} on this data; {max(left, 0):.3f} left")
+            exhausted = sum(e >= site.max_epsilon - 1e-9 for e in eps.spent)
+            rep.add(
+                "budget",
+                exhausted < len(ids),
+                f"{len(ids) - exhausted} records with budget left, {exhausted} exhausted; worst record has spent "
+                f"{worst:.3f} of max-epsilon {site.max_epsilon:g} ({max(site.max_epsilon - worst, 0):.3f} left)",
+            )
         rep.add("ledger", True, f"{site.ledger_path} (chain verified)")
     except LedgerError as err:  # empty, corrupt, foreign or tampered: it names the file and the recovery steps
         rep.add("ledger", False, str(err))

@@ -13,7 +13,9 @@ from typing import Any, Mapping
 
 import torch
 
+from client.privacy_guard import DEFAULT_SITE_DELTA, ON_EXHAUSTED
 from client.site_data import SiteDataSpec
+from client.site_secret import default_key_path
 from common.config import RunConfig
 
 SITE_KEYS = (
@@ -29,6 +31,9 @@ SITE_KEYS = (
     "cache-dir",
     "partition-id",
     "num-partitions",
+    "delta",
+    "on-exhausted",
+    "site-key-path",
 )
 
 
@@ -47,6 +52,13 @@ class SiteConfig:
     partition_id: int | None = None
     num_partitions: int | None = None
     data: SiteDataSpec | None = None
+    delta: float = DEFAULT_SITE_DELTA  # the site's own: every budget epsilon is computed at it
+    on_exhausted: str = "exclude"  # records over budget: leave them out ("exclude") or refuse the round
+    site_key_path: Path | None = None  # None: beside the ledger (client/site_secret.py)
+
+    @property
+    def key_path(self) -> Path:
+        return self.site_key_path or default_key_path(self.ledger_path)
 
     @property
     def simulated(self) -> bool:
@@ -65,7 +77,13 @@ class SiteConfig:
         if max_epsilon is not None and max_epsilon <= 0:
             raise SiteConfigError(f"max-epsilon must be > 0, got {max_epsilon}")
         out = Path(cfg.out_dir) if cfg.out_dir else None
+        on_exhausted = str(node_config.get("on-exhausted", "exclude")).strip() or "exclude"
+        if on_exhausted not in ON_EXHAUSTED:
+            raise SiteConfigError(f"on-exhausted must be one of {', '.join(ON_EXHAUSTED)}, got '{on_exhausted}'")
+        key = node_config.get("site-key-path")
+        budget = dict(on_exhausted=on_exhausted, site_key_path=Path(str(key)).expanduser() if key else None)
         if "data-path" in node_config:
+            budget["delta"] = _site_delta(node_config.get("delta", DEFAULT_SITE_DELTA))
             site_id = str(node_config.get("site-id", "")).strip()
             if not site_id:
                 raise SiteConfigError("site-id is required with data-path: a short name such as 'hospital-a'")
@@ -92,6 +110,7 @@ class SiteConfig:
                 he_secret_context=Path(str(secret)).expanduser() if secret else None,
                 device=device,
                 data=spec,
+                **budget,
             )
         if "partition-id" not in node_config:
             raise SiteConfigError(
@@ -119,7 +138,19 @@ class SiteConfig:
             device=device,
             partition_id=pid,
             num_partitions=num,
+            delta=cfg.delta or DEFAULT_SITE_DELTA,  # simulation: the run's delta is every simulated site's
+            **budget,
         )
+
+
+def _site_delta(raw: Any) -> float:
+    try:
+        delta = float(raw)
+    except (TypeError, ValueError):
+        raise SiteConfigError(f"delta must be a number such as 1e-5, got '{raw}'") from None
+    if not 0.0 < delta < 0.1:
+        raise SiteConfigError(f"delta must be in (0, 0.1) and below 0.1/n for the site's n records, got {delta}")
+    return delta
 
 
 def resolve_device(requested: str) -> str:

@@ -498,7 +498,8 @@ _BACKGROUND_RING = _background_ring()
 
 
 def describe_site_data(data: LabelledData) -> dict:
-    """A JSON-ready summary for `privatune site check`: counts per label, sizes, fingerprint and warnings.
+    """A JSON-ready summary for `privatune site check`: counts per label, sizes and warnings (the keyed
+    fingerprint is added by the check, which holds the site key).
 
     Only aggregate counts leave this function, no record content, so it is safe to print or share.
     """
@@ -519,7 +520,6 @@ def describe_site_data(data: LabelledData) -> dict:
         "labels": per_label,
         "label_fractions": {name: (c / total if total else 0.0) for name, c in per_label.items()},
         "missing_labels": missing,
-        "fingerprint": data.fingerprint(),
     }
     if data.kind == "text":
         lengths = np.asarray([len(t) for t in data.inputs], dtype=np.int64)

@@ -8,10 +8,14 @@ For every ledger file given (or found under a folder: ``*.ledger.sqlite``, i.e. 
    deleted, inserted or moved row of any chained table is a violation naming the table and row. A bad ledger
    never stops the audit: the other files are audited, and only well-formed rows are accounted;
 2. recomputes every epsilon from the recorded mechanisms alone, with both Opacus accountants (RDP and PRV):
-   a site row's run epsilon from that run's rows up to it, its dataset epsilon from every row on that dataset up
-   to it (all runs), a server report's epsilon from that client's trained reports in the run up to it;
-3. flags a recorded epsilon below the recomputation (with the accountant the row names, beyond ``tolerance``) and a
-   dataset epsilon above the site budget in force;
+   a site row that names a cohort (the exact set of keyed record ids it sampled from) gets the epsilon of the
+   worst record of that cohort, composing every earlier spend whose cohort holds that record (this run's for the
+   run epsilon, all runs' for the budget); a row from before cohorts gets, as before, its run's rows and every row
+   on its dataset fingerprint up to it; a server report's epsilon comes from that client's trained reports in the
+   run up to it;
+3. flags a recorded epsilon below the recomputation (with the accountant the row names, beyond ``tolerance``), a
+   record (or, before cohorts, a dataset) above the site budget in force, and a cohort row that does not match its
+   id or a spend naming a cohort the ledger lacks;
 4. cross-checks the server's record against the sites': a round the server has as trained for a client but the
    client's ledger lacks (or the reverse), and any reported value that differs from the site's record.
 
@@ -33,12 +37,14 @@ from rich.table import Table
 
 from common.accounting import ACCOUNTANTS, AccountingError, Mechanism, check_mechanism, epsilon_of, normalise
 from common.jsonsafe import jsonable
+from common.record_budget import CohortError, Spend, cohort_id_of, record_epsilons, unpack_ids
 from common.ledger import (
     LEDGER_GLOB,
     LEDGER_SUFFIX,
     SITE_SCHEMA,
     STATUS_BUDGET_EXHAUSTED,
     STATUS_DROPPED,
+    PURPOSE_TRAIN,
     STATUS_TRAINED,
 )
 from common.ledger_verify import inspect_ledger
@@ -56,6 +62,7 @@ VIOLATION_KINDS = (
     "missing-at-site",  # the server has the client as trained in a round the client's ledger lacks
     "missing-at-server",  # the site recorded a spend in a run the server ledger knows nothing of for that round
     "report-mismatch",  # what the server recorded differs from the site's record
+    "invalid-cohort",  # a cohort row whose ids do not match its id or size, or a spend naming a missing cohort
 )
 _PLOT_CAP = 1e6
 MARKDOWN_NAME = "audit.md"
@@ -283,7 +290,7 @@ class _Auditor:
         # Only rows that decoded with their declared types are accounted; the others are named above.
         if found.schema == SITE_SCHEMA:
             rows = found.rows.get("spend", [])
-            self._site(path, rows)
+            self._site(path, rows, self._cohorts(path, found.rows.get("cohorts", [])))
             kind = SITE
         else:
             rows = found.rows.get("reports", [])
@@ -293,16 +300,50 @@ class _Auditor:
 
     # -- site ledgers ------------------------------------------------------------------------------------------
 
-    def _site(self, path: Path, rows: list[dict[str, Any]]) -> None:
+    def _cohorts(self, path: Path, rows: list[dict[str, Any]]) -> dict[str, frozenset[bytes]]:
+        """The cohorts whose ids match their cohort id and size; a mismatch is a violation."""
+        out: dict[str, frozenset[bytes]] = {}
+        keys = {row.get("key_check") for row in rows}
+        if len(keys) > 1:
+            self.flag("invalid-cohort", path, None, f"the cohorts were made with {len(keys)} different site keys: "
+                                                    "records keyed by a replaced key restart at zero", "cohorts")
+        for row in rows:
+            seq = row["seq"]
+            try:
+                ids = unpack_ids(row["ids"])
+                if cohort_id_of(row["ids"]) != row["cohort_id"] or len(ids) != row["size"]:
+                    raise CohortError(f"its ids do not match its cohort id {row['cohort_id']!r} and size "
+                                      f"{row['size']!r}")
+            except (CohortError, TypeError) as exc:
+                self.flag("invalid-cohort", path, seq, f"cohort row {seq}: {exc}", "cohorts")
+                continue
+            out[row["cohort_id"]] = frozenset(ids)
+        return out
+
+    def _record_eps(self, members: frozenset[bytes], cohorts: dict[str, frozenset[bytes]], spends: list[Spend],
+                    delta: float, accountant: str, run_id: str) -> tuple[float, float]:
+        """(worst record's run epsilon, worst record's epsilon over all runs) among ``members``."""
+        def eps(history: Sequence[Mechanism], d: float, acc: str) -> float:
+            value, err = self.eps(history, d, acc)
+            if value is None:
+                raise AccountingError(err or "cannot recompute")
+            return value
+
+        res = record_epsilons(sorted(members), cohorts, spends, delta, accountant, run_id=run_id, eps=eps)
+        return res.worst_run, res.worst
+
+    def _site(self, path: Path, rows: list[dict[str, Any]], cohorts: dict[str, frozenset[bytes]]) -> None:
         named = _site_id_from_name(path)
         if named:
             self.site_parties.add(named)
         run_hist: dict[tuple[str, str], list[Mechanism]] = defaultdict(list)
         data_hist: dict[str, list[Mechanism]] = defaultdict(list)
+        spends: list[Spend] = []  # every accounted spend so far (those without a cohort count for every record)
         tol = self.tolerance
         for row in rows:
             seq, site = row["seq"], str(row["site_id"])
             self.site_parties.add(site)
+            cohort = row.get("cohort_id")
             entry = AuditEntry(
                 source=SITE, file=str(path), seq=seq, run_id=str(row["run_id"]), round=row["round"], party=site,
                 status=STATUS_TRAINED, node_id=None, dataset_fingerprint=row["dataset_fingerprint"],
@@ -311,18 +352,40 @@ class _Auditor:
                 epsilon_reported=row["epsilon_run"], epsilon_dataset_reported=row["epsilon_dataset"],
                 max_epsilon=row["max_epsilon"], recorded_at=row["recorded_at"],
             )
-            self.entries.append(entry)
+            if (row.get("purpose") or PURPOSE_TRAIN) == PURPOSE_TRAIN:
+                self.entries.append(entry)  # other purposes count in budgets but are no training round to match
             mech, why = _mechanism_of(row)
             if mech is None:
                 self.flag("invalid-entry", path, seq, f"row {seq} cannot be accounted: {why}", "spend", site)
                 continue
-            run_key = (entry.run_id, str(entry.dataset_fingerprint))
-            run_hist[run_key].append(mech)
-            data_hist[str(entry.dataset_fingerprint)].append(mech)
+            if cohort is not None and cohort not in cohorts:
+                self.flag("invalid-cohort", path, seq, f"row {seq} names cohort {cohort!r}, which the ledger does "
+                                                       "not hold (or holds altered): its records cannot be "
+                                                       "accounted", "spend", site)
+                continue
+            spends.append(Spend(mech, cohort, entry.run_id))
             delta, acc = float(row["delta"]), row["accountant"]
-            entry.epsilon_rdp, _ = self.eps(run_hist[run_key], delta, "rdp")
-            entry.epsilon_prv, prv_err = self.eps(run_hist[run_key], delta, "prv")
-            entry.epsilon_dataset, data_err = self.eps(data_hist[run_key[1]], delta, acc)
+            prv_err = data_err = None
+            if cohort is None:
+                run_key = (entry.run_id, str(entry.dataset_fingerprint))
+                run_hist[run_key].append(mech)
+                data_hist[str(entry.dataset_fingerprint)].append(mech)
+                entry.epsilon_rdp, _ = self.eps(run_hist[run_key], delta, "rdp")
+                entry.epsilon_prv, prv_err = self.eps(run_hist[run_key], delta, "prv")
+                entry.epsilon_dataset, data_err = self.eps(data_hist[run_key[1]], delta, acc)
+                what = f"all spends on dataset {entry.dataset_fingerprint}"
+            else:
+                worst: dict[str, tuple[float | None, float | None]] = {}
+                errors: dict[str, str] = {}
+                for name in ("rdp", "prv"):
+                    try:
+                        worst[name] = self._record_eps(cohorts[cohort], cohorts, spends, delta, name, entry.run_id)
+                    except AccountingError as exc:
+                        worst[name], errors[name] = (None, None), str(exc)
+                (entry.epsilon_rdp, _), (entry.epsilon_prv, _) = worst["rdp"], worst["prv"]
+                entry.epsilon_dataset = worst[acc][1] if acc in worst else None
+                prv_err, data_err = errors.get("prv"), errors.get(acc)
+                what = f"the worst of its {len(cohorts[cohort])} records over every spend holding it"
             if prv_err and acc != "prv":
                 self.notes.append(f"{path.name} row {seq}: no PRV value ({prv_err})")
             recomputed = entry.epsilon_recomputed
@@ -338,14 +401,16 @@ class _Auditor:
             if _below(row["epsilon_dataset"], entry.epsilon_dataset, tol):
                 self.flag("epsilon-underreported", path, seq,
                           f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) records dataset "
-                          f"epsilon {_fmt(row['epsilon_dataset'])} but all spends on dataset "
-                          f"{entry.dataset_fingerprint} give {_fmt(entry.epsilon_dataset)} ({acc})", "spend", site)
+                          f"epsilon {_fmt(row['epsilon_dataset'])} but {what} gives "
+                          f"{_fmt(entry.epsilon_dataset)} ({acc})", "spend", site)
             budget = _num(row["max_epsilon"])
             if budget is not None and entry.epsilon_dataset > budget + tol:
+                whom = (f"dataset {entry.dataset_fingerprint}" if cohort is None
+                        else f"a record of cohort {cohort[:16]}")
                 self.flag("budget-exceeded", path, seq,
-                          f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) takes dataset "
-                          f"{entry.dataset_fingerprint} to epsilon {_fmt(entry.epsilon_dataset)} ({acc}), above the "
-                          f"site budget max-epsilon {_fmt(budget)}", "spend", site)
+                          f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) takes {whom} to epsilon "
+                          f"{_fmt(entry.epsilon_dataset)} ({acc}), above the site budget max-epsilon {_fmt(budget)}",
+                          "spend", site)
 
     # -- server ledgers ----------------------------------------------------------------------------------------
 

@@ -79,7 +79,7 @@ class RunConfig:
     max_length: int = 0
     dp: bool = True
     target_epsilon: float = 8.0
-    delta: float = 0.0  # 0 = per client: min(1e-5, 0.1 / n), always below 1/n
+    delta: float = 0.0  # 0 = each site's own (node-config delta); a site refuses a looser one
     noise_multiplier: float = 0.0  # 0 = calibrate to target_epsilon over the whole run
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
@@ -194,7 +194,7 @@ class RunConfig:
             "target-epsilon",
             f"must be > 0 (got {self.target_epsilon}); use inf or dp=false for a non-private baseline",
         )
-        need(0 <= self.delta < 1, "delta", "must be in [0, 1); 0 means min(1e-5, 0.1/n) per client")
+        need(0 <= self.delta < 1, "delta", "must be in [0, 1); 0 means each site's own delta")
         need(self.noise_multiplier >= 0, "noise-multiplier", "must be >= 0 (0 = calibrate from target-epsilon)")
         need(self.max_grad_norm > 0, "max-grad-norm", "must be > 0")
         need(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {ACCOUNTANTS}")

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from common.accounting import ACCOUNTANTS, Mechanism, compose, epsilon_of
+from common.record_budget import cohort_id_of, pack_ids, unpack_ids
 
 GENESIS_HASH = "0" * 64
 LEDGER_SUFFIX = ".ledger.sqlite"
@@ -56,6 +57,11 @@ STATUS_TRAINED = "trained"
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"
 STATUS_DROPPED = "dropped"
 STATUSES = (STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED, STATUS_DROPPED)
+
+#: Why a spend was made: DP-SGD training, or a noised release of metrics on validation records.
+PURPOSE_TRAIN = "train"
+PURPOSE_METRICS = "metrics"
+PURPOSES = (PURPOSE_TRAIN, PURPOSE_METRICS)
 
 PROBLEM_KINDS = ("malformed", "edited", "deleted", "inserted", "reordered")
 _BUSY_TIMEOUT_S = 30.0
@@ -215,9 +221,19 @@ class SpendEntry:
     max_epsilon: float | None  # the site budget in force (None = none)
     started_at: str  # ISO-8601 UTC
     recorded_at: str  # ISO-8601 UTC
+    # The cohort (row of the ``cohorts`` table) the mechanism sampled from; None in ledgers written before
+    # per-record budgets: such a spend counts against every record of the site.
+    cohort_id: str | None = None
+    purpose: str = PURPOSE_TRAIN
 
     def __post_init__(self) -> None:
         w = f"SpendEntry(run {self.run_id!r}, round {self.round!r})"
+        if self.cohort_id is not None:
+            _text(w, "cohort_id", self.cohort_id)
+        if self.purpose is None:  # a row written before purposes existed
+            object.__setattr__(self, "purpose", PURPOSE_TRAIN)
+        if self.purpose not in PURPOSES:
+            raise _bad(w, "purpose", self.purpose, f"one of {PURPOSES}")
         for name in ("run_id", "site_id", "dataset_fingerprint", "params_fingerprint"):
             _text(w, name, getattr(self, name))
         _int(w, "round", self.round, 1)
@@ -363,7 +379,24 @@ _SPEND_COLUMNS = (
     ("max_epsilon", "REAL"),
     ("started_at", "TEXT NOT NULL"),
     ("recorded_at", "TEXT NOT NULL"),
+    ("cohort_id", "TEXT"),
+    ("purpose", "TEXT"),
 )
+#: Each distinct set of records a spend sampled from, stored once: ``ids`` is the base64 of the sorted 16-byte
+#: keyed record ids (common/record_budget.py), ``cohort_id`` the sha256 of those bytes, ``key_check`` a keyed
+#: value of the site key that made the ids (so a replaced key is noticed instead of restarting every budget).
+_COHORT_COLUMNS = (
+    ("cohort_id", "TEXT NOT NULL"),
+    ("size", "INTEGER NOT NULL"),
+    ("ids", "TEXT NOT NULL"),
+    ("key_check", "TEXT NOT NULL"),
+    ("recorded_at", "TEXT NOT NULL"),
+)
+#: Columns and tables added after version 1 files were written. An added column is hashed only when it holds a
+#: value, so rows written before it existed keep their hashes; an added table missing from an old file reads as
+#: empty (its chain head is missing too) and is created when the file is next opened for writing.
+_ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"spend": ("cohort_id", "purpose")}
+_ADDED_TABLES: tuple[str, ...] = ("cohorts",)
 _RUN_COLUMNS = (
     ("run_id", "TEXT NOT NULL"),
     ("config", "TEXT NOT NULL"),
@@ -397,13 +430,14 @@ HEADS_TABLE = "chain_heads"
 # The chained tables of each kind of ledger. Every table listed here is created, hash-chained, given a head record
 # and verified by the same generic code: a new table needs only its entry here (and a new SCHEMA_VERSION).
 _SCHEMAS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
-    SITE_SCHEMA: {META_TABLE: _META_COLUMNS, "spend": _SPEND_COLUMNS},
+    SITE_SCHEMA: {META_TABLE: _META_COLUMNS, "spend": _SPEND_COLUMNS, "cohorts": _COHORT_COLUMNS},
     SERVER_SCHEMA: {META_TABLE: _META_COLUMNS, "runs": _RUN_COLUMNS, "reports": _REPORT_COLUMNS},
 }
 _INDEXES = {
     SITE_SCHEMA: ("CREATE UNIQUE INDEX meta_key ON meta(key)",
                   "CREATE INDEX spend_dataset ON spend(dataset_fingerprint)",
-                  "CREATE INDEX spend_run ON spend(run_id)"),
+                  "CREATE INDEX spend_run ON spend(run_id)",
+                  "CREATE INDEX cohorts_id ON cohorts(cohort_id)"),
     SERVER_SCHEMA: ("CREATE UNIQUE INDEX meta_key ON meta(key)",
                     "CREATE INDEX reports_run ON reports(run_id)"),
 }
@@ -416,9 +450,11 @@ def _real_columns(columns: Sequence[tuple[str, str]]) -> tuple[str, ...]:
 
 
 def hashed_fields(table: str, names: Sequence[str], row: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a row that its hash covers: every declared column. The one place the writer and the verifier
-    agree on it (a column added later that must not change old rows' hashes is dropped here when NULL)."""
-    return {n: row[n] for n in names}
+    """The fields of a row that its hash covers: every declared column, except a column added after version 1
+    (``_ADDED_COLUMNS``) that holds no value, so rows copied from a version 1 file keep their hashes. The one place
+    the writer and the verifier agree on it."""
+    added = _ADDED_COLUMNS.get(table, ())
+    return {n: row.get(n) for n in names if not (n in added and row.get(n) is None)}
 
 
 def chained_tables(schema: str) -> dict[str, tuple[tuple[str, str], ...]]:
@@ -431,6 +467,11 @@ def chained_tables_of(schema: str, version: str = SCHEMA_VERSION) -> dict[str, t
     tables = dict(_SCHEMAS[schema])
     if version == "1":
         tables.pop(META_TABLE)
+        for table in _ADDED_TABLES:
+            tables.pop(table, None)
+        for table, added in _ADDED_COLUMNS.items():
+            if table in tables:
+                tables[table] = tuple(c for c in tables[table] if c[0] not in added)
     return tables
 
 
@@ -446,7 +487,7 @@ def schema_ddl(schema: str, version: str = SCHEMA_VERSION) -> list[str]:
             stmts.append(f"CREATE TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, {cols}, "
                          "prev_hash TEXT NOT NULL, hash TEXT NOT NULL)")
         return stmts + [s.replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ") for s in _INDEXES[schema]
-                        if " ON meta(" not in s]
+                        if " ON meta(" not in s and not any(f" ON {t}(" in s for t in _ADDED_TABLES)]
     stmts = [f"CREATE TABLE {HEADS_TABLE} (chain TEXT PRIMARY KEY, count INTEGER NOT NULL, "
              "head_hash TEXT NOT NULL)"]
     for table, columns in _SCHEMAS[schema].items():
@@ -560,9 +601,16 @@ def read_rows(path: Path, table: str) -> list[dict[str, Any]]:
         schema = _read_schema(conn, path)
         if table not in _SCHEMAS[schema]:
             raise LedgerError(f"{path} ({schema}) has no table {table!r}")
+        present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if table in _ADDED_TABLES and table not in present:
+            return []  # a file written before the table existed
         conn.row_factory = sqlite3.Row
         try:
-            return [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY seq")]
+            rows = [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY seq")]
+            for r in rows:  # a file written before a column existed: the column reads as NULL
+                for column in _ADDED_COLUMNS.get(table, ()):
+                    r.setdefault(column, None)
+            return rows
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot read table {table} of {path}: {exc}") from exc
 
@@ -583,9 +631,11 @@ def recovery_advice(path: Path) -> str:
             "the site must not train until then")
 
 
-def _insert_row(conn: sqlite3.Connection, path: Path, schema: str, table: str, values: dict[str, Any]) -> int:
-    """Insert one row at the end of ``table``'s chain inside the caller's write transaction; returns its seq."""
-    columns = _SCHEMAS[schema][table]
+def _insert_row(conn: sqlite3.Connection, path: Path, schema: str, table: str, values: dict[str, Any],
+                version: str = SCHEMA_VERSION) -> int:
+    """Insert one row at the end of ``table``'s chain inside the caller's write transaction; returns its seq.
+    (``version`` "1" writes the older layout: only tests build such files.)"""
+    columns = chained_tables_of(schema, version)[table]
     names = [name for name, _ in columns]
     found = conn.execute(f"SELECT count, head_hash FROM {HEADS_TABLE} WHERE chain=?", (table,)).fetchone()
     n_rows, max_seq = conn.execute(f"SELECT count(*), coalesce(max(seq), 0) FROM {table}").fetchone()
@@ -666,6 +716,9 @@ def migrate_ledger(path: Path) -> Path:
                                 [r["seq"], *(r.get(n) for n in names), r["prev_hash"], r["hash"]])
                 count, head = heads.get(table, (0, GENESIS_HASH))
                 new.execute(f"INSERT INTO {HEADS_TABLE} VALUES (?, ?, ?)", (table, count, head))
+            for table in _SCHEMAS[schema]:  # tables a version 1 file did not have start empty
+                if table != META_TABLE and table not in tables:
+                    new.execute(f"INSERT INTO {HEADS_TABLE} VALUES (?, 0, ?)", (table, GENESIS_HASH))
             new.execute("COMMIT")
         finally:
             new.close()
@@ -857,6 +910,25 @@ class SiteLedger(_ChainedLedger):
     def run_history(self, run_id: str, dataset_fingerprint: str) -> list[Mechanism]:
         rows = self._select("spend", "WHERE run_id=? AND dataset_fingerprint=?", (run_id, dataset_fingerprint))
         return [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"])) for r in rows]
+
+    def add_cohort(self, record_ids: Sequence[bytes], key_check: str) -> str:
+        """Store a set of record ids once (a no-op when already stored); returns its cohort id."""
+        _text("add_cohort", "key_check", key_check)
+        packed = pack_ids(record_ids)
+        cid = cohort_id_of(packed)
+        if not self._select("cohorts", "WHERE cohort_id=?", (cid,)):
+            self._append("cohorts", {"cohort_id": cid, "size": len(unpack_ids(packed)), "ids": packed,
+                                     "key_check": key_check, "recorded_at": utc_now()})
+        return cid
+
+    def key_checks(self) -> set[str]:
+        """The key checks of every site key that made a stored cohort (one, unless the key was replaced)."""
+        with _open(self.path, read_only=False) as conn:
+            return {r[0] for r in conn.execute("SELECT DISTINCT key_check FROM cohorts")}
+
+    def cohorts(self) -> dict[str, frozenset[bytes]]:
+        """Every stored cohort: cohort id -> the record ids it holds."""
+        return {r["cohort_id"]: frozenset(unpack_ids(r["ids"])) for r in self._select("cohorts")}
 
     def last_round(self, run_id: str) -> int | None:
         with _open(self.path, read_only=False) as conn:

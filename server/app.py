@@ -70,7 +70,7 @@ def run_federation(
             "mode": cfg.mode,
             "dp": cfg.private,
             "target_epsilon": cfg.target_epsilon if cfg.private else float("inf"),
-            "delta": cfg.delta if cfg.delta else "auto: min(1e-5, 0.1/n) per client",
+            "delta": cfg.delta if cfg.delta else "each site's own (node-config delta, default 1e-5)",
             "secure_aggregation": cfg.secure_aggregation,
             "num_server_rounds": cfg.num_server_rounds,
         },

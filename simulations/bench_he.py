@@ -264,7 +264,8 @@ def seed_feature_cache(case: Case, cache_dir: Path, log: Log) -> list[int]:
     sizes = []
     for pid in range(case.clients):
         site = SiteConfig.from_node_config({"partition-id": pid, "num-partitions": case.clients}, cfg)
-        train, val, _ = load_local_data(cfg, site)
+        local = load_local_data(cfg, site)
+        train, val = local.train, local.val
         sizes.append(len(train))
         if model is not None:
             for part in (train, val):

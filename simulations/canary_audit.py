@@ -265,7 +265,8 @@ def _run(s: CanarySettings, cfg: RunConfig, kind: str, t0: float) -> CanaryRunRe
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
     names = configure_trainable(model, cfg.mode)
     run = LocalRun(cfg=cfg, site=site, run_id=RUN_ID, server_round=1, train=train, val=train.subset([]),
-                   dataset_fingerprint=train.fingerprint(), model=model, trainable_names=names)
+                   train_ids=[], val_ids=[], dataset_fingerprint="canary-audit", key_check="", model=model,
+                   trainable_names=names)
     result = train_round(run, train, noise)
 
     losses = canary_losses(run, canaries, s.device)

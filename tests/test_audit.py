@@ -284,3 +284,71 @@ def test_report_files_and_table(tmp_path: Path) -> None:
     console.print(render_violations(report))
     out = console.export_text()
     assert "chain-deleted" in out and "site-s2.ledger.sqlite" in out and "FAIL" in out
+
+
+# ----------------------------------------------------------------------------------------- per-record budgets
+
+
+def _spend_on(guard, ids, run_id, rnd, mech=MECH):
+    from datetime import datetime, timezone
+
+    eps = guard.epsilons(ids, "rdp", new=[mech], run_id=run_id)
+    guard.record_spend(purpose="train", record_ids=ids, mechanism=mech, delta=DELTA, accountant="rdp",
+                       max_grad_norm=1.0, run_id=run_id, server_round=rnd, dataset_fingerprint=f"fp-{run_id}",
+                       params_fingerprint="head-v1", epsilon_run=eps.worst_run, epsilon_dataset=eps.worst,
+                       started_at=datetime.now(timezone.utc))
+
+
+def test_audit_recomputes_the_worst_record_over_overlapping_cohorts(tmp_path: Path) -> None:
+    from client.privacy_guard import PrivacyGuard
+
+    ids = [bytes([i]) * 16 for i in range(20)]
+    guard = PrivacyGuard(tmp_path / site_ledger_filename("s1"), "s1", max_epsilon=100.0, delta=DELTA)
+    _spend_on(guard, ids[:12], "run-1", 1)
+    _spend_on(guard, ids[8:], "run-2", 1)  # records 8..11 are in both: the worst record composes two spends
+    report = audit_paths([tmp_path])
+    assert report.ok, [v.message for v in report.violations]
+    one, two = (e.epsilon_dataset for e in report.entries)
+    assert one == pytest.approx(epsilon_of([MECH], DELTA))
+    assert two == pytest.approx(epsilon_of([MECH, MECH], DELTA))
+
+
+def test_audit_flags_a_record_over_the_budget_and_an_altered_cohort(tmp_path: Path) -> None:
+    from client.privacy_guard import PrivacyGuard
+
+    ids = [bytes([i]) * 16 for i in range(20)]
+    path = tmp_path / site_ledger_filename("s1")
+    one = epsilon_of([MECH], DELTA)
+    guard = PrivacyGuard(path, "s1", max_epsilon=one * 1.1, delta=DELTA)
+    _spend_on(guard, ids[:10], "run-1", 1)
+    _spend_on(guard, ids[5:15], "run-2", 1)  # the guard's own plan would exclude 5..9; written by hand here
+    kinds = {v.kind for v in audit_paths([tmp_path]).violations}
+    assert kinds == {"budget-exceeded"}
+    # Dropping a record from a stored cohort (and rehashing nothing) breaks its id and its chain.
+    from common.record_budget import pack_ids
+
+    sql(path, f"UPDATE cohorts SET ids = '{pack_ids(ids[:9])}' WHERE seq = 1")
+    kinds = {v.kind for v in audit_paths([tmp_path]).violations}
+    assert {"invalid-cohort", "chain-edited"} <= kinds
+
+
+def test_a_ledger_from_before_cohorts_still_audits_and_keeps_working(tmp_path: Path) -> None:
+    """A version 1 ledger (no cohorts), migrated: its spends count against every record, and it keeps working."""
+    from client.privacy_guard import PrivacyGuard
+    from common.ledger import migrate_ledger
+    from tests.test_ledger_robust import _v1_site_ledger
+
+    path = _v1_site_ledger(tmp_path / site_ledger_filename("s1"), rows=2)  # two spends of (1.1, 0.05, 20)
+    migrate_ledger(path)
+    for backup in tmp_path.glob("*.bak"):
+        backup.unlink()
+    # (the campaign's rows record made-up epsilons, which the audit rightly flags as under-reported)
+    assert {v.kind for v in audit_paths([tmp_path]).violations} == {"epsilon-underreported"}
+    guard = PrivacyGuard(path, "s1", max_epsilon=50.0, delta=DELTA)
+    ids = [bytes([i]) * 16 for i in range(4)]
+    legacy = epsilon_of([(1.1, 0.05, 40)], DELTA)
+    assert guard.epsilons(ids, "rdp").spent == [pytest.approx(legacy)] * 4  # an old spend counts for every record
+    _spend_on(guard, ids, "run-2", 1)
+    report = audit_paths([tmp_path])
+    assert not [v for v in report.violations if v.seq == 3], [v.message for v in report.violations]
+    assert report.entries[-1].epsilon_dataset == pytest.approx(epsilon_of([(1.1, 0.05, 40), MECH], DELTA))

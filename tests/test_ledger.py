@@ -64,10 +64,11 @@ def rehash(path: Path, seq: int) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
     row = dict(conn.execute("SELECT * FROM spend WHERE seq=?", (seq,)).fetchone())
-    from common.ledger import _SPEND_COLUMNS, _real_columns  # the layout is private; the tamperer reads our code
+    from common.ledger import _SPEND_COLUMNS, hashed_fields, _real_columns  # private; the tamperer reads our code
 
     names = [n for n, _ in _SPEND_COLUMNS]
-    digest = row_hash("spend", seq, {n: row[n] for n in names}, _real_columns(_SPEND_COLUMNS), row["prev_hash"])
+    digest = row_hash("spend", seq, hashed_fields("spend", names, row), _real_columns(_SPEND_COLUMNS),
+                      row["prev_hash"])
     conn.execute("UPDATE spend SET hash=? WHERE seq=?", (digest, seq))
     conn.close()
 
@@ -270,7 +271,7 @@ def test_deleted_row_with_renumbering_is_named(tmp_path: Path) -> None:
     path = fill(tmp_path / "l.ledger.sqlite").path
     sql(path, "DELETE FROM spend WHERE seq = 2", "UPDATE spend SET seq = seq - 1 WHERE seq > 2")
     assert kinds(verify_chain(path)) == {(2, "deleted")}
-    sql(path, "UPDATE chain_heads SET count = 5")  # the head's count changed too: that is named as well
+    sql(path, "UPDATE chain_heads SET count = 5 WHERE chain = 'spend'")  # the head's count changed too: that is named as well
     assert kinds(verify_chain(path)) == {(2, "deleted"), (0, "edited")}
 
 
@@ -290,7 +291,7 @@ def test_deleting_every_row_is_detected(tmp_path: Path) -> None:
 
 def test_missing_head_record_is_reported(tmp_path: Path) -> None:
     path = fill(tmp_path / "l.ledger.sqlite", 2).path
-    sql(path, "DELETE FROM chain_heads")
+    sql(path, "DELETE FROM chain_heads WHERE chain = 'spend'")
     assert kinds(verify_chain(path)) == {(0, "deleted")}
 
 
@@ -307,7 +308,7 @@ def test_row_appended_outside_the_ledger_is_inserted(tmp_path: Path) -> None:
     last = conn.execute("SELECT hash FROM spend WHERE seq = 3").fetchone()[0]
     conn.execute("INSERT INTO spend SELECT 4, run_id, 4, site_id, dataset_fingerprint, params_fingerprint, "
                  "noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant, epsilon_run, "
-                 "epsilon_dataset, max_epsilon, started_at, recorded_at, ?, 'f' FROM spend WHERE seq = 3", (last,))
+                 "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, ?, 'f' FROM spend WHERE seq = 3", (last,))
     conn.close()
     rehash(path, 4)  # even a well-formed row is caught: the head does not count it
     assert kinds(verify_chain(path)) == {(4, "inserted")}
@@ -321,11 +322,11 @@ def test_row_inserted_in_the_middle_is_named(tmp_path: Path) -> None:
     prev = conn.execute("SELECT hash FROM spend WHERE seq = 2").fetchone()[0]
     conn.execute("INSERT INTO spend SELECT 3, run_id, 99, site_id, dataset_fingerprint, params_fingerprint, "
                  "noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant, epsilon_run, "
-                 "epsilon_dataset, max_epsilon, started_at, recorded_at, ?, 'f' FROM spend WHERE seq = 2", (prev,))
+                 "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, ?, 'f' FROM spend WHERE seq = 2", (prev,))
     conn.close()
     rehash(path, 3)
     assert kinds(verify_chain(path)) == {(3, "inserted")}
-    sql(path, "UPDATE chain_heads SET count = 6")
+    sql(path, "UPDATE chain_heads SET count = 6 WHERE chain = 'spend'")
     assert kinds(verify_chain(path)) == {(3, "inserted"), (0, "edited")}
 
 

@@ -247,20 +247,20 @@ def test_a_renumbered_row_is_detected(tmp_path: Path) -> None:
 
 
 def test_a_new_declared_table_is_chained_and_verified_with_no_verifier_code(tmp_path: Path, monkeypatch) -> None:
-    """What adding a table (e.g. record cohorts) takes: its entry in _SCHEMAS, nothing in the verifier."""
+    """What adding a table (as record cohorts were) takes: its entry in _SCHEMAS, nothing in the verifier."""
     site = ledger_mod.SITE_SCHEMA
-    tables = dict(ledger_mod._SCHEMAS[site], cohorts=(("cohort", "TEXT NOT NULL"), ("records", "INTEGER NOT NULL")))
+    tables = dict(ledger_mod._SCHEMAS[site], extra=(("cohort", "TEXT NOT NULL"), ("records", "INTEGER NOT NULL")))
     monkeypatch.setitem(ledger_mod._SCHEMAS, site, tables)
     _expected_master.cache_clear()
     try:
         ledger = SiteLedger(tmp_path / "site-s1.ledger.sqlite")
         for i in range(1, 4):
-            ledger._append("cohorts", {"cohort": f"c{i}", "records": 10 * i})
+            ledger._append("extra", {"cohort": f"c{i}", "records": 10 * i})
         assert verify_chain(ledger.path) == []
-        sql(ledger.path, "UPDATE cohorts SET records = 1 WHERE seq = 2")
-        assert {(p.table, p.seq, p.kind) for p in verify_chain(ledger.path)} == {("cohorts", 2, "edited")}
-        sql(ledger.path, "DELETE FROM cohorts WHERE seq = 3")
-        assert ("cohorts", 3, "deleted") in {(p.table, p.seq, p.kind) for p in verify_chain(ledger.path)}
+        sql(ledger.path, "UPDATE extra SET records = 1 WHERE seq = 2")
+        assert {(p.table, p.seq, p.kind) for p in verify_chain(ledger.path)} == {("extra", 2, "edited")}
+        sql(ledger.path, "DELETE FROM extra WHERE seq = 3")
+        assert ("extra", 3, "deleted") in {(p.table, p.seq, p.kind) for p in verify_chain(ledger.path)}
     finally:
         _expected_master.cache_clear()
 
@@ -378,7 +378,7 @@ def _v1_site_ledger(path: Path, rows: int) -> Path:
     from dataclasses import asdict
 
     for i in range(1, rows + 1):
-        ledger_mod._insert_row(conn, path, site, "spend", asdict(spend("run-a", i, 0.5 * i)))
+        ledger_mod._insert_row(conn, path, site, "spend", asdict(spend("run-a", i, 0.5 * i)), version="1")
     conn.close()
     return path
 
@@ -413,7 +413,9 @@ def test_a_version_1_ledger_migrates_with_every_row_and_hash(tmp_path: Path) -> 
     assert backup.read_bytes() == original and backup.name.startswith("site-s1.ledger.sqlite.v1-")
     assert verify_chain(path) == [] and ledger_mod.ledger_schema(path) == ledger_mod.SITE_SCHEMA
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT * FROM spend ORDER BY seq").fetchall() == old_rows  # seq, fields, hashes
+    v1 = ", ".join(n for n, _ in ledger_mod.chained_tables_of(ledger_mod.SITE_SCHEMA, "1")["spend"])
+    migrated = conn.execute(f"SELECT seq, {v1}, prev_hash, hash FROM spend ORDER BY seq").fetchall()
+    assert migrated == old_rows  # seq, fields, hashes (the columns added since are NULL)
     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     conn.close()
     assert meta["version"] == ledger_mod.SCHEMA_VERSION and meta["migrated_from"] == "1"

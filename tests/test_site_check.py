@@ -20,7 +20,8 @@ def test_a_good_site_passes_and_reports_counts(tmp_path):
     rep = check_site(node, {"preset": "sms-spam", "batch-size": 32})
     assert rep.ok, [(c.name, c.detail) for c in rep.checks]
     assert rep.data_summary["labels"] == {"ham": 160, "spam": 40}
-    assert any(c.name == "budget" and "8 on this data" in c.detail for c in rep.checks)
+    assert any(c.name == "budget" and "200 records with budget left, 0 exhausted" in c.detail
+               and "max-epsilon 8" in c.detail for c in rep.checks)
 
 
 def test_unknown_label_names_the_file_and_record(tmp_path):
@@ -51,3 +52,30 @@ def test_cli_exit_status(tmp_path):
                               "--run-config", "preset=sms-spam"])
     assert bad.exit_code == 1
     assert "none.csv" in bad.output
+
+
+def test_site_check_counts_exhausted_records_and_the_worst_spend(tmp_path):
+    from datetime import datetime, timezone
+
+    from client.privacy_guard import PrivacyGuard
+    from client.record_ids import key_check, record_ids
+    from client.site_data import SiteDataSpec, load_site_data
+    from client.site_secret import default_key_path, key_for_ledger
+
+    data = _csv(tmp_path / "sms.csv", [(f"message number {i}", "spam" if i % 5 == 0 else "ham") for i in range(200)])
+    ledger = tmp_path / "site-a.ledger.sqlite"
+    node = {"site-id": "a", "data-path": str(data), "ledger-path": str(ledger), "max-epsilon": 2.0}
+    # The site spent epsilon ~3 on the first 50 records in an earlier run.
+    key = key_for_ledger(default_key_path(ledger), ledger)
+    ids = record_ids(key, load_site_data(SiteDataSpec(data, "csv"), ("ham", "spam"), kind="text"))
+    guard = PrivacyGuard(ledger, "a", 2.0, key_check=key_check(key))
+    guard.record_spend(purpose="train", record_ids=ids[:50], mechanism=(1.0, 0.5, 10), delta=1e-5,
+                       accountant="rdp", max_grad_norm=1.0, run_id="old", server_round=1, dataset_fingerprint="fp",
+                       params_fingerprint="pf", epsilon_run=3.0, epsilon_dataset=3.0,
+                       started_at=datetime.now(timezone.utc))
+    worst = guard.epsilons(ids, "rdp").worst
+    assert worst > 2.0
+    rep = check_site(node, {"preset": "sms-spam", "batch-size": 32})
+    (budget,) = [c for c in rep.checks if c.name == "budget"]
+    assert budget.ok and "150 records with budget left, 50 exhausted" in budget.detail
+    assert f"worst record has spent {worst:.3f} of max-epsilon 2" in budget.detail
