@@ -29,7 +29,10 @@ SITE_KEYS = (
     "cache-dir",
     "partition-id",
     "num-partitions",
+    "allow-reproducible-noise",
 )
+ALLOW_REPRODUCIBLE_NOISE = "allow-reproducible-noise"
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 
 class SiteConfigError(ValueError):
@@ -47,6 +50,9 @@ class SiteConfig:
     partition_id: int | None = None
     num_partitions: int | None = None
     data: SiteDataSpec | None = None
+    # Whether this site accepts a run config with reproducible-noise=true (seeded, predictable noise). A partner
+    # site defaults to no; a simulated client to yes (the whole federation is one machine).
+    allow_reproducible_noise: bool = False
 
     @property
     def simulated(self) -> bool:
@@ -65,7 +71,15 @@ class SiteConfig:
         if max_epsilon is not None and max_epsilon <= 0:
             raise SiteConfigError(f"max-epsilon must be > 0, got {max_epsilon}")
         out = Path(cfg.out_dir) if cfg.out_dir else None
-        if "data-path" in node_config:
+        real_site = "data-path" in node_config
+        allow_seeded = _flag(node_config, ALLOW_REPRODUCIBLE_NOISE, default=not real_site)
+        if cfg.reproducible_noise and not allow_seeded:
+            raise SiteConfigError(
+                "the run config asks for reproducible-noise=true (DP noise from a seed the coordinator knows, so "
+                f"no protection against it) and this site's node config does not set {ALLOW_REPRODUCIBLE_NOISE}"
+                "=true; this site refuses such runs (set it only for test data)"
+            )
+        if real_site:
             site_id = str(node_config.get("site-id", "")).strip()
             if not site_id:
                 raise SiteConfigError("site-id is required with data-path: a short name such as 'hospital-a'")
@@ -92,6 +106,7 @@ class SiteConfig:
                 he_secret_context=Path(str(secret)).expanduser() if secret else None,
                 device=device,
                 data=spec,
+                allow_reproducible_noise=allow_seeded,
             )
         if "partition-id" not in node_config:
             raise SiteConfigError(
@@ -119,7 +134,21 @@ class SiteConfig:
             device=device,
             partition_id=pid,
             num_partitions=num,
+            allow_reproducible_noise=allow_seeded,
         )
+
+
+def _flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A boolean node-config value (TOML bool or a string such as "true")."""
+    if key not in node_config:
+        return default
+    value = node_config[key]
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise SiteConfigError(f"{key} must be true or false, got {value!r}")
 
 
 def resolve_device(requested: str) -> str:

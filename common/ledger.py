@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common.accounting import ACCOUNTANTS, Mechanism, compose, epsilon_of
+from common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCES
 
 GENESIS_HASH = "0" * 64
 LEDGER_SUFFIX = ".ledger.sqlite"
@@ -185,6 +186,9 @@ class SpendEntry:
     max_epsilon: float | None  # the site budget in force (None = none)
     started_at: str  # ISO-8601 UTC
     recorded_at: str  # ISO-8601 UTC
+    # Where the round's DP noise came from (common.protocol NOISE_SOURCES). Defaults to "seeded", the weaker claim:
+    # a row says "site-csprng" only when the writer says so; rows of ledgers older than the field read as "seeded".
+    noise_source: str = NOISE_SOURCE_SEEDED
 
     def __post_init__(self) -> None:
         w = f"SpendEntry(run {self.run_id!r}, round {self.round!r})"
@@ -208,6 +212,8 @@ class SpendEntry:
             raise _bad(w, "accountant", self.accountant, f"one of {ACCOUNTANTS}")
         _timestamp(w, "started_at", self.started_at)
         _timestamp(w, "recorded_at", self.recorded_at)
+        if self.noise_source not in NOISE_SOURCES:
+            raise _bad(w, "noise_source", self.noise_source, f"one of {NOISE_SOURCES}")
         for name, value in norm.items():  # store ints given for float fields as floats (stable hashes)
             object.__setattr__(self, name, value)
 
@@ -259,6 +265,7 @@ class ClientReport:
     epsilon_reported: float | None  # the client's epsilon for this run after this round
     epsilon_dataset_reported: float | None  # the client's epsilon for its dataset across runs, if it reported one
     recorded_at: str
+    noise_source: str | None = None  # what the client reported (NOISE_SOURCES); None when it reported none
 
     def __post_init__(self) -> None:
         w = f"ClientReport(run {self.run_id!r}, round {self.round!r}, client {self.client_id!r})"
@@ -293,6 +300,8 @@ class ClientReport:
             _int(w, "steps", self.steps, 0)
         if self.accountant is not None and self.accountant not in ACCOUNTANTS:
             raise _bad(w, "accountant", self.accountant, f"one of {ACCOUNTANTS}")
+        if self.noise_source is not None and self.noise_source not in NOISE_SOURCES:
+            raise _bad(w, "noise_source", self.noise_source, f"one of {NOISE_SOURCES} or None")
         if self.dataset_fingerprint is not None and not isinstance(self.dataset_fingerprint, str):
             raise _bad(w, "dataset_fingerprint", self.dataset_fingerprint, "a string or None")
 
@@ -333,6 +342,7 @@ _SPEND_COLUMNS = (
     ("max_epsilon", "REAL"),
     ("started_at", "TEXT NOT NULL"),
     ("recorded_at", "TEXT NOT NULL"),
+    ("noise_source", "TEXT"),
 )
 _RUN_COLUMNS = (
     ("run_id", "TEXT NOT NULL"),
@@ -357,6 +367,7 @@ _REPORT_COLUMNS = (
     ("epsilon_reported", "REAL"),
     ("epsilon_dataset_reported", "REAL"),
     ("recorded_at", "TEXT NOT NULL"),
+    ("noise_source", "TEXT"),
 )
 _SCHEMAS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
     SITE_SCHEMA: {"spend": _SPEND_COLUMNS},
@@ -369,8 +380,18 @@ _INDEXES = {
 }
 
 
+# Columns added after version 1 (nullable): created in older files on first write, hashed only when set, so rows
+# written before a column existed still verify (a later edit from NULL to a value, or back, breaks the hash).
+_ADDED_COLUMNS = frozenset({"noise_source"})
+
+
 def _real_columns(columns: Sequence[tuple[str, str]]) -> tuple[str, ...]:
     return tuple(name for name, sql in columns if sql.startswith("REAL"))
+
+
+def _hashed(names: Sequence[str], row: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a row that its hash covers: every column, less added columns that are unset."""
+    return {n: row.get(n) for n in names if not (n in _ADDED_COLUMNS and row.get(n) is None)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -474,7 +495,7 @@ def _verify_table(table: str, columns: Sequence[tuple[str, str]], rows: list[dic
     def add(seq: int, kind: str, detail: str) -> None:
         found.setdefault((seq, kind), ChainProblem(seq=seq, kind=kind, detail=detail, table=table))
 
-    prefixes = {r["seq"]: _hash_prefix(table, {n: r[n] for n in names}, reals, r["prev_hash"]) for r in rows}
+    prefixes = {r["seq"]: _hash_prefix(table, _hashed(names, r), reals, r["prev_hash"]) for r in rows}
 
     def h(row: dict[str, Any], seq: int) -> str:
         return _finish(prefixes[row["seq"]], seq)
@@ -655,6 +676,7 @@ class _ChainedLedger:
                 schema = _read_schema(conn, self.path)
                 if schema != self.SCHEMA:
                     raise LedgerError(f"{self.path} is a {schema}, not a {self.SCHEMA}")
+                self._add_columns(conn)
                 return
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -678,6 +700,26 @@ class _ChainedLedger:
         if schema != self.SCHEMA:
             raise LedgerError(f"{self.path} is a {schema}, not a {self.SCHEMA}")
 
+    def _add_columns(self, conn: sqlite3.Connection) -> None:
+        """Give a ledger written before a column was added that column (NULL in its old rows)."""
+        def missing() -> list[tuple[str, str, str]]:
+            out = []
+            for table, columns in _SCHEMAS[self.SCHEMA].items():
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                out += [(table, name, sql) for name, sql in columns if name in _ADDED_COLUMNS and name not in have]
+            return out
+
+        if not missing():
+            return
+        conn.execute("BEGIN IMMEDIATE")  # another process may be upgrading the same file: look again under the lock
+        try:
+            for table, name, sql in missing():
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
     def _append(self, table: str, values: dict[str, Any]) -> int:
         """Insert one row at the end of ``table``'s chain; committed (fsynced) before returning its seq."""
         columns = _SCHEMAS[self.SCHEMA][table]
@@ -692,7 +734,7 @@ class _ChainedLedger:
                 if n_rows != count or max_seq != count or (last[0] if last else GENESIS_HASH) != head:
                     raise LedgerIntegrityError(self.path, _verify_conn(conn, self.path))
                 seq = count + 1
-                digest = row_hash(table, seq, {n: values[n] for n in names}, _real_columns(columns), head)
+                digest = row_hash(table, seq, _hashed(names, values), _real_columns(columns), head)
                 conn.execute(
                     f"INSERT INTO {table} (seq, {', '.join(names)}, prev_hash, hash) "
                     f"VALUES ({', '.join('?' * (len(names) + 3))})",
@@ -739,7 +781,7 @@ class SiteLedger(_ChainedLedger):
         out = []
         for r in rows:
             try:
-                entry = SpendEntry(**{n: r[n] for n in _SPEND_FIELDS})
+                entry = SpendEntry(**{n: r[n] for n in _SPEND_FIELDS if r.get(n) is not None or n not in _ADDED_COLUMNS})
             except LedgerError as exc:
                 raise LedgerError(f"{self.path}: row {r['seq']} is invalid: {exc}") from exc
             out.append(SpendRecord(seq=r["seq"], entry=entry, prev_hash=r["prev_hash"], hash=r["hash"]))
@@ -804,6 +846,7 @@ class ServerLedger(_ChainedLedger):
         epsilon_dataset_reported: float | None = None,
         dataset_fingerprint: str | None = None,
         recorded_at: str | None = None,
+        noise_source: str | None = None,
     ) -> int:
         """Record what a client reported for a round. ``status`` 'trained' needs every mechanism field and
         ``epsilon_reported``; record 'dropped' for every sampled client whose reply never arrived, so the audit can
@@ -813,7 +856,7 @@ class ServerLedger(_ChainedLedger):
             dataset_fingerprint=dataset_fingerprint, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
             steps=steps, max_grad_norm=max_grad_norm, delta=delta, accountant=accountant,
             epsilon_reported=epsilon_reported, epsilon_dataset_reported=epsilon_dataset_reported,
-            recorded_at=recorded_at or utc_now(),
+            recorded_at=recorded_at or utc_now(), noise_source=noise_source,
         )
         return self._append("reports", asdict(report))
 
@@ -827,7 +870,7 @@ class ServerLedger(_ChainedLedger):
         out = []
         for r in rows:
             try:
-                report = ClientReport(**{n: r[n] for n in _REPORT_FIELDS})
+                report = ClientReport(**{n: r.get(n) for n in _REPORT_FIELDS})
             except LedgerError as exc:
                 raise LedgerError(f"{self.path}: report row {r['seq']} is invalid: {exc}") from exc
             out.append(ReportRecord(seq=r["seq"], report=report, prev_hash=r["prev_hash"], hash=r["hash"]))
