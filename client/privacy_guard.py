@@ -110,8 +110,9 @@ class PrivacyGuard:
         dataset_fingerprint: str,
         params_fingerprint: str,
         started_at: datetime,
+        noise_source: str,
     ) -> int:
-        """Append the spend durably; returns the ledger sequence number."""
+        """Append the spend durably, with where its noise comes from; returns the ledger sequence number."""
         entry = SpendEntry(
             run_id=run_id,
             round=server_round,
@@ -129,5 +130,6 @@ class PrivacyGuard:
             max_epsilon=self.max_epsilon,
             started_at=started_at.isoformat(),
             recorded_at=datetime.now(timezone.utc).isoformat(),
+            noise_source=noise_source,
         )
         return self.ledger.append(entry)
