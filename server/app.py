@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.ledger import SERVER_LEDGER_NAME, ServerLedger
 from common.models import configure_trainable, get_model_spec, trainable_state
+from common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCE_SITE
 from server.run_record import RoundReport, RunRecorder
 from server.strategy import FederationStopped, PrivatuneFedAvg
 
@@ -45,6 +46,17 @@ def make_server_app(
 app = make_server_app()
 
 
+SEEDED_NOISE_WARNING = (
+    "reproducible-noise=true: every site's DP noise comes from a seed derived from the run config, so whoever "
+    "knows the seed can remove it; this run gives no privacy against the coordinator (simulation only)"
+)
+
+
+def noise_source_of(cfg: RunConfig) -> str:
+    """The noise source this run asks its sites for (each site reports, and records, its own)."""
+    return NOISE_SOURCE_SEEDED if cfg.reproducible_noise else NOISE_SOURCE_SITE
+
+
 def resolve_out_dir(cfg: RunConfig, run_id: str) -> RunConfig:
     out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / f"run-{run_id}"
     return replace(cfg, out_dir=str(out.resolve()))
@@ -59,6 +71,8 @@ def run_federation(
     """Run every round of one federation and leave its record in ``cfg.out_dir``."""
     cfg = resolve_out_dir(cfg, run_id)
     out = Path(cfg.out_dir)
+    if cfg.reproducible_noise:
+        log.warning("run %s: %s", run_id, SEEDED_NOISE_WARNING)
     recorder = RunRecorder(
         out,
         summary_base={
@@ -72,6 +86,7 @@ def run_federation(
             "delta": cfg.delta if cfg.delta else "auto: min(1e-5, 0.1/n) per client",
             "secure_aggregation": cfg.secure_aggregation,
             "num_server_rounds": cfg.num_server_rounds,
+            "noise_source": noise_source_of(cfg),
         },
         observer=observer,
     )
