@@ -270,3 +270,115 @@ def test_replay_attack_is_no_better_than_dp_allows_against_the_site_csprng(tmp_p
           f"(epsilon {eps:.3f}), p = {p_value:.3g}")
     assert p_value > 1e-3, (wins, trials, bound)
     assert wins / trials < bound
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The choice is recorded: site ledger (old files read as seeded), server ledger, audit
+
+
+def _entry(rnd: int, noise_source: str | None = None):
+    from common.ledger import SpendEntry, utc_now
+
+    now = utc_now()
+    eps = epsilon_of([(1.1, 0.05, 20 * rnd)], 1e-5, "rdp")
+    extra = {} if noise_source is None else {"noise_source": noise_source}
+    return SpendEntry(run_id="run-a", round=rnd, site_id="s1", dataset_fingerprint="ds-1", params_fingerprint="p-1",
+                      noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=1.0, delta=1e-5,
+                      accountant="rdp", epsilon_run=eps, epsilon_dataset=eps, max_epsilon=None, started_at=now,
+                      recorded_at=now, **extra)
+
+
+def _old_site_ledger(path: Path, entries) -> None:
+    """A site ledger as privatune wrote it before noise_source existed: no such column, hashes without it."""
+    import sqlite3
+    from dataclasses import asdict
+
+    from common.ledger import _SPEND_COLUMNS, GENESIS_HASH, SiteLedger, _real_columns, row_hash
+
+    SiteLedger(path)
+    old = [c for c in _SPEND_COLUMNS if c[0] != "noise_source"]
+    names = [n for n, _ in old]
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("ALTER TABLE spend DROP COLUMN noise_source")
+    prev = GENESIS_HASH
+    for seq, e in enumerate(entries, 1):
+        values = {n: asdict(e)[n] for n in names}
+        digest = row_hash("spend", seq, values, _real_columns(old), prev)
+        conn.execute(f"INSERT INTO spend (seq, {', '.join(names)}, prev_hash, hash) VALUES "
+                     f"({', '.join('?' * (len(names) + 3))})", [seq, *values.values(), prev, digest])
+        prev = digest
+    conn.execute("UPDATE chain_heads SET count=?, head_hash=? WHERE chain='spend'", (len(entries), prev))
+    conn.close()
+
+
+def test_old_ledger_without_noise_source_reads_as_seeded_and_continues(tmp_path):
+    import sqlite3
+
+    from common.audit import SEEDED_FLAG, audit_paths
+    from common.ledger import SiteLedger, read_rows, verify_chain
+
+    path = tmp_path / "site-s1.ledger.sqlite"
+    _old_site_ledger(path, [_entry(1), _entry(2)])
+    assert "noise_source" not in read_rows(path, "spend")[0]
+    assert verify_chain(path) == []
+    report = audit_paths([path])
+    assert report.ok and [e.noise_source for e in report.entries] == ["seeded", "seeded"]
+    assert any(SEEDED_FLAG in n for n in report.notes)
+    ledger = SiteLedger(path)  # opening for writing adds the column; old rows stay valid
+    assert [r.entry.noise_source for r in ledger.entries()] == ["seeded", "seeded"]
+    ledger.append(_entry(3, NOISE_SOURCE_SITE))
+    assert verify_chain(path) == []
+    assert [r.entry.noise_source for r in ledger.entries()] == ["seeded", "seeded", "site-csprng"]
+    # Claiming, afterwards, that an old round used the site's CSPRNG breaks that row's hash.
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("UPDATE spend SET noise_source='site-csprng' WHERE seq=1")
+    conn.close()
+    assert [(p.seq, p.kind) for p in verify_chain(path)] == [(1, "edited")]
+
+
+def test_noise_source_is_validated_and_defaults_to_the_weaker_claim():
+    from common.ledger import ClientReport, LedgerError, utc_now
+
+    assert _entry(1).noise_source == "seeded"
+    with pytest.raises(LedgerError, match="noise_source"):
+        _entry(1, "os-random")
+    with pytest.raises(LedgerError, match="noise_source"):
+        ClientReport(run_id="r", round=1, client_id="c", node_id=1, status="dropped", reason="", dataset_fingerprint=None,
+                     noise_multiplier=None, sample_rate=None, steps=None, max_grad_norm=None, delta=None,
+                     accountant=None, epsilon_reported=None, epsilon_dataset_reported=None, recorded_at=utc_now(),
+                     noise_source="mine")
+
+
+def test_audit_shows_the_noise_source_of_site_and_server_rows(tmp_path):
+    from rich.console import Console
+
+    from common.audit import SEEDED_FLAG, audit_paths, render_table, write_report
+    from common.ledger import SERVER_LEDGER_NAME, ServerLedger, SiteLedger
+
+    for site, source in (("s1", NOISE_SOURCE_SITE), ("s2", NOISE_SOURCE_SEEDED)):
+        e = _entry(1, source)
+        SiteLedger(tmp_path / f"site-{site}.ledger.sqlite").append(replace_site(e, site))
+        ServerLedger(tmp_path / SERVER_LEDGER_NAME).record_report(
+            "run-a", 1, site, 7, status="trained", noise_multiplier=1.1, sample_rate=0.05, steps=20,
+            max_grad_norm=1.0, delta=1e-5, accountant="rdp", epsilon_reported=e.epsilon_run,
+            epsilon_dataset_reported=e.epsilon_dataset, dataset_fingerprint="ds-1", noise_source=source)
+    report = audit_paths([tmp_path])
+    assert report.ok
+    by = {(e.source, e.party): e.noise_source for e in report.entries}
+    assert by == {("site", "s1"): "site-csprng", ("site", "s2"): "seeded",
+                  ("server", "s1"): "site-csprng", ("server", "s2"): "seeded"}
+    seeded = {(s.source, s.party): s.seeded_rounds for s in report.summaries}
+    assert seeded[("site", "s2")] == 1 and seeded[("site", "s1")] == 0
+    notes = [n for n in report.notes if SEEDED_FLAG in n]
+    assert len(notes) == 1 and "s2" in notes[0]
+    console = Console(width=200, record=True)
+    console.print(render_table(report))
+    assert "seeded noise" in console.export_text()
+    md = write_report(report, tmp_path / "audit").markdown.read_text()
+    assert "## Noise sources" in md and SEEDED_FLAG in md and "site-csprng" in md
+
+
+def replace_site(entry, site: str):
+    from dataclasses import replace
+
+    return replace(entry, site_id=site)
