@@ -455,6 +455,8 @@ class _Auditor:
                     float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
                 if not same:
                     out.append(f"{name} server {a!r} vs site {b!r}")
+            if rep.noise_source and rep.noise_source != spend.noise_source:
+                out.append(f"noise_source server {rep.noise_source!r} vs site {spend.noise_source!r}")
             if rep.dataset_fingerprint and rep.dataset_fingerprint != spend.dataset_fingerprint:
                 out.append(f"dataset_fingerprint server {rep.dataset_fingerprint!r} vs site "
                            f"{spend.dataset_fingerprint!r}")

@@ -382,3 +382,18 @@ def replace_site(entry, site: str):
     from dataclasses import replace
 
     return replace(entry, site_id=site)
+
+
+def test_audit_flags_a_server_record_whose_noise_source_differs_from_the_site(tmp_path):
+    from common.audit import audit_paths
+    from common.ledger import SERVER_LEDGER_NAME, ServerLedger, SiteLedger
+
+    e = _entry(1, NOISE_SOURCE_SEEDED)
+    SiteLedger(tmp_path / "site-s1.ledger.sqlite").append(e)
+    ServerLedger(tmp_path / SERVER_LEDGER_NAME).record_report(
+        "run-a", 1, "s1", 7, status="trained", noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=1.0,
+        delta=1e-5, accountant="rdp", epsilon_reported=e.epsilon_run, dataset_fingerprint="ds-1",
+        noise_source=NOISE_SOURCE_SITE)
+    report = audit_paths([tmp_path])
+    (v,) = report.violations
+    assert v.kind == "report-mismatch" and "noise_source server 'site-csprng' vs site 'seeded'" in v.message
