@@ -38,7 +38,8 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = fixed_config or RunConfig.from_flower(dict(context.run_config))
-        run_federation(grid, cfg, run_id=str(context.run_id), observer=observer)
+        # `privatune simulate` (a fixed config) warns on its own terminal before the run starts.
+        run_federation(grid, cfg, run_id=str(context.run_id), observer=observer, warn_seeded=fixed_config is None)
 
     return server_app
 
@@ -67,11 +68,12 @@ def run_federation(
     cfg: RunConfig,
     run_id: str,
     observer: Callable[[RoundReport], None] | None = None,
+    warn_seeded: bool = True,
 ) -> dict[str, Any]:
     """Run every round of one federation and leave its record in ``cfg.out_dir``."""
     cfg = resolve_out_dir(cfg, run_id)
     out = Path(cfg.out_dir)
-    if cfg.reproducible_noise:
+    if cfg.reproducible_noise and warn_seeded:
         log.warning("run %s: %s", run_id, SEEDED_NOISE_WARNING)
     recorder = RunRecorder(
         out,

@@ -48,6 +48,8 @@ def test_every_client_stays_within_its_target_epsilon(digits_run):
     for key in ("test_accuracy", "test_macro_f1", "delta", "target_epsilon", "mode", "secure_aggregation"):
         assert key in summary
     assert summary["secure_aggregation"] == "none" and summary["mode"] == "head"
+    # By default every site draws its noise from its own CSPRNG, and says so.
+    assert summary["noise_source"] == "site-csprng" and summary["noise_sources_reported"] == ["site-csprng"]
 
 
 def test_outputs_are_written(digits_run):
