@@ -397,3 +397,24 @@ def test_audit_flags_a_server_record_whose_noise_source_differs_from_the_site(tm
     report = audit_paths([tmp_path])
     (v,) = report.violations
     assert v.kind == "report-mismatch" and "noise_source server 'site-csprng' vs site 'seeded'" in v.message
+
+
+def test_run_summary_and_terminal_name_the_noise_source(tmp_path):
+    from rich.console import Console
+
+    from server.app import noise_source_of
+    from server.run_record import RoundReport, RunRecorder
+    from simulations.progress import RoundPrinter
+
+    seeded = RunConfig.create(preset="digits", reproducible_noise=True, out_dir=str(tmp_path))
+    assert noise_source_of(seeded) == "seeded" and noise_source_of(RunConfig.create(preset="digits")) == "site-csprng"
+    rec = RunRecorder(tmp_path, summary_base={"noise_source": noise_source_of(seeded)})
+    rec.finish_round(RoundReport(round=1, clients={"client-0": {"epsilon": 0.5, "noise-source": "seeded"}}))
+    summary = rec.summary()
+    assert summary["noise_source"] == "seeded" and summary["noise_sources_reported"] == ["seeded"]
+    console = Console(width=200, record=True)
+    printer = RoundPrinter(console, seeded, 2)
+    printer.header()
+    printer.final(summary, tmp_path)
+    text = console.export_text()
+    assert "seeded noise" in text and "noise source" in text
