@@ -639,13 +639,18 @@ def render_table(report: AuditReport, entries: bool = False) -> Any:
             status.append(f"[yellow]{s.budget_exhausted} exhausted[/]")
         if s.dropped:
             status.append(f"[yellow]{s.dropped} dropped[/]")
-        if s.seeded_rounds:
-            status.append(f"[yellow]seeded noise ({s.seeded_rounds})[/]")
         budget = "—" if s.max_epsilon is None else f"{_fmt(s.max_epsilon)}"
         clients.add_row(s.source, s.party, run, str(s.rounds_trained),
                         eps(e.epsilon_reported if e else None), eps(e.epsilon_rdp if e else None),
                         eps(e.epsilon_prv if e else None), budget, " ".join(status) or "[green]ok[/]")
-    return Group(ledgers, clients)
+    seeded = [f"{s.party} ({s.seeded_rounds} of {s.rounds_trained})" for s in report.summaries
+              if s.source == SITE and s.seeded_rounds]
+    if not seeded:
+        return Group(ledgers, clients)
+    from rich.text import Text
+
+    flag = Text.from_markup(f"[bold yellow]seeded noise[/] at site {', '.join(seeded)} round(s): {SEEDED_FLAG}")
+    return Group(ledgers, clients, flag)
 
 
 def render_violations(report: AuditReport) -> Table:
