@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.privacy_guard import PrivacyGuard, check_site_delta
-from client.randomness import SiteRandomness
+from client.randomness import Randomness, SeededRandomness, SiteRandomness, reproducible_seed
 from client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
 from client.site_config import SiteConfig
 from client.site_data import SiteDataError, load_site_data
@@ -46,6 +46,7 @@ from common.models import (
     trainable_state,
 )
 from common.protocol import (
+    KEY_NOISE_SOURCE,
     PROTOCOL_KEYS,
     STATUS_BUDGET,
     STATUS_DATA_ERROR,
@@ -183,21 +184,47 @@ def _ledger_error_for_server(ledger_path: str | Path) -> str:
             "details and the recovery steps")
 
 
-def train_round(run: LocalRun, data: LabelledData, noise_multiplier: float):
+def round_randomness(run: LocalRun) -> Randomness:
+    """This round's DP randomness: a fresh CSPRNG created here, unless the run asked for reproducible noise and
+    the site allows it (checked in SiteConfig); then a seed from the run config, the round and the site."""
+    if run.cfg.reproducible_noise:
+        if not run.site.allow_reproducible_noise:  # SiteConfig refuses this earlier; never fall back silently
+            raise ValueError("reproducible-noise=true is not allowed at this site (allow-reproducible-noise)")
+        return SeededRandomness(reproducible_seed(run.cfg.seed, run.server_round, run.site.site_id))
+    return SiteRandomness()
+
+
+@dataclass
+class RoundInputs:
+    """Everything training needs that can fail without touching a gradient, built before the spend is written."""
+
+    module: torch.nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    labels: torch.Tensor
+    randomness: Randomness
+
+
+def round_inputs(run: LocalRun, data: LabelledData, randomness: Randomness | None = None) -> RoundInputs:
+    module, inputs = module_and_inputs(run, data)
+    labels = torch.as_tensor(data.labels, dtype=torch.long)
+    return RoundInputs(module, inputs, labels, randomness if randomness is not None else round_randomness(run))
+
+
+def train_round(run: LocalRun, data: LabelledData, noise_multiplier: float, prepared: RoundInputs | None = None):
     """One round of local training exactly as the ClientApp runs it (the canary audit reuses it)."""
     cfg = run.cfg
-    module, inputs = module_and_inputs(run, data)
+    prepared = prepared or round_inputs(run, data)
     return train_local(
-        module,
-        inputs,
-        torch.as_tensor(data.labels, dtype=torch.long),
+        prepared.module,
+        prepared.inputs,
+        prepared.labels,
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         dp=cfg.private,
         noise_multiplier=noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
-        randomness=SiteRandomness(),
+        randomness=prepared.randomness,
         backbone_lr_scale=cfg.backbone_lr_scale,
         device=run.site.device,
     )
@@ -227,9 +254,6 @@ def train(msg: Message, context: Context) -> Message:
         guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted,
                              run.key_check)
         plan = guard.plan(cfg, run.run_id, run.train_ids)
-        if plan.allowed:
-            # Write-ahead: the spend (and the cohort it samples from) is on disk before a single gradient.
-            guard.record(plan, cfg, run.run_id, run.server_round, run.train_ids, dataset_fp, params_fp, started)
     except LedgerError as err:  # a ledger that cannot be trusted or written: no spend can be proven, no training
         log.error("[%s] round %d refused: %s", site.site_id, run.server_round, err)
         return _reply_without_update(msg, context, STATUS_REFUSED, _ledger_error_for_server(site.ledger_path),
@@ -240,9 +264,27 @@ def train(msg: Message, context: Context) -> Message:
     if not plan.allowed:
         log.warning("[%s] not training round %d: %s", site.site_id, run.server_round, plan.reason)
         return _reply_without_update(msg, context, STATUS_BUDGET, plan.reason, site_id=site.site_id)
-    noise, delta = plan.noise_multiplier, plan.delta
     cohort = run.train.subset(np.asarray(plan.train, dtype=np.int64))
-    result = train_round(run, cohort, noise)
+    # Everything that can fail without touching a gradient comes before the spend is written (inputs and the
+    # feature cache, the round's randomness, the HE key for the reply): a round that fails here costs nothing.
+    try:
+        prepared = round_inputs(run, cohort)
+        he_ctx = load_encryption_context(cfg, site)
+    except (OSError, ValueError, HEError) as err:
+        log.error("[%s] round %d not started: %s", site.site_id, run.server_round, err)
+        return _reply_without_update(msg, context, STATUS_REFUSED, f"round not started: {err}", site_id=site.site_id)
+    noise_source = prepared.randomness.kind
+    # Write-ahead: the spend (and the cohort it samples from) is on disk before a single gradient is computed.
+    # From here on it counts, whether or not the update is released.
+    try:
+        guard.record(plan, cfg, run.run_id, run.server_round, run.train_ids, dataset_fp, params_fp, started,
+                     noise_source)
+    except LedgerError as err:
+        log.error("[%s] round %d refused: %s", site.site_id, run.server_round, err)
+        return _reply_without_update(msg, context, STATUS_REFUSED, _ledger_error_for_server(site.ledger_path),
+                                     site_id=site.site_id)
+    noise, delta = plan.noise_multiplier, plan.delta
+    result = train_round(run, cohort, noise, prepared)
     run.model.to("cpu")
     state = trainable_state(run.model)
     metrics = MetricRecord(
@@ -263,29 +305,42 @@ def train(msg: Message, context: Context) -> Message:
         site.site_id,
         STATUS_TRAINED,
         accountant=cfg.accountant,
-        **{"dataset-fingerprint": dataset_fp, "params-fingerprint": params_fp},
+        **{"dataset-fingerprint": dataset_fp, "params-fingerprint": params_fp, KEY_NOISE_SOURCE: noise_source},
     )
     try:
-        arrays = encode_update(state, len(cohort), cfg, site)
+        arrays = encode_update(state, len(cohort), cfg, site, he_ctx)
     except HEError as err:  # e.g. a non-finite weight: refuse to encrypt, say why
         log.error("[%s] update not sent: %s", site.site_id, err)
         return _reply_without_update(msg, context, STATUS_REFUSED, f"update not encrypted: {err}", site_id=site.site_id)
     log.info(
-        "[%s] round %d: %d records, loss %.4f, epsilon %.3f",
-        site.site_id, run.server_round, len(cohort), result.loss, plan.epsilon_run,
+        "[%s] round %d: %d records, loss %.4f, epsilon %.3f, noise %s",
+        site.site_id, run.server_round, len(cohort), result.loss, plan.epsilon_run, noise_source,
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "status": status}), reply_to=msg)
 
 
-def encode_update(state: dict[str, np.ndarray], num_examples: int, cfg: RunConfig, site: SiteConfig) -> ArrayRecord:
-    """Plaintext weights, or an encrypted update pre-weighted by the example count."""
+def load_encryption_context(cfg: RunConfig, site: SiteConfig):
+    """The site's CKKS context for encrypting its update (None without HE)."""
+    if cfg.secure_aggregation != "he":
+        return None
+    from common import he
+
+    return he.load_context(site_secret_path(site), require_secret=True)
+
+
+def encode_update(
+    state: dict[str, np.ndarray], num_examples: int, cfg: RunConfig, site: SiteConfig, he_ctx=None
+) -> ArrayRecord:
+    """Plaintext weights, or an encrypted update pre-weighted by the example count (with ``he_ctx`` when the
+    caller already loaded the site's context, as :func:`train` does before it writes the spend)."""
     if cfg.secure_aggregation != "he":
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
     from common import he
     from common.he_records import update_to_arrayrecord
 
-    ctx = he.load_context(site_secret_path(site), require_secret=True)
-    return update_to_arrayrecord(he.encrypt_update(ctx, state, weight=float(num_examples)))
+    if he_ctx is None:
+        he_ctx = load_encryption_context(cfg, site)
+    return update_to_arrayrecord(he.encrypt_update(he_ctx, state, weight=float(num_examples)))
 
 
 def _reply_without_update(msg: Message, context: Context, status: str, reason: str, site_id: str = "") -> Message:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from common.accounting import Mechanism, calibrate_noise, sample_rate, steps_per_epoch
 from common.config import RunConfig
+from common.protocol import NOISE_SOURCE_SEEDED
 from common.ledger import PURPOSE_TRAIN, SiteLedger, SpendEntry
 from common.record_budget import RecordEpsilons, Spend, record_epsilons
 
@@ -199,9 +200,11 @@ class PrivacyGuard:
         epsilon_run: float,
         epsilon_dataset: float,
         started_at: datetime,
+        noise_source: str = NOISE_SOURCE_SEEDED,
     ) -> int:
         """Append a spend on exactly ``record_ids`` durably (its cohort first); returns the spend's sequence
-        number. Any release that costs privacy at this site goes through here (``purpose`` says which kind)."""
+        number. Any release that costs privacy at this site goes through here (``purpose`` says which kind,
+        ``noise_source`` where its noise comes from: ``client.randomness``)."""
         cohort = self.ledger.add_cohort(record_ids, self.key_check)
         noise, q, steps = mechanism
         entry = SpendEntry(
@@ -223,6 +226,7 @@ class PrivacyGuard:
             recorded_at=datetime.now(timezone.utc).isoformat(),
             cohort_id=cohort,
             purpose=purpose,
+            noise_source=noise_source,
         )
         return self.ledger.append(entry)
 
@@ -236,6 +240,7 @@ class PrivacyGuard:
         dataset_fingerprint: str,
         params_fingerprint: str,
         started_at: datetime,
+        noise_source: str = NOISE_SOURCE_SEEDED,
     ) -> int:
         """Write-ahead record of a planned training round on the plan's cohort of ``record_ids``."""
         return self.record_spend(
@@ -252,4 +257,5 @@ class PrivacyGuard:
             epsilon_run=plan.epsilon_run,
             epsilon_dataset=plan.epsilon_dataset,
             started_at=started_at,
+            noise_source=noise_source,
         )

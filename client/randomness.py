@@ -17,6 +17,7 @@ draws from this source; the arithmetic is Opacus 1.6's own) and :class:`PoissonB
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import types
@@ -26,9 +27,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-NOISE_SOURCE_SITE = "site-csprng"  # the default everywhere: unpredictable by anyone but the site
-NOISE_SOURCE_SEEDED = "seeded"  # simulation only, an explicit and recorded choice
-NOISE_SOURCES = (NOISE_SOURCE_SITE, NOISE_SOURCE_SEEDED)
+from common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCE_SITE, NOISE_SOURCES  # noqa: F401  (re-exported)
 
 _TWO53 = float(2**53)
 
@@ -95,6 +94,13 @@ class SeededRandomness:
     def gaussian(self, shape: tuple[int, ...], std: float, *, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         z = self._rng.standard_normal(shape) * float(std)
         return torch.from_numpy(np.asarray(z, dtype=np.float64)).to(device=device, dtype=dtype)
+
+
+def reproducible_seed(run_seed: int, server_round: int, site_id: str) -> int:
+    """The seed of a simulated site's noise in one round (``reproducible-noise=true`` only): a hash of the run
+    config's ``seed``, the round and the site, so sites and rounds differ but a rerun repeats them exactly."""
+    text = f"privatune.reproducible-noise|{int(run_seed)}|{int(server_round)}|{site_id}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
 def install_noise(optimizer: torch.optim.Optimizer, randomness: Randomness) -> None:

@@ -34,7 +34,10 @@ SITE_KEYS = (
     "delta",
     "on-exhausted",
     "site-key-path",
+    "allow-reproducible-noise",
 )
+ALLOW_REPRODUCIBLE_NOISE = "allow-reproducible-noise"
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 
 class SiteConfigError(ValueError):
@@ -59,6 +62,9 @@ class SiteConfig:
     @property
     def key_path(self) -> Path:
         return self.site_key_path or default_key_path(self.ledger_path)
+    # Whether this site accepts a run config with reproducible-noise=true (seeded, predictable noise). A partner
+    # site defaults to no; a simulated client to yes (the whole federation is one machine).
+    allow_reproducible_noise: bool = False
 
     @property
     def simulated(self) -> bool:
@@ -84,6 +90,15 @@ class SiteConfig:
         budget = dict(on_exhausted=on_exhausted, site_key_path=Path(str(key)).expanduser() if key else None)
         if "data-path" in node_config:
             budget["delta"] = _site_delta(node_config.get("delta", DEFAULT_SITE_DELTA))
+        real_site = "data-path" in node_config
+        allow_seeded = _flag(node_config, ALLOW_REPRODUCIBLE_NOISE, default=not real_site)
+        if cfg.reproducible_noise and not allow_seeded:
+            raise SiteConfigError(
+                "the run config asks for reproducible-noise=true (DP noise from a seed the coordinator knows, so "
+                f"no protection against it) and this site's node config does not set {ALLOW_REPRODUCIBLE_NOISE}"
+                "=true; this site refuses such runs (set it only for test data)"
+            )
+        if real_site:
             site_id = str(node_config.get("site-id", "")).strip()
             if not site_id:
                 raise SiteConfigError("site-id is required with data-path: a short name such as 'hospital-a'")
@@ -111,6 +126,7 @@ class SiteConfig:
                 device=device,
                 data=spec,
                 **budget,
+                allow_reproducible_noise=allow_seeded,
             )
         if "partition-id" not in node_config:
             raise SiteConfigError(
@@ -140,6 +156,7 @@ class SiteConfig:
             num_partitions=num,
             delta=cfg.delta or DEFAULT_SITE_DELTA,  # simulation: the run's delta is every simulated site's
             **budget,
+            allow_reproducible_noise=allow_seeded,
         )
 
 
@@ -151,6 +168,19 @@ def _site_delta(raw: Any) -> float:
     if not 0.0 < delta < 0.1:
         raise SiteConfigError(f"delta must be in (0, 0.1) and below 0.1/n for the site's n records, got {delta}")
     return delta
+
+
+def _flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A boolean node-config value (TOML bool or a string such as "true")."""
+    if key not in node_config:
+        return default
+    value = node_config[key]
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise SiteConfigError(f"{key} must be true or false, got {value!r}")
 
 
 def resolve_device(requested: str) -> str:

@@ -38,6 +38,7 @@ from rich.table import Table
 from common.accounting import ACCOUNTANTS, AccountingError, Mechanism, check_mechanism, epsilon_of, normalise
 from common.jsonsafe import jsonable
 from common.record_budget import CohortError, Spend, cohort_id_of, record_epsilons, unpack_ids
+from common.protocol import NOISE_SOURCE_SEEDED
 from common.ledger import (
     LEDGER_GLOB,
     LEDGER_SUFFIX,
@@ -64,6 +65,7 @@ VIOLATION_KINDS = (
     "report-mismatch",  # what the server recorded differs from the site's record
     "invalid-cohort",  # a cohort row whose ids do not match its id or size, or a spend naming a missing cohort
 )
+SEEDED_FLAG = "reproducible noise: no protection against whoever knows the seed"
 _PLOT_CAP = 1e6
 MARKDOWN_NAME = "audit.md"
 PLOT_NAME = "epsilon_per_round.png"
@@ -114,6 +116,7 @@ class AuditEntry:
     aggregation: str | None = None
     recorded_at: str | None = None
     problems: list[str] = field(default_factory=list)  # violation kinds that name this row
+    noise_source: str | None = None  # site rows: as recorded ("seeded" for ledgers older than the field)
 
     @property
     def epsilon_recomputed(self) -> float | None:
@@ -143,6 +146,7 @@ class PartySummary:
     epsilon_dataset: float | None  # largest recomputed dataset epsilon (sites only)
     max_epsilon: float | None  # the budget last in force (sites only)
     violations: int
+    seeded_rounds: int = 0  # trained rounds whose noise came from a seed (reproducible: predictable by its holder)
 
     @property
     def budget_left(self) -> float | None:
@@ -351,6 +355,7 @@ class _Auditor:
                 **{k: row[k] for k in _MECH_FIELDS},
                 epsilon_reported=row["epsilon_run"], epsilon_dataset_reported=row["epsilon_dataset"],
                 max_epsilon=row["max_epsilon"], recorded_at=row["recorded_at"],
+                noise_source=row.get("noise_source") or NOISE_SOURCE_SEEDED,
             )
             if (row.get("purpose") or PURPOSE_TRAIN) == PURPOSE_TRAIN:
                 self.entries.append(entry)  # other purposes count in budgets but are no training round to match
@@ -428,6 +433,7 @@ class _Auditor:
                 **{k: row[k] for k in _MECH_FIELDS},
                 epsilon_reported=row["epsilon_reported"], epsilon_dataset_reported=row["epsilon_dataset_reported"],
                 max_epsilon=None, aggregation=aggregation.get(row["run_id"]), recorded_at=row["recorded_at"],
+                noise_source=row.get("noise_source"),
             )
             self.entries.append(entry)
             if entry.run_id not in aggregation:
@@ -515,6 +521,8 @@ class _Auditor:
                     float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
                 if not same:
                     out.append(f"{name} server {a!r} vs site {b!r}")
+            if rep.noise_source and rep.noise_source != spend.noise_source:
+                out.append(f"noise_source server {rep.noise_source!r} vs site {spend.noise_source!r}")
             if rep.dataset_fingerprint and rep.dataset_fingerprint != spend.dataset_fingerprint:
                 out.append(f"dataset_fingerprint server {rep.dataset_fingerprint!r} vs site "
                            f"{spend.dataset_fingerprint!r}")
@@ -565,7 +573,12 @@ class _Auditor:
                 epsilon_dataset=max(data_eps) if data_eps else None,
                 max_epsilon=_num(last.max_epsilon) if last else None,
                 violations=sum(v.file == file and (v.party in (None, party)) for v in self.violations),
+                seeded_rounds=sum(e.noise_source == NOISE_SOURCE_SEEDED for e in trained),
             ))
+        for s in summaries:
+            if s.source == SITE and s.seeded_rounds:
+                self.notes.append(f"{Path(s.file).name}: {s.seeded_rounds} of {s.rounds_trained} round(s) of site "
+                                  f"{s.party} used seeded noise ({SEEDED_FLAG})")
         return AuditReport(tolerance=self.tolerance, files=self.files, entries=self.entries,
                            violations=self.violations, notes=list(dict.fromkeys(self.notes)), summaries=summaries)
 
@@ -701,7 +714,14 @@ def render_table(report: AuditReport, entries: bool = False) -> Any:
         clients.add_row(s.source, s.party, run, str(s.rounds_trained),
                         eps(e.epsilon_reported if e else None), eps(e.epsilon_rdp if e else None),
                         eps(e.epsilon_prv if e else None), budget, " ".join(status) or "[green]ok[/]")
-    return Group(ledgers, clients)
+    seeded = [f"{s.party} ({s.seeded_rounds} of {s.rounds_trained})" for s in report.summaries
+              if s.source == SITE and s.seeded_rounds]
+    if not seeded:
+        return Group(ledgers, clients)
+    from rich.text import Text
+
+    flag = Text.from_markup(f"[bold yellow]seeded noise[/] at site {', '.join(seeded)} round(s): {SEEDED_FLAG}")
+    return Group(ledgers, clients, flag)
 
 
 def render_violations(report: AuditReport) -> Table:
@@ -799,6 +819,16 @@ def write_report(report: AuditReport, out_dir: Path) -> ReportFiles:
                      f"{_md_escape(', '.join(s.runs))} | {s.rounds_trained} | {s.budget_exhausted} | {s.dropped} | "
                      f"{_fmt(s.accountant)} | {_fmt(s.epsilon_run)} | {_fmt(s.epsilon_dataset)} | "
                      f"{_fmt(s.max_epsilon)} | {_fmt(s.budget_left)} | {s.violations} |")
+    lines += ["", "## Noise sources", "",
+              "Where each site's DP noise came from, as its ledger records it (`site-csprng`: a CSPRNG only the site "
+              f"knows; `seeded`: {SEEDED_FLAG}).", "",
+              "| Source | Party | File | Noise | Flag |", "|---|---|---|---|---|"]
+    for s in report.summaries:
+        mine = [e for e in report.entries
+                if (e.source, e.file, e.party) == (s.source, s.file, s.party) and e.status == STATUS_TRAINED]
+        kinds = ", ".join(sorted({e.noise_source or "not reported" for e in mine})) or "—"
+        flag = SEEDED_FLAG if s.seeded_rounds else ""
+        lines.append(f"| {s.source} | {_md_escape(s.party)} | {_md_escape(Path(s.file).name)} | {kinds} | {flag} |")
     lines += ["", f"![epsilon per round per client]({PLOT_NAME})", "", "## Rows", "",
               "| Src | File | Seq | Run | Round | Party | Status | σ | q | Steps | C | δ | Acc | ε reported | "
               "ε RDP | ε PRV | ε dataset | max-epsilon | Check |",

@@ -97,6 +97,9 @@ class RunConfig:
     sim_max_epsilon: float = 0.0  # simulation only: every simulated site's budget (0 = none); real sites set max-epsilon in their node config
     round_timeout: float = 900.0  # seconds the server waits for a round's replies
     secure_aggregation: str = "none"
+    # Simulation only: DP noise and sampling from a seed derived from `seed` (reproducible, and so no protection
+    # against whoever knows the seed); recorded as noise-source=seeded; real sites refuse it unless allowed.
+    reproducible_noise: bool = False
     he_public_context: str = ""
     aggregator: str = "fedavg"  # fedmedian / fedtrimmedavg / krum: robust, plaintext runs only
     trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end of every coordinate

@@ -44,6 +44,7 @@ from typing import Any
 
 from common.accounting import ACCOUNTANTS, Mechanism, compose, epsilon_of
 from common.record_budget import cohort_id_of, pack_ids, unpack_ids
+from common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCES
 
 GENESIS_HASH = "0" * 64
 LEDGER_SUFFIX = ".ledger.sqlite"
@@ -225,6 +226,9 @@ class SpendEntry:
     # per-record budgets: such a spend counts against every record of the site.
     cohort_id: str | None = None
     purpose: str = PURPOSE_TRAIN
+    # Where the round's DP noise came from (common.protocol NOISE_SOURCES). Defaults to "seeded", the weaker claim:
+    # a row says "site-csprng" only when the writer says so; rows of ledgers older than the field read as "seeded".
+    noise_source: str = NOISE_SOURCE_SEEDED
 
     def __post_init__(self) -> None:
         w = f"SpendEntry(run {self.run_id!r}, round {self.round!r})"
@@ -254,6 +258,8 @@ class SpendEntry:
             raise _bad(w, "accountant", self.accountant, f"one of {ACCOUNTANTS}")
         _timestamp(w, "started_at", self.started_at)
         _timestamp(w, "recorded_at", self.recorded_at)
+        if self.noise_source not in NOISE_SOURCES:
+            raise _bad(w, "noise_source", self.noise_source, f"one of {NOISE_SOURCES}")
         for name, value in norm.items():  # store ints given for float fields as floats (stable hashes)
             object.__setattr__(self, name, value)
 
@@ -305,6 +311,7 @@ class ClientReport:
     epsilon_reported: float | None  # the client's epsilon for this run after this round
     epsilon_dataset_reported: float | None  # the client's epsilon for its dataset across runs, if it reported one
     recorded_at: str
+    noise_source: str | None = None  # what the client reported (NOISE_SOURCES); None when it reported none
 
     def __post_init__(self) -> None:
         w = f"ClientReport(run {self.run_id!r}, round {self.round!r}, client {self.client_id!r})"
@@ -339,6 +346,8 @@ class ClientReport:
             _int(w, "steps", self.steps, 0)
         if self.accountant is not None and self.accountant not in ACCOUNTANTS:
             raise _bad(w, "accountant", self.accountant, f"one of {ACCOUNTANTS}")
+        if self.noise_source is not None and self.noise_source not in NOISE_SOURCES:
+            raise _bad(w, "noise_source", self.noise_source, f"one of {NOISE_SOURCES} or None")
         if self.dataset_fingerprint is not None and not isinstance(self.dataset_fingerprint, str):
             raise _bad(w, "dataset_fingerprint", self.dataset_fingerprint, "a string or None")
 
@@ -381,6 +390,7 @@ _SPEND_COLUMNS = (
     ("recorded_at", "TEXT NOT NULL"),
     ("cohort_id", "TEXT"),
     ("purpose", "TEXT"),
+    ("noise_source", "TEXT"),
 )
 #: Each distinct set of records a spend sampled from, stored once: ``ids`` is the base64 of the sorted 16-byte
 #: keyed record ids (common/record_budget.py), ``cohort_id`` the sha256 of those bytes, ``key_check`` a keyed
@@ -395,7 +405,8 @@ _COHORT_COLUMNS = (
 #: Columns and tables added after version 1 files were written. An added column is hashed only when it holds a
 #: value, so rows written before it existed keep their hashes; an added table missing from an old file reads as
 #: empty (its chain head is missing too) and is created when the file is next opened for writing.
-_ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"spend": ("cohort_id", "purpose")}
+_ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"spend": ("cohort_id", "purpose", "noise_source"),
+                                               "reports": ("noise_source",)}
 _ADDED_TABLES: tuple[str, ...] = ("cohorts",)
 _RUN_COLUMNS = (
     ("run_id", "TEXT NOT NULL"),
@@ -420,6 +431,7 @@ _REPORT_COLUMNS = (
     ("epsilon_reported", "REAL"),
     ("epsilon_dataset_reported", "REAL"),
     ("recorded_at", "TEXT NOT NULL"),
+    ("noise_source", "TEXT"),
 )
 _META_COLUMNS = (
     ("key", "TEXT NOT NULL"),
@@ -896,7 +908,8 @@ class SiteLedger(_ChainedLedger):
         out = []
         for r in rows:
             try:
-                entry = SpendEntry(**{n: r[n] for n in _SPEND_FIELDS})
+                entry = SpendEntry(**{n: r.get(n) for n in _SPEND_FIELDS
+                                      if r.get(n) is not None or n not in _ADDED_COLUMNS["spend"]})
             except LedgerError as exc:
                 raise LedgerError(f"{self.path}: row {r['seq']} is invalid: {exc}") from exc
             out.append(SpendRecord(seq=r["seq"], entry=entry, prev_hash=r["prev_hash"], hash=r["hash"]))
@@ -980,6 +993,7 @@ class ServerLedger(_ChainedLedger):
         epsilon_dataset_reported: float | None = None,
         dataset_fingerprint: str | None = None,
         recorded_at: str | None = None,
+        noise_source: str | None = None,
     ) -> int:
         """Record what a client reported for a round. ``status`` 'trained' needs every mechanism field and
         ``epsilon_reported``; record 'dropped' for every sampled client whose reply never arrived, so the audit can
@@ -989,7 +1003,7 @@ class ServerLedger(_ChainedLedger):
             dataset_fingerprint=dataset_fingerprint, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
             steps=steps, max_grad_norm=max_grad_norm, delta=delta, accountant=accountant,
             epsilon_reported=epsilon_reported, epsilon_dataset_reported=epsilon_dataset_reported,
-            recorded_at=recorded_at or utc_now(),
+            recorded_at=recorded_at or utc_now(), noise_source=noise_source,
         )
         return self._append("reports", asdict(report))
 
@@ -1003,7 +1017,7 @@ class ServerLedger(_ChainedLedger):
         out = []
         for r in rows:
             try:
-                report = ClientReport(**{n: r[n] for n in _REPORT_FIELDS})
+                report = ClientReport(**{n: r.get(n) for n in _REPORT_FIELDS})
             except LedgerError as exc:
                 raise LedgerError(f"{self.path}: report row {r['seq']} is invalid: {exc}") from exc
             out.append(ReportRecord(seq=r["seq"], report=report, prev_hash=r["prev_hash"], hash=r["hash"]))

@@ -20,6 +20,7 @@ from common.config import RunConfig
 from common.ledger import SERVER_LEDGER_NAME, ServerLedger
 from common.models import configure_trainable, get_model_spec, trainable_state
 from server.reasons import one_line
+from common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCE_SITE
 from server.run_record import RoundReport, RunRecorder
 from server.strategy import FederationStopped, PrivatuneFedAvg
 
@@ -38,12 +39,24 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = fixed_config or RunConfig.from_flower(dict(context.run_config))
-        run_federation(grid, cfg, run_id=str(context.run_id), observer=observer)
+        # `privatune simulate` (a fixed config) warns on its own terminal before the run starts.
+        run_federation(grid, cfg, run_id=str(context.run_id), observer=observer, warn_seeded=fixed_config is None)
 
     return server_app
 
 
 app = make_server_app()
+
+
+SEEDED_NOISE_WARNING = (
+    "reproducible-noise=true: every site's DP noise comes from a seed derived from the run config, so whoever "
+    "knows the seed can remove it; this run gives no privacy against the coordinator (simulation only)"
+)
+
+
+def noise_source_of(cfg: RunConfig) -> str:
+    """The noise source this run asks its sites for (each site reports, and records, its own)."""
+    return NOISE_SOURCE_SEEDED if cfg.reproducible_noise else NOISE_SOURCE_SITE
 
 
 def resolve_out_dir(cfg: RunConfig, run_id: str) -> RunConfig:
@@ -56,10 +69,13 @@ def run_federation(
     cfg: RunConfig,
     run_id: str,
     observer: Callable[[RoundReport], None] | None = None,
+    warn_seeded: bool = True,
 ) -> dict[str, Any]:
     """Run every round of one federation and leave its record in ``cfg.out_dir``."""
     cfg = resolve_out_dir(cfg, run_id)
     out = Path(cfg.out_dir)
+    if cfg.reproducible_noise and warn_seeded:
+        log.warning("run %s: %s", run_id, SEEDED_NOISE_WARNING)
     recorder = RunRecorder(
         out,
         summary_base={
@@ -73,6 +89,7 @@ def run_federation(
             "delta": cfg.delta if cfg.delta else "each site's own (node-config delta, default 1e-5)",
             "secure_aggregation": cfg.secure_aggregation,
             "num_server_rounds": cfg.num_server_rounds,
+            "noise_source": noise_source_of(cfg),
         },
         observer=observer,
     )

@@ -2,7 +2,9 @@
 
 - ``config.json``: the resolved run config;
 - ``metrics.jsonl``: one line per round (per-client training reports, federated and central evaluation);
-- ``summary.json``: the final figures (rewritten after every round, atomically);
+- ``summary.json``: the final figures (rewritten after every round, atomically), with ``noise_source`` (what the
+  run asked every site for: ``site-csprng``, or ``seeded`` for reproducible simulations) and
+  ``noise_sources_reported`` (what the sites said they used);
 - ``global.safetensors`` (plaintext) or ``global.he-checkpoint`` (encrypted): the trainable weights;
 - ``rounds.png``: accuracy and epsilon per round.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.jsonsafe import jsonable
+from common.protocol import KEY_NOISE_SOURCE
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -51,6 +54,7 @@ class RunRecorder:
     observer: Callable[[RoundReport], None] | None = None
     rounds: list[RoundReport] = field(default_factory=list)
     per_client_epsilon: dict[str, float] = field(default_factory=dict)
+    noise_sources: set[str] = field(default_factory=set)  # what trained clients reported (KEY_NOISE_SOURCE)
     stopped_reason: str = ""
     status: str = "running"  # "running" until the run ends: a crashed run's summary says so
 
@@ -68,6 +72,8 @@ class RunRecorder:
             eps = rep.get("epsilon")
             if isinstance(eps, (int, float)):
                 self.per_client_epsilon[cid] = float(eps)
+            if isinstance(rep.get(KEY_NOISE_SOURCE), str):
+                self.noise_sources.add(rep[KEY_NOISE_SOURCE])
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(jsonable(report.__dict__), sort_keys=True) + "\n")
             fh.flush()
@@ -90,6 +96,7 @@ class RunRecorder:
             "federated_macro_f1": last_fed.get("eval-macro-f1"),
             "per_client_epsilon": dict(sorted(self.per_client_epsilon.items())),
             "max_client_epsilon": max(self.per_client_epsilon.values(), default=None),
+            "noise_sources_reported": sorted(self.noise_sources),
             "stopped_reason": self.stopped_reason,
             "status": self.status,
         }

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import ACCOUNTANTS, RunConfig
-from common.protocol import STATUS_BUDGET, STATUS_TRAINED
+from common.protocol import KEY_NOISE_SOURCE, NOISE_SOURCES, STATUS_BUDGET, STATUS_TRAINED
 from server.aggregation import UpdateRejected, aggregate_plain, weighted_mean
 from server.reasons import one_line
 from server.run_record import RoundReport
@@ -258,6 +258,9 @@ class PrivatuneFedAvg(FedAvg):
         st = msg.content["status"]
         report = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in m.items()}
         report["node-id"] = int(msg.metadata.src_node_id)
+        noise_source = str(st.get(KEY_NOISE_SOURCE, ""))
+        noise_source = noise_source if noise_source in NOISE_SOURCES else None  # the ledger takes known values only
+        report[KEY_NOISE_SOURCE] = noise_source or "not reported"
         self.current.clients[cid] = report
         if self.ledger is not None:
             def num(key: str) -> float | None:
@@ -279,6 +282,7 @@ class PrivatuneFedAvg(FedAvg):
                 epsilon_reported=num("epsilon"),
                 epsilon_dataset_reported=num("epsilon-dataset"),
                 dataset_fingerprint=str(st.get("dataset-fingerprint", "")) or None,
+                noise_source=noise_source,
                 status=STATUS_TRAINED,
             )
 

@@ -44,6 +44,7 @@ class RoundPrinter:
             f"{c.num_server_rounds} rounds, {c.partition}"
             + (f"(alpha={c.alpha:g})" if c.partition == "dirichlet" else "")
             + f", {dp}, aggregation={c.secure_aggregation}"
+            + (", [bold yellow]seeded noise[/]" if c.reproducible_noise else "")
         )
         self.console.print("[dim]loading models and computing features on the first round...[/]")
 
@@ -74,6 +75,7 @@ class RoundPrinter:
         t.add_row("test macro-F1", _fmt(summary.get("test_macro_f1")))
         t.add_row("federated validation accuracy", _fmt(summary.get("federated_accuracy")))
         t.add_row("target epsilon", _fmt(summary.get("target_epsilon")))
+        t.add_row("noise source", _fmt(summary.get("noise_source")))
         t.add_row("wall time (s)", _fmt(summary.get("simulation_seconds"), 1))
         self.console.print(t)
         eps = summary.get("per_client_epsilon") or {}

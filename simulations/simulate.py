@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -70,6 +71,10 @@ def run_simulation(
     cfg = prepare_config(cfg, num_clients, out_dir)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from server.app import SEEDED_NOISE_WARNING, noise_source_of
+
+    if cfg.reproducible_noise:
+        print(f"warning: {SEEDED_NOISE_WARNING}", file=sys.stderr, flush=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -117,6 +122,7 @@ def run_simulation(
     if cfg.secure_aggregation == "he" and cfg.central_eval:
         summary.update(he_central_evaluation(cfg, out))
     summary["num_clients"] = num_clients
+    summary["noise_source"] = noise_source_of(cfg)
     summary["ray_temp_dir"] = ray_tmp  # removed; named so a check can prove no Ray process still uses it
     summary["simulation_seconds"] = time.perf_counter() - t0
     write_json_atomic(summary_path, summary)

@@ -102,3 +102,118 @@ def test_non_private_round_is_recorded_as_an_infinite_spend(tmp_path, message_fa
         "r", 1, "client-0", 1, status="trained", noise_multiplier=m["noise-multiplier"], sample_rate=m["sample-rate"],
         steps=int(m["steps"]), max_grad_norm=m["max-grad-norm"], delta=1e-5, accountant="rdp",
         epsilon_reported=m["epsilon"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the noise comes from, and when the spend is written
+
+
+def _twice(tmp_path, message_factory, context_factory, **kw):
+    """The same train message, twice, to the same simulated site: (update 1, update 2, replies, ledger rows)."""
+    cfg = _digits_cfg(tmp_path, **kw)
+    state = initial_state(cfg)
+    ctx = context_factory({"partition-id": 0, "num-partitions": 3})
+    replies = [train(message_factory(cfg, state, server_round=1), ctx).content for _ in range(2)]
+    updates = [{k: v.numpy() for k, v in r["arrays"].items()} for r in replies]
+    rows = SiteLedger(tmp_path / "ledgers" / "site-client-0.ledger.sqlite").entries()
+    return updates, replies, rows
+
+
+def test_identical_messages_get_different_noise_by_default(tmp_path, message_factory, context_factory):
+    (u1, u2), replies, rows = _twice(tmp_path, message_factory, context_factory)
+    assert all(not np.array_equal(u1[k], u2[k]) for k in u1), "the site's noise repeated: it is predictable"
+    assert [r["status"]["noise-source"] for r in replies] == ["site-csprng"] * 2
+    assert [rec.entry.noise_source for rec in rows] == ["site-csprng"] * 2
+
+
+def test_identical_messages_repeat_only_with_reproducible_noise(tmp_path, message_factory, context_factory):
+    (u1, u2), replies, rows = _twice(tmp_path, message_factory, context_factory, reproducible_noise=True)
+    assert all(np.array_equal(u1[k], u2[k]) for k in u1)
+    assert [r["status"]["noise-source"] for r in replies] == ["seeded"] * 2
+    assert [rec.entry.noise_source for rec in rows] == ["seeded"] * 2
+
+
+def _real_site(tmp_path, **extra):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "site.npz"
+    np.savez(data, x=rng.integers(0, 17, (120, 8, 8)).astype(np.float32), y=np.arange(120) % 10)
+    return {"site-id": "hospital-a", "data-path": str(data), "ledger-path": str(tmp_path / "site.ledger.sqlite"),
+            **extra}
+
+
+def test_real_site_refuses_reproducible_noise_unless_allowed(tmp_path, message_factory, context_factory):
+    cfg = _digits_cfg(tmp_path, reproducible_noise=True)
+    state = initial_state(cfg)
+    refused = train(message_factory(cfg, state), context_factory(_real_site(tmp_path))).content
+    assert refused["status"]["status"] == "refused"
+    reason = refused["status"]["reason"]
+    assert "reproducible-noise" in reason and "allow-reproducible-noise" in reason
+    assert "arrays" not in refused
+    assert not (tmp_path / "site.ledger.sqlite").exists() or SiteLedger(tmp_path / "site.ledger.sqlite").entries() == []
+    for flag in ("false", False):
+        node = _real_site(tmp_path, **{"allow-reproducible-noise": flag})
+        assert train(message_factory(cfg, state), context_factory(node)).content["status"]["status"] == "refused"
+    # The same site, allowing it (test data), trains with seeded noise and records so.
+    node = _real_site(tmp_path, **{"allow-reproducible-noise": "true"})
+    allowed = train(message_factory(cfg, state), context_factory(node)).content
+    assert allowed["status"]["status"] == "trained" and allowed["status"]["noise-source"] == "seeded"
+    (row,) = SiteLedger(tmp_path / "site.ledger.sqlite").entries()
+    assert row.entry.noise_source == "seeded"
+    # Without reproducible-noise the site trains with its own CSPRNG whatever it allows.
+    plain = _digits_cfg(tmp_path)
+    ok = train(message_factory(plain, state), context_factory(_real_site(tmp_path))).content
+    assert ok["status"]["status"] == "trained" and ok["status"]["noise-source"] == "site-csprng"
+
+
+def test_round_failing_before_training_writes_no_spend(tmp_path, message_factory, context_factory, monkeypatch):
+    import client.app as client_app
+
+    def cache_fails(*a, **k):
+        raise OSError("No space left on device: the feature cache")
+
+    monkeypatch.setattr(client_app, "cached_features", cache_fails)
+    cfg = _digits_cfg(tmp_path)
+    reply = train(message_factory(cfg, initial_state(cfg)), context_factory({"partition-id": 0, "num-partitions": 3}))
+    assert reply.content["status"]["status"] == "refused"
+    assert "No space left" in reply.content["status"]["reason"]
+    assert SiteLedger(tmp_path / "ledgers" / "site-client-0.ledger.sqlite").entries() == []
+
+
+def test_round_refusing_to_release_after_training_still_counts(tmp_path, message_factory, context_factory,
+                                                               monkeypatch):
+    import client.app as client_app
+    from common.he import HEError
+
+    trained = []
+    real_train_round = client_app.train_round
+
+    def spy(*a, **k):
+        trained.append(True)
+        return real_train_round(*a, **k)
+
+    def refuse(*a, **k):
+        raise HEError("update has a non-finite weight")
+
+    monkeypatch.setattr(client_app, "train_round", spy)
+    monkeypatch.setattr(client_app, "encode_update", refuse)
+    cfg = _digits_cfg(tmp_path)
+    reply = train(message_factory(cfg, initial_state(cfg)), context_factory({"partition-id": 0, "num-partitions": 3}))
+    assert trained and reply.content["status"]["status"] == "refused" and "arrays" not in reply.content
+    (row,) = SiteLedger(tmp_path / "ledgers" / "site-client-0.ledger.sqlite").entries()
+    assert row.entry.steps > 0 and row.entry.noise_source == "site-csprng"
+
+
+def test_spend_is_on_disk_before_the_first_gradient(tmp_path, message_factory, context_factory, monkeypatch):
+    import client.app as client_app
+
+    seen = []
+    real_train_local = client_app.train_local
+
+    def check_ledger_first(*a, **k):
+        seen.append(len(SiteLedger(tmp_path / "ledgers" / "site-client-0.ledger.sqlite").entries()))
+        return real_train_local(*a, **k)
+
+    monkeypatch.setattr(client_app, "train_local", check_ledger_first)
+    cfg = _digits_cfg(tmp_path)
+    train(message_factory(cfg, initial_state(cfg)), context_factory({"partition-id": 0, "num-partitions": 3}))
+    assert seen == [1]

@@ -308,7 +308,7 @@ def test_row_appended_outside_the_ledger_is_inserted(tmp_path: Path) -> None:
     last = conn.execute("SELECT hash FROM spend WHERE seq = 3").fetchone()[0]
     conn.execute("INSERT INTO spend SELECT 4, run_id, 4, site_id, dataset_fingerprint, params_fingerprint, "
                  "noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant, epsilon_run, "
-                 "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, ?, 'f' FROM spend WHERE seq = 3", (last,))
+                 "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, noise_source, ?, 'f' FROM spend WHERE seq = 3", (last,))
     conn.close()
     rehash(path, 4)  # even a well-formed row is caught: the head does not count it
     assert kinds(verify_chain(path)) == {(4, "inserted")}
@@ -322,7 +322,7 @@ def test_row_inserted_in_the_middle_is_named(tmp_path: Path) -> None:
     prev = conn.execute("SELECT hash FROM spend WHERE seq = 2").fetchone()[0]
     conn.execute("INSERT INTO spend SELECT 3, run_id, 99, site_id, dataset_fingerprint, params_fingerprint, "
                  "noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant, epsilon_run, "
-                 "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, ?, 'f' FROM spend WHERE seq = 2", (prev,))
+                 "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, noise_source, ?, 'f' FROM spend WHERE seq = 2", (prev,))
     conn.close()
     rehash(path, 3)
     assert kinds(verify_chain(path)) == {(3, "inserted")}

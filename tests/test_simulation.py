@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "digits"
     home = tmp_path_factory.mktemp("home")
+    # Reproducible noise (simulation only), so the HE run below draws the very same noise and can be compared.
     cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "3",
-           "--rounds", "2", "--epsilon", "4", "--out", str(out)]
+           "--rounds", "2", "--epsilon", "4", "--run-config", "reproducible-noise=true", "--out", str(out)]
     env = {**os.environ, "HOME": str(home)}
     env.pop("FLWR_HOME", None)
     env.pop("MPLCONFIGDIR", None)
@@ -48,6 +49,9 @@ def test_every_client_stays_within_its_target_epsilon(digits_run):
     for key in ("test_accuracy", "test_macro_f1", "delta", "target_epsilon", "mode", "secure_aggregation"):
         assert key in summary
     assert summary["secure_aggregation"] == "none" and summary["mode"] == "head"
+    # The seeded run says so: in summary.json, in what every site reported, and on the terminal.
+    assert summary["noise_source"] == "seeded" and summary["noise_sources_reported"] == ["seeded"]
+    assert "warning: reproducible-noise=true" in digits_run[1].stderr
 
 
 def test_outputs_are_written(digits_run):
@@ -77,7 +81,8 @@ def test_no_process_is_left_behind(digits_run):
 def digits_he_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim-he") / "digits-he"
     cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "3",
-           "--rounds", "2", "--epsilon", "4", "--secure-aggregation", "he", "--out", str(out)]
+           "--rounds", "2", "--epsilon", "4", "--secure-aggregation", "he", "--run-config", "reproducible-noise=true",
+           "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -117,3 +122,4 @@ def test_simulation_ledgers_pass_the_audit(digits_run, digits_he_run):
         proc = subprocess.run([sys.executable, "-m", "privatune.cli", "audit", str(out)], capture_output=True,
                               text=True)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        assert "seeded noise" in proc.stdout  # flagged, not a violation
