@@ -4,8 +4,15 @@ Every message carries the full run config (``config`` ConfigRecord), so a client
 how it was started (simulation, ``flwr run``, a SuperNode at a partner site). Replies:
 
 - ``arrays``: the trainable weights (plaintext) or the encrypted, pre-weighted update (HE);
-- ``metrics``: numbers only (``num-examples``, loss, epsilon, the mechanism);
-- ``status``: ``trained`` | ``budget-exhausted`` | ``data-error`` | ``refused``, with a reason.
+- ``metrics`` (train): the mechanism and its epsilon, plus ``num-examples`` only where plaintext FedAvg
+  weights by it (``common.protocol.allowed_train_metric_keys``); no loss, no timing;
+- ``metrics`` (evaluate): nothing by default; with ``release-metrics`` Gaussian-noised validation sums
+  whose cost is in the site ledger first (``client/metrics_release.py``);
+- ``status``: ``trained`` | ``evaluated`` | ``no-validation-data`` | ``budget-exhausted`` | ``data-error``
+  | ``refused``, with a reason.
+
+Losses, accuracies and timings stay in the site's log (one line per round). docs/privacy.md lists every
+key that leaves a site.
 
 Frozen weights never travel: only the parameters the fine-tuning mode trains are sent or received.
 """
@@ -22,13 +29,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.metrics_release import exact_sums, noised_sums, per_record_outcomes, record_metrics_spend
 from client.privacy_guard import PrivacyGuard
 from client.randomness import SiteRandomness
 from client.site_config import SiteConfig
 from client.site_data import SiteDataError, load_site_data
-from client.training import evaluate, train_local
+from client.training import train_local
 from common.config import RunConfig
 from common.datasets import LabelledData
+from common.evaluation import macro_f1
 from common.he import HEError
 from common.features import cached_features, encode
 from common.federation_data import client_records
@@ -42,12 +51,17 @@ from common.models import (
     trainable_state,
 )
 from common.protocol import (
+    KEY_METRICS_EPSILON,
+    KEY_METRICS_NOISE,
+    KEY_NUM_EXAMPLES,
     PROTOCOL_KEYS,
     STATUS_BUDGET,
     STATUS_DATA_ERROR,
     STATUS_EVALUATED,
+    STATUS_NO_VALIDATION,
     STATUS_REFUSED,
     STATUS_TRAINED,
+    allowed_train_metric_keys,
 )
 
 log = logging.getLogger("privatune.client")
@@ -198,20 +212,18 @@ def train(msg: Message, context: Context) -> Message:
     result = train_round(run, run.train, noise)
     run.model.to("cpu")
     state = trainable_state(run.model)
-    metrics = MetricRecord(
-        {
-            "num-examples": len(run.train),
-            "train-loss": float(result.loss),
-            "epsilon": float(plan.epsilon_run),
-            "epsilon-dataset": float(plan.epsilon_dataset),
-            "noise-multiplier": float(result.noise_multiplier),
-            "sample-rate": float(result.sample_rate),
-            "steps": int(result.steps),
-            "delta": float(delta),
-            "max-grad-norm": float(cfg.max_grad_norm),
-            "train-seconds": float(result.seconds),
-        }
-    )
+    values: dict[str, int | float] = {
+        "epsilon": float(plan.epsilon_run),
+        "epsilon-dataset": float(plan.epsilon_dataset),
+        "noise-multiplier": float(result.noise_multiplier),
+        "sample-rate": float(result.sample_rate),
+        "steps": int(result.steps),
+        "delta": float(delta),
+        "max-grad-norm": float(cfg.max_grad_norm),
+    }
+    if KEY_NUM_EXAMPLES in allowed_train_metric_keys(cfg.secure_aggregation, cfg.weighting):
+        values[KEY_NUM_EXAMPLES] = len(run.train)  # the plaintext FedAvg weight (docs/privacy.md)
+    metrics = MetricRecord(values)
     status = status_record(
         site.site_id,
         STATUS_TRAINED,
@@ -223,37 +235,32 @@ def train(msg: Message, context: Context) -> Message:
     except HEError as err:  # e.g. a non-finite weight: refuse to encrypt, say why
         log.error("[%s] update not sent: %s", site.site_id, err)
         return _reply_without_update(msg, context, STATUS_REFUSED, f"update not encrypted: {err}", site_id=site.site_id)
+    # The loss and the timing stay here, in the site's log: they are not DP-noised, so they never leave.
     log.info(
-        "[%s] round %d: %d records, loss %.4f, epsilon %.3f",
-        site.site_id, run.server_round, len(run.train), result.loss, plan.epsilon_run,
+        "[%s] round %d: %d records, train loss %.4f, epsilon %.3f, %.1f s",
+        site.site_id, run.server_round, len(run.train), result.loss, plan.epsilon_run, result.seconds,
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "status": status}), reply_to=msg)
 
 
 def encode_update(state: dict[str, np.ndarray], num_examples: int, cfg: RunConfig, site: SiteConfig) -> ArrayRecord:
-    """Plaintext weights, or an encrypted update pre-weighted by the example count."""
+    """Plaintext weights, or an encrypted update pre-weighted by its FedAvg weight (the example count, or 1
+    with weighting="equal"); the weight travels only inside the ciphertext, in its extra slot."""
     if cfg.secure_aggregation != "he":
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
     from common import he
     from common.he_records import update_to_arrayrecord
 
+    weight = float(num_examples) if cfg.weighting == "examples" else 1.0
     ctx = he.load_context(site_secret_path(site), require_secret=True)
-    return update_to_arrayrecord(he.encrypt_update(ctx, state, weight=float(num_examples)))
+    return update_to_arrayrecord(he.encrypt_update(ctx, state, weight=weight))
 
 
 def _reply_without_update(msg: Message, context: Context, status: str, reason: str, site_id: str = "") -> Message:
     site_id = site_id or str(context.node_config.get("site-id", context.node_config.get("partition-id", "?")))
     if site_id and site_id[0].isdigit():
         site_id = f"client-{site_id}"
-    return Message(
-        RecordDict(
-            {
-                "metrics": MetricRecord({"num-examples": 0}),
-                "status": status_record(site_id, status, reason),
-            }
-        ),
-        reply_to=msg,
-    )
+    return Message(RecordDict({"status": status_record(site_id, status, reason)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -267,24 +274,48 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     except (ValueError, HEError) as err:
         log.error("evaluation refused: %s", err)
         return _reply_without_update(msg, context, STATUS_REFUSED, str(err))
-    data = run.val if len(run.val) else run.train
-    module, inputs = module_and_inputs(run, data)
-    res = evaluate(
-        module,
-        inputs,
-        torch.as_tensor(data.labels, dtype=torch.long),
-        num_classes=len(run.cfg.label_names),
-        device=run.site.device,
+    cfg, site = run.cfg, run.site
+    if not len(run.val):
+        # Never evaluate on training records: a score on them measures memorisation and spends nothing.
+        log.info("[%s] round %d: no validation records (val-fraction=%g), nothing evaluated",
+                 site.site_id, run.server_round, cfg.val_fraction)
+        reason = "this site has no validation records"
+        return Message(RecordDict({"status": status_record(site.site_id, STATUS_NO_VALIDATION, reason)}),
+                       reply_to=msg)
+    module, inputs = module_and_inputs(run, run.val)
+    losses, preds = per_record_outcomes(module, inputs, torch.as_tensor(run.val.labels, dtype=torch.long),
+                                        device=site.device)
+    true = np.asarray(run.val.labels)
+    sums = exact_sums(losses, preds == true)
+    log.info(
+        "[%s] round %d: validation on %d records: loss %.4f, accuracy %.4f, macro-F1 %.4f (site log only)",
+        site.site_id, run.server_round, len(true), float(losses.mean()), float((preds == true).mean()),
+        macro_f1(true, preds, len(cfg.label_names)),
     )
+    if not cfg.release_metrics:
+        return Message(RecordDict({"status": status_record(site.site_id, STATUS_EVALUATED)}), reply_to=msg)
+    params_fp = trainable_fingerprint(
+        [(n, tuple(p.shape)) for n, p in run.model.named_parameters() if p.requires_grad]
+    )
+    guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon)
+    # Write-ahead: the release's spend is on disk (or refused) before any number is noised or sent.
+    spend = record_metrics_spend(guard, cfg, run.run_id, run.server_round, run.dataset_fingerprint, params_fp,
+                                 len(run.train))
+    if not spend.allowed:
+        log.warning("[%s] round %d: %s", site.site_id, run.server_round, spend.reason)
+        return Message(RecordDict({"status": status_record(site.site_id, STATUS_BUDGET, spend.reason)}),
+                       reply_to=msg)
+    released = noised_sums(sums, cfg.metrics_noise_multiplier, SiteRandomness())
     metrics = MetricRecord(
         {
-            "num-examples": res.num_examples,
-            "eval-loss": float(res.loss),
-            "eval-accuracy": float(res.accuracy),
-            "eval-macro-f1": float(res.macro_f1),
+            **released.as_metrics(),
+            KEY_METRICS_EPSILON: float(spend.epsilon_run),
+            KEY_METRICS_NOISE: float(cfg.metrics_noise_multiplier),
         }
     )
+    log.info("[%s] round %d: released noised validation sums, run epsilon now %.3f",
+             site.site_id, run.server_round, spend.epsilon_run)
     return Message(
-        RecordDict({"metrics": metrics, "status": status_record(run.site.site_id, STATUS_EVALUATED)}),
+        RecordDict({"metrics": metrics, "status": status_record(site.site_id, STATUS_EVALUATED)}),
         reply_to=msg,
     )

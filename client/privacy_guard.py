@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common.accounting import calibrate_noise, default_delta, epsilon_of, sample_rate, steps_per_epoch
+from common.accounting import default_delta, epsilon_of, sample_rate, steps_per_epoch
 from common.config import RunConfig
 from common.ledger import SiteLedger, SpendEntry
 
@@ -41,16 +41,20 @@ class RoundPlan:
 
 def plan_noise(cfg: RunConfig, num_records: int, delta: float) -> float:
     """Noise for this client: none without DP (an infinite spend, recorded as such), explicit, or
-    calibrated so the whole run ends at ``target-epsilon``."""
+    calibrated so the whole run ends at ``target-epsilon`` -- metric releases included when the run
+    releases metrics (``client.metrics_release.planned_releases``)."""
+    from client.metrics_release import calibrate_with_reserve, planned_releases
+
     if not cfg.private:
         return 0.0
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
     q = sample_rate(num_records, cfg.batch_size)
     total_steps = cfg.num_server_rounds * cfg.local_epochs * steps_per_epoch(num_records, cfg.batch_size)
-    key = (cfg.target_epsilon, delta, q, total_steps, cfg.accountant)
+    reserved = planned_releases(cfg)
+    key = (cfg.target_epsilon, delta, q, total_steps, cfg.accountant, tuple(reserved))
     if key not in _NOISE_CACHE:
-        _NOISE_CACHE[key] = calibrate_noise(cfg.target_epsilon, delta, q, total_steps, cfg.accountant)
+        _NOISE_CACHE[key] = calibrate_with_reserve(cfg.target_epsilon, delta, q, total_steps, reserved, cfg.accountant)
     return _NOISE_CACHE[key]
 
 

@@ -25,6 +25,7 @@ DATASET_LABELS: dict[str, tuple[str, ...]] = {
 FINE_TUNING_MODES = ("head", "partial", "full")
 PARTITION_SCHEMES = ("iid", "dirichlet")
 SECURE_AGGREGATION = ("none", "he")
+WEIGHTINGS = ("examples", "equal")
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -97,6 +98,9 @@ class RunConfig:
     round_timeout: float = 900.0  # seconds the server waits for a round's replies
     secure_aggregation: str = "none"
     he_public_context: str = ""
+    weighting: str = "examples"  # FedAvg weight: "examples" (plaintext: the count leaves the site) or "equal"
+    release_metrics: bool = False  # sites release Gaussian-noised validation sums (cost in their ledger)
+    metrics_noise_multiplier: float = 20.0  # noise std / sensitivity of each released sum (see docs/privacy.md)
     out_dir: str = ""
     run_name: str = ""
 
@@ -200,6 +204,12 @@ class RunConfig:
         need(0 <= self.val_fraction < 0.5, "val-fraction", "must be in [0, 0.5)")
         need(0 < self.test_fraction < 0.5, "test-fraction", "must be in (0, 0.5)")
         need(self.max_records >= 0, "max-records", "must be >= 0 (0 = all records)")
+        need(self.weighting in WEIGHTINGS, "weighting", f"must be one of {WEIGHTINGS}")
+        need(
+            self.metrics_noise_multiplier > 0 and math.isfinite(self.metrics_noise_multiplier),
+            "metrics-noise-multiplier",
+            "must be a finite number > 0 (released metrics are always noised; release-metrics=false sends none)",
+        )
         need(
             self.secure_aggregation in SECURE_AGGREGATION,
             "secure-aggregation",

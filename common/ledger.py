@@ -39,6 +39,10 @@ SITE_SCHEMA = "privatune.site-ledger"
 SERVER_SCHEMA = "privatune.server-ledger"
 SCHEMA_VERSION = "1"
 
+SPEND_TRAIN = "train"  # DP-SGD on the training records
+SPEND_METRICS = "metrics"  # a Gaussian release of evaluation sums (client/metrics_release.py)
+SPEND_PURPOSES = (SPEND_TRAIN, SPEND_METRICS)
+
 STATUS_TRAINED = "trained"
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"
 STATUS_DROPPED = "dropped"
@@ -143,6 +147,7 @@ def _hash_prefix(table: str, values: dict[str, Any], real_columns: Sequence[str]
     payload = {
         name: float(v) if name in real_columns and isinstance(v, int) and not isinstance(v, bool) else v
         for name, v in values.items()
+        if (table, name) not in _HASH_DEFAULTS or v != _HASH_DEFAULTS[(table, name)]
     }
     text = _canonical_json({"chain": table, "fields": payload, "prev_hash": prev_hash})
     return hashlib.sha256(text[:-1].encode("ascii"))
@@ -185,9 +190,12 @@ class SpendEntry:
     max_epsilon: float | None  # the site budget in force (None = none)
     started_at: str  # ISO-8601 UTC
     recorded_at: str  # ISO-8601 UTC
+    purpose: str = SPEND_TRAIN  # what the spend paid for: "train" (DP-SGD) or "metrics" (a noised release)
 
     def __post_init__(self) -> None:
         w = f"SpendEntry(run {self.run_id!r}, round {self.round!r})"
+        if self.purpose not in SPEND_PURPOSES:
+            raise _bad(w, "purpose", self.purpose, f"one of {SPEND_PURPOSES}")
         for name in ("run_id", "site_id", "dataset_fingerprint", "params_fingerprint"):
             _text(w, name, getattr(self, name))
         _int(w, "round", self.round, 1)
@@ -333,7 +341,11 @@ _SPEND_COLUMNS = (
     ("max_epsilon", "REAL"),
     ("started_at", "TEXT NOT NULL"),
     ("recorded_at", "TEXT NOT NULL"),
+    ("purpose", f"TEXT NOT NULL DEFAULT '{SPEND_TRAIN}'"),
 )
+# Columns added after version 1 files were written: a row holding the default hashes as if the column did
+# not exist, so older ledgers verify unchanged (and get the column, filled with the default, when opened).
+_HASH_DEFAULTS: dict[tuple[str, str], Any] = {("spend", "purpose"): SPEND_TRAIN}
 _RUN_COLUMNS = (
     ("run_id", "TEXT NOT NULL"),
     ("config", "TEXT NOT NULL"),
@@ -443,9 +455,18 @@ def read_rows(path: Path, table: str) -> list[dict[str, Any]]:
             raise LedgerError(f"{path} ({schema}) has no table {table!r}")
         conn.row_factory = sqlite3.Row
         try:
-            return [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY seq")]
+            rows = [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY seq")]
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot read table {table} of {path}: {exc}") from exc
+    return [_with_defaults(table, r) for r in rows]
+
+
+def _with_defaults(table: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A row of an older file, completed with the defaults of columns added since."""
+    for (t, name), default in _HASH_DEFAULTS.items():
+        if t == table:
+            row.setdefault(name, default)
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -618,7 +639,7 @@ def _verify_conn(conn: sqlite3.Connection, path: Path) -> list[ChainProblem]:
         problems: list[ChainProblem] = []
         for table, columns in _SCHEMAS[schema].items():
             try:
-                rows = [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY seq")]
+                rows = [_with_defaults(table, dict(r)) for r in conn.execute(f"SELECT * FROM {table} ORDER BY seq")]
             except sqlite3.Error as exc:
                 raise LedgerError(f"cannot read table {table} of {path}: {exc}") from exc
             problems.extend(_verify_table(table, columns, rows, heads.get(table)))
@@ -655,6 +676,7 @@ class _ChainedLedger:
                 schema = _read_schema(conn, self.path)
                 if schema != self.SCHEMA:
                     raise LedgerError(f"{self.path} is a {schema}, not a {self.SCHEMA}")
+                self._add_missing_columns(conn)
                 return
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -677,6 +699,14 @@ class _ChainedLedger:
         schema = _read_schema(conn, self.path)
         if schema != self.SCHEMA:
             raise LedgerError(f"{self.path} is a {schema}, not a {self.SCHEMA}")
+
+    def _add_missing_columns(self, conn: sqlite3.Connection) -> None:
+        """Give a file written before a defaulted column existed that column (hashes are unaffected)."""
+        for table, columns in _SCHEMAS[self.SCHEMA].items():
+            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            for name, sql in columns:
+                if name not in have and (table, name) in _HASH_DEFAULTS:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql}")
 
     def _append(self, table: str, values: dict[str, Any]) -> int:
         """Insert one row at the end of ``table``'s chain; committed (fsynced) before returning its seq."""

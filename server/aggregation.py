@@ -29,9 +29,30 @@ def check_plain_update(state: Mapping[str, np.ndarray], expected: Mapping[str, t
             raise UpdateRejected(f"parameter {name} holds non-finite values")
 
 
-def weighted_mean(values: list[tuple[float, float]]) -> float:
-    """Weighted mean of (value, weight) pairs; NaN when there is no weight."""
-    total = sum(w for _, w in values)
-    if total <= 0:
-        return float("nan")
-    return float(sum(v * w for v, w in values) / total)
+def equal_mean(states: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """FedAvg with equal weights (run-config weighting="equal": no site sends its example count)."""
+    if not states:
+        raise ValueError("no states to average")
+    out = {k: np.array(v, dtype=np.float64) for k, v in states[0].items()}
+    for s in states[1:]:
+        for k in out:
+            out[k] += s[k]
+    return {k: (v / len(states)).astype(np.asarray(states[0][k]).dtype) for k, v in out.items()}
+
+
+def pool_noised_eval(sums: list[tuple[float, float, float]]) -> dict[str, float] | None:
+    """Federated accuracy and loss from the sites' noised (correct, clipped loss sum, count) sums.
+
+    Ratios of sums pooled over sites (post-processing of DP releases: no further cost); clamped to their
+    ranges because noise can push a ratio outside them. None when the pooled count is not positive.
+    """
+    correct = sum(c for c, _, _ in sums)
+    loss = sum(l for _, l, _ in sums)
+    count = sum(n for _, _, n in sums)
+    if not sums or not count > 0:
+        return None
+    return {
+        "eval-accuracy": float(min(1.0, max(0.0, correct / count))),
+        "eval-loss": float(max(0.0, loss / count)),
+        "eval-count-noised": float(count),
+    }

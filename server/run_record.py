@@ -1,7 +1,8 @@
 """What a run leaves in its output folder, written as it goes so a crash loses at most one round.
 
 - ``config.json``: the resolved run config;
-- ``metrics.jsonl``: one line per round (per-client training reports, federated and central evaluation);
+- ``metrics.jsonl``: one line per round (per-client training reports -- the mechanism and epsilon each site
+  sent --, federated evaluation when the sites released noised sums, central evaluation);
 - ``summary.json``: the final figures (rewritten after every round, atomically);
 - ``global.safetensors`` (plaintext) or ``global.he-checkpoint`` (encrypted): the trainable weights;
 - ``rounds.png``: accuracy and epsilon per round.
@@ -33,7 +34,7 @@ class RoundReport:
     round: int
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)  # client id -> its training report
     dropped: dict[str, str] = field(default_factory=dict)  # client id or node -> reason
-    federated: dict[str, float] = field(default_factory=dict)
+    federated: dict[str, float] = field(default_factory=dict)  # pooled noised site releases only (release-metrics)
     central: dict[str, float] = field(default_factory=dict)
     aggregated: bool = False
     seconds: float = 0.0
@@ -82,8 +83,11 @@ class RunRecorder:
             "test_accuracy": last_central.get("accuracy"),
             "test_macro_f1": last_central.get("macro-f1"),
             "test_loss": last_central.get("loss"),
+            # Federated figures exist only when the sites released them, always DP-noised:
             "federated_accuracy": last_fed.get("eval-accuracy"),
-            "federated_macro_f1": last_fed.get("eval-macro-f1"),
+            "federated_loss": last_fed.get("eval-loss"),
+            "federated_noised": bool(last_fed.get("noised")) if last_fed else None,
+            "federated_max_site_epsilon": last_fed.get("max-site-epsilon"),
             "per_client_epsilon": dict(sorted(self.per_client_epsilon.items())),
             "max_client_epsilon": max(self.per_client_epsilon.values(), default=None),
             "stopped_reason": self.stopped_reason,

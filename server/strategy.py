@@ -6,7 +6,9 @@ One class, Flower's hooks; the federation loop stays in ``Strategy.start``. What
 - replies are screened one by one (errors, refusals, budget exhaustion, malformed or encrypted
   updates that fail their checks) and dropped with a logged reason instead of failing the round;
 - each client's reported spend goes to the server ledger and the run record;
-- under HE the "arrays" passed between rounds are ciphertexts: the strategy only adds them.
+- under HE the "arrays" passed between rounds are ciphertexts: the strategy only adds them, and the
+  FedAvg weight stays inside them (no plaintext example count reaches the server);
+- federated evaluation figures exist only when the sites release noised sums (release-metrics).
 """
 
 from __future__ import annotations
@@ -23,8 +25,20 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.config import RunConfig
-from common.protocol import STATUS_BUDGET, STATUS_TRAINED
-from server.aggregation import UpdateRejected, check_plain_update, weighted_mean
+from common.protocol import (
+    EVAL_RELEASE_KEYS,
+    KEY_EVAL_CORRECT,
+    KEY_EVAL_COUNT,
+    KEY_EVAL_LOSS_SUM,
+    KEY_METRICS_EPSILON,
+    KEY_METRICS_NOISE,
+    KEY_NUM_EXAMPLES,
+    STATUS_BUDGET,
+    STATUS_EVALUATED,
+    STATUS_TRAINED,
+    allowed_train_metric_keys,
+)
+from server.aggregation import UpdateRejected, check_plain_update, equal_mean, pool_noised_eval
 from server.run_record import RoundReport
 
 log = logging.getLogger("privatune.server")
@@ -56,6 +70,8 @@ class PrivatuneFedAvg(FedAvg):
         self.expected_length = int(sum(int(np.prod(s)) for s in expected_shapes.values()))
         self.he_context = he_context
         self.ledger = ledger
+        self.report_keys = allowed_train_metric_keys(cfg.secure_aggregation, cfg.weighting)
+        self.weights_by_count = KEY_NUM_EXAMPLES in self.report_keys
         self.current: RoundReport = RoundReport(round=0)
         self._round_started = time.perf_counter()
 
@@ -127,34 +143,43 @@ class PrivatuneFedAvg(FedAvg):
             from common.he_records import state_to_arrayrecord
 
             arrays = state_to_arrayrecord(self._accumulator.result())
+        elif self.weights_by_count:
+            arrays = aggregate_arrayrecords(contents, KEY_NUM_EXAMPLES)
         else:
-            arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+            from flwr.app import Array
+
+            mean = equal_mean([{k: v.numpy() for k, v in c["arrays"].items()} for c in contents])
+            arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in mean.items()})
         self.current.aggregated = True
-        metrics = MetricRecord(
-            {
-                "train-loss": weighted_mean(
-                    [(float(c["metrics"]["train-loss"]), float(c["metrics"]["num-examples"])) for c in contents]
-                ),
-                "num-clients": len(contents),
-            }
-        )
-        return arrays, metrics
+        # No training loss leaves a site (it is not DP-noised): the round's metrics are its size only.
+        return arrays, MetricRecord({"num-clients": len(contents)})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        pairs: dict[str, list[tuple[float, float]]] = {}
+        """Pool the noised validation sums the sites released (release-metrics); anything else -- an
+        'evaluated' reply without a release, 'no-validation-data', a refusal -- adds nothing."""
+        sums: list[tuple[float, float, float]] = []
+        epsilons: list[float] = []
         for msg in replies:
-            if msg.has_error() or "metrics" not in msg.content:
+            if msg.has_error() or "status" not in msg.content or "metrics" not in msg.content:
+                continue
+            if str(msg.content["status"].get("status", "")) != STATUS_EVALUATED:
                 continue
             m = msg.content["metrics"]
-            n = float(m.get("num-examples", 0))
-            if n <= 0:
+            if not all(isinstance(m.get(k), (int, float)) for k in EVAL_RELEASE_KEYS):
                 continue
-            for key in ("eval-loss", "eval-accuracy", "eval-macro-f1"):
-                if key in m:
-                    pairs.setdefault(key, []).append((float(m[key]), n))
-        if not pairs:
+            sums.append((float(m[KEY_EVAL_CORRECT]), float(m[KEY_EVAL_LOSS_SUM]), float(m[KEY_EVAL_COUNT])))
+            epsilons.append(float(m[KEY_METRICS_EPSILON]))
+            noise = float(m[KEY_METRICS_NOISE])
+        pooled = pool_noised_eval(sums)
+        if pooled is None:
             return None
-        result = {k: weighted_mean(v) for k, v in pairs.items()}
+        result = {
+            **pooled,
+            "noised": 1.0,  # 1.0 = these figures come from DP-noised site releases
+            "num-sites": float(len(sums)),
+            "metrics-noise-multiplier": noise,
+            "max-site-epsilon": max(epsilons),  # each site's run epsilon after the release, training included
+        }
         self.current.federated = result
         return MetricRecord(result)
 
@@ -175,9 +200,10 @@ class PrivatuneFedAvg(FedAvg):
         content = msg.content
         if "arrays" not in content or "metrics" not in content:
             raise UpdateRejected("a 'trained' reply without arrays or metrics")
-        n = content["metrics"].get("num-examples", 0)
-        if not isinstance(n, (int, float)) or n <= 0:
-            raise UpdateRejected(f"num-examples must be positive, got {n!r}")
+        if self.weights_by_count:  # plaintext FedAvg by example count; under HE the weight is encrypted
+            n = content["metrics"].get(KEY_NUM_EXAMPLES, 0)
+            if not isinstance(n, (int, float)) or n <= 0:
+                raise UpdateRejected(f"{KEY_NUM_EXAMPLES} must be positive, got {n!r}")
         if self.he_context is not None:
             from common import he
             from common.he_records import arrayrecord_to_update
@@ -193,7 +219,8 @@ class PrivatuneFedAvg(FedAvg):
     def _record_trained(self, server_round: int, cid: str, msg: Message) -> None:
         m = msg.content["metrics"]
         st = msg.content["status"]
-        report = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in m.items()}
+        # Only the keys this mode allows (common.protocol): anything else a client adds is not kept.
+        report = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in m.items() if k in self.report_keys}
         report["node-id"] = int(msg.metadata.src_node_id)
         self.current.clients[cid] = report
         if self.ledger is not None:

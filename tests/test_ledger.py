@@ -301,9 +301,11 @@ def test_row_appended_outside_the_ledger_is_inserted(tmp_path: Path) -> None:
     path = fill(tmp_path / "l.ledger.sqlite", 3).path
     conn = sqlite3.connect(path, isolation_level=None)
     last = conn.execute("SELECT hash FROM spend WHERE seq = 3").fetchone()[0]
-    conn.execute("INSERT INTO spend SELECT 4, run_id, 4, site_id, dataset_fingerprint, params_fingerprint, "
-                 "noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant, epsilon_run, "
-                 "epsilon_dataset, max_epsilon, started_at, recorded_at, ?, 'f' FROM spend WHERE seq = 3", (last,))
+    cols = ("run_id, site_id, dataset_fingerprint, params_fingerprint, noise_multiplier, sample_rate, steps, "
+            "max_grad_norm, delta, accountant, epsilon_run, epsilon_dataset, max_epsilon, started_at, recorded_at, "
+            "purpose")
+    conn.execute(f"INSERT INTO spend (seq, round, {cols}, prev_hash, hash) SELECT 4, 4, {cols}, ?, 'f' "
+                 "FROM spend WHERE seq = 3", (last,))
     conn.close()
     rehash(path, 4)  # even a well-formed row is caught: the head does not count it
     assert kinds(verify_chain(path)) == {(4, "inserted")}
@@ -315,9 +317,11 @@ def test_row_inserted_in_the_middle_is_named(tmp_path: Path) -> None:
     for seq in range(5, 2, -1):  # make room at 3 by moving 3..5 up one
         conn.execute("UPDATE spend SET seq = ? WHERE seq = ?", (seq + 1, seq))
     prev = conn.execute("SELECT hash FROM spend WHERE seq = 2").fetchone()[0]
-    conn.execute("INSERT INTO spend SELECT 3, run_id, 99, site_id, dataset_fingerprint, params_fingerprint, "
-                 "noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant, epsilon_run, "
-                 "epsilon_dataset, max_epsilon, started_at, recorded_at, ?, 'f' FROM spend WHERE seq = 2", (prev,))
+    cols = ("run_id, site_id, dataset_fingerprint, params_fingerprint, noise_multiplier, sample_rate, steps, "
+            "max_grad_norm, delta, accountant, epsilon_run, epsilon_dataset, max_epsilon, started_at, recorded_at, "
+            "purpose")
+    conn.execute(f"INSERT INTO spend (seq, round, {cols}, prev_hash, hash) SELECT 3, 99, {cols}, ?, 'f' "
+                 "FROM spend WHERE seq = 2", (prev,))
     conn.close()
     rehash(path, 3)
     assert kinds(verify_chain(path)) == {(3, "inserted")}
@@ -386,3 +390,27 @@ def test_server_ledger_validation_and_tampering(tmp_path: Path) -> None:
     sql(ledger.path, "UPDATE reports SET epsilon_reported = 0.1 WHERE seq = 2")
     problems = verify_chain(ledger.path)
     assert [(p.table, p.seq, p.kind) for p in problems] == [("reports", 2, "edited")]
+
+
+def test_purpose_column_keeps_older_ledgers_valid_and_is_hashed(tmp_path: Path) -> None:
+    """A file written before `purpose` existed verifies unchanged, gains the column when opened, and a
+    metrics spend's purpose is covered by its hash."""
+    import dataclasses
+
+    from common.ledger import SPEND_METRICS
+
+    ledger = fill(tmp_path / "l.ledger.sqlite", 2)
+    path = ledger.path
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("ALTER TABLE spend DROP COLUMN purpose")  # what a version-1 file looks like
+    conn.close()
+    assert verify_chain(path) == []
+    reopened = SiteLedger(path)
+    first = reopened.entries()[0].entry
+    reopened.append(dataclasses.replace(first, round=3, purpose=SPEND_METRICS))
+    assert [r.entry.purpose for r in reopened.entries()] == ["train", "train", "metrics"]
+    assert verify_chain(path) == []
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("UPDATE spend SET purpose = 'train' WHERE seq = 3")
+    conn.close()
+    assert kinds(verify_chain(path)) == {(3, "edited")}
