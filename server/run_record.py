@@ -35,6 +35,7 @@ class RoundReport:
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)  # client id -> its training report
     dropped: dict[str, str] = field(default_factory=dict)  # client id or node -> reason
     federated: dict[str, float] = field(default_factory=dict)  # pooled noised site releases only (release-metrics)
+    released: dict[str, float] = field(default_factory=dict)  # client id -> its run epsilon after its metric release
     central: dict[str, float] = field(default_factory=dict)
     aggregated: bool = False
     seconds: float = 0.0
@@ -65,6 +66,8 @@ class RunRecorder:
             eps = rep.get("epsilon")
             if isinstance(eps, (int, float)):
                 self.per_client_epsilon[cid] = float(eps)
+        for cid, eps in report.released.items():  # a metric release comes after the round's training
+            self.per_client_epsilon[cid] = max(float(eps), self.per_client_epsilon.get(cid, 0.0))
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(jsonable(report.__dict__), sort_keys=True) + "\n")
             fh.flush()

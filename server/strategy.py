@@ -169,6 +169,8 @@ class PrivatuneFedAvg(FedAvg):
                 continue
             sums.append((float(m[KEY_EVAL_CORRECT]), float(m[KEY_EVAL_LOSS_SUM]), float(m[KEY_EVAL_COUNT])))
             epsilons.append(float(m[KEY_METRICS_EPSILON]))
+            cid = self._identify(msg)[0]
+            self.current.released[cid] = float(m[KEY_METRICS_EPSILON])
             noise = float(m[KEY_METRICS_NOISE])
         pooled = pool_noised_eval(sums)
         if pooled is None:

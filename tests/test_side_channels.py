@@ -222,3 +222,4 @@ def test_server_reports_only_released_noised_metrics():
     assert out["eval-accuracy"] == pytest.approx(0.8) and out["eval-loss"] == pytest.approx(0.5)
     assert out["noised"] == 1.0 and out["max-site-epsilon"] == 1.5 and out["num-sites"] == 1.0
     assert strategy.current.federated["eval-accuracy"] == pytest.approx(0.8)
+    assert strategy.current.released == {"x": 1.5}  # the run record's per-client epsilon includes the release
