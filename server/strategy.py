@@ -14,6 +14,7 @@ One class, Flower's hooks; the federation loop stays in ``Strategy.start``. What
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -165,8 +166,8 @@ class PrivatuneFedAvg(FedAvg):
             if str(msg.content["status"].get("status", "")) != STATUS_EVALUATED:
                 continue
             m = msg.content["metrics"]
-            if not all(isinstance(m.get(k), (int, float)) for k in EVAL_RELEASE_KEYS):
-                continue
+            if not all(isinstance(m.get(k), (int, float)) and math.isfinite(m[k]) for k in EVAL_RELEASE_KEYS):
+                continue  # not a (well-formed) release
             sums.append((float(m[KEY_EVAL_CORRECT]), float(m[KEY_EVAL_LOSS_SUM]), float(m[KEY_EVAL_COUNT])))
             epsilons.append(float(m[KEY_METRICS_EPSILON]))
             cid = self._identify(msg)[0]

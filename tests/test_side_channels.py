@@ -217,8 +217,10 @@ def test_server_reports_only_released_noised_metrics():
     assert strategy.aggregate_evaluate(1, quiet) is None and strategy.current.federated == {}
     released = {"eval-correct-noised": 40.0, "eval-loss-sum-noised": 25.0, "eval-count-noised": 50.0,
                 "metrics-epsilon": 1.5, "metrics-noise-multiplier": 20.0}
-    out = strategy.aggregate_evaluate(1, quiet + [_reply(3, {"metrics": MetricRecord(released),
-                                                             "status": status("evaluated")}, "evaluate")])
+    broken = _reply(4, {"metrics": MetricRecord({**released, "eval-count-noised": float("nan")}),
+                        "status": status("evaluated")}, "evaluate")
+    out = strategy.aggregate_evaluate(1, quiet + [broken, _reply(3, {"metrics": MetricRecord(released),
+                                                                     "status": status("evaluated")}, "evaluate")])
     assert out["eval-accuracy"] == pytest.approx(0.8) and out["eval-loss"] == pytest.approx(0.5)
     assert out["noised"] == 1.0 and out["max-site-epsilon"] == 1.5 and out["num-sites"] == 1.0
     assert strategy.current.federated["eval-accuracy"] == pytest.approx(0.8)
