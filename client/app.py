@@ -4,8 +4,15 @@ Every message carries the full run config (``config`` ConfigRecord), so a client
 how it was started (simulation, ``flwr run``, a SuperNode at a partner site). Replies:
 
 - ``arrays``: the trainable weights (plaintext) or the encrypted, pre-weighted update (HE);
-- ``metrics``: numbers only (``num-examples``, loss, epsilon, the mechanism);
-- ``status``: ``trained`` | ``budget-exhausted`` | ``data-error`` | ``refused``, with a reason.
+- ``metrics`` (train): the mechanism and its epsilon, plus ``num-examples`` only where plaintext FedAvg
+  weights by it (``common.protocol.allowed_train_metric_keys``); no loss, no timing;
+- ``metrics`` (evaluate): nothing by default; with ``release-metrics`` Gaussian-noised validation sums
+  whose cost is in the site ledger first (``client/metrics_release.py``);
+- ``status``: ``trained`` | ``evaluated`` | ``no-validation-data`` | ``budget-exhausted`` | ``data-error``
+  | ``refused``, with a reason.
+
+Losses, accuracies and timings stay in the site's log (one line per round). docs/privacy.md lists every
+key that leaves a site.
 
 Frozen weights never travel: only the parameters the fine-tuning mode trains are sent or received.
 """
@@ -23,15 +30,17 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.metrics_release import exact_sums, noised_sums, per_record_outcomes, record_metrics_spend
 from client.privacy_guard import PrivacyGuard, check_site_delta
 from client.randomness import Randomness, SeededRandomness, SiteRandomness, reproducible_seed
 from client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
 from client.site_config import SiteConfig
 from client.site_data import SiteDataError, load_site_data
 from client.site_secret import key_for_ledger
-from client.training import evaluate, train_local
+from client.training import train_local
 from common.config import RunConfig
 from common.datasets import LabelledData
+from common.evaluation import macro_f1
 from common.he import HEError
 from common.ledger import LedgerError
 from common.features import cached_features, encode
@@ -47,12 +56,17 @@ from common.models import (
 )
 from common.protocol import (
     KEY_NOISE_SOURCE,
+    KEY_METRICS_EPSILON,
+    KEY_METRICS_NOISE,
+    KEY_NUM_EXAMPLES,
     PROTOCOL_KEYS,
     STATUS_BUDGET,
     STATUS_DATA_ERROR,
     STATUS_EVALUATED,
+    STATUS_NO_VALIDATION,
     STATUS_REFUSED,
     STATUS_TRAINED,
+    allowed_train_metric_keys,
 )
 
 log = logging.getLogger("privatune.client")
@@ -287,20 +301,18 @@ def train(msg: Message, context: Context) -> Message:
     result = train_round(run, cohort, noise, prepared)
     run.model.to("cpu")
     state = trainable_state(run.model)
-    metrics = MetricRecord(
-        {
-            "num-examples": len(cohort),
-            "train-loss": float(result.loss),
-            "epsilon": float(plan.epsilon_run),
-            "epsilon-dataset": float(plan.epsilon_dataset),
-            "noise-multiplier": float(result.noise_multiplier),
-            "sample-rate": float(result.sample_rate),
-            "steps": int(result.steps),
-            "delta": float(delta),
-            "max-grad-norm": float(cfg.max_grad_norm),
-            "train-seconds": float(result.seconds),
-        }
-    )
+    values: dict[str, int | float] = {
+        "epsilon": float(plan.epsilon_run),
+        "epsilon-dataset": float(plan.epsilon_dataset),
+        "noise-multiplier": float(result.noise_multiplier),
+        "sample-rate": float(result.sample_rate),
+        "steps": int(result.steps),
+        "delta": float(delta),
+        "max-grad-norm": float(cfg.max_grad_norm),
+    }
+    if KEY_NUM_EXAMPLES in allowed_train_metric_keys(cfg.secure_aggregation, cfg.weighting):
+        values[KEY_NUM_EXAMPLES] = len(cohort)  # the plaintext FedAvg weight (docs/privacy.md)
+    metrics = MetricRecord(values)
     status = status_record(
         site.site_id,
         STATUS_TRAINED,
@@ -312,9 +324,10 @@ def train(msg: Message, context: Context) -> Message:
     except HEError as err:  # e.g. a non-finite weight: refuse to encrypt, say why
         log.error("[%s] update not sent: %s", site.site_id, err)
         return _reply_without_update(msg, context, STATUS_REFUSED, f"update not encrypted: {err}", site_id=site.site_id)
+    # The loss and the timing stay here, in the site's log: they are not DP-noised, so they never leave.
     log.info(
-        "[%s] round %d: %d records, loss %.4f, epsilon %.3f, noise %s",
-        site.site_id, run.server_round, len(cohort), result.loss, plan.epsilon_run, noise_source,
+        "[%s] round %d: %d records, train loss %.4f, epsilon %.3f, noise %s, %.1f s",
+        site.site_id, run.server_round, len(cohort), result.loss, plan.epsilon_run, noise_source, result.seconds,
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "status": status}), reply_to=msg)
 
@@ -331,8 +344,9 @@ def load_encryption_context(cfg: RunConfig, site: SiteConfig):
 def encode_update(
     state: dict[str, np.ndarray], num_examples: int, cfg: RunConfig, site: SiteConfig, he_ctx=None
 ) -> ArrayRecord:
-    """Plaintext weights, or an encrypted update pre-weighted by the example count (with ``he_ctx`` when the
-    caller already loaded the site's context, as :func:`train` does before it writes the spend)."""
+    """Plaintext weights, or an encrypted update pre-weighted by its FedAvg weight (the example count, or 1
+    with weighting="equal"); the weight travels only inside the ciphertext, in its extra slot. ``he_ctx``: the
+    site's context when the caller already loaded it, as :func:`train` does before it writes the spend."""
     if cfg.secure_aggregation != "he":
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
     from common import he
@@ -340,22 +354,15 @@ def encode_update(
 
     if he_ctx is None:
         he_ctx = load_encryption_context(cfg, site)
-    return update_to_arrayrecord(he.encrypt_update(he_ctx, state, weight=float(num_examples)))
+    weight = float(num_examples) if cfg.weighting == "examples" else 1.0
+    return update_to_arrayrecord(he.encrypt_update(he_ctx, state, weight=weight))
 
 
 def _reply_without_update(msg: Message, context: Context, status: str, reason: str, site_id: str = "") -> Message:
     site_id = site_id or str(context.node_config.get("site-id", context.node_config.get("partition-id", "?")))
     if site_id and site_id[0].isdigit():
         site_id = f"client-{site_id}"
-    return Message(
-        RecordDict(
-            {
-                "metrics": MetricRecord({"num-examples": 0}),
-                "status": status_record(site_id, status, reason),
-            }
-        ),
-        reply_to=msg,
-    )
+    return Message(RecordDict({"status": status_record(site_id, status, reason)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -369,24 +376,57 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     except (ValueError, HEError) as err:
         log.error("evaluation refused: %s", err)
         return _reply_without_update(msg, context, STATUS_REFUSED, str(err))
-    data = run.val if len(run.val) else run.train
-    module, inputs = module_and_inputs(run, data)
-    res = evaluate(
-        module,
-        inputs,
-        torch.as_tensor(data.labels, dtype=torch.long),
-        num_classes=len(run.cfg.label_names),
-        device=run.site.device,
+    cfg, site = run.cfg, run.site
+    if not len(run.val):
+        # Never evaluate on training records: a score on them measures memorisation and spends nothing.
+        log.info("[%s] round %d: no validation records (val-fraction=%g), nothing evaluated",
+                 site.site_id, run.server_round, cfg.val_fraction)
+        reason = "this site has no validation records"
+        return Message(RecordDict({"status": status_record(site.site_id, STATUS_NO_VALIDATION, reason)}),
+                       reply_to=msg)
+    module, inputs = module_and_inputs(run, run.val)
+    losses, preds = per_record_outcomes(module, inputs, torch.as_tensor(run.val.labels, dtype=torch.long),
+                                        device=site.device)
+    true = np.asarray(run.val.labels)
+    sums = exact_sums(losses, preds == true)
+    log.info(
+        "[%s] round %d: validation on %d records: loss %.4f, accuracy %.4f, macro-F1 %.4f (site log only)",
+        site.site_id, run.server_round, len(true), float(losses.mean()), float((preds == true).mean()),
+        macro_f1(true, preds, len(cfg.label_names)),
     )
+    if not cfg.release_metrics:
+        return Message(RecordDict({"status": status_record(site.site_id, STATUS_EVALUATED)}), reply_to=msg)
+    params_fp = trainable_fingerprint(
+        [(n, tuple(p.shape)) for n, p in run.model.named_parameters() if p.requires_grad]
+    )
+    try:
+        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted,
+                             run.key_check)
+        # Write-ahead: the release's spend is on disk (or refused) before any number is noised or sent.
+        spend = record_metrics_spend(guard, cfg, run.run_id, run.server_round, run.dataset_fingerprint, params_fp,
+                                     run.val_ids)
+    except LedgerError as err:
+        log.error("[%s] round %d: metrics not released: %s", site.site_id, run.server_round, err)
+        return _reply_without_update(msg, context, STATUS_REFUSED, _ledger_error_for_server(site.ledger_path),
+                                     site_id=site.site_id)
+    except ValueError as err:
+        log.error("[%s] round %d: metrics not released: %s", site.site_id, run.server_round, err)
+        return _reply_without_update(msg, context, STATUS_REFUSED, str(err), site_id=site.site_id)
+    if not spend.allowed:
+        log.warning("[%s] round %d: %s", site.site_id, run.server_round, spend.reason)
+        return Message(RecordDict({"status": status_record(site.site_id, STATUS_BUDGET, spend.reason)}),
+                       reply_to=msg)
+    released = noised_sums(sums, cfg.metrics_noise_multiplier, SiteRandomness())
     metrics = MetricRecord(
         {
-            "num-examples": res.num_examples,
-            "eval-loss": float(res.loss),
-            "eval-accuracy": float(res.accuracy),
-            "eval-macro-f1": float(res.macro_f1),
+            **released.as_metrics(),
+            KEY_METRICS_EPSILON: float(spend.epsilon_run),
+            KEY_METRICS_NOISE: float(cfg.metrics_noise_multiplier),
         }
     )
+    log.info("[%s] round %d: released noised validation sums, run epsilon now %.3f",
+             site.site_id, run.server_round, spend.epsilon_run)
     return Message(
-        RecordDict({"metrics": metrics, "status": status_record(run.site.site_id, STATUS_EVALUATED)}),
+        RecordDict({"metrics": metrics, "status": status_record(site.site_id, STATUS_EVALUATED)}),
         reply_to=msg,
     )

@@ -59,7 +59,8 @@ class RoundPlan:
 
 def plan_noise(cfg: RunConfig, num_records: int, delta: float) -> float:
     """Noise for this client: none without DP (an infinite spend, recorded as such), explicit, or
-    calibrated so the whole run ends at ``target-epsilon``."""
+    calibrated so the whole run ends at ``target-epsilon``. Noised metric releases (release-metrics) touch
+    only validation records, so with per-record budgets they take nothing from the training records' target."""
     if not cfg.private:
         return 0.0
     if cfg.noise_multiplier > 0:

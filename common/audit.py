@@ -117,6 +117,7 @@ class AuditEntry:
     recorded_at: str | None = None
     problems: list[str] = field(default_factory=list)  # violation kinds that name this row
     noise_source: str | None = None  # site rows: as recorded ("seeded" for ledgers older than the field)
+    purpose: str = "train"  # site rows: "train" (DP-SGD) or "metrics" (a noised release of evaluation sums)
 
     @property
     def epsilon_recomputed(self) -> float | None:
@@ -356,6 +357,7 @@ class _Auditor:
                 epsilon_reported=row["epsilon_run"], epsilon_dataset_reported=row["epsilon_dataset"],
                 max_epsilon=row["max_epsilon"], recorded_at=row["recorded_at"],
                 noise_source=row.get("noise_source") or NOISE_SOURCE_SEEDED,
+                purpose=str(row.get("purpose") or "train"),
             )
             if (row.get("purpose") or PURPOSE_TRAIN) == PURPOSE_TRAIN:
                 self.entries.append(entry)  # other purposes count in budgets but are no training round to match
@@ -469,6 +471,8 @@ class _Auditor:
         site_rows: dict[tuple[str, str, int], list[AuditEntry]] = defaultdict(list)
         server_rows: dict[tuple[str, str, int], list[AuditEntry]] = defaultdict(list)
         for e in self.entries:
+            if e.source == SITE and e.purpose != "train":
+                continue  # a metrics release: in the site's budget, never in a training report to the server
             (site_rows if e.source == SITE else server_rows)[(e.run_id, e.party, e.round)].append(e)
         server_runs = self.server_runs
         absent: dict[str, int] = defaultdict(int)
@@ -565,7 +569,7 @@ class _Auditor:
             last = trained[-1] if trained else None
             summaries.append(PartySummary(
                 source=source, party=party, file=file, runs=sorted({e.run_id for e in rows}),
-                rounds_trained=len(trained),
+                rounds_trained=sum(e.purpose == "train" for e in trained),
                 budget_exhausted=sum(e.status == STATUS_BUDGET_EXHAUSTED for e in rows),
                 dropped=sum(e.status == STATUS_DROPPED for e in rows),
                 accountant=last.accountant if last else None,

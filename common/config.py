@@ -25,6 +25,7 @@ DATASET_LABELS: dict[str, tuple[str, ...]] = {
 FINE_TUNING_MODES = ("head", "partial", "full")
 PARTITION_SCHEMES = ("iid", "dirichlet")
 SECURE_AGGREGATION = ("none", "he")
+WEIGHTINGS = ("examples", "equal")
 ACCOUNTANTS = ("rdp", "prv")
 AGGREGATORS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")  # server.aggregation implements them
 
@@ -105,6 +106,9 @@ class RunConfig:
     trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end of every coordinate
     krum_byzantine: int = 0  # krum: number of faulty or malicious clients to tolerate (f)
     krum_select: int = 1  # krum: replies averaged after selection (1 = Krum, >1 = MultiKrum)
+    weighting: str = "examples"  # FedAvg weight: "examples" (plaintext: the count leaves the site) or "equal"
+    release_metrics: bool = False  # sites release Gaussian-noised validation sums (cost in their ledger)
+    metrics_noise_multiplier: float = 20.0  # noise std / sensitivity of each released sum (see docs/privacy.md)
     out_dir: str = ""
     run_name: str = ""
 
@@ -208,6 +212,12 @@ class RunConfig:
         need(0 <= self.val_fraction < 0.5, "val-fraction", "must be in [0, 0.5)")
         need(0 < self.test_fraction < 0.5, "test-fraction", "must be in (0, 0.5)")
         need(self.max_records >= 0, "max-records", "must be >= 0 (0 = all records)")
+        need(self.weighting in WEIGHTINGS, "weighting", f"must be one of {WEIGHTINGS}")
+        need(
+            self.metrics_noise_multiplier > 0 and math.isfinite(self.metrics_noise_multiplier),
+            "metrics-noise-multiplier",
+            "must be a finite number > 0 (released metrics are always noised; release-metrics=false sends none)",
+        )
         need(
             self.secure_aggregation in SECURE_AGGREGATION,
             "secure-aggregation",

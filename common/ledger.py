@@ -59,7 +59,8 @@ STATUS_BUDGET_EXHAUSTED = "budget-exhausted"
 STATUS_DROPPED = "dropped"
 STATUSES = (STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED, STATUS_DROPPED)
 
-#: Why a spend was made: DP-SGD training, or a noised release of metrics on validation records.
+#: Why a spend was made: DP-SGD training, or a noised release of metrics on validation records
+#: (client/metrics_release.py).
 PURPOSE_TRAIN = "train"
 PURPOSE_METRICS = "metrics"
 PURPOSES = (PURPOSE_TRAIN, PURPOSE_METRICS)

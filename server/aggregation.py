@@ -40,17 +40,27 @@ def aggregate_plain(
     trim_beta: float = 0.2,
     krum_byzantine: int = 0,
     krum_select: int = 1,
+    weighted: bool = True,
 ) -> ArrayRecord:
-    """Aggregate the ``arrays`` of screened train replies (each: one ArrayRecord + a MetricRecord)."""
+    """Aggregate the ``arrays`` of screened train replies (each: one ArrayRecord + a MetricRecord).
+    ``weighted``: FedAvg (and Krum's average) weight by ``num-examples``; False: equal weights (the sites sent
+    no count, run-config ``weighting="equal"``)."""
     contents = list(contents)
     if not contents:
         raise ValueError("nothing to aggregate")
+
+    def mean(chosen: Sequence[RecordDict]) -> ArrayRecord:
+        if weighted:
+            return aggregate_arrayrecords(list(chosen), WEIGHT_KEY)
+        avg = equal_mean([{k: v.numpy() for k, v in c[ARRAYS_KEY].items()} for c in chosen])
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in avg.items()})
+
     if aggregator == "fedavg":
-        return aggregate_arrayrecords(contents, WEIGHT_KEY)
+        return mean(contents)
     if aggregator == "krum":
         chosen = select_multikrum(contents, num_malicious_nodes=krum_byzantine,
                                   num_nodes_to_select=min(krum_select, len(contents)))
-        return aggregate_arrayrecords(chosen, WEIGHT_KEY)
+        return mean(chosen)
     if aggregator not in ("fedmedian", "fedtrimmedavg"):
         raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
     keys = list(contents[0][ARRAYS_KEY].keys())
@@ -65,9 +75,30 @@ def aggregate_plain(
     return out
 
 
-def weighted_mean(values: list[tuple[float, float]]) -> float:
-    """Weighted mean of (value, weight) pairs; NaN when there is no weight."""
-    total = sum(w for _, w in values)
-    if total <= 0:
-        return float("nan")
-    return float(sum(v * w for v, w in values) / total)
+def equal_mean(states: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """FedAvg with equal weights (run-config weighting="equal": no site sends its example count)."""
+    if not states:
+        raise ValueError("no states to average")
+    out = {k: np.array(v, dtype=np.float64) for k, v in states[0].items()}
+    for s in states[1:]:
+        for k in out:
+            out[k] += s[k]
+    return {k: (v / len(states)).astype(np.asarray(states[0][k]).dtype) for k, v in out.items()}
+
+
+def pool_noised_eval(sums: list[tuple[float, float, float]]) -> dict[str, float] | None:
+    """Federated accuracy and loss from the sites' noised (correct, clipped loss sum, count) sums.
+
+    Ratios of sums pooled over sites (post-processing of DP releases: no further cost); clamped to their
+    ranges because noise can push a ratio outside them. None when the pooled count is not positive.
+    """
+    correct = sum(c for c, _, _ in sums)
+    loss = sum(l for _, l, _ in sums)
+    count = sum(n for _, _, n in sums)
+    if not sums or not count > 0:
+        return None
+    return {
+        "eval-accuracy": float(min(1.0, max(0.0, correct / count))),
+        "eval-loss": float(max(0.0, loss / count)),
+        "eval-count-noised": float(count),
+    }

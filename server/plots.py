@@ -24,7 +24,7 @@ def plot_rounds(
     xs_f = [r.round for r in rounds if r.federated]
     if xs_f:
         ax_acc.plot(xs_f, [r.federated.get("eval-accuracy", float("nan")) for r in rounds if r.federated],
-                    "^-", label="federated validation accuracy")
+                    "^-", label="federated validation accuracy (DP-noised)")
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("score")
     ax_acc.set_ylim(0, 1.02)

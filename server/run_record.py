@@ -1,7 +1,8 @@
 """What a run leaves in its output folder, written as it goes so a crash loses at most one round.
 
 - ``config.json``: the resolved run config;
-- ``metrics.jsonl``: one line per round (per-client training reports, federated and central evaluation);
+- ``metrics.jsonl``: one line per round (per-client training reports -- the mechanism and epsilon each site
+  sent --, federated evaluation when the sites released noised sums, central evaluation);
 - ``summary.json``: the final figures (rewritten after every round, atomically), with ``noise_source`` (what the
   run asked every site for: ``site-csprng``, or ``seeded`` for reproducible simulations) and
   ``noise_sources_reported`` (what the sites said they used);
@@ -39,7 +40,8 @@ class RoundReport:
     dropped: dict[str, str] = field(default_factory=dict)
     # client id -> {"epsilon", "node-id"} of an update that was trained (spent) but rejected by screening
     rejected_spends: dict[str, dict[str, Any]] = field(default_factory=dict)
-    federated: dict[str, float] = field(default_factory=dict)
+    federated: dict[str, float] = field(default_factory=dict)  # pooled noised site releases only (release-metrics)
+    released: dict[str, float] = field(default_factory=dict)  # client id -> its run epsilon after its metric release
     central: dict[str, float] = field(default_factory=dict)
     aggregated: bool = False
     seconds: float = 0.0
@@ -74,6 +76,8 @@ class RunRecorder:
                 self.per_client_epsilon[cid] = float(eps)
             if isinstance(rep.get(KEY_NOISE_SOURCE), str):
                 self.noise_sources.add(rep[KEY_NOISE_SOURCE])
+        for cid, eps in report.released.items():  # a metric release comes after the round's training
+            self.per_client_epsilon[cid] = max(float(eps), self.per_client_epsilon.get(cid, 0.0))
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(jsonable(report.__dict__), sort_keys=True) + "\n")
             fh.flush()
@@ -92,8 +96,11 @@ class RunRecorder:
             "test_accuracy": last_central.get("accuracy"),
             "test_macro_f1": last_central.get("macro-f1"),
             "test_loss": last_central.get("loss"),
+            # Federated figures exist only when the sites released them, always DP-noised:
             "federated_accuracy": last_fed.get("eval-accuracy"),
-            "federated_macro_f1": last_fed.get("eval-macro-f1"),
+            "federated_loss": last_fed.get("eval-loss"),
+            "federated_noised": bool(last_fed.get("noised")) if last_fed else None,
+            "federated_max_site_epsilon": last_fed.get("max-site-epsilon"),
             "per_client_epsilon": dict(sorted(self.per_client_epsilon.items())),
             "max_client_epsilon": max(self.per_client_epsilon.values(), default=None),
             "noise_sources_reported": sorted(self.noise_sources),

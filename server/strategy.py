@@ -10,7 +10,9 @@ One class, Flower's hooks; the federation loop stays in ``Strategy.start``. What
   was rejected (the site spent it);
 - plaintext runs aggregate with the run's ``aggregator`` (``server.aggregation``: FedAvg by default,
   or Flower's FedMedian, FedTrimmedAvg, Krum);
-- under HE the "arrays" passed between rounds are ciphertexts: the strategy only adds them.
+- under HE the "arrays" passed between rounds are ciphertexts: the strategy only adds them, and the
+  FedAvg weight stays inside them (no plaintext example count reaches the server);
+- federated evaluation figures exist only when the sites release noised sums (release-metrics).
 """
 
 from __future__ import annotations
@@ -27,8 +29,22 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import ACCOUNTANTS, RunConfig
-from common.protocol import KEY_NOISE_SOURCE, NOISE_SOURCES, STATUS_BUDGET, STATUS_TRAINED
-from server.aggregation import UpdateRejected, aggregate_plain, weighted_mean
+from common.protocol import (
+    EVAL_RELEASE_KEYS,
+    KEY_EVAL_CORRECT,
+    KEY_EVAL_COUNT,
+    KEY_EVAL_LOSS_SUM,
+    KEY_METRICS_EPSILON,
+    KEY_METRICS_NOISE,
+    KEY_NOISE_SOURCE,
+    KEY_NUM_EXAMPLES,
+    NOISE_SOURCES,
+    STATUS_BUDGET,
+    STATUS_EVALUATED,
+    STATUS_TRAINED,
+    allowed_train_metric_keys,
+)
+from server.aggregation import UpdateRejected, aggregate_plain, pool_noised_eval
 from server.reasons import one_line
 from server.run_record import RoundReport
 from server.screening import (
@@ -71,6 +87,8 @@ class PrivatuneFedAvg(FedAvg):
         self.expected_length = int(sum(int(np.prod(s)) for s in expected_shapes.values()))
         self.he_context = he_context
         self.ledger = ledger
+        self.report_keys = allowed_train_metric_keys(cfg.secure_aggregation, cfg.weighting)
+        self.weights_by_count = KEY_NUM_EXAMPLES in self.report_keys
         self.current: RoundReport = RoundReport(round=0)
         self._round_started = time.perf_counter()
         self._guard = ReplyGuard()  # duplicates and replays, across the whole run
@@ -170,33 +188,40 @@ class PrivatuneFedAvg(FedAvg):
                 trim_beta=self.cfg.trim_beta,
                 krum_byzantine=self.cfg.krum_byzantine,
                 krum_select=self.cfg.krum_select,
+                weighted=self.weights_by_count,
             )
         self.current.aggregated = True
-        metrics = MetricRecord(
-            {
-                "train-loss": weighted_mean(
-                    [(float(c["metrics"]["train-loss"]), float(c["metrics"]["num-examples"])) for c in contents]
-                ),
-                "num-clients": len(contents),
-            }
-        )
-        return arrays, metrics
+        # No training loss leaves a site (it is not DP-noised): the round's metrics are its size only.
+        return arrays, MetricRecord({"num-clients": len(contents)})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        pairs: dict[str, list[tuple[float, float]]] = {}
+        """Pool the noised validation sums the sites released (release-metrics); anything else -- an
+        'evaluated' reply without a release, 'no-validation-data', a refusal -- adds nothing."""
+        sums: list[tuple[float, float, float]] = []
+        epsilons: list[float] = []
         for msg in replies:
-            if msg.has_error() or "metrics" not in msg.content:
+            if msg.has_error() or "status" not in msg.content or "metrics" not in msg.content:
+                continue
+            if str(msg.content["status"].get("status", "")) != STATUS_EVALUATED:
                 continue
             m = msg.content["metrics"]
-            n = float(m.get("num-examples", 0))
-            if n <= 0:
-                continue
-            for key in ("eval-loss", "eval-accuracy", "eval-macro-f1"):
-                if key in m:
-                    pairs.setdefault(key, []).append((float(m[key]), n))
-        if not pairs:
+            if not all(isinstance(m.get(k), (int, float)) and math.isfinite(m[k]) for k in EVAL_RELEASE_KEYS):
+                continue  # not a (well-formed) release
+            sums.append((float(m[KEY_EVAL_CORRECT]), float(m[KEY_EVAL_LOSS_SUM]), float(m[KEY_EVAL_COUNT])))
+            epsilons.append(float(m[KEY_METRICS_EPSILON]))
+            cid = self._identify(msg)[0]
+            self.current.released[cid] = float(m[KEY_METRICS_EPSILON])
+            noise = float(m[KEY_METRICS_NOISE])
+        pooled = pool_noised_eval(sums)
+        if pooled is None:
             return None
-        result = {k: weighted_mean(v) for k, v in pairs.items()}
+        result = {
+            **pooled,
+            "noised": 1.0,  # 1.0 = these figures come from DP-noised site releases
+            "num-sites": float(len(sums)),
+            "metrics-noise-multiplier": noise,
+            "max-site-epsilon": max(epsilons),  # each site's run epsilon after the release, training included
+        }
         self.current.federated = result
         return MetricRecord(result)
 
@@ -219,11 +244,11 @@ class PrivatuneFedAvg(FedAvg):
         if "arrays" not in content or "metrics" not in content:
             raise UpdateRejected("a 'trained' reply without arrays or metrics")
         metrics = content["metrics"]
-        n = check_num_examples(metrics.get("num-examples"))
         mech = check_mechanism(metrics)
-        loss = metrics.get("train-loss")
-        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
-            raise UpdateRejected(f"train-loss must be a finite number, got {loss!r}")
+        if self.weights_by_count:  # plaintext FedAvg by example count; under HE the weight is encrypted
+            n = check_num_examples(metrics.get(KEY_NUM_EXAMPLES))
+        else:  # no count is sent: q = 1/ceil(n/B) bounds n by B/q, enough for the magnitude bound below
+            n = max(1, math.ceil(self.cfg.batch_size / float(mech["sample_rate"] or 1.0)))
         accountant = str(content["status"].get("accountant", self.cfg.accountant))
         if accountant not in ACCOUNTANTS:
             raise UpdateRejected(f"accountant {accountant!r} is not one of {ACCOUNTANTS}")
@@ -256,7 +281,8 @@ class PrivatuneFedAvg(FedAvg):
     def _record_trained(self, server_round: int, cid: str, msg: Message) -> None:
         m = msg.content["metrics"]
         st = msg.content["status"]
-        report = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in m.items()}
+        # Only the keys this mode allows (common.protocol): anything else a client adds is not kept.
+        report = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in m.items() if k in self.report_keys}
         report["node-id"] = int(msg.metadata.src_node_id)
         noise_source = str(st.get(KEY_NOISE_SOURCE, ""))
         noise_source = noise_source if noise_source in NOISE_SOURCES else None  # the ledger takes known values only

@@ -60,7 +60,7 @@ class RoundPrinter:
         if report.central:
             parts.append(f"test acc {_fmt(report.central.get('accuracy'))} F1 {_fmt(report.central.get('macro-f1'))}")
         if report.federated:
-            parts.append(f"val acc {_fmt(report.federated.get('eval-accuracy'))}")
+            parts.append(f"val acc {_fmt(report.federated.get('eval-accuracy'))} (noised)")
         if eps:
             parts.append(f"eps<={_fmt(max(eps), 2)}")
         parts.append(f"[dim]{time.perf_counter() - self.t0:.0f}s[/]")
@@ -73,7 +73,7 @@ class RoundPrinter:
         t.add_row("rounds completed", str(summary.get("rounds_completed")))
         t.add_row("test accuracy", _fmt(summary.get("test_accuracy")))
         t.add_row("test macro-F1", _fmt(summary.get("test_macro_f1")))
-        t.add_row("federated validation accuracy", _fmt(summary.get("federated_accuracy")))
+        t.add_row("federated validation accuracy (noised)", _fmt(summary.get("federated_accuracy")))
         t.add_row("target epsilon", _fmt(summary.get("target_epsilon")))
         t.add_row("noise source", _fmt(summary.get("noise_source")))
         t.add_row("wall time (s)", _fmt(summary.get("simulation_seconds"), 1))

@@ -391,3 +391,21 @@ def test_server_ledger_validation_and_tampering(tmp_path: Path) -> None:
     sql(ledger.path, "UPDATE reports SET epsilon_reported = 0.1 WHERE seq = 2")
     problems = verify_chain(ledger.path)
     assert [(p.table, p.seq, p.kind) for p in problems] == [("reports", 2, "edited")]
+
+
+def test_a_metrics_spends_purpose_is_hashed(tmp_path: Path) -> None:
+    """A metrics spend's purpose is covered by its hash."""
+    import dataclasses
+
+    from common.ledger import PURPOSE_METRICS
+
+    ledger = fill(tmp_path / "l.ledger.sqlite", 2)
+    path = ledger.path
+    first = ledger.entries()[0].entry
+    ledger.append(dataclasses.replace(first, round=3, purpose=PURPOSE_METRICS))
+    assert [r.entry.purpose for r in ledger.entries()] == ["train", "train", "metrics"]
+    assert verify_chain(path) == []
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("UPDATE spend SET purpose = 'train' WHERE seq = 3")
+    conn.close()
+    assert kinds(verify_chain(path)) == {(3, "edited")}

@@ -205,7 +205,8 @@ def test_real_app_with_he_aggregation_over_tls(fed: Federation, sites: list[dict
     assert result.ok, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["secure_aggregation"] == "he"
-    assert summary["federated_accuracy"] > 0.5
+    # No site released a metric (release-metrics is off by default): no federated figure exists.
+    assert summary["federated_accuracy"] is None and summary["federated_noised"] is None
     assert (out / "global.he-checkpoint").exists() and not (out / "global.safetensors").exists()
     decrypted = he.decrypt_checkpoint_to_safetensors(he_keys.secret, out / "global.he-checkpoint",
                                                      fed.root / "he-final.safetensors")
