@@ -31,13 +31,15 @@ PLAIN_WEIGHTS_NAME = "global.safetensors"
 def make_server_app(
     fixed_config: RunConfig | None = None,
     observer: Callable[[RoundReport], None] | None = None,
+    on_recorder: Callable[[RunRecorder], None] | None = None,
 ) -> ServerApp:
+    """``on_recorder`` receives the run's recorder as soon as it exists (simulate marks it on a signal)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = fixed_config or RunConfig.from_flower(dict(context.run_config))
-        run_federation(grid, cfg, run_id=str(context.run_id), observer=observer)
+        run_federation(grid, cfg, run_id=str(context.run_id), observer=observer, on_recorder=on_recorder)
 
     return server_app
 
@@ -55,6 +57,7 @@ def run_federation(
     cfg: RunConfig,
     run_id: str,
     observer: Callable[[RoundReport], None] | None = None,
+    on_recorder: Callable[[RunRecorder], None] | None = None,
 ) -> dict[str, Any]:
     """Run every round of one federation and leave its record in ``cfg.out_dir``."""
     cfg = resolve_out_dir(cfg, run_id)
@@ -75,6 +78,8 @@ def run_federation(
         },
         observer=observer,
     )
+    if on_recorder is not None:
+        on_recorder(recorder)
     recorder.write_config(cfg.to_flower())
 
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
@@ -142,8 +147,7 @@ def run_federation(
     title = f"{cfg.preset}: {cfg.mode}, " + (f"target epsilon {cfg.target_epsilon:g}" if cfg.private else "no DP")
     plot_rounds(recorder.rounds, out / "rounds.png", title=title,
                 target_epsilon=cfg.target_epsilon if cfg.private else None)
-    if recorder.status == "running":
-        recorder.status = "completed"
+    recorder.conclude()
     summary = recorder.write_summary(
         trainable_parameters=n_params,
         wall_seconds=time.perf_counter() - t0,

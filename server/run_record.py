@@ -18,6 +18,11 @@ from typing import Any, Callable
 
 from common.jsonsafe import jsonable
 
+# What summary.json's "status" can say: running (in progress, or the process died), completed (at least
+# one round aggregated), failed (none did: see failure_reasons), interrupted (SIGINT/SIGTERM), stopped
+# (the federation ended early after aggregating, e.g. budgets exhausted).
+RUN_STATUSES = ("running", "completed", "failed", "interrupted", "stopped")
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +54,10 @@ class RunRecorder:
     rounds: list[RoundReport] = field(default_factory=list)
     per_client_epsilon: dict[str, float] = field(default_factory=dict)
     stopped_reason: str = ""
-    status: str = "running"  # "running" until the run ends: a crashed run's summary says so
+    # "running" until the run ends (a crashed run's summary says so), then one of RUN_STATUSES.
+    status: str = "running"
+    failure_reasons: dict[str, str] = field(default_factory=dict)  # client -> why it did not train
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,12 +73,39 @@ class RunRecorder:
             if isinstance(eps, (int, float)):
                 self.per_client_epsilon[cid] = float(eps)
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(jsonable(report.__dict__), sort_keys=True) + "\n")
+            row = {"run_id": self.summary_base.get("run_id"), **report.__dict__}
+            fh.write(json.dumps(jsonable(row), sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.write_summary()
         if self.observer is not None:
             self.observer(report)
+
+    def conclude(self) -> str:
+        """Settle the final status: ``failed`` when no round aggregated (with every client's reason),
+        ``completed`` otherwise (with a warning when later rounds did not aggregate)."""
+        if self.status == "interrupted":
+            return self.status
+        trained = [r for r in self.rounds if r.round > 0 and r.aggregated]
+        last_reason: dict[str, str] = {}
+        for r in self.rounds:
+            last_reason.update(r.dropped)
+        if not trained:
+            self.status = "failed"
+            self.failure_reasons = dict(sorted(last_reason.items()))
+            if not self.failure_reasons:
+                self.failure_reasons = {"server": self.stopped_reason or "no client update was aggregated"}
+            return self.status
+        if self.status != "stopped":
+            self.status = "completed"
+        later = [r.round for r in self.rounds if r.round > trained[-1].round]
+        if later:
+            self.warnings.append(
+                f"round(s) {', '.join(map(str, later))} aggregated nothing; the global model is the one of "
+                f"round {trained[-1].round}"
+            )
+            self.failure_reasons = dict(sorted(last_reason.items()))
+        return self.status
 
     def summary(self) -> dict[str, Any]:
         trained_rounds = [r for r in self.rounds if r.round > 0 and r.aggregated]
@@ -88,6 +123,8 @@ class RunRecorder:
             "max_client_epsilon": max(self.per_client_epsilon.values(), default=None),
             "stopped_reason": self.stopped_reason,
             "status": self.status,
+            "failure_reasons": dict(self.failure_reasons),
+            "warnings": list(self.warnings),
         }
 
     def write_summary(self, **extra: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from common.config import RunConfig
 from common.protocol import STATUS_BUDGET, STATUS_TRAINED
 from server.aggregation import UpdateRejected, check_plain_update, weighted_mean
+from server.reasons import one_line
 from server.run_record import RoundReport
 
 log = logging.getLogger("privatune.server")
@@ -163,7 +164,7 @@ class PrivatuneFedAvg(FedAvg):
     def _identify(msg: Message) -> tuple[str, str | None, str]:
         node = f"node-{msg.metadata.src_node_id}"
         if msg.has_error():
-            return node, None, f"client error: {msg.error.reason}"
+            return node, None, f"client error: {one_line(msg.error.reason)}"
         content = msg.content
         if "status" not in content:
             return node, None, "reply has no status record"
@@ -220,6 +221,7 @@ class PrivatuneFedAvg(FedAvg):
             )
 
     def _drop(self, server_round: int, cid: str, reason: str, msg: Message, status: str = "dropped") -> None:
+        reason = one_line(reason)
         log.warning("round %d: %s not aggregated: %s", server_round, cid, reason)
         self.current.dropped[cid] = reason
         if self.ledger is not None:
