@@ -39,7 +39,11 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = fixed_config or RunConfig.from_flower(dict(context.run_config))
-        run_federation(grid, cfg, run_id=str(context.run_id), observer=observer, on_recorder=on_recorder)
+        summary = run_federation(grid, cfg, run_id=str(context.run_id), observer=observer, on_recorder=on_recorder)
+        if summary.get("status") == "failed" and fixed_config is None:
+            # Under `flwr run` / a deployment, Flower then reports the run as failed, not completed.
+            reasons = "; ".join(f"{k}: {v}" for k, v in (summary.get("failure_reasons") or {}).items())
+            raise RuntimeError(f"run failed: no round aggregated an update ({reasons})")
 
     return server_app
 
