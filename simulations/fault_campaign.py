@@ -149,11 +149,10 @@ def _message(stdout: str, stderr: str) -> str:
     return re.sub(r"\s+", " ", pick)[:160]
 
 
-def run_case(case: Case, tmp: Path, timeout: float) -> Outcome:
+def run_case(case: Case, tmp: Path, timeout: float, root: Path) -> Outcome:
     if case.setup is not None:
         case.setup(tmp)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "200", "TERM": "dumb"}
     env.pop("FLWR_HOME", None)
     t0 = time.perf_counter()
@@ -175,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds before a case counts as a hang")
     ap.add_argument("--json", type=Path, default=None, help="write the outcomes here")
     ap.add_argument("--only", default="", help="run only cases whose name contains this text")
+    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
+                    help="the privatune source tree under test (default: this one), e.g. an older commit's")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="pt-faults-"))
     outcomes: list[Outcome] = []
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases(tmp):
             if args.only and args.only not in case.name:
                 continue
-            o = run_case(case, tmp, args.timeout)
+            o = run_case(case, tmp, args.timeout, args.root.resolve())
             outcomes.append(o)
             print(f"{o.verdict:9s} rc={o.rc!s:4s} {o.seconds:5.1f}s  {o.name}: {o.message}", flush=True)
     finally:
