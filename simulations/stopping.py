@@ -5,6 +5,11 @@ Flower's in-process simulation runs the ServerApp in a non-daemon thread that wa
 with ``status: running``. Instead the handler marks the run ``interrupted`` in summary.json, ends
 every process the run started (Ray's GCS, raylet and workers are descendants of this process), and
 exits at once. Ledger appends are SQLite transactions, so a ledger is never left half-written.
+
+Python runs signal handlers in the main thread only, and only between bytecodes. When the kernel
+delivers the signal to one of Ray's native threads, the main thread (blocked joining Flower's worker
+threads) never wakes to run it. So the signal's number also goes to a wakeup pipe
+(``signal.set_wakeup_fd``) that a watcher thread reads: whichever sees the signal first stops the run.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -86,30 +92,58 @@ class StopOnSignal:
         self.recorder: Any = None
         self.previous: dict[int, Any] = {}
         self.stopping = False
+        self._lock = threading.Lock()
+        self._pipe: tuple[int, int] | None = None
+        self._previous_wakeup_fd: int | None = None
 
     def attach(self, recorder: Any) -> None:
         """The ServerApp hands over its RunRecorder (server.app.make_server_app(on_recorder=...))."""
         self.recorder = recorder
 
     def install(self) -> None:
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers; the first install (main thread) still holds
         for sig in STOP_SIGNALS:
             handler = signal.getsignal(sig)
-            if handler is not self.handle:
+            if handler != self.handle:
                 self.previous.setdefault(sig, handler)
                 signal.signal(sig, self.handle)
+        if self._pipe is None:
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            self._pipe = (r, w)
+            self._previous_wakeup_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            threading.Thread(target=self._watch, args=(r,), name="privatune-stop-watcher", daemon=True).start()
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous.clear()
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._previous_wakeup_fd if self._previous_wakeup_fd is not None else -1)
+            r, w = self._pipe
+            self._pipe = None
+            os.close(w)  # the watcher reads EOF and ends
+
+    def _watch(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:
+                os.close(fd)
+                return
+            for signum in data:
+                if signum in STOP_SIGNALS:
+                    self.handle(signum, None)
 
     def handle(self, signum: int, frame: object) -> None:
-        if self.stopping:  # a second Ctrl-C while cleaning up: go now
-            os._exit(128 + signum)
+        if not self._lock.acquire(blocking=False):
+            # The other path (handler or watcher) is already stopping; a second signal means: go now.
+            if self.stopping and frame is not None:
+                os._exit(128 + signum)
+            return
         self.stopping = True
         name = signal.Signals(signum).name
         self.announce(f"{name} received: stopping the simulation")

@@ -357,7 +357,8 @@ def test_a_run_where_every_client_fails_exits_1_as_failed(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigint_stops_a_simulation_within_seconds_and_leaves_no_process(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_a_simulation_within_seconds_and_leaves_no_process(tmp_path, signum):
     from simulations.stopping import alive, descendants
 
     out = tmp_path / "run"
@@ -380,15 +381,15 @@ def test_sigint_stops_a_simulation_within_seconds_and_leaves_no_process(tmp_path
             time.sleep(0.1)
         assert seen, "the simulation started no child process"
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         rest, _ = proc.communicate(timeout=10)
         took = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert took < 10 and proc.returncode == 130, "".join(lines) + rest
+    assert took < 10 and proc.returncode == 128 + signum, "".join(lines) + rest
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and "SIGINT" in summary["stopped_reason"]
+    assert summary["status"] == "interrupted" and signal.Signals(signum).name in summary["stopped_reason"]
     time.sleep(0.5)
     assert [p for p in seen if alive(p)] == []
     from common.ledger import verify_chain
