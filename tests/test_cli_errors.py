@@ -396,3 +396,23 @@ def test_a_signal_stops_a_simulation_within_seconds_and_leaves_no_process(tmp_pa
 
     for ledger in out.rglob("*.ledger.sqlite"):  # an append is one transaction: every chain still verifies
         assert verify_chain(ledger) == [], ledger
+
+
+# ---------------------------------------------------------------------------------- the campaign
+def test_the_campaign_classifies_each_way_a_case_can_end():
+    from simulations.fault_campaign import classify
+
+    assert classify(None, "", "", "x") == "hang"
+    assert classify(1, "", "Traceback (most recent call last):\n  File ...\nValueError: x", "x") == "traceback"
+    assert classify(0, "RayTaskError(ClientAppException)", "", "x") == "traceback"
+    assert classify(0, "completed", "", "x") == "silent"
+    assert classify(2, "", "error: --seed must be >= 0", "--seed") == "clear"
+    assert classify(2, "", "error: something else", "--seed") == "vague"
+    assert classify(3, "", "error: unexpected KeyError: 'a' (traceback in /tmp/x.log)", "KeyError") == "vague"
+
+
+def test_the_campaign_runs_a_case_through_the_real_cli(capsys):
+    from simulations.fault_campaign import main
+
+    assert main(["--only", "--seed -1", "--timeout", "60"]) == 0
+    assert "counts: clear 1 (of 1)" in capsys.readouterr().out
