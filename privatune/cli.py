@@ -31,12 +31,34 @@ class UsageError(ValueError):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# privatune's own error classes, by module: each names the key, file or record and the fix.
+_ERROR_CLASSES = {
+    "common.config": ("ConfigError",), "client.site_config": ("SiteConfigError",),
+    "client.site_data": ("SiteDataError",), "common.he": ("HEError",), "common.audit": ("AuditInputError",),
+    "common.accounting": ("AccountingError",), "common.ledger": ("LedgerError",),
+    "simulations.canary_audit": ("CanaryAuditError",), "simulations.run_folder": ("RunFolderError",),
+}
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
-    """privatune's own error classes (ValueErrors and HEError, all naming the key or file) and file errors."""
-    known: tuple[type[BaseException], ...] = (ValueError, OSError)
-    if "common.he" in sys.modules:  # an HEError can only come from a loaded common.he
-        known += (sys.modules["common.he"].HEError,)
-    return known
+    """The loaded privatune error classes (an error can only come from a loaded module), plus file errors."""
+    known: list[type[BaseException]] = [UsageError, OSError]
+    for module, names in _ERROR_CLASSES.items():
+        mod = sys.modules.get(module)
+        known += [getattr(mod, n) for n in names if mod is not None and hasattr(mod, n)]
+    return tuple(known)
+
+
+def _is_known(err: BaseException) -> bool:
+    """A privatune error class, a file error, or a ValueError that privatune's own code raised (its
+    messages name the key); a ValueError from inside a library is unexpected."""
+    if isinstance(err, _known_errors()):
+        return True
+    if type(err) is ValueError and err.__traceback__ is not None:
+        frames = traceback.extract_tb(err.__traceback__)
+        return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PROJECT_ROOT)
+    return False
 
 
 def _innermost_known(err: BaseException) -> BaseException | None:
@@ -46,7 +68,7 @@ def _innermost_known(err: BaseException) -> BaseException | None:
     cur: BaseException | None = err
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, _known_errors()):
+        if _is_known(cur):
             found = cur
         cur = cur.__cause__
     return found

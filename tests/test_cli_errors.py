@@ -325,6 +325,16 @@ def test_an_unexpected_error_is_one_line_with_a_log_of_the_traceback(tmp_path, m
     assert "Traceback (most recent call last)" in log.read_text() and "surprise" in log.read_text()
     log.unlink()
     assert cli._innermost_known(RuntimeError("An error was encountered")) is None
+    try:
+        import fractions
+
+        fractions.Fraction("not a fraction")  # a ValueError from inside a library: unexpected
+    except ValueError as err:
+        assert cli._innermost_known(err) is None
+    try:
+        RunConfig.from_flower({"lr": "-1"})  # privatune's own: known
+    except ValueError as err:
+        assert cli._innermost_known(err) is err
     wrapped = RuntimeError("An error was encountered. Ending simulation.")
     wrapped.__cause__ = ConfigError("labels: bad")
     assert str(cli._innermost_known(wrapped)) == "labels: bad"
