@@ -74,6 +74,12 @@ def check_public_context(path: Path) -> None:
             f"he-public-context: cannot read {path} ({why}); make the keys with `privatune keygen --out DIR` "
             "and pass DIR/public.ctx, or leave he-public-context empty to make fresh keys in the run folder"
         ) from None
+    from common import he
+
+    try:  # the server loads it the same way once the federation has started: fail now instead
+        he.load_context(path, require_secret=False)
+    except he.HEError as err:
+        raise ConfigError(f"he-public-context: {path}: {err}") from None
 
 
 def confine_writes(out: Path) -> None:
@@ -116,7 +122,10 @@ def run_simulation(
     if not verbose:
         # Flower warns that run_simulation is deprecated: we use it on purpose (in-process, no
         # per-run dependency install); `flwr run .` works too (docs/deploy-coordinator.md).
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+        # CRITICAL: Flower logs a client's exception as a multi-line Ray traceback at ERROR; the server
+        # already reports every client that did not train with its reason on one line (server/reasons.py),
+        # and an exception that ends the run reaches the CLI, which logs its traceback to a file.
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
     ray_tmp = tempfile.mkdtemp(prefix="pt-ray-")
     cpus = os.cpu_count() or 1
     backend_config = {

@@ -167,6 +167,14 @@ def test_simulate_refuses_bad_input_in_one_line(tmp_path, args, words):
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
+def test_a_public_context_that_does_not_load_is_refused_before_the_run(tmp_path):
+    bad = tmp_path / "public.ctx"
+    bad.write_bytes(b"not a context")
+    result = simulate(tmp_path, "--secure-aggregation", "he", "--run-config", f"he-public-context={bad}")
+    assert_one_line_error(result, "he-public-context", str(bad))
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
 def test_labels_that_the_preset_dataset_lacks_are_named(tmp_path):
     result = runner.invoke(app, ["simulate", "--preset", "sms-spam", "--clients", "2", "--out",
                                  str(tmp_path / "o"), "--run-config", "labels=x,y"])
