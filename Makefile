@@ -10,7 +10,7 @@ setup:
 	@bash scripts/setup.sh
 
 simulate: setup
-	$(VENV)/bin/privatune simulate
+	$(VENV)/bin/privatune simulate --overwrite  # a demo: replaces the previous runs/latest
 
 test: setup
 	$(PY) -m pytest -q

@@ -7,6 +7,7 @@ other path is derived from the run's output folder, so one machine holds the who
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -78,10 +79,7 @@ class SiteConfig:
                 f"unknown node-config key(s) {unknown}; known keys: {', '.join(SITE_KEYS)}"
             )
         device = resolve_device(str(node_config.get("device", "auto")))
-        max_eps_raw = node_config.get("max-epsilon", "")
-        max_epsilon = float(max_eps_raw) if str(max_eps_raw).strip() not in ("", "0", "0.0", "none") else None
-        if max_epsilon is not None and max_epsilon <= 0:
-            raise SiteConfigError(f"max-epsilon must be > 0, got {max_epsilon}")
+        max_epsilon = parse_max_epsilon(node_config.get("max-epsilon", ""))
         out = Path(cfg.out_dir) if cfg.out_dir else None
         on_exhausted = str(node_config.get("on-exhausted", "exclude")).strip() or "exclude"
         if on_exhausted not in ON_EXHAUSTED:
@@ -116,6 +114,8 @@ class SiteConfig:
                     "(e.g. ledger-path=\"/var/lib/privatune/site.ledger.sqlite\")"
                 )
             secret = node_config.get("he-secret-context")
+            if secret:
+                check_secret_context(Path(str(secret)).expanduser())
             cache = node_config.get("cache-dir")
             return cls(
                 site_id=site_id,
@@ -181,6 +181,32 @@ def _flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
     raise SiteConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def parse_max_epsilon(raw: Any) -> float | None:
+    """The site's lifetime budget: a finite number > 0, or empty/0/none for no budget."""
+    text = str(raw).strip()
+    if text.lower() in ("", "0", "0.0", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise SiteConfigError(
+            f"max-epsilon: {text!r} is not a number; give the site's lifetime budget, e.g. max-epsilon=10 "
+            "(or leave it out for no budget)"
+        ) from None
+    if math.isnan(value) or value <= 0:
+        raise SiteConfigError(f"max-epsilon must be a number > 0, got {text!r}")
+    return value
+
+
+def check_secret_context(path: Path) -> None:
+    """he-secret-context names the secret.ctx file, not its folder."""
+    if path.is_dir():
+        raise SiteConfigError(
+            f"he-secret-context: {path} is a folder; point it at the secret.ctx file `privatune keygen` wrote "
+            f"(e.g. he-secret-context=\"{path / 'secret.ctx'}\")"
+        )
 
 
 def resolve_device(requested: str) -> str:

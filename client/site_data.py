@@ -13,9 +13,12 @@ as in MNIST; `describe_site_data` warns when the background looks light.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -120,7 +123,7 @@ class _LabelParser:
 
 def _require_file(path: Path) -> None:
     if not path.exists():
-        raise SiteDataError(path, "file not found", "Check the data path in the site's configuration.")
+        raise SiteDataError(path, _missing(path), "Check the data path in the site's configuration.")
     if not path.is_file():
         raise SiteDataError(path, "is not a file", "Point the data path at a file, or use format 'image-folder'.")
     if path.stat().st_size == 0:
@@ -167,6 +170,32 @@ def _check_text(path: Path, text: object, column: str, record: int, line: int | 
 # ----------------------------------------------------------------------------------------------- texts
 
 
+def _oversized_field_bytes(content: str, start_line: int, delimiter: str) -> int:
+    """Size in bytes of the largest field of the record that starts at ``start_line`` (read without the limit)."""
+    rest = content.split("\n", start_line - 1)[-1] if start_line > 1 else content
+    old = csv.field_size_limit()
+    try:
+        csv.field_size_limit(sys.maxsize)
+        row = next(csv.reader(io.StringIO(rest, newline=""), delimiter=delimiter), [])
+    except csv.Error:
+        row = [rest]
+    finally:
+        csv.field_size_limit(old)
+    return max((len(cell.encode("utf-8", errors="surrogateescape")) for cell in row), default=0)
+
+
+def _missing(path: Path, kind: str = "file") -> str:
+    """Why ``path`` cannot be opened: a symlink loop, a dangling symlink, or nothing there."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop (the path's links point back at each other)"
+        if path.is_symlink():
+            return "broken symlink (its target does not exist)"
+    return f"{kind} not found"
+
+
 def _load_csv(spec: SiteDataSpec, labels: _LabelParser) -> tuple[list[str], list[int]]:
     """Comma-, semicolon- or tab-separated, with a header row; the header's first separator decides.
 
@@ -208,6 +237,16 @@ def _load_csv(spec: SiteDataSpec, labels: _LabelParser) -> tuple[list[str], list
         except StopIteration:
             break
         except csv.Error as err:
+            if "field larger than field limit" in str(err):
+                size = _oversized_field_bytes(content, start_line, delimiter)
+                raise SiteDataError(
+                    path,
+                    f"field too large ({size} bytes), limit {csv.field_size_limit()}",
+                    "Shorten the text (privatune reads at most the first "
+                    f"{MAX_TEXT_CHARS} characters) or fix a quote that is never closed.",
+                    record=record + 1,
+                    line=start_line,
+                ) from None
             raise SiteDataError(
                 path, f"not valid CSV ({err})", "Check the quoting on this record.", record=record + 1, line=start_line
             ) from None
@@ -406,7 +445,7 @@ def _load_image_folder(spec: SiteDataSpec, labels: _LabelParser) -> tuple[np.nda
     """`root/<label>/*.png|*.jpg|*.npy`; records are numbered in sorted folder, then file-name order."""
     root = spec.path
     if not root.exists():
-        raise SiteDataError(root, "folder not found", "Check the data path in the site's configuration.")
+        raise SiteDataError(root, _missing(root, "folder"), "Check the data path in the site's configuration.")
     if not root.is_dir():
         raise SiteDataError(root, "is not a folder", "Use format 'npz' for an archive, or point at the folder.")
     files: list[tuple[Path, int]] = []

@@ -29,6 +29,11 @@ WEIGHTINGS = ("examples", "equal")
 ACCOUNTANTS = ("rdp", "prv")
 AGGREGATORS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")  # server.aggregation implements them
 
+# Finite epsilon targets the noise calibration reaches in about a second; outside it a run either
+# cannot reach the target (every client fails) or searches for a vanishing noise multiplier for ages.
+TARGET_EPSILON_RANGE = (0.05, 1000.0)
+MAX_DELTA = 0.1  # a per-client delta at or above this protects nothing worth the name
+
 
 class ConfigError(ValueError):
     """A run configuration that cannot work; the message names the key and the fix."""
@@ -201,12 +206,34 @@ class RunConfig:
             "target-epsilon",
             f"must be > 0 (got {self.target_epsilon}); use inf or dp=false for a non-private baseline",
         )
-        need(0 <= self.delta < 1, "delta", "must be in [0, 1); 0 means each site's own delta")
-        need(self.noise_multiplier >= 0, "noise-multiplier", "must be >= 0 (0 = calibrate from target-epsilon)")
-        need(self.max_grad_norm > 0, "max-grad-norm", "must be > 0")
+        lo, hi = TARGET_EPSILON_RANGE
+        need(
+            math.isinf(self.target_epsilon) or not self.dp or lo <= self.target_epsilon <= hi,
+            "target-epsilon",
+            f"{self.target_epsilon:g} is outside the range the noise calibration reaches, [{lo:g}, {hi:g}]; "
+            "use inf (or dp=false) for a non-private baseline",
+        )
+        need(
+            self.delta == 0 or 0 < self.delta < MAX_DELTA,
+            "delta",
+            f"must be in (0, {MAX_DELTA:g}) or 0, got {self.delta:g}; 0 means each site's own delta",
+        )
+        need(
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
+            "noise-multiplier",
+            f"must be a finite number >= 0 (0 = calibrate from target-epsilon), got {self.noise_multiplier:g}",
+        )
+        need(
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
+            "max-grad-norm",
+            f"must be a finite number > 0 (the clipping bound the noise is scaled to), got {self.max_grad_norm:g}",
+        )
+        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        need(math.isfinite(self.round_timeout), "round-timeout", "must be a finite number of seconds")
+        need(math.isfinite(self.sim_max_epsilon), "sim-max-epsilon", "must be finite (0 = no site budget)")
         need(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {ACCOUNTANTS}")
         need(self.partition in PARTITION_SCHEMES, "partition", f"must be one of {PARTITION_SCHEMES}")
-        need(self.alpha > 0, "alpha", "the Dirichlet concentration must be > 0")
+        need(self.alpha > 0 and math.isfinite(self.alpha), "alpha", "the Dirichlet concentration must be a finite number > 0")
         need(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
         need(self.min_clients >= 1, "min-clients", "must be at least 1")
         need(0 <= self.val_fraction < 0.5, "val-fraction", "must be in [0, 0.5)")

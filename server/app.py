@@ -33,14 +33,21 @@ PLAIN_WEIGHTS_NAME = "global.safetensors"
 def make_server_app(
     fixed_config: RunConfig | None = None,
     observer: Callable[[RoundReport], None] | None = None,
+    on_recorder: Callable[[RunRecorder], None] | None = None,
 ) -> ServerApp:
+    """``on_recorder`` receives the run's recorder as soon as it exists (simulate marks it on a signal)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = fixed_config or RunConfig.from_flower(dict(context.run_config))
         # `privatune simulate` (a fixed config) warns on its own terminal before the run starts.
-        run_federation(grid, cfg, run_id=str(context.run_id), observer=observer, warn_seeded=fixed_config is None)
+        summary = run_federation(grid, cfg, run_id=str(context.run_id), observer=observer,
+                                 warn_seeded=fixed_config is None, on_recorder=on_recorder)
+        if summary.get("status") == "failed" and fixed_config is None:
+            # Under `flwr run` / a deployment, Flower then reports the run as failed, not completed.
+            reasons = "; ".join(f"{k}: {v}" for k, v in (summary.get("failure_reasons") or {}).items())
+            raise RuntimeError(f"run failed: no round aggregated an update ({reasons})")
 
     return server_app
 
@@ -70,6 +77,7 @@ def run_federation(
     run_id: str,
     observer: Callable[[RoundReport], None] | None = None,
     warn_seeded: bool = True,
+    on_recorder: Callable[[RunRecorder], None] | None = None,
 ) -> dict[str, Any]:
     """Run every round of one federation and leave its record in ``cfg.out_dir``."""
     cfg = resolve_out_dir(cfg, run_id)
@@ -93,6 +101,8 @@ def run_federation(
         },
         observer=observer,
     )
+    if on_recorder is not None:
+        on_recorder(recorder)
     recorder.write_config(cfg.to_flower())
 
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
@@ -160,8 +170,7 @@ def run_federation(
     title = f"{cfg.preset}: {cfg.mode}, " + (f"target epsilon {cfg.target_epsilon:g}" if cfg.private else "no DP")
     plot_rounds(recorder.rounds, out / "rounds.png", title=title,
                 target_epsilon=cfg.target_epsilon if cfg.private else None)
-    if recorder.status == "running":
-        recorder.status = "completed"
+    recorder.conclude()
     summary = recorder.write_summary(
         trainable_parameters=n_params,
         wall_seconds=time.perf_counter() - t0,

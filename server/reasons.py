@@ -1,78 +1,72 @@
-"""One-line reasons: what the server stores or prints about a failed or rejected client reply.
+"""One readable line from a failure's text: what a ledger, a summary and a terminal show.
 
-A simulated client's exception reaches the server as Flower's error reason, e.g.
-``<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\\x1b[36mray::ClientAppActor.run()...``
-followed by two tracebacks. Ledgers, run records and summaries want the innermost message on one line,
-without terminal colour codes, Ray/Flower wrapper class names or file paths of the coordinator's machine.
+A client that raises inside a simulation reaches the server as a string such as
+``<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() ... Traceback ...
+ValueError: noise-multiplier must be finite'>`` with colour codes. Only the innermost message helps an
+operator, so that is what we keep.
 """
 
 from __future__ import annotations
 
 import re
 
-DEFAULT_LIMIT = 300
+MAX_REASON_CHARS = 400
 
-# CSI sequences (colours, cursor moves), OSC sequences (titles, links) and lone escapes.
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-# Flower's simulation engine: str(type(ex)) + ":<'" + str(ex) + "'>"
-_FLOWER_WRAPPER = re.compile(r"<class '[^']*'>\s*:\s*<'(?P<body>.*)'>\s*$", re.S)
-# flwr's ClientAppException: "\nException ClientAppException occurred. Message: <str of the original>"
-_CLIENTAPP_MESSAGE = "occurred. Message:"
-_RAY_FRAME = re.compile(r"ray::[\w.]+\(\)(?:\s*\((?:[^()]|\([^()]*\))*\))?")
-_TRACE_LINE = re.compile(
-    r"^\s*(Traceback \(most recent call last\):|File \".*\", line \d+.*|"
-    r"The above exception was the direct cause of the following exception:|"
-    r"During handling of the above exception, another exception occurred:)\s*$"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
+_CLASS_PREFIX = re.compile(r"<class '[^']*'>\s*:?\s*")
+# "pkg.mod.SomeError: message" or "SomeError(Wrapped): message" at the start of a line.
+_EXC_LINE = re.compile(
+    r"^\s*(?P<cls>[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failure|Stopped)(?:\([\w.]*\))?)\s*:\s?(?P<msg>.*)$"
 )
-# A qualified or wrapper class name in front of a message: "ray.exceptions.RayTaskError(X): msg",
-# "flwr.clientapp.client_app.ClientAppException: msg"; plain built-ins ("ValueError: msg") are kept.
-_QUALIFIED_CLASS = re.compile(r"^(?:[A-Za-z_]\w*\.)+[A-Za-z_]\w*(?:\([\w.]*\))?:\s*")
-_WRAPPER_CLASS = re.compile(r"^(?:RayTaskError|RayActorError|ClientAppException)(?:\([\w.]*\))?:\s*")
+_RAY_NAMES = re.compile(
+    r"ray::[\w.]+\(\)\s*(\(pid=[^)]*\))?|\bray\.exceptions\.\w+(\([\w.]*\))?|\bRay\w*Error(\([\w.]*\))?"
+    r"|\bClientAppActor\b(\.run\(\))?"
+)
+_FLOWER_WRAPPER = re.compile(r"Exception ClientAppException occurred\.\s*Message:\s*")
+# Classes whose name adds nothing to their message.
+_QUIET_CLASSES = {
+    "Exception", "ValueError", "RuntimeError", "ClientAppException", "ConfigError", "SiteConfigError",
+    "SiteDataError", "HEError", "FederationStopped",
+}
 
 
-def _strip_tracebacks(text: str) -> str:
-    """Drop traceback headers, frames and their source lines; keep what the exceptions said."""
-    lines = text.splitlines()
-    kept: list[str] = []
-    had_trace = False
-    skip_source = False
-    for line in lines:
-        if _TRACE_LINE.match(line):
-            had_trace = True
-            skip_source = line.lstrip().startswith("File ")
-            continue
-        if skip_source and line.startswith("    "):
-            skip_source = False
-            continue  # the source line under a frame
-        skip_source = False
-        if line.strip():
-            kept.append(line)
-    if had_trace and kept:
-        return kept[-1]  # the last exception line of a traceback: its message
-    return "\n".join(kept)
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
 
 
-def one_line(text: object, limit: int = DEFAULT_LIMIT) -> str:
-    """``text`` as one clean line of at most ``limit`` characters (innermost message, no colours)."""
-    s = _ANSI.sub("", str(text))
-    prefix = ""
-    m = _FLOWER_WRAPPER.search(s)
-    if m:  # keep what the caller put in front ("client error: ")
-        prefix, s = " ".join(s[: m.start()].split()), m.group("body")
-        prefix = f"{prefix} " if prefix else ""
-    if _CLIENTAPP_MESSAGE in s:
-        s = s.rsplit(_CLIENTAPP_MESSAGE, 1)[1]
-    s = _RAY_FRAME.sub("", s)
-    s = _strip_tracebacks(s)
-    s = _CONTROL.sub(" ", s)
-    s = " ".join(s.split())
-    for _ in range(3):  # nested wrappers: "RayTaskError(ClientAppException): ClientAppException: ..."
-        stripped = _WRAPPER_CLASS.sub("", _QUALIFIED_CLASS.sub("", s))
-        if stripped == s:
+def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """The innermost message of ``text`` on one line (at most ``limit`` characters), without colour codes or
+    Ray's class names."""
+    text = strip_ansi(str(text or ""))
+    text = _CLASS_PREFIX.sub("", text)
+    text = _FLOWER_WRAPPER.sub("", text)
+    text = text.strip().removeprefix(":<'").removesuffix("'>").strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    chosen = ""
+    for idx in range(len(lines) - 1, -1, -1):  # the last exception line of the last traceback: the innermost cause
+        m = _EXC_LINE.match(lines[idx])
+        if m:
+            cls = m.group("cls")
+            base = re.sub(r"\(.*\)$", "", cls).rsplit(".", 1)[-1]
+            inner = re.search(r"\(([\w.]*)\)$", cls)
+            msg = m.group("msg").strip()
+            if base.startswith("Ray") and inner:
+                base = inner.group(1).rsplit(".", 1)[-1]
+            if not msg:  # the message may follow on the next lines (Flower's ClientAppException does that)
+                msg = " ".join(ln.strip() for ln in lines[idx + 1:]).strip()
+            if not msg:
+                chosen = base
+            elif base in _QUIET_CLASSES or base.startswith("Ray"):
+                chosen = msg
+            else:
+                chosen = f"{base}: {msg}"
             break
-        s = stripped
-    s = prefix + s if s else prefix + "no reason given"
-    if limit > 0 and len(s) > limit:
-        s = s[: max(limit - 1, 0)].rstrip() + "…"
-    return s
+    if not chosen:
+        # No exception line: drop traceback frames and keep the last meaningful line.
+        body = [ln for ln in lines if not ln.lstrip().startswith(("File ", "Traceback", "^", "~"))]
+        chosen = body[-1] if body else ""
+    chosen = _RAY_NAMES.sub("", chosen)
+    chosen = re.sub(r"\s+", " ", chosen).strip(" :'\"")
+    if len(chosen) > limit:
+        chosen = chosen[: limit - 3] + "..."
+    return chosen or "unknown error (no message)"

@@ -22,6 +22,11 @@ from typing import Any, Callable
 from common.jsonsafe import jsonable
 from common.protocol import KEY_NOISE_SOURCE
 
+# What summary.json's "status" can say: running (in progress, or the process died), completed (at least
+# one round aggregated), failed (none did: see failure_reasons), interrupted (SIGINT/SIGTERM), stopped
+# (the federation ended early after aggregating, e.g. budgets exhausted).
+RUN_STATUSES = ("running", "completed", "failed", "interrupted", "stopped")
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +63,10 @@ class RunRecorder:
     per_client_epsilon: dict[str, float] = field(default_factory=dict)
     noise_sources: set[str] = field(default_factory=set)  # what trained clients reported (KEY_NOISE_SOURCE)
     stopped_reason: str = ""
-    status: str = "running"  # "running" until the run ends: a crashed run's summary says so
+    # "running" until the run ends (a crashed run's summary says so), then one of RUN_STATUSES.
+    status: str = "running"
+    failure_reasons: dict[str, str] = field(default_factory=dict)  # client -> why it did not train
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,12 +87,39 @@ class RunRecorder:
         for cid, eps in report.released.items():  # a metric release comes after the round's training
             self.per_client_epsilon[cid] = max(float(eps), self.per_client_epsilon.get(cid, 0.0))
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(jsonable(report.__dict__), sort_keys=True) + "\n")
+            row = {"run_id": self.summary_base.get("run_id"), **report.__dict__}
+            fh.write(json.dumps(jsonable(row), sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.write_summary()
         if self.observer is not None:
             self.observer(report)
+
+    def conclude(self) -> str:
+        """Settle the final status: ``failed`` when no round aggregated (with every client's reason),
+        ``completed`` otherwise (with a warning when later rounds did not aggregate)."""
+        if self.status == "interrupted":
+            return self.status
+        trained = [r for r in self.rounds if r.round > 0 and r.aggregated]
+        last_reason: dict[str, str] = {}
+        for r in self.rounds:
+            last_reason.update(r.dropped)
+        if not trained:
+            self.status = "failed"
+            self.failure_reasons = dict(sorted(last_reason.items()))
+            if not self.failure_reasons:
+                self.failure_reasons = {"server": self.stopped_reason or "no client update was aggregated"}
+            return self.status
+        if self.status != "stopped":
+            self.status = "completed"
+        later = [r.round for r in self.rounds if r.round > trained[-1].round]
+        if later:
+            self.warnings.append(
+                f"round(s) {', '.join(map(str, later))} aggregated nothing; the global model is the one of "
+                f"round {trained[-1].round}"
+            )
+            self.failure_reasons = dict(sorted(last_reason.items()))
+        return self.status
 
     def summary(self) -> dict[str, Any]:
         trained_rounds = [r for r in self.rounds if r.round > 0 and r.aggregated]
@@ -106,6 +141,8 @@ class RunRecorder:
             "noise_sources_reported": sorted(self.noise_sources),
             "stopped_reason": self.stopped_reason,
             "status": self.status,
+            "failure_reasons": dict(self.failure_reasons),
+            "warnings": list(self.warnings),
         }
 
     def write_summary(self, **extra: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.config import RunConfig
@@ -87,5 +88,14 @@ class RoundPrinter:
                 te.add_row(cid, _fmt(e))
             self.console.print(te)
         if summary.get("stopped_reason"):
-            self.console.print(f"[yellow]stopped early:[/] {summary['stopped_reason']}")
+            self.console.print(f"[yellow]stopped early:[/] {escape(summary['stopped_reason'])}")
+        for warning in summary.get("warnings") or []:
+            self.console.print(f"[yellow]warning:[/] {escape(warning)}")
+        reasons = summary.get("failure_reasons") or {}
+        if summary.get("status") == "failed":
+            self.console.print("[bold red]run failed:[/] no round aggregated an update; why each client did not train:")
+        elif reasons:
+            self.console.print("clients that did not train in the last rounds:")
+        for cid, reason in sorted(reasons.items(), key=lambda kv: (len(kv[0]), kv[0])):
+            self.console.print(f"  {escape(cid)}: {escape(reason)}", highlight=False)
         self.console.print(f"results in {out}/ (summary.json, metrics.jsonl, rounds.png, ledgers/)")

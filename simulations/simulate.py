@@ -7,6 +7,7 @@ process outlives the command.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from common.config import RunConfig
+from common.config import DATASET_LABELS, ConfigError, RunConfig
 from common.federation_data import check_federation_size
 from server.run_record import RoundReport, write_json_atomic
 
@@ -31,17 +32,55 @@ def prepare_config(cfg: RunConfig, num_clients: int, out_dir: Path) -> RunConfig
     if cfg.min_clients > num_clients:
         cfg = replace(cfg, min_clients=num_clients)
     check_federation_size(cfg, num_clients)
-    out_dir = out_dir.resolve()
+    check_labels(cfg)
+    out_dir = Path(os.path.abspath(out_dir))
     cfg = replace(cfg, out_dir=str(out_dir))
+    if cfg.secure_aggregation == "he" and cfg.he_public_context:
+        check_public_context(Path(cfg.he_public_context))
     if cfg.secure_aggregation == "he" and not cfg.he_public_context:
         from common import he
 
         keys = out_dir / "keys"
         public = keys / "public.ctx"
-        if not public.exists():  # a rerun into the same folder keeps its keys (and its ledgers)
+        if not public.exists():
             public = he.write_keys(keys, he.HEParams()).public
         cfg = replace(cfg, he_public_context=str(Path(public).resolve()))
     return cfg
+
+
+def check_labels(cfg: RunConfig) -> None:
+    """A simulation trains on the preset's dataset, so an explicit label set must be that dataset's."""
+    if not cfg.labels.strip() or cfg.dataset not in DATASET_LABELS:
+        return
+    have = DATASET_LABELS[cfg.dataset]
+    if set(cfg.label_names) != set(have):
+        raise ConfigError(
+            f"labels: dataset '{cfg.dataset}' has the labels {','.join(have)}, not {','.join(cfg.label_names)}; "
+            f"leave labels empty or give labels=\"{','.join(have)}\""
+        )
+
+
+def check_public_context(path: Path) -> None:
+    """Before any simulation starts: the server's public context must be a readable file."""
+    try:
+        if path.is_dir():
+            raise ConfigError(f"he-public-context: {path} is a folder; give the public.ctx file `privatune keygen` wrote")
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except ConfigError:
+        raise
+    except OSError as err:
+        why = "symlink loop" if err.errno == errno.ELOOP else (err.strerror or str(err))
+        raise ConfigError(
+            f"he-public-context: cannot read {path} ({why}); make the keys with `privatune keygen --out DIR` "
+            "and pass DIR/public.ctx, or leave he-public-context empty to make fresh keys in the run folder"
+        ) from None
+    from common import he
+
+    try:  # the server loads it the same way once the federation has started: fail now instead
+        he.load_context(path, require_secret=False)
+    except he.HEError as err:
+        raise ConfigError(f"he-public-context: {path}: {err}") from None
 
 
 def confine_writes(out: Path) -> None:
@@ -57,8 +96,13 @@ def run_simulation(
     observer: Callable[[RoundReport], None] | None = None,
     verbose: bool = False,
     client_gpus: float = 0.0,
+    client_cpus: float = 1.0,
+    stop_on_signal: bool = False,
 ) -> dict[str, Any]:
-    """Run the federation and return its summary (also in ``out_dir/summary.json``)."""
+    """Run the federation and return its summary (also in ``out_dir/summary.json``).
+
+    ``stop_on_signal`` (the CLI sets it): SIGINT/SIGTERM end the run within seconds as ``interrupted``.
+    """
     confine_writes(out_dir.resolve())
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -83,12 +127,15 @@ def run_simulation(
     if not verbose:
         # Flower warns that run_simulation is deprecated: we use it on purpose (in-process, no
         # per-run dependency install); `flwr run .` works too (docs/deploy-coordinator.md).
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+        # CRITICAL: Flower logs a client's exception as a multi-line Ray traceback at ERROR; the server
+        # already reports every client that did not train with its reason on one line (server/reasons.py),
+        # and an exception that ends the run reaches the CLI, which logs its traceback to a file.
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
     ray_tmp = tempfile.mkdtemp(prefix="pt-ray-")
     cpus = os.cpu_count() or 1
     backend_config = {
         # A GPU share per client (e.g. 0.5 = two clients per GPU); 0 without a GPU, or Ray makes no actors.
-        "client_resources": {"num_cpus": 1, "num_gpus": float(client_gpus)},
+        "client_resources": {"num_cpus": float(client_cpus), "num_gpus": float(client_gpus)},
         "init_args": {
             "_temp_dir": ray_tmp,
             "num_cpus": cpus,
@@ -105,21 +152,35 @@ def run_simulation(
         if not torch.cuda.is_available():
             raise ValueError("--client-gpus > 0 but this machine has no CUDA GPU; Flower would start no clients")
         backend_config["init_args"]["num_gpus"] = torch.cuda.device_count()
+    stopper = None
+    undo_patch: Callable[[], None] = lambda: None
+    if stop_on_signal:
+        from simulations.stopping import StopOnSignal
+
+        stopper = StopOnSignal(out, cleanup_dirs=[ray_tmp])
+        stopper.install()
+        undo_patch = _reinstall_after_ray_init(stopper.install)
     t0 = time.perf_counter()
     try:
         flwr_run_simulation(
-            server_app=make_server_app(cfg, observer),
+            server_app=make_server_app(cfg, observer, on_recorder=stopper.attach if stopper else None),
             client_app=client_app,
             num_supernodes=num_clients,
             backend_config=backend_config,
         )
+    except Exception as err:
+        mark_failed(out, err)
+        raise
     finally:
+        undo_patch()
+        if stopper is not None:
+            stopper.restore()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     summary_path = out / "summary.json"
     import json
 
     summary = json.loads(summary_path.read_text())
-    if cfg.secure_aggregation == "he" and cfg.central_eval:
+    if cfg.secure_aggregation == "he" and cfg.central_eval and summary.get("status") != "failed":
         summary.update(he_central_evaluation(cfg, out))
     summary["num_clients"] = num_clients
     summary["noise_source"] = noise_source_of(cfg)
@@ -127,6 +188,54 @@ def run_simulation(
     summary["simulation_seconds"] = time.perf_counter() - t0
     write_json_atomic(summary_path, summary)
     return summary
+
+
+def innermost(err: BaseException) -> BaseException:
+    """Flower wraps a ServerApp's exception in RuntimeError("An error was encountered..."): unwrap it."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    return err
+
+
+def mark_failed(out: Path, err: BaseException) -> None:
+    """A run that raised says so in summary.json (status failed, the reason on one line)."""
+    import json
+
+    from server.reasons import one_line
+
+    path = out / "summary.json"
+    try:
+        summary = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        summary = {}
+    summary["status"] = "failed"
+    summary["failure_reasons"] = {"server": one_line(str(innermost(err)))}
+    try:
+        write_json_atomic(path, summary)
+    except OSError:
+        pass
+
+
+def _reinstall_after_ray_init(install: Callable[[], None]) -> Callable[[], None]:
+    """``ray.init`` replaces the driver's SIGTERM handler with ``sys.exit``; put ours back right after it."""
+    import ray
+
+    original = ray.init
+
+    def init(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        finally:
+            install()
+
+    ray.init = init
+
+    def undo() -> None:
+        ray.init = original
+
+    return undo
 
 
 def he_central_evaluation(cfg: RunConfig, out: Path) -> dict[str, Any]:
