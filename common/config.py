@@ -15,6 +15,9 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
+from common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+from common.accounting import TARGET_EPSILON_MAX, TARGET_EPSILON_MIN
+
 # Label sets of the preset datasets, so a site (which has no copy of them) knows the index order.
 DATASET_LABELS: dict[str, tuple[str, ...]] = {
     "sms-spam": ("ham", "spam"),
@@ -25,7 +28,6 @@ DATASET_LABELS: dict[str, tuple[str, ...]] = {
 FINE_TUNING_MODES = ("head", "partial", "full")
 PARTITION_SCHEMES = ("iid", "dirichlet")
 SECURE_AGGREGATION = ("none", "he")
-ACCOUNTANTS = ("rdp", "prv")
 
 
 class ConfigError(ValueError):
@@ -81,7 +83,7 @@ class RunConfig:
     delta: float = 0.0  # 0 = per client: min(1e-5, 0.1 / n), always below 1/n
     noise_multiplier: float = 0.0  # 0 = calibrate to target_epsilon over the whole run
     max_grad_norm: float = 1.0
-    accountant: str = "rdp"
+    accountant: str = DEFAULT_ACCOUNTANT  # prv; rdp (looser) and pld (dp-accounting) on request
     partition: str = "dirichlet"
     alpha: float = 1.0
     seed: int = 42
@@ -188,6 +190,13 @@ class RunConfig:
             self.target_epsilon > 0 and not math.isnan(self.target_epsilon),
             "target-epsilon",
             f"must be > 0 (got {self.target_epsilon}); use inf or dp=false for a non-private baseline",
+        )
+        need(
+            not self.private or self.noise_multiplier > 0
+            or TARGET_EPSILON_MIN <= self.target_epsilon <= TARGET_EPSILON_MAX,
+            "target-epsilon",
+            f"must be in [{TARGET_EPSILON_MIN:g}, {TARGET_EPSILON_MAX:g}] to calibrate noise (got "
+            f"{self.target_epsilon:g}); use inf or dp=false for a non-private baseline",
         )
         need(0 <= self.delta < 1, "delta", "must be in [0, 1); 0 means min(1e-5, 0.1/n) per client")
         need(self.noise_multiplier >= 0, "noise-multiplier", "must be >= 0 (0 = calibrate from target-epsilon)")
