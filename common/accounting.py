@@ -177,7 +177,11 @@ def calibrate_noise(
     if acc.name != "rdp":
         # RDP is fast and (for these mechanisms) above the tight accountants, so its sigma is a bracket that saves
         # most of the slow evaluations; it is checked like any other candidate, never trusted.
-        hi = max(SIGMA_MIN, min(SIGMA_MAX, calibrate_noise(target, delta, sample_rate, steps, "rdp")))
+        # RDP cannot certify the smallest targets (its orders stop at 63): then start from 1 like RDP itself.
+        try:
+            hi = max(SIGMA_MIN, min(SIGMA_MAX, calibrate_noise(target, delta, sample_rate, steps, "rdp")))
+        except AccountingError:
+            hi = 1.0
     e_hi = eps_at(hi)
     while e_hi > target:
         if hi >= SIGMA_MAX:
@@ -188,21 +192,28 @@ def calibrate_noise(
             )
         hi = min(hi * 2.0, SIGMA_MAX)
         e_hi = eps_at(hi)
-    lo = hi / 2.0 if acc.name == "rdp" else hi * 0.8  # tight accountants need 6-8 % less noise than RDP
-    while lo >= SIGMA_MIN:  # walk down until lo is too little noise (only when sigma 1 already suffices)
+    lo = hi / 2.0 if acc.name == "rdp" else hi * 0.9  # tight accountants need 6-8 % less noise than RDP
+    while lo >= SIGMA_MIN:  # walk down until lo is too little noise
         e_lo = eps_at(lo)
         if e_lo > target:
             break
         hi, e_hi, lo = lo, e_lo, lo / 2.0
     else:
         return hi  # even SIGMA_MIN reaches the target: more noise than needed, never an overshoot
+    aim = target - tolerance / 2.0  # interpolate towards the middle of the accepted band [target - tol, target]
     while target - e_hi > tolerance and hi / lo - 1.0 > CALIBRATION_SIGMA_PRECISION:
-        mid = math.sqrt(lo * hi)
+        # log(epsilon) is nearly linear in log(sigma): interpolate (a few evaluations instead of a dozen), kept
+        # inside the bracket's middle 80 % so that a poor guess still shrinks it like a bisection.
+        frac = 0.5
+        if math.isfinite(e_lo) and e_hi > 0 and aim > 0 and e_lo > e_hi:
+            frac = (math.log(e_lo) - math.log(aim)) / (math.log(e_lo) - math.log(e_hi))
+            frac = min(0.9, max(0.1, frac))
+        mid = math.exp(math.log(lo) + frac * (math.log(hi) - math.log(lo)))
         e_mid = eps_at(mid)
         if e_mid <= target:
             hi, e_hi = mid, e_mid
         else:
-            lo = mid
+            lo, e_lo = mid, e_mid
     return hi
 
 

@@ -14,6 +14,9 @@ from common.accountants.base import AccountingError, Mechanism
 VALUE_DISCRETIZATION_INTERVAL = 1e-3
 # The PLD's support grows with epsilon / interval; past this the computation takes seconds and gigabytes.
 PLD_MAX_EPSILON = 500.0
+# A first pass at this coarse interval (milliseconds, an upper bound) refuses hopeless requests before the fine one
+# (10 s and more for an epsilon in the thousands); its bound is loose, so only twice the limit refuses.
+COARSE_INTERVAL = 0.1
 
 
 class PLDAccountant:
@@ -24,6 +27,22 @@ class PLDAccountant:
         self.interval = value_discretization_interval
 
     def epsilon(self, mechanisms: list[Mechanism], delta: float) -> float:
+        if self.interval < COARSE_INTERVAL:
+            coarse = PLDAccountant(COARSE_INTERVAL)._compute(mechanisms, delta)
+            if coarse > 2 * PLD_MAX_EPSILON:
+                raise AccountingError(
+                    f"the PLD accountant bounds epsilon by {coarse:g} for {mechanisms} at delta={delta:g}: far above "
+                    f"{PLD_MAX_EPSILON:g}, no meaningful privacy; use accountant 'rdp' to account it"
+                )
+        eps = self._compute(mechanisms, delta)
+        if eps > PLD_MAX_EPSILON:
+            raise AccountingError(
+                f"the PLD accountant gives epsilon {eps:g} for {mechanisms} at delta={delta:g}: far above "
+                f"{PLD_MAX_EPSILON:g}, no meaningful privacy; use accountant 'rdp' to account it"
+            )
+        return eps
+
+    def _compute(self, mechanisms: list[Mechanism], delta: float) -> float:
         import dp_accounting
         from dp_accounting.pld import PLDAccountant as GooglePLD
 
@@ -41,9 +60,4 @@ class PLDAccountant:
             eps = float(acc.get_epsilon(delta))
         except (MemoryError, OverflowError, ValueError) as exc:
             raise AccountingError(f"the PLD accountant failed for {mechanisms}: {exc!r}; use 'rdp'") from exc
-        if not math.isfinite(eps) or eps > PLD_MAX_EPSILON:
-            raise AccountingError(
-                f"the PLD accountant gives epsilon {eps:g} for {mechanisms} at delta={delta:g}: far above "
-                f"{PLD_MAX_EPSILON:g}, no meaningful privacy; use accountant 'rdp' to account it"
-            )
-        return eps
+        return eps if math.isfinite(eps) else math.inf
