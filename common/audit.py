@@ -680,11 +680,11 @@ def render_table(report: AuditReport, entries: bool = False) -> Any:
             last[(e.source, e.file, e.party)] = e  # entries are in ledger order: the last one wins
     clients = Table(box=box.SIMPLE_HEAD, caption=caption + " · --entries: every row", caption_justify="left",
                     collapse_padding=True, pad_edge=False)
-    for name, justify in (("Src", "left"), ("Site/client", "left"), ("Run", "left"), ("Rnds", "right"),
+    for name, justify in (("Src", "left"), ("Party", "left"), ("Run", "left"), ("Rnds", "right"),
                           ("ε rep.", "right"), ("ε RDP", "right"), ("ε PRV", "right"), ("ε PLD", "right"),
                           ("Budget", "right"), ("Status", "left")):
         # Numbers never wrap; a long run id is cut with an ellipsis before anything else gives way.
-        wraps = name in ("Site/client", "Status")
+        wraps = name in ("Party", "Status")
         clients.add_column(name, justify=justify, no_wrap=not wraps,  # type: ignore[arg-type]
                            overflow="ellipsis" if name == "Run" else "fold", min_width=len(name),
                            max_width=12 if name == "Run" else None)
