@@ -157,8 +157,9 @@ def calibrate_noise(
 
     The result never overshoots under the chosen accountant:
     ``epsilon_of([(sigma, sample_rate, steps)], delta, accountant) <= target_epsilon``, because only a sigma whose
-    epsilon was computed at or below the target is ever returned. A bisection in log(sigma) over
-    [SIGMA_MIN, SIGMA_MAX]; a sigma the accountant cannot afford to evaluate (a huge epsilon) counts as too little.
+    epsilon was computed at or below the target is ever returned. A bracket in [SIGMA_MIN, SIGMA_MAX] (from RDP's
+    sigma for the tight accountants), then interpolation in log(sigma) safeguarded like a bisection; a sigma the
+    accountant cannot afford to evaluate (a huge epsilon) counts as too little noise.
     """
     target = _check_target(target_epsilon)
     acc = get_accountant(accountant)
