@@ -686,8 +686,9 @@ def render_table(report: AuditReport, entries: bool = False) -> Any:
         # Numbers never wrap; a long run id is cut with an ellipsis before anything else gives way.
         wraps = name in ("Party", "Status")
         clients.add_column(name, justify=justify, no_wrap=not wraps,  # type: ignore[arg-type]
-                           overflow="ellipsis" if name == "Run" else "fold", min_width=len(name),
-                           max_width=12 if name == "Run" else None)
+                           overflow="ellipsis" if name == "Run" else "fold",
+                           min_width=8 if name == "Party" else len(name),  # "client-9" stays on one line
+                           max_width=10 if name == "Run" else None)
 
     def eps(x: Any) -> str:  # fixed decimals keep the columns aligned; violations are in Status
         return f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else _fmt(x)
