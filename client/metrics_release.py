@@ -110,41 +110,6 @@ def planned_releases(cfg: "RunConfig") -> list[Mechanism]:
     return [release_mechanism(cfg.metrics_noise_multiplier)] * cfg.num_server_rounds
 
 
-def calibrate_with_reserve(
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    reserved: list[Mechanism],
-    accountant: str = "rdp",
-    rel_tol: float = 1e-3,
-) -> float:
-    """Smallest training noise (to ``rel_tol``) such that ``steps`` DP-SGD steps composed with ``reserved``
-    stay within ``target_epsilon``; plain ``calibrate_noise`` when nothing is reserved."""
-    sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
-    if not reserved:
-        return sigma
-    alone = epsilon_of(reserved, delta, accountant)
-    if alone >= target_epsilon:
-        raise AccountingError(
-            f"the planned metric releases alone cost epsilon {alone:.3f} at delta {delta:g}, not below "
-            f"target-epsilon {target_epsilon:g}: raise metrics-noise-multiplier or set release-metrics=false"
-        )
-
-    def fits(s: float) -> bool:
-        return epsilon_of([(s, sample_rate, steps), *reserved], delta, accountant) <= target_epsilon
-
-    lo, hi = sigma, sigma * 1.5
-    while not fits(hi):
-        lo, hi = hi, hi * 2.0
-        if hi > 1e6:
-            raise AccountingError("cannot calibrate the training noise next to the metric releases")
-    while hi - lo > rel_tol * hi:
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return hi
-
-
 @dataclass(frozen=True)
 class MetricsSpend:
     """The outcome of planning (and, when allowed, recording) one release."""

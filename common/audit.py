@@ -7,13 +7,16 @@ For every ledger file given (or found under a folder: ``*.ledger.sqlite``, i.e. 
    damaged is ``unreadable``; a malformed row (wrong type, invalid text, NULL) is ``chain-malformed``; an edited,
    deleted, inserted or moved row of any chained table is a violation naming the table and row. A bad ledger
    never stops the audit: the other files are audited, and only well-formed rows are accounted;
-2. recomputes every epsilon from the recorded mechanisms alone, with both Opacus accountants (RDP and PRV):
+2. recomputes every epsilon from the recorded mechanisms alone, with both Opacus accountants (RDP and PRV) and,
+   independently of Opacus, with Google dp-accounting's PLD:
    a site row that names a cohort (the exact set of keyed record ids it sampled from) gets the epsilon of the
    worst record of that cohort, composing every earlier spend whose cohort holds that record (this run's for the
    run epsilon, all runs' for the budget); a row from before cohorts gets, as before, its run's rows and every row
    on its dataset fingerprint up to it; a server report's epsilon comes from that client's trained reports in the
    run up to it;
 3. flags a recorded epsilon below the recomputation (with the accountant the row names, beyond ``tolerance``), a
+   recorded epsilon below the independent recomputation (PLD; Opacus' PRV for rows accounted with PLD) by more
+   than the accountants' own error (``INDEPENDENT_REL_TOLERANCE``), a
    record (or, before cohorts, a dataset) above the site budget in force, and a cohort row that does not match its
    id or a spend naming a cohort the ledger lacks;
 4. cross-checks the server's record against the sites': a round the server has as trained for a client but the
@@ -35,7 +38,16 @@ from typing import Any
 
 from rich.table import Table
 
-from common.accounting import ACCOUNTANTS, AccountingError, Mechanism, check_mechanism, epsilon_of, normalise
+from common.accounting import (
+    ACCOUNTANTS,
+    INDEPENDENT_REL_TOLERANCE,
+    AccountingError,
+    Mechanism,
+    check_mechanism,
+    epsilon_of,
+    independent_of,
+    normalise,
+)
 from common.jsonsafe import jsonable
 from common.record_budget import CohortError, Spend, cohort_id_of, record_epsilons, unpack_ids
 from common.protocol import NOISE_SOURCE_SEEDED
@@ -113,6 +125,10 @@ class AuditEntry:
     epsilon_rdp: float | None = None  # recomputed epsilon of the run after this round, RDP accountant
     epsilon_prv: float | None = None  # same with the PRV accountant (None when PRV cannot compute it)
     epsilon_dataset: float | None = None  # recomputed dataset epsilon (all runs), with the recorded accountant
+    epsilon_pld: float | None = None  # run epsilon with dp-accounting's PLD (None when PLD cannot compute it)
+    independent_accountant: str | None = None  # pld, or prv for rows accounted with pld
+    epsilon_independent: float | None = None  # run epsilon with the independent accountant
+    epsilon_dataset_independent: float | None = None  # dataset epsilon with the independent accountant (sites)
     aggregation: str | None = None
     recorded_at: str | None = None
     problems: list[str] = field(default_factory=list)  # violation kinds that name this row
@@ -122,7 +138,17 @@ class AuditEntry:
     @property
     def epsilon_recomputed(self) -> float | None:
         """The recomputed run epsilon with the accountant this row names."""
-        return self.epsilon_prv if self.accountant == "prv" else self.epsilon_rdp
+        return {"prv": self.epsilon_prv, "pld": self.epsilon_pld}.get(str(self.accountant), self.epsilon_rdp)
+
+    @property
+    def independent_ratio(self) -> float | None:
+        """Recorded run epsilon over the independent recomputation (1.0 for equal values; < 1 under-reports)."""
+        rep, ind = _num(self.epsilon_reported), self.epsilon_independent
+        if rep is None or ind is None or math.isnan(rep) or not ind > 0:
+            return None
+        if math.isinf(ind):
+            return 1.0 if math.isinf(rep) else 0.0
+        return rep / ind
 
 
 @dataclass(frozen=True)
@@ -259,6 +285,11 @@ def _below(reported: Any, recomputed: float | None, tolerance: float) -> bool:
     return value < recomputed - tolerance
 
 
+def _below_independent(reported: Any, independent: float, tolerance: float) -> bool:
+    """Below the independent value by more than the accountants' relative error (and the audit's tolerance)."""
+    return _below(reported, independent * (1.0 - INDEPENDENT_REL_TOLERANCE), tolerance)
+
+
 class _Auditor:
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
@@ -372,33 +403,40 @@ class _Auditor:
                 continue
             spends.append(Spend(mech, cohort, entry.run_id))
             delta, acc = float(row["delta"]), row["accountant"]
-            prv_err = data_err = None
+            prv_err = data_err = pld_err = None
+            data_history: list[Mechanism] | None = None
+            data_independent: float | None = None
             if cohort is None:
                 run_key = (entry.run_id, str(entry.dataset_fingerprint))
                 run_hist[run_key].append(mech)
                 data_hist[str(entry.dataset_fingerprint)].append(mech)
                 entry.epsilon_rdp, _ = self.eps(run_hist[run_key], delta, "rdp")
                 entry.epsilon_prv, prv_err = self.eps(run_hist[run_key], delta, "prv")
+                entry.epsilon_pld, pld_err = self.eps(run_hist[run_key], delta, "pld")
                 entry.epsilon_dataset, data_err = self.eps(data_hist[run_key[1]], delta, acc)
+                data_history = data_hist[run_key[1]]
                 what = f"all spends on dataset {entry.dataset_fingerprint}"
             else:
                 worst: dict[str, tuple[float | None, float | None]] = {}
                 errors: dict[str, str] = {}
-                for name in ("rdp", "prv"):
+                for name in ("rdp", "prv", "pld"):
                     try:
                         worst[name] = self._record_eps(cohorts[cohort], cohorts, spends, delta, name, entry.run_id)
                     except AccountingError as exc:
                         worst[name], errors[name] = (None, None), str(exc)
-                (entry.epsilon_rdp, _), (entry.epsilon_prv, _) = worst["rdp"], worst["prv"]
+                (entry.epsilon_rdp, _), (entry.epsilon_prv, _), (entry.epsilon_pld, _) = (
+                    worst["rdp"], worst["prv"], worst["pld"])
                 entry.epsilon_dataset = worst[acc][1] if acc in worst else None
-                prv_err, data_err = errors.get("prv"), errors.get(acc)
+                prv_err, data_err, pld_err = errors.get("prv"), errors.get(acc), errors.get("pld")
+                data_independent = worst[independent_of(acc)][1] if independent_of(acc) in worst else None
                 what = f"the worst of its {len(cohorts[cohort])} records over every spend holding it"
             if prv_err and acc != "prv":
                 self.notes.append(f"{path.name} row {seq}: no PRV value ({prv_err})")
             recomputed = entry.epsilon_recomputed
             if recomputed is None or entry.epsilon_dataset is None:
                 self.flag("unverifiable", path, seq, f"row {seq}: the {acc} accountant cannot recompute its "
-                                                     f"epsilon: {prv_err or data_err}", "spend", site)
+                                                     f"epsilon: {(pld_err if acc == 'pld' else prv_err) or data_err}",
+                          "spend", site)
                 continue
             if _below(row["epsilon_run"], recomputed, tol):
                 self.flag("epsilon-underreported", path, seq,
@@ -410,6 +448,8 @@ class _Auditor:
                           f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) records dataset "
                           f"epsilon {_fmt(row['epsilon_dataset'])} but {what} gives "
                           f"{_fmt(entry.epsilon_dataset)} ({acc})", "spend", site)
+            self._independent(path, entry, data_history, delta, row["epsilon_dataset"], "spend",
+                              dataset_independent=data_independent)
             budget = _num(row["max_epsilon"])
             if budget is not None and entry.epsilon_dataset > budget + tol:
                 whom = (f"dataset {entry.dataset_fingerprint}" if cohort is None
@@ -454,16 +494,58 @@ class _Auditor:
             delta, acc = float(row["delta"]), row["accountant"]
             entry.epsilon_rdp, _ = self.eps(hist[key], delta, "rdp")
             entry.epsilon_prv, prv_err = self.eps(hist[key], delta, "prv")
+            entry.epsilon_pld, pld_err = self.eps(hist[key], delta, "pld")
             recomputed = entry.epsilon_recomputed
             if recomputed is None:
                 self.flag("unverifiable", path, seq, f"report row {seq}: the {acc} accountant cannot recompute its "
-                                                     f"epsilon: {prv_err}", "reports", client)
+                                                     f"epsilon: {pld_err if acc == 'pld' else prv_err}", "reports",
+                          client)
                 continue
             if _below(row["epsilon_reported"], recomputed, self.tolerance):
                 self.flag("epsilon-underreported", path, seq,
                           f"report row {seq} (run {entry.run_id}, round {entry.round}, client {client}) has epsilon "
                           f"{_fmt(row['epsilon_reported'])} but the mechanisms the server recorded for this client "
                           f"give {_fmt(recomputed)} ({acc})", "reports", client)
+            self._independent(path, entry, None, delta, None, "reports")
+
+    # -- independent recomputation -----------------------------------------------------------------------------
+
+    def _independent(self, path: Path, entry: AuditEntry, data_history: Sequence[Mechanism] | None, delta: float,
+                     dataset_reported: Any, table: str, dataset_independent: float | None = None) -> None:
+        """Check the row's recorded epsilons against an accountant of another library than the one it names.
+
+        The run epsilon (and, for site rows, the dataset epsilon) may sit below the independent value only by the
+        accountants' own error; more is under-reporting, whichever library is wrong.
+        """
+        ind = independent_of(str(entry.accountant))
+        entry.independent_accountant = ind
+        entry.epsilon_independent = entry.epsilon_pld if ind == "pld" else entry.epsilon_prv
+        checks = [("run", entry.epsilon_reported, entry.epsilon_independent)]
+        if data_history is not None:
+            entry.epsilon_dataset_independent, _ = self.eps(data_history, delta, ind)
+        elif dataset_independent is not None:  # per-record budgets: the worst record's, computed by the caller
+            entry.epsilon_dataset_independent = dataset_independent
+        if data_history is not None or dataset_independent is not None:
+            checks.append(("dataset", dataset_reported, entry.epsilon_dataset_independent))
+        what = "report row" if table == "reports" else "row"
+        for label, reported, independent in checks:
+            if independent is None:
+                self.notes.append(f"{path.name} {what} {entry.seq}: no independent {ind} value for its {label} "
+                                  "epsilon (the epsilon is too large for that accountant)")
+                continue
+            if self._flagged_under(path, entry.seq, table, label):
+                continue  # the recorded accountant's recomputation already caught it: one violation is enough
+            if _below_independent(reported, independent, self.tolerance):
+                self.flag("epsilon-underreported", path, entry.seq,
+                          f"{what} {entry.seq} (run {entry.run_id}, round {entry.round}, {entry.party}) records "
+                          f"{label} epsilon {_fmt(reported)} ({entry.accountant}) but the independent {ind} "
+                          f"recomputation gives {_fmt(independent)}, more than "
+                          f"{100 * INDEPENDENT_REL_TOLERANCE:g} % above it", table, entry.party)
+
+    def _flagged_under(self, path: Path, seq: int, table: str, label: str) -> bool:
+        words = ("has epsilon", "run epsilon") if label == "run" else ("dataset epsilon",)
+        return any(v.kind == "epsilon-underreported" and v.file == str(path) and v.seq == seq and v.table == table
+                   and any(w in v.message for w in words) for v in self.violations)
 
     # -- cross-check -------------------------------------------------------------------------------------------
 
@@ -631,6 +713,7 @@ def report_to_json(report: AuditReport) -> dict[str, Any]:
     for e in report.entries:
         d = asdict(e)
         d["epsilon_recomputed"] = e.epsilon_recomputed
+        d["independent_ratio"] = e.independent_ratio
         entries.append(d)
     summaries = []
     for s in report.summaries:
@@ -640,6 +723,7 @@ def report_to_json(report: AuditReport) -> dict[str, Any]:
     return jsonable({
         "ok": report.ok,
         "tolerance": report.tolerance,
+        "independent_rel_tolerance": INDEPENDENT_REL_TOLERANCE,
         "counts": {"files": len(report.files), "entries": len(report.entries),
                    "violations": len(report.violations), "notes": len(report.notes)},
         "files": [asdict(f) for f in report.files],
@@ -655,7 +739,7 @@ def render_table(report: AuditReport, entries: bool = False) -> Any:
     every accounted row with its mechanism, reported and recomputed epsilons, and what is wrong with it.
 
     The compact view is two small tables: the ledgers (kind, rows, chain intact or broken) and one row per site or
-    client and ledger: its run(s), trained rounds, the last epsilon (reported, recomputed with RDP and with PRV),
+    client and ledger: its run(s), trained rounds, the last epsilon (reported, recomputed with RDP, PRV and PLD),
     the site budget and a status. The JSON and Markdown reports always carry every field of every row.
     """
     from rich import box
@@ -668,15 +752,16 @@ def render_table(report: AuditReport, entries: bool = False) -> Any:
         for name, justify in (("Src", "left"), ("Ledger", "left"), ("Seq", "right"), ("Run", "left"),
                               ("Rnd", "right"), ("Site/client", "left"), ("Status", "left"), ("σ", "right"),
                               ("q", "right"), ("Steps", "right"), ("C", "right"), ("δ", "right"), ("Acc", "left"),
-                              ("ε reported", "right"), ("ε RDP", "right"), ("ε PRV", "right"),
-                              ("ε dataset", "right"), ("Budget", "right"), ("Check", "left")):
+                              ("ε reported", "right"), ("ε RDP", "right"), ("ε PRV", "right"), ("ε PLD", "right"),
+                              ("rep/ind", "right"), ("ε dataset", "right"), ("Budget", "right"), ("Check", "left")):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         for e in report.entries:
             check = "[green]ok[/]" if not e.problems else "[red]" + ", ".join(e.problems) + "[/]"
             table.add_row(e.source, Path(e.file).name, str(e.seq), e.run_id, str(e.round), e.party, e.status,
                           _fmt(e.noise_multiplier), _fmt(e.sample_rate), _fmt(e.steps), _fmt(e.max_grad_norm),
                           _fmt(e.delta, 3), _fmt(e.accountant), _fmt(e.epsilon_reported), _fmt(e.epsilon_rdp),
-                          _fmt(e.epsilon_prv), _fmt(e.epsilon_dataset), _fmt(e.max_epsilon), check)
+                          _fmt(e.epsilon_prv), _fmt(e.epsilon_pld), _fmt(e.independent_ratio),
+                          _fmt(e.epsilon_dataset), _fmt(e.max_epsilon), check)
         return table
 
     ledgers = Table(title="Privacy ledger audit", box=box.SIMPLE_HEAD, title_justify="left", collapse_padding=True,
@@ -692,14 +777,15 @@ def render_table(report: AuditReport, entries: bool = False) -> Any:
             last[(e.source, e.file, e.party)] = e  # entries are in ledger order: the last one wins
     clients = Table(box=box.SIMPLE_HEAD, caption=caption + " · --entries: every row", caption_justify="left",
                     collapse_padding=True, pad_edge=False)
-    for name, justify in (("Src", "left"), ("Site/client", "left"), ("Run", "left"), ("Rnds", "right"),
-                          ("ε rep.", "right"), ("ε RDP", "right"), ("ε PRV", "right"), ("Budget", "right"),
-                          ("Status", "left")):
+    for name, justify in (("Src", "left"), ("Party", "left"), ("Run", "left"), ("Rnds", "right"),
+                          ("ε rep.", "right"), ("ε RDP", "right"), ("ε PRV", "right"), ("ε PLD", "right"),
+                          ("Budget", "right"), ("Status", "left")):
         # Numbers never wrap; a long run id is cut with an ellipsis before anything else gives way.
-        wraps = name in ("Site/client", "Status")
+        wraps = name in ("Party", "Status")
         clients.add_column(name, justify=justify, no_wrap=not wraps,  # type: ignore[arg-type]
-                           overflow="ellipsis" if name == "Run" else "fold", min_width=len(name),
-                           max_width=12 if name == "Run" else None)
+                           overflow="ellipsis" if name == "Run" else "fold",
+                           min_width=8 if name == "Party" else len(name),  # "client-9" stays on one line
+                           max_width=10 if name == "Run" else None)
 
     def eps(x: Any) -> str:  # fixed decimals keep the columns aligned; violations are in Status
         return f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else _fmt(x)
@@ -717,7 +803,8 @@ def render_table(report: AuditReport, entries: bool = False) -> Any:
         budget = "—" if s.max_epsilon is None else f"{_fmt(s.max_epsilon)}"
         clients.add_row(s.source, s.party, run, str(s.rounds_trained),
                         eps(e.epsilon_reported if e else None), eps(e.epsilon_rdp if e else None),
-                        eps(e.epsilon_prv if e else None), budget, " ".join(status) or "[green]ok[/]")
+                        eps(e.epsilon_prv if e else None), eps(e.epsilon_pld if e else None), budget,
+                        " ".join(status) or "[green]ok[/]")
     seeded = [f"{s.party} ({s.seeded_rounds} of {s.rounds_trained})" for s in report.summaries
               if s.source == SITE and s.seeded_rounds]
     if not seeded:
@@ -800,7 +887,9 @@ def write_report(report: AuditReport, out_dir: Path) -> ReportFiles:
     verdict = "**PASS**: no violations" if report.ok else f"**FAIL**: {len(report.violations)} violation(s)"
     lines += [f"{verdict}. {len(report.files)} ledger(s), {len(report.entries)} row(s), tolerance "
               f"{report.tolerance:g}. Every epsilon below was recomputed from the recorded mechanisms with Opacus' "
-              "RDP and PRV accountants.", ""]
+              "RDP and PRV accountants and, independently of Opacus, with dp-accounting's PLD (rows accounted with "
+              f"PLD are checked against Opacus' PRV); a recorded epsilon more than "
+              f"{100 * INDEPENDENT_REL_TOLERANCE:g} % below the independent value is a violation.", ""]
     lines += ["## Ledgers", "", "| File | Kind | Rows | Chain |", "|---|---|---:|---|"]
     lines += [f"| {_md_escape(f.path)} | {f.kind} | {f.rows} | {'intact' if f.chain_ok else 'BROKEN'} |"
               for f in report.files]
@@ -835,14 +924,15 @@ def write_report(report: AuditReport, out_dir: Path) -> ReportFiles:
         lines.append(f"| {s.source} | {_md_escape(s.party)} | {_md_escape(Path(s.file).name)} | {kinds} | {flag} |")
     lines += ["", f"![epsilon per round per client]({PLOT_NAME})", "", "## Rows", "",
               "| Src | File | Seq | Run | Round | Party | Status | σ | q | Steps | C | δ | Acc | ε reported | "
-              "ε RDP | ε PRV | ε dataset | max-epsilon | Check |",
-              "|---|---|---:|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+              "ε RDP | ε PRV | ε PLD | Independent | ε reported / independent | ε dataset | max-epsilon | Check |",
+              "|---|---|---:|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for e in report.entries:
         lines.append(
             f"| {e.source} | {_md_escape(Path(e.file).name)} | {e.seq} | {_md_escape(e.run_id)} | {e.round} | "
             f"{_md_escape(e.party)} | {e.status} | {_fmt(e.noise_multiplier)} | {_fmt(e.sample_rate)} | "
             f"{_fmt(e.steps)} | {_fmt(e.max_grad_norm)} | {_fmt(e.delta, 3)} | {_fmt(e.accountant)} | "
-            f"{_fmt(e.epsilon_reported)} | {_fmt(e.epsilon_rdp)} | {_fmt(e.epsilon_prv)} | "
+            f"{_fmt(e.epsilon_reported)} | {_fmt(e.epsilon_rdp)} | {_fmt(e.epsilon_prv)} | {_fmt(e.epsilon_pld)} | "
+            f"{_fmt(e.independent_accountant)} | {_fmt(e.independent_ratio)} | "
             f"{_fmt(e.epsilon_dataset)} | {_fmt(e.max_epsilon)} | {', '.join(e.problems) or 'ok'} |")
     files.markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return files

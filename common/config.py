@@ -15,6 +15,9 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
+from common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+from common.accounting import TARGET_EPSILON_MAX, TARGET_EPSILON_MIN
+
 # Label sets of the preset datasets, so a site (which has no copy of them) knows the index order.
 DATASET_LABELS: dict[str, tuple[str, ...]] = {
     "sms-spam": ("ham", "spam"),
@@ -26,12 +29,7 @@ FINE_TUNING_MODES = ("head", "partial", "full")
 PARTITION_SCHEMES = ("iid", "dirichlet")
 SECURE_AGGREGATION = ("none", "he")
 WEIGHTINGS = ("examples", "equal")
-ACCOUNTANTS = ("rdp", "prv")
 AGGREGATORS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")  # server.aggregation implements them
-
-# Finite epsilon targets the noise calibration reaches in about a second; outside it a run either
-# cannot reach the target (every client fails) or searches for a vanishing noise multiplier for ages.
-TARGET_EPSILON_RANGE = (0.05, 1000.0)
 MAX_DELTA = 0.1  # a per-client delta at or above this protects nothing worth the name
 
 
@@ -88,7 +86,7 @@ class RunConfig:
     delta: float = 0.0  # 0 = each site's own (node-config delta); a site refuses a looser one
     noise_multiplier: float = 0.0  # 0 = calibrate to target_epsilon over the whole run
     max_grad_norm: float = 1.0
-    accountant: str = "rdp"
+    accountant: str = DEFAULT_ACCOUNTANT  # prv; rdp (looser) and pld (dp-accounting) on request
     partition: str = "dirichlet"
     alpha: float = 1.0
     seed: int = 42
@@ -206,12 +204,12 @@ class RunConfig:
             "target-epsilon",
             f"must be > 0 (got {self.target_epsilon}); use inf or dp=false for a non-private baseline",
         )
-        lo, hi = TARGET_EPSILON_RANGE
         need(
-            math.isinf(self.target_epsilon) or not self.dp or lo <= self.target_epsilon <= hi,
+            not self.private or self.noise_multiplier > 0
+            or TARGET_EPSILON_MIN <= self.target_epsilon <= TARGET_EPSILON_MAX,
             "target-epsilon",
-            f"{self.target_epsilon:g} is outside the range the noise calibration reaches, [{lo:g}, {hi:g}]; "
-            "use inf (or dp=false) for a non-private baseline",
+            f"{self.target_epsilon:g} is outside the range the noise calibration reaches, "
+            f"[{TARGET_EPSILON_MIN:g}, {TARGET_EPSILON_MAX:g}]; use inf (or dp=false) for a non-private baseline",
         )
         need(
             self.delta == 0 or 0 < self.delta < MAX_DELTA,

@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common.accounting import ACCOUNTANTS, Mechanism, compose, epsilon_of
+from common.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, Mechanism, compose, epsilon_of
 from common.record_budget import cohort_id_of, pack_ids, unpack_ids
 from common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCES
 
@@ -950,7 +950,7 @@ class SiteLedger(_ChainedLedger):
         return row[0]
 
     def projected(self, run_id: str, dataset_fingerprint: str, new: Mechanism, delta: float,
-                  accountant: str = "rdp") -> tuple[float, float]:
+                  accountant: str = DEFAULT_ACCOUNTANT) -> tuple[float, float]:
         """(epsilon_run, epsilon_dataset) this site would reach if it applied ``new`` now: the budget check to make
         before training, and the values to record in the SpendEntry."""
         run = epsilon_of(compose(self.run_history(run_id, dataset_fingerprint), new), delta, accountant)

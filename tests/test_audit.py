@@ -110,7 +110,7 @@ def test_budget_composes_across_runs(tmp_path: Path) -> None:
     first = [e for e in report.entries if e.source == "site" and e.run_id == "run-1"]
     second = [e for e in report.entries if e.source == "site" and e.run_id == "run-2"]
     assert second[0].epsilon_rdp == pytest.approx(first[0].epsilon_rdp, abs=1e-12)  # a new run starts afresh
-    assert second[-1].epsilon_dataset == pytest.approx(epsilon_of([MECH] * 4, DELTA), abs=1e-9)  # the data does not
+    assert second[-1].epsilon_dataset == pytest.approx(epsilon_of([MECH] * 4, DELTA, "rdp"), abs=1e-9)  # the data does not
     assert second[-1].epsilon_dataset > second[-1].epsilon_rdp
     assert second[-1].epsilon_dataset_reported == pytest.approx(second[-1].epsilon_dataset, abs=1e-6)
 
@@ -309,8 +309,8 @@ def test_audit_recomputes_the_worst_record_over_overlapping_cohorts(tmp_path: Pa
     report = audit_paths([tmp_path])
     assert report.ok, [v.message for v in report.violations]
     one, two = (e.epsilon_dataset for e in report.entries)
-    assert one == pytest.approx(epsilon_of([MECH], DELTA))
-    assert two == pytest.approx(epsilon_of([MECH, MECH], DELTA))
+    assert one == pytest.approx(epsilon_of([MECH], DELTA, "rdp"))
+    assert two == pytest.approx(epsilon_of([MECH, MECH], DELTA, "rdp"))
 
 
 def test_audit_flags_a_record_over_the_budget_and_an_altered_cohort(tmp_path: Path) -> None:
@@ -318,7 +318,7 @@ def test_audit_flags_a_record_over_the_budget_and_an_altered_cohort(tmp_path: Pa
 
     ids = [bytes([i]) * 16 for i in range(20)]
     path = tmp_path / site_ledger_filename("s1")
-    one = epsilon_of([MECH], DELTA)
+    one = epsilon_of([MECH], DELTA, "rdp")
     guard = PrivacyGuard(path, "s1", max_epsilon=one * 1.1, delta=DELTA)
     _spend_on(guard, ids[:10], "run-1", 1)
     _spend_on(guard, ids[5:15], "run-2", 1)  # the guard's own plan would exclude 5..9; written by hand here
@@ -346,9 +346,88 @@ def test_a_ledger_from_before_cohorts_still_audits_and_keeps_working(tmp_path: P
     assert {v.kind for v in audit_paths([tmp_path]).violations} == {"epsilon-underreported"}
     guard = PrivacyGuard(path, "s1", max_epsilon=50.0, delta=DELTA)
     ids = [bytes([i]) * 16 for i in range(4)]
-    legacy = epsilon_of([(1.1, 0.05, 40)], DELTA)
+    legacy = epsilon_of([(1.1, 0.05, 40)], DELTA, "rdp")
     assert guard.epsilons(ids, "rdp").spent == [pytest.approx(legacy)] * 4  # an old spend counts for every record
     _spend_on(guard, ids, "run-2", 1)
     report = audit_paths([tmp_path])
     assert not [v for v in report.violations if v.seq == 3], [v.message for v in report.violations]
-    assert report.entries[-1].epsilon_dataset == pytest.approx(epsilon_of([(1.1, 0.05, 40), MECH], DELTA))
+    assert report.entries[-1].epsilon_dataset == pytest.approx(epsilon_of([(1.1, 0.05, 40), MECH], DELTA, "rdp"))
+
+
+# ---------------------------------------------------------------------------------------------- independent PLD
+
+
+class _UnderReporting:
+    """An accountant with a bug: it reports 80 % of what Opacus' PRV gives (the kind of error a wrong library
+    version or a broken conversion would make). The clients and the audit's same-accountant check both use it."""
+
+    def __init__(self, real):
+        self.real, self.name, self.library = real, real.name, real.library
+
+    def epsilon(self, mechanisms, delta):
+        return 0.8 * self.real.epsilon(mechanisms, delta)
+
+
+def test_independent_pld_matches_a_clean_prv_federation(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=3, mech=SGD, accountant="prv")
+    report = audit_paths([tmp_path])
+    assert report.ok, report.violations
+    for e in report.entries:
+        assert e.independent_accountant == "pld"
+        assert e.epsilon_pld == pytest.approx(epsilon_of([SGD] * e.round, DELTA, "pld"), rel=1e-9)
+        assert 0.98 <= e.independent_ratio <= 1.05  # PRV within the accountants' error of PLD
+        if e.source == "site":
+            assert e.epsilon_dataset_independent == pytest.approx(e.epsilon_pld, rel=1e-9)  # one run only
+
+
+def test_pld_accounted_rows_are_checked_against_opacus_prv(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=2, mech=SGD, accountant="pld", sites=("s1",))
+    report = audit_paths([tmp_path])
+    assert report.ok, report.violations
+    assert all(e.independent_accountant == "prv" and e.epsilon_recomputed == e.epsilon_pld for e in report.entries)
+    assert all(0.95 <= e.independent_ratio <= 1.05 for e in report.entries)
+
+
+def test_an_accountant_that_under_reports_is_caught_by_the_independent_pld(tmp_path: Path, monkeypatch) -> None:
+    import common.accountants as accountants
+
+    monkeypatch.setitem(accountants.REGISTRY, "prv", _UnderReporting(accountants.REGISTRY["prv"]))
+    federate(tmp_path, rounds=2, mech=SGD, accountant="prv")  # the clients record the buggy values
+    report = audit_paths([tmp_path])  # the same buggy PRV agrees with them; dp-accounting's PLD does not
+    assert not report.ok
+    kinds = {(v.kind, Path(v.file).name, v.seq) for v in report.violations}
+    assert kinds == {("epsilon-underreported", name, seq) for name in ("site-s1.ledger.sqlite",
+                     "site-s2.ledger.sqlite") for seq in (1, 2)} | {
+        ("epsilon-underreported", SERVER_LEDGER_NAME, seq) for seq in (1, 2, 3, 4)}
+    assert all("independent pld recomputation" in v.message for v in report.violations)
+    site_msgs = [v.message for v in report.violations if v.table == "spend"]
+    assert sum("records run epsilon" in m for m in site_msgs) == 4
+    assert sum("records dataset epsilon" in m for m in site_msgs) == 4
+    assert all(e.independent_ratio == pytest.approx(0.8, abs=0.02) for e in report.entries)
+    md = write_report(report, tmp_path / "out").markdown.read_text()
+    assert "ε PLD" in md and "| pld |" in md and "independent pld recomputation" in md
+
+
+def test_a_small_gap_within_the_accountants_error_is_not_a_violation(tmp_path: Path, monkeypatch) -> None:
+    import common.accountants as accountants
+
+    class Slightly(_UnderReporting):
+        def epsilon(self, mechanisms, delta):
+            return 0.99 * self.real.epsilon(mechanisms, delta)
+
+    monkeypatch.setitem(accountants.REGISTRY, "prv", Slightly(accountants.REGISTRY["prv"]))
+    federate(tmp_path, rounds=1, mech=SGD, accountant="prv", sites=("s1",))
+    assert audit_paths([tmp_path]).ok
+
+
+def test_pld_column_in_console_and_json(tmp_path: Path) -> None:
+    federate(tmp_path, rounds=1, mech=SGD, accountant="prv", sites=("s1",))
+    report = audit_paths([tmp_path])
+    console = Console(record=True, width=100)
+    console.print(render_table(report))
+    out = console.export_text()
+    assert "ε PLD" in out and f"{report.entries[0].epsilon_pld:.3f}" in out
+    data = report_to_json(report)
+    assert data["independent_rel_tolerance"] == 0.02
+    assert all(isinstance(e["epsilon_pld"], float) and e["independent_accountant"] == "pld"
+               and isinstance(e["independent_ratio"], float) for e in data["entries"])

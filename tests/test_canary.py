@@ -254,7 +254,7 @@ def test_audit_summary_fits_an_80_column_terminal(tmp_path: Path) -> None:
     last = [e for e in report.entries if e.party == "s2" and e.source == "site"][-1]
     row = next(line for line in lines if line.split()[:2] == ["site", "s2"])
     assert row.split()[3:] == ["3", f"{last.epsilon_reported:.3f}", f"{last.epsilon_rdp:.3f}",
-                               f"{last.epsilon_prv:.3f}", "50", "ok"]
+                               f"{last.epsilon_prv:.3f}", f"{last.epsilon_pld:.3f}", "50", "ok"]
 
     sql(tmp_path / "site-s1.ledger.sqlite", "DELETE FROM spend WHERE seq = 2")
     text = "\n".join(show())

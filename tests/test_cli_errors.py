@@ -132,7 +132,7 @@ def test_run_config_refuses_values_that_cannot_work(values, key):
 
 def test_run_config_accepts_the_edges_of_its_ranges():
     assert RunConfig.from_flower({"target-epsilon": "0.05"}).target_epsilon == 0.05
-    assert RunConfig.from_flower({"target-epsilon": "1000"}).target_epsilon == 1000
+    assert RunConfig.from_flower({"target-epsilon": "100"}).target_epsilon == 100
     assert RunConfig.from_flower({"target-epsilon": "inf"}).private is False
     assert RunConfig.from_flower({"delta": "1e-6"}).delta == 1e-6
 
@@ -141,8 +141,8 @@ def test_run_config_accepts_the_edges_of_its_ranges():
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--epsilon", "1e-300"], ["target-epsilon", "[0.05, 1000]"]),
-        (["--epsilon", "1e308"], ["target-epsilon", "[0.05, 1000]"]),
+        (["--epsilon", "1e-300"], ["target-epsilon", "[0.01, 100]"]),
+        (["--epsilon", "1e308"], ["target-epsilon", "[0.01, 100]"]),
         (["--client-gpus", "-1"], ["--client-gpus"]),
         (["--client-gpus", "nan"], ["--client-gpus", "finite"]),
         (["--client-cpus", "0"], ["--client-cpus"]),

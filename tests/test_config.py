@@ -27,6 +27,9 @@ def test_flower_kebab_keys_and_string_values_are_coerced():
         ({"preset": "imagenet"}, "unknown preset"),
         ({"target-epsilon": 0}, "target-epsilon"),
         ({"target-epsilon": -1}, "target-epsilon"),
+        ({"target-epsilon": 1e308}, r"target-epsilon: .*\[0.01, 100\]"),
+        ({"target-epsilon": 1e-300}, r"target-epsilon: .*\[0.01, 100\]"),
+        ({"accountant": "gdp"}, "accountant"),
         ({"mode": "lora-xl"}, "mode"),
         ({"delta": 1.5}, "delta"),
         ({"partition": "shards"}, "partition"),
@@ -44,3 +47,21 @@ def test_bad_configuration_is_refused_with_the_key_named(values, key):
 def test_infinite_epsilon_means_no_dp():
     cfg = RunConfig.create(target_epsilon=math.inf)
     assert not cfg.private
+
+
+def test_prv_is_the_default_accountant_everywhere():
+    import tomllib
+    from pathlib import Path
+
+    from common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+
+    toml = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert RunConfig.create().accountant == DEFAULT_ACCOUNTANT == "prv"
+    assert toml["tool"]["flwr"]["app"]["config"]["accountant"] == DEFAULT_ACCOUNTANT
+    for name in ACCOUNTANTS:
+        assert RunConfig.create(accountant=name).accountant == name
+
+
+def test_an_explicit_noise_multiplier_needs_no_calibration_range():
+    cfg = RunConfig.create(target_epsilon=1e308, noise_multiplier=1.0)  # the target is never calibrated to
+    assert cfg.private and cfg.noise_multiplier == 1.0

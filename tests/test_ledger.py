@@ -185,8 +185,8 @@ def test_projected_composes_the_new_round_onto_the_ledger(tmp_path: Path) -> Non
     ledger.append(make_entry("run-a", 1, mech=MECH))
     ledger.append(make_entry("run-b", 1, mech=MECH))
     run_eps, data_eps = ledger.projected("run-b", "ds-1", MECH, DELTA, "rdp")
-    assert run_eps == pytest.approx(epsilon_of([MECH, MECH], DELTA), abs=1e-12)
-    assert data_eps == pytest.approx(epsilon_of(compose([MECH, MECH], MECH), DELTA), abs=1e-12)
+    assert run_eps == pytest.approx(epsilon_of([MECH, MECH], DELTA, "rdp"), abs=1e-12)
+    assert data_eps == pytest.approx(epsilon_of(compose([MECH, MECH], MECH), DELTA, "rdp"), abs=1e-12)
     assert data_eps > run_eps
 
 

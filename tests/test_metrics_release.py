@@ -8,7 +8,6 @@ import pytest
 from client.metrics_release import (
     LOSS_BOUND,
     EvalSums,
-    calibrate_with_reserve,
     exact_sums,
     noised_sums,
     planned_releases,
@@ -61,19 +60,6 @@ def test_a_release_costs_three_gaussian_mechanisms_on_all_validation_records():
         RunConfig.create(preset="digits", metrics_noise_multiplier=0.0)
     with pytest.raises(ConfigError, match="weighting"):
         RunConfig.create(preset="digits", weighting="by-size")
-
-
-def test_training_noise_is_calibrated_to_leave_room_for_the_releases():
-    target, delta, q, steps = 4.0, 1e-5, 0.1, 60
-    reserved = [release_mechanism(20.0)] * 3
-    plain = calibrate_noise(target, delta, q, steps)
-    sigma = calibrate_with_reserve(target, delta, q, steps, reserved)
-    assert sigma > plain
-    assert epsilon_of([(sigma, q, steps), *reserved], delta) <= target
-    assert epsilon_of([(sigma * 0.99, q, steps), *reserved], delta) > target * 0.99
-    assert calibrate_with_reserve(target, delta, q, steps, []) == plain
-    with pytest.raises(AccountingError, match="metric releases alone"):
-        calibrate_with_reserve(0.5, delta, q, steps, [release_mechanism(1.0)] * 5)
 
 
 def test_server_pools_noised_sums_into_ratios_clamped_to_their_range():

@@ -63,7 +63,8 @@ def test_spend_survives_a_crash_between_training_and_reply_and_the_restart_conti
     assert reply["status"]["status"] == "trained"
     records = _ledger(tmp_path).entries()
     assert [r.entry.round for r in records] == [1, 2]
-    expected = epsilon_of([r.entry.mechanism for r in records], records[-1].entry.delta, "rdp")
+    expected = epsilon_of([r.entry.mechanism for r in records], records[-1].entry.delta,
+                          records[-1].entry.accountant)
     assert reply["metrics"]["epsilon"] == pytest.approx(expected, abs=1e-6)
     assert reply["metrics"]["epsilon"] > first.entry.epsilon_run
 

@@ -147,7 +147,7 @@ def test_new_records_train_on_their_own_budget_and_exhausted_ones_are_left_out(t
     # Every record, old or new, stays within the site budget.
     key = load_site_key(default_key_path(tmp_path / "site-h.ledger.sqlite"))
     spends = PrivacyGuard(tmp_path / "site-h.ledger.sqlite", "h", MAX_EPS, key_check=key_check(key)).spends()
-    eps = record_epsilons(sorted(old | new), cohorts, spends, 1e-5, "rdp")
+    eps = record_epsilons(sorted(old | new), cohorts, spends, 1e-5, first.entry.accountant)
     assert eps.worst <= MAX_EPS + 1e-9
     assert reply["metrics"]["epsilon-dataset"] == pytest.approx(max(
         e for rid, e in zip(sorted(old | new), eps.spent) if rid in new))
@@ -157,7 +157,7 @@ def test_exclusion_reaches_a_fixed_point(tmp_path):
     """Leaving records out raises the sample rate; the plan iterates until every kept record fits."""
     ids = [bytes([i]) * 16 for i in range(200)]
     guard = PrivacyGuard(tmp_path / "l.ledger.sqlite", "s", max_epsilon=4.0)
-    cfg = _cfg(tmp_path, noise_multiplier=1.2, batch_size=16, local_epochs=2, target_epsilon=50.0)
+    cfg = _cfg(tmp_path, noise_multiplier=1.2, batch_size=16, local_epochs=2, target_epsilon=50.0, accountant="rdp")
     first = guard.plan(cfg, "r1", ids[:100])
     assert first.allowed and first.train == tuple(range(100))
     guard.record(first, cfg, "r1", 1, ids[:100], "fp", "pf", _now())

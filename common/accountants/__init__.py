@@ -1,0 +1,39 @@
+"""Privacy accountants by name (in the style of Opacus' ``accountants/``): one small module each over its library.
+
+- ``prv`` (default): Opacus' PRV accountant, near-tight; what clients calibrate with and report.
+- ``rdp``: Opacus' RDP accountant, a looser but always computable upper bound.
+- ``pld``: Google dp-accounting's PLD accountant, tight and independent of Opacus.
+
+The audit checks every recorded epsilon with an accountant of *another* library (:func:`independent_of`), so a
+bug in the library the clients used cannot hide itself.
+"""
+
+from __future__ import annotations
+
+from common.accountants.base import Accountant, AccountingError, Mechanism
+from common.accountants.pld import PLDAccountant
+from common.accountants.prv import PRV_MAX_GRID, PRVAccountant
+from common.accountants.rdp import RDPAccountant
+
+DEFAULT_ACCOUNTANT = "prv"
+REGISTRY: dict[str, Accountant] = {a.name: a for a in (PRVAccountant(), RDPAccountant(), PLDAccountant())}
+ACCOUNTANTS: tuple[str, ...] = tuple(REGISTRY)  # ("prv", "rdp", "pld")
+
+
+def get_accountant(name: str) -> Accountant:
+    """The accountant registered as ``name``; a clear error naming the choices otherwise."""
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise AccountingError(f"unknown accountant {name!r}: use one of {', '.join(ACCOUNTANTS)}") from None
+
+
+def independent_of(name: str) -> str:
+    """The accountant the audit recomputes with: dp-accounting's PLD for Opacus' accountants, Opacus' PRV for PLD."""
+    return "prv" if get_accountant(name).library == "dp-accounting" else "pld"
+
+
+__all__ = [
+    "ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "PRV_MAX_GRID", "REGISTRY", "Accountant", "AccountingError", "Mechanism",
+    "get_accountant", "independent_of",
+]
