@@ -279,6 +279,10 @@ def train(msg: Message, context: Context) -> Message:
         log.warning("[%s] not training round %d: %s", site.site_id, run.server_round, plan.reason)
         return _reply_without_update(msg, context, STATUS_BUDGET, plan.reason, site_id=site.site_id)
     cohort = run.train.subset(np.asarray(plan.train, dtype=np.int64))
+    if cfg.private and len(cohort) < cfg.batch_size:
+        log.warning("[%s] round %d: only %d training records for batch-size %d: every step samples the whole "
+                    "set (sample rate 1), so DP noise dominates; a site needs many batches of records",
+                    site.site_id, run.server_round, len(cohort), cfg.batch_size)
     # Everything that can fail without touching a gradient comes before the spend is written (inputs and the
     # feature cache, the round's randomness, the HE key for the reply): a round that fails here costs nothing.
     try:
