@@ -134,13 +134,13 @@ class PrivatuneFedAvg(FedAvg):
         exhausted: list[str] = []
         for msg in replies:
             cid, status, reason = self._identify(msg)
+            if status is None:  # an error reply (e.g. Flower's "Node Unavailable", made by the SuperLink): no update
+                self._drop(server_round, cid, reason, msg)
+                continue
             node = int(msg.metadata.src_node_id)
             why = self._guard.check_identity(node, cid, msg.metadata.reply_to_message_id)
             if why is not None:
                 self._drop(server_round, cid, why, msg)
-                continue
-            if status is None:
-                self._drop(server_round, cid, reason, msg)
                 continue
             if status == STATUS_BUDGET:
                 exhausted.append(cid)
