@@ -336,9 +336,11 @@ def test_a_ledger_from_before_cohorts_still_audits_and_keeps_working(tmp_path: P
     """A version 1 ledger (no cohorts), migrated: its spends count against every record, and it keeps working."""
     from client.privacy_guard import PrivacyGuard
     from common.ledger import migrate_ledger
-    from tests.test_ledger_robust import _v1_site_ledger
+    from simulations.ledger_campaign import spend
+    from tests.ledger_helpers import write_v1_site_ledger
 
-    path = _v1_site_ledger(tmp_path / site_ledger_filename("s1"), rows=2)  # two spends of (1.1, 0.05, 20)
+    path = write_v1_site_ledger(tmp_path / site_ledger_filename("s1"),  # two spends of (1.1, 0.05, 20)
+                                [spend("run-a", 1, 0.5), spend("run-a", 2, 1.0)])
     migrate_ledger(path)
     for backup in tmp_path.glob("*.bak"):
         backup.unlink()

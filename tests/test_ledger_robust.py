@@ -367,20 +367,10 @@ def test_ledger_and_journal_files_are_owner_only(tmp_path: Path) -> None:
 
 
 def _v1_site_ledger(path: Path, rows: int) -> Path:
-    """A site ledger as privatune wrote them before version 2 (unchained meta, same row hashes)."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    site = ledger_mod.SITE_SCHEMA
-    for stmt in ledger_mod.schema_ddl(site, "1"):
-        conn.execute(stmt)
-    conn.execute("INSERT INTO chain_heads VALUES ('spend', 0, ?)", (ledger_mod.GENESIS_HASH,))
-    for key, value in (("schema", site), ("version", "1"), ("created_at", "2026-01-01T00:00:00+00:00")):
-        conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
-    from dataclasses import asdict
+    """A version 1 site ledger of ``rows`` campaign spends (tests/ledger_helpers.py)."""
+    from tests.ledger_helpers import write_v1_site_ledger
 
-    for i in range(1, rows + 1):
-        ledger_mod._insert_row(conn, path, site, "spend", asdict(spend("run-a", i, 0.5 * i)), version="1")
-    conn.close()
-    return path
+    return write_v1_site_ledger(path, (spend("run-a", i, 0.5 * i) for i in range(1, rows + 1)))
 
 
 def test_a_version_1_ledger_is_verified_and_audited_but_not_written(tmp_path: Path) -> None:

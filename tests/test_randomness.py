@@ -289,34 +289,15 @@ def _entry(rnd: int, noise_source: str | None = None):
                       recorded_at=now, **extra)
 
 
-def _old_site_ledger(path: Path, entries) -> None:
-    """A site ledger as privatune wrote it before noise_source existed (a version 1 file: no such column, hashes
-    without it)."""
-    import sqlite3
-    from dataclasses import asdict
-
-    import common.ledger as ledger_mod
-
-    conn = sqlite3.connect(path, isolation_level=None)
-    site = ledger_mod.SITE_SCHEMA
-    for stmt in ledger_mod.schema_ddl(site, "1"):
-        conn.execute(stmt)
-    conn.execute("INSERT INTO chain_heads VALUES ('spend', 0, ?)", (ledger_mod.GENESIS_HASH,))
-    for key, value in (("schema", site), ("version", "1"), ("created_at", "2026-01-01T00:00:00+00:00")):
-        conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
-    for e in entries:
-        ledger_mod._insert_row(conn, path, site, "spend", asdict(e), version="1")
-    conn.close()
-
-
 def test_old_ledger_without_noise_source_reads_as_seeded_and_continues(tmp_path):
     import sqlite3
 
     from common.audit import SEEDED_FLAG, audit_paths
     from common.ledger import SiteLedger, migrate_ledger, verify_chain
+    from tests.ledger_helpers import write_v1_site_ledger
 
     path = tmp_path / "site-s1.ledger.sqlite"
-    _old_site_ledger(path, [_entry(1), _entry(2)])
+    write_v1_site_ledger(path, [_entry(1), _entry(2)])  # before noise_source existed
     conn = sqlite3.connect(path)
     assert "noise_source" not in {r[1] for r in conn.execute("PRAGMA table_info(spend)")}
     conn.close()
