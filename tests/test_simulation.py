@@ -92,7 +92,10 @@ def test_he_run_matches_the_plaintext_run(digits_run, digits_he_run):
     plain = json.loads((digits_run[0] / "summary.json").read_text())
     enc = json.loads((digits_he_run / "summary.json").read_text())
     assert enc["secure_aggregation"] == "he" and enc["rounds_completed"] == 2
-    assert abs(enc["test_accuracy"] - plain["test_accuracy"]) <= 0.005
+    # Same seeded noise, but each simulated run makes its own site keys, so the keyed validation split (and hence
+    # the training records) differs between the two runs: the accuracies agree closely, not to the record. That
+    # HE aggregation itself equals FedAvg is checked exactly in tests/test_he_aggregation.py.
+    assert abs(enc["test_accuracy"] - plain["test_accuracy"]) <= 0.02
     # The server never evaluated centrally (it cannot decrypt): no per-round central metrics.
     rounds = [json.loads(line) for line in (digits_he_run / "metrics.jsonl").read_text().splitlines()]
     assert all(not r["central"] for r in rounds)
