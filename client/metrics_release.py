@@ -16,9 +16,9 @@ released key                  exact quantity                                   s
 Each sum gets noise of standard deviation ``metrics-noise-multiplier * sensitivity``: three Gaussian
 mechanisms of that noise multiplier on the validation records, i.e. the mechanism
 ``(noise_multiplier, q=1, steps=3)`` in the accountant's terms. The spend goes to the site ledger with
-purpose ``metrics`` before the reply leaves (write-ahead, like training). The validation records belong to
-the same dataset fingerprint as the training records, so the spend composes with every training spend:
-an over-count (the records are disjoint), never an under-count.
+purpose ``metrics`` before the reply leaves (write-ahead, like training). Its cohort is exactly the
+validation records (per-record budgets, ``client.privacy_guard``), so it composes with the other spends on
+those records only; the training records, disjoint from them, are not charged.
 
 Accuracy and loss are ratios of the noised sums, formed by whoever pools them (the server): post-processing,
 free of further cost. Macro-F1 would need per-class counts and is not released.
