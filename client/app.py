@@ -5,7 +5,7 @@ how it was started (simulation, ``flwr run``, a SuperNode at a partner site). Re
 
 - ``arrays``: the trainable weights (plaintext) or the encrypted, pre-weighted update (HE);
 - ``metrics`` (train): the mechanism and its epsilon, plus ``num-examples`` only where plaintext FedAvg
-  weights by it (``common.protocol.allowed_train_metric_keys``); no loss, no timing;
+  weights by it (``privatune.common.protocol.allowed_train_metric_keys``); no loss, no timing;
 - ``metrics`` (evaluate): nothing by default; with ``release-metrics`` Gaussian-noised validation sums
   whose cost is in the site ledger first (``client/metrics_release.py``);
 - ``status``: ``trained`` | ``evaluated`` | ``no-validation-data`` | ``budget-exhausted`` | ``data-error``
@@ -30,22 +30,22 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.metrics_release import exact_sums, noised_sums, per_record_outcomes, record_metrics_spend
-from client.privacy_guard import PrivacyGuard, check_site_delta
-from client.randomness import Randomness, SeededRandomness, SiteRandomness, reproducible_seed
-from client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
-from client.site_config import SiteConfig
-from client.site_data import SiteDataError, load_site_data
-from client.site_secret import key_for_ledger
-from client.training import train_local
-from common.config import RunConfig
-from common.datasets import LabelledData
-from common.evaluation import macro_f1
-from common.he import HEError
-from common.ledger import LedgerError
-from common.features import cached_features, encode
-from common.federation_data import client_records
-from common.models import (
+from privatune.client.metrics_release import exact_sums, noised_sums, per_record_outcomes, record_metrics_spend
+from privatune.client.privacy_guard import PrivacyGuard, check_site_delta
+from privatune.client.randomness import Randomness, SeededRandomness, SiteRandomness, reproducible_seed
+from privatune.client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
+from privatune.client.site_config import SiteConfig
+from privatune.client.site_data import SiteDataError, load_site_data
+from privatune.client.site_secret import key_for_ledger
+from privatune.client.training import train_local
+from privatune.common.config import RunConfig
+from privatune.common.datasets import LabelledData
+from privatune.common.evaluation import macro_f1
+from privatune.common.he import HEError
+from privatune.common.ledger import LedgerError
+from privatune.common.features import cached_features, encode
+from privatune.common.federation_data import client_records
+from privatune.common.models import (
     Classifier,
     backbone_is_frozen,
     configure_trainable,
@@ -54,7 +54,7 @@ from common.models import (
     trainable_fingerprint,
     trainable_state,
 )
-from common.protocol import (
+from privatune.common.protocol import (
     KEY_NOISE_SOURCE,
     KEY_METRICS_EPSILON,
     KEY_METRICS_NOISE,
@@ -162,8 +162,8 @@ def decode_global_state(msg: Message, cfg: RunConfig, site: SiteConfig) -> dict[
     arrays: ArrayRecord = msg.content["arrays"]
     if cfg.secure_aggregation != "he":
         return {k: v.numpy() for k, v in arrays.items()}
-    from common import he
-    from common.he_records import arrayrecord_to_state
+    from privatune.common import he
+    from privatune.common.he_records import arrayrecord_to_state
 
     ctx = he.load_context(site_secret_path(site), require_secret=True)
     return he.decrypt_state(ctx, arrayrecord_to_state(arrays))
@@ -340,7 +340,7 @@ def load_encryption_context(cfg: RunConfig, site: SiteConfig):
     """The site's CKKS context for encrypting its update (None without HE)."""
     if cfg.secure_aggregation != "he":
         return None
-    from common import he
+    from privatune.common import he
 
     return he.load_context(site_secret_path(site), require_secret=True)
 
@@ -353,8 +353,8 @@ def encode_update(
     site's context when the caller already loaded it, as :func:`train` does before it writes the spend."""
     if cfg.secure_aggregation != "he":
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
-    from common import he
-    from common.he_records import update_to_arrayrecord
+    from privatune.common import he
+    from privatune.common.he_records import update_to_arrayrecord
 
     if he_ctx is None:
         he_ctx = load_encryption_context(cfg, site)

@@ -17,13 +17,13 @@ Each sum gets noise of standard deviation ``metrics-noise-multiplier * sensitivi
 mechanisms of that noise multiplier on the validation records, i.e. the mechanism
 ``(noise_multiplier, q=1, steps=3)`` in the accountant's terms. The spend goes to the site ledger with
 purpose ``metrics`` before the reply leaves (write-ahead, like training). Its cohort is exactly the
-validation records (per-record budgets, ``client.privacy_guard``), so it composes with the other spends on
+validation records (per-record budgets, ``privatune.client.privacy_guard``), so it composes with the other spends on
 those records only; the training records, disjoint from them, are not charged.
 
 Accuracy and loss are ratios of the noised sums, formed by whoever pools them (the server): post-processing,
 free of further cost. Macro-F1 would need per-class counts and is not released.
 
-The noise comes from the site's own CSPRNG (``client.randomness.SiteRandomness``), never from a seed in
+The noise comes from the site's own CSPRNG (``privatune.client.randomness.SiteRandomness``), never from a seed in
 the message. Everything here but ``record_metrics_spend`` (the ledger) and ``per_record_outcomes`` (torch) is pure.
 """
 
@@ -37,15 +37,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.accounting import AccountingError, Mechanism, calibrate_noise, epsilon_of
-from common.protocol import KEY_EVAL_CORRECT, KEY_EVAL_COUNT, KEY_EVAL_LOSS_SUM
+from privatune.common.accounting import AccountingError, Mechanism, calibrate_noise, epsilon_of
+from privatune.common.protocol import KEY_EVAL_CORRECT, KEY_EVAL_COUNT, KEY_EVAL_LOSS_SUM
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from client.privacy_guard import PrivacyGuard
-    from client.randomness import Randomness
-    from common.config import RunConfig
+    from privatune.client.privacy_guard import PrivacyGuard
+    from privatune.client.randomness import Randomness
+    from privatune.common.config import RunConfig
 
 LOSS_BOUND = 5.0  # per-record cross-entropy is clipped to [0, 5] (a uniform guess over 10 classes scores 2.3)
 RELEASED_SUMS = (KEY_EVAL_CORRECT, KEY_EVAL_LOSS_SUM, KEY_EVAL_COUNT)
@@ -135,8 +135,8 @@ def record_metrics_spend(
 
     The release touches only the validation records, so per-record accounting charges it to them alone; the
     training records' budgets are unaffected (the model is DP post-processing of their spends)."""
-    from common.ledger import PURPOSE_METRICS
-    from common.protocol import NOISE_SOURCE_SITE
+    from privatune.common.ledger import PURPOSE_METRICS
+    from privatune.common.protocol import NOISE_SOURCE_SITE
 
     started = datetime.now(timezone.utc)
     delta = guard.run_delta(cfg)

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common.accounting import Mechanism, calibrate_noise, sample_rate, steps_per_epoch
-from common.config import RunConfig
-from common.protocol import NOISE_SOURCE_SEEDED
-from common.ledger import PURPOSE_TRAIN, SiteLedger, SpendEntry
-from common.record_budget import RecordEpsilons, Spend, record_epsilons
+from privatune.common.accounting import Mechanism, calibrate_noise, sample_rate, steps_per_epoch
+from privatune.common.config import RunConfig
+from privatune.common.protocol import NOISE_SOURCE_SEEDED
+from privatune.common.ledger import PURPOSE_TRAIN, SiteLedger, SpendEntry
+from privatune.common.record_budget import RecordEpsilons, Spend, record_epsilons
 
 log = logging.getLogger("privatune.client")
 
@@ -205,7 +205,7 @@ class PrivacyGuard:
     ) -> int:
         """Append a spend on exactly ``record_ids`` durably (its cohort first); returns the spend's sequence
         number. Any release that costs privacy at this site goes through here (``purpose`` says which kind,
-        ``noise_source`` where its noise comes from: ``client.randomness``)."""
+        ``noise_source`` where its noise comes from: ``privatune.client.randomness``)."""
         cohort = self.ledger.add_cohort(record_ids, self.key_check)
         noise, q, steps = mechanism
         entry = SpendEntry(

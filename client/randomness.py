@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCE_SITE, NOISE_SOURCES  # noqa: F401  (re-exported)
+from privatune.common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCE_SITE, NOISE_SOURCES  # noqa: F401  (re-exported)
 
 _TWO53 = float(2**53)
 

@@ -15,8 +15,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from common.datasets import LabelledData
-from common.record_budget import ID_BYTES
+from privatune.common.datasets import LabelledData
+from privatune.common.record_budget import ID_BYTES
 
 
 def _canonical_inputs(data: LabelledData):

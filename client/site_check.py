@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from client.site_config import SiteConfig, SiteConfigError
-from client.site_data import SiteDataError, describe_site_data, load_site_data
-from common.config import ConfigError, RunConfig
-from common.ledger import LedgerError
+from privatune.client.site_config import SiteConfig, SiteConfigError
+from privatune.client.site_data import SiteDataError, describe_site_data, load_site_data
+from privatune.common.config import ConfigError, RunConfig
+from privatune.common.ledger import LedgerError
 
 
 @dataclass
@@ -59,7 +59,7 @@ def check_site(
         return rep
     rep.add("node config", True, f"site-id {site.site_id}, device {site.device}")
 
-    from common.models import get_model_spec
+    from privatune.common.models import get_model_spec
 
     assert site.data is not None
     try:
@@ -74,9 +74,9 @@ def check_site(
     for w in summary.get("warnings", []):
         rep.add("data warning", True, w)
 
-    from client.privacy_guard import PrivacyGuard
-    from client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
-    from client.site_secret import SiteSecretError, key_for_ledger
+    from privatune.client.privacy_guard import PrivacyGuard
+    from privatune.client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
+    from privatune.client.site_secret import SiteSecretError, key_for_ledger
 
     try:
         key = key_for_ledger(site.key_path, site.ledger_path)
@@ -124,7 +124,7 @@ def check_site(
         rep.add("ledger", False, f"{site.ledger_path}: {err}")
 
     if site.he_secret_context is not None:
-        from common import he
+        from privatune.common import he
 
         try:
             ctx = he.load_context(site.he_secret_context, require_secret=True)

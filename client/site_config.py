@@ -14,10 +14,10 @@ from typing import Any, Mapping
 
 import torch
 
-from client.privacy_guard import DEFAULT_SITE_DELTA, ON_EXHAUSTED
-from client.site_data import SiteDataSpec
-from client.site_secret import default_key_path
-from common.config import RunConfig
+from privatune.client.privacy_guard import DEFAULT_SITE_DELTA, ON_EXHAUSTED
+from privatune.client.site_data import SiteDataSpec
+from privatune.client.site_secret import default_key_path
+from privatune.common.config import RunConfig
 
 SITE_KEYS = (
     "site-id",

@@ -25,7 +25,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from common.datasets import (
+from privatune.common.datasets import (
     DIGIT_SIDE,
     DIGITS_MAX_VALUE,
     IMAGE_SIDE,

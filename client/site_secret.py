@@ -29,7 +29,7 @@ def default_key_path(ledger_path: Path) -> Path:
 def key_for_ledger(key_path: Path, ledger_path: Path) -> bytes:
     """The site key for a ledger; a missing one is created unless the ledger already holds keyed spends (their
     record ids could never be matched again) or cannot be read (never guess)."""
-    from common.ledger import read_rows
+    from privatune.common.ledger import read_rows
 
     key_path, ledger_path = Path(key_path), Path(ledger_path)
     may_create = True

@@ -1,6 +1,6 @@
 """Local training and evaluation, with or without DP-SGD (Opacus).
 
-Framework-free: tensors in, tensors out. The Flower glue in :mod:`client.app` decides what the
+Framework-free: tensors in, tensors out. The Flower glue in :mod:`privatune.client.app` decides what the
 module is (the head alone on cached features, or the whole classifier) and what the privacy
 parameters are; this module only runs the loop so it can be tested and benchmarked directly.
 """
@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.randomness import PoissonBatchSampler, Randomness, install_noise
-from common.accounting import sample_rate as dp_sample_rate
-from common.accounting import steps_per_epoch
-from common.evaluation import EvalResult, evaluate  # noqa: F401  (re-exported for the client glue)
+from privatune.client.randomness import PoissonBatchSampler, Randomness, install_noise
+from privatune.common.accounting import sample_rate as dp_sample_rate
+from privatune.common.accounting import steps_per_epoch
+from privatune.common.evaluation import EvalResult, evaluate  # noqa: F401  (re-exported for the client glue)
 
 # Opacus warns that its own secure RNG is off: its noise is not used (client.randomness.install_noise
 # draws it from the site's source). The hook warning is Opacus' per-sample-gradient hooks on a module
@@ -89,8 +89,8 @@ def train_local(
     """Train ``module`` in place for ``epochs`` passes.
 
     With ``dp`` the loop is Opacus DP-SGD with Poisson sampling: ``sample_rate = 1/ceil(n/B)`` and
-    exactly ``ceil(n/B)`` steps per epoch (:class:`client.randomness.PoissonBatchSampler`), what
-    :func:`common.accounting.steps_per_epoch` predicts and the ledger records before training starts.
+    exactly ``ceil(n/B)`` steps per epoch (:class:`privatune.client.randomness.PoissonBatchSampler`), what
+    :func:`privatune.common.accounting.steps_per_epoch` predicts and the ledger records before training starts.
     Sampling, noise and (without DP) shuffling all draw from ``randomness``, the site's own source.
     """
     n = int(labels.shape[0])

@@ -1,4 +1,4 @@
-"""Privacy accounting for DP-SGD: validated, accountant-independent front of :mod:`common.accountants`.
+"""Privacy accounting for DP-SGD: validated, accountant-independent front of :mod:`privatune.common.accountants`.
 
 Both sides use these functions: the client to calibrate its noise and decide whether it may train (and what to
 record in its ledger), the auditor to recompute every recorded epsilon. The maths lives in the accountants
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from common.accountants import (
+from privatune.common.accountants import (
     ACCOUNTANTS,
     DEFAULT_ACCOUNTANT,
     PRV_MAX_GRID,

@@ -3,7 +3,7 @@
 For every ledger file given (or found under a folder: ``*.ledger.sqlite``, i.e. ``site-<id>.ledger.sqlite`` and
 ``server.ledger.sqlite``) the audit
 
-1. verifies the file (``common.ledger_verify``): a file that is not a ledger or whose pages or structure are
+1. verifies the file (``privatune.common.ledger_verify``): a file that is not a ledger or whose pages or structure are
    damaged is ``unreadable``; a malformed row (wrong type, invalid text, NULL) is ``chain-malformed``; an edited,
    deleted, inserted or moved row of any chained table is a violation naming the table and row. A bad ledger
    never stops the audit: the other files are audited, and only well-formed rows are accounted;
@@ -38,7 +38,7 @@ from typing import Any
 
 from rich.table import Table
 
-from common.accounting import (
+from privatune.common.accounting import (
     ACCOUNTANTS,
     INDEPENDENT_REL_TOLERANCE,
     AccountingError,
@@ -48,10 +48,10 @@ from common.accounting import (
     independent_of,
     normalise,
 )
-from common.jsonsafe import jsonable
-from common.record_budget import CohortError, Spend, cohort_id_of, record_epsilons, unpack_ids
-from common.protocol import NOISE_SOURCE_SEEDED
-from common.ledger import (
+from privatune.common.jsonsafe import jsonable
+from privatune.common.record_budget import CohortError, Spend, cohort_id_of, record_epsilons, unpack_ids
+from privatune.common.protocol import NOISE_SOURCE_SEEDED
+from privatune.common.ledger import (
     LEDGER_GLOB,
     LEDGER_SUFFIX,
     SITE_SCHEMA,
@@ -60,7 +60,7 @@ from common.ledger import (
     PURPOSE_TRAIN,
     STATUS_TRAINED,
 )
-from common.ledger_verify import inspect_ledger
+from privatune.common.ledger_verify import inspect_ledger
 
 SITE = "site"
 SERVER = "server"

@@ -21,7 +21,7 @@ p-value exceeds the level (rather than the last) keeps the bound valid even wher
 p-value non-monotone in eps. A lower bound above the epsilon the accountant claims proves a bug.
 
 Everything here is pure numpy/scipy: no model, no training. The run itself lives in
-:mod:`simulations.canary_audit`.
+:mod:`privatune.simulations.canary_audit`.
 """
 
 from __future__ import annotations

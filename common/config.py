@@ -15,8 +15,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
-from common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
-from common.accounting import TARGET_EPSILON_MAX, TARGET_EPSILON_MIN
+from privatune.common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+from privatune.common.accounting import TARGET_EPSILON_MAX, TARGET_EPSILON_MIN
 
 # Label sets of the preset datasets, so a site (which has no copy of them) knows the index order.
 DATASET_LABELS: dict[str, tuple[str, ...]] = {

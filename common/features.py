@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.datasets import LabelledData
-from common.models import Classifier, compute_features, get_model_spec
+from privatune.common.datasets import LabelledData
+from privatune.common.models import Classifier, compute_features, get_model_spec
 
 _MEMORY: dict[str, torch.Tensor] = {}
 

@@ -10,9 +10,9 @@ import functools
 
 import numpy as np
 
-from common.config import RunConfig
-from common.datasets import LabelledData, holdout_split, load_dataset, train_val_split
-from common.partition import partition_indices
+from privatune.common.config import RunConfig
+from privatune.common.datasets import LabelledData, holdout_split, load_dataset, train_val_split
+from privatune.common.partition import partition_indices
 
 
 def central_split(cfg: RunConfig) -> tuple[LabelledData, LabelledData]:

@@ -1,4 +1,4 @@
-"""Flower record conversion for HE payloads (``common.he``): ciphertext bytes <-> one ArrayRecord.
+"""Flower record conversion for HE payloads (``privatune.common.he``): ciphertext bytes <-> one ArrayRecord.
 
 Everything travels in ONE ArrayRecord, because Flower's strategy loop passes exactly one ArrayRecord
 between rounds and its reply check wants one ArrayRecord (+ one MetricRecord, + an optional ConfigRecord):
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from common.he import (
+from privatune.common.he import (
     FORMAT_VERSION,
     EncryptedState,
     EncryptedUpdate,

@@ -10,7 +10,7 @@ aggregation mode.
 Tamper evidence: every declared table (``_SCHEMAS``: the meta table with the schema, version and creation time,
 and the spend / runs / reports tables) is a hash chain: each row stores ``prev_hash`` and ``hash = sha256(canonical
 JSON of chain name, seq, the row's fields and prev_hash)``; a per-chain head record (row count and last hash),
-updated in the same transaction as the row, exposes truncation of the tail. ``verify_chain`` (``common.ledger_verify``)
+updated in the same transaction as the row, exposes truncation of the tail. ``verify_chain`` (``privatune.common.ledger_verify``)
 checks the file's structure against the declared schema, SQLite's own integrity check, every row's types, every
 chain link and head, and names the row that was edited, deleted, inserted, moved or is malformed; it reports and
 never raises on a damaged file. There is no secret key: someone who rewrites a whole suffix of the chain and its
@@ -42,9 +42,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, Mechanism, compose, epsilon_of
-from common.record_budget import cohort_id_of, pack_ids, unpack_ids
-from common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCES
+from privatune.common.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, Mechanism, compose, epsilon_of
+from privatune.common.record_budget import cohort_id_of, pack_ids, unpack_ids
+from privatune.common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCES
 
 GENESIS_HASH = "0" * 64
 LEDGER_SUFFIX = ".ledger.sqlite"
@@ -631,8 +631,8 @@ def read_rows(path: Path, table: str) -> list[dict[str, Any]]:
 def verify_chain(path: Path) -> list[ChainProblem]:
     """Every problem in a ledger file (site or server): broken hash chains, and any malformation of the file, its
     structure or its rows, each naming the table and row. An empty list when intact; LedgerError only when the
-    path is not a file. See ``common.ledger_verify``."""
-    from common.ledger_verify import verify_ledger
+    path is not a file. See ``privatune.common.ledger_verify``."""
+    from privatune.common.ledger_verify import verify_ledger
 
     return verify_ledger(Path(path))
 
@@ -686,7 +686,7 @@ def migrate_ledger(path: Path) -> Path:
     exclusive lock, the new file is built under a temporary name and verified, the original is marked as being
     migrated (so a writer that still had it open fails instead of writing to a file about to be replaced), and the
     new file is renamed over it."""
-    from common.ledger_verify import inspect_ledger
+    from privatune.common.ledger_verify import inspect_ledger
 
     path = Path(path)
     found = inspect_ledger(path)

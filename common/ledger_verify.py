@@ -13,7 +13,7 @@ The check runs in passes that each read on their own:
    record (rows beyond its count, a last hash that is not the last row's);
 5. cross-table: the meta table holds each required key exactly once, with a well-formed creation time.
 
-Every declared table in ``common.ledger._SCHEMAS`` (meta included) goes through the same passes: a new chained
+Every declared table in ``privatune.common.ledger._SCHEMAS`` (meta included) goes through the same passes: a new chained
 table needs no code here. A malformed row is reported as such and left out of the chain walk, so one bad row is
 named once, not as a cascade. Loops are bounded by the number of stored rows, whatever a corrupt count or seq says.
 """
@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from common.ledger import (
+from privatune.common.ledger import (
     _SCHEMAS,
     GENESIS_HASH,
     HEADS_TABLE,

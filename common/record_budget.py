@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from common.accounting import Mechanism, epsilon_of
+from privatune.common.accounting import Mechanism, epsilon_of
 
 ID_BYTES = 16
 

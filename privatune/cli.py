@@ -34,10 +34,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # privatune's own error classes, by module: each names the key, file or record and the fix.
 _ERROR_CLASSES = {
-    "common.config": ("ConfigError",), "client.site_config": ("SiteConfigError",),
-    "client.site_data": ("SiteDataError",), "common.he": ("HEError",), "common.audit": ("AuditInputError",),
-    "common.accounting": ("AccountingError",), "common.ledger": ("LedgerError",),
-    "simulations.canary_audit": ("CanaryAuditError",), "simulations.run_folder": ("RunFolderError",),
+    "privatune.common.config": ("ConfigError",), "privatune.client.site_config": ("SiteConfigError",),
+    "privatune.client.site_data": ("SiteDataError",), "privatune.common.he": ("HEError",), "privatune.common.audit": ("AuditInputError",),
+    "privatune.common.accounting": ("AccountingError",), "privatune.common.ledger": ("LedgerError",),
+    "privatune.simulations.canary_audit": ("CanaryAuditError",), "privatune.simulations.run_folder": ("RunFolderError",),
 }
 
 
@@ -95,7 +95,7 @@ def one_line_errors(func: F) -> F:
         except (typer.Exit, typer.Abort, click.ClickException, KeyboardInterrupt, SystemExit):
             raise
         except Exception as err:  # noqa: BLE001 - this is the one place that turns errors into lines
-            from server.reasons import one_line
+            from privatune.server.reasons import one_line
 
             known = _innermost_known(err)
             if known is not None:
@@ -212,7 +212,7 @@ def simulate(
     Exit codes: 0 completed (or stopped early after training), 1 failed (no round aggregated: the
     reasons are printed), 2 bad input, 130/143 interrupted by SIGINT/SIGTERM.
     """
-    from common.config import RunConfig
+    from privatune.common.config import RunConfig
 
     try:
         eps = math.inf if epsilon.strip().lower() in ("inf", "infinity") else float(epsilon)
@@ -241,15 +241,15 @@ def simulate(
         values["mode"] = mode
     values.update(_parse_kv(run_config))
     cfg = RunConfig.from_flower(values)
-    from simulations.run_folder import claim
-    from simulations.simulate import confine_writes, prepare_config
+    from privatune.simulations.run_folder import claim
+    from privatune.simulations.simulate import confine_writes, prepare_config
 
     out = claim(out, overwrite)  # one run per folder; a probe file proves it is writable
     confine_writes(out)
     cfg = prepare_config(cfg, clients, out)  # refuse bad sizes and missing keys before Ray starts
 
-    from simulations.progress import RoundPrinter
-    from simulations.simulate import run_simulation
+    from privatune.simulations.progress import RoundPrinter
+    from privatune.simulations.simulate import run_simulation
 
     printer = RoundPrinter(console, cfg, clients)
     printer.header()
@@ -271,7 +271,7 @@ def keygen(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing keys (old checkpoints become undecryptable)"),
 ) -> None:
     """Make a CKKS context: secret.ctx for the sites only, public.ctx for the server."""
-    from common import he
+    from privatune.common import he
 
     if poly_modulus_degree and poly_modulus_degree not in POLY_MODULUS_DEGREES:
         raise UsageError(
@@ -302,7 +302,7 @@ def decrypt(
     out: Path = typer.Option(...),
 ) -> None:
     """Decrypt an encrypted global checkpoint into plaintext safetensors (key holders only)."""
-    from common import he
+    from privatune.common import he
 
     if secret_context.is_dir():
         raise UsageError(f"--secret-context {secret_context} is a folder; give the secret.ctx file inside it")
@@ -325,7 +325,7 @@ def audit(
     """Verify ledgers, recompute every epsilon, cross-check server against sites; exit 1 on any violation."""
     import json
 
-    from common.audit import audit_paths, render_table, render_violations, report_to_json, write_report
+    from privatune.common.audit import audit_paths, render_table, render_violations, report_to_json, write_report
 
     if json_out:
         _check_output_file(json_out, "--json")
@@ -366,7 +366,7 @@ def canary_audit(
 ) -> None:
     """Empirical privacy audit in one training run: canaries, the client's DP-SGD path, a 95 % epsilon lower
     bound beside the claimed epsilon; exit 1 if the bound exceeds the claim (a bug)."""
-    from simulations.canary_audit import CanaryAuditError, CanarySettings, report, run_canary_audit
+    from privatune.simulations.canary_audit import CanaryAuditError, CanarySettings, report, run_canary_audit
 
     settings = CanarySettings(
         preset=preset, canaries=canaries, dp=not no_dp, epsilon=epsilon, mode=mode, epochs=epochs, lr=lr,
@@ -393,7 +393,7 @@ def whitebox_audit(
 ) -> None:
     """White-box one-run audit through the real DP-SGD step: gradient canaries, per-step models, a 95 % epsilon
     lower bound beside the claim; exit 1 if the bound exceeds the claim (a bug), 2 on bad input."""
-    from simulations.whitebox_audit import WhiteboxAuditError, WhiteboxSettings, report, run_whitebox_audit
+    from privatune.simulations.whitebox_audit import WhiteboxAuditError, WhiteboxSettings, report, run_whitebox_audit
 
     settings = WhiteboxSettings(epsilon=epsilon, canaries=canaries, plant=plant, adversary=adversary,
                                 k_plus=k_plus, k_minus=k_minus, auditor_seed=auditor_seed)
@@ -413,7 +413,7 @@ def site_check(
     he_fingerprint: Optional[str] = typer.Option(None, "--he-fingerprint", help="the key fingerprint the coordinator published"),
 ) -> None:
     """Check a site's data, ledger, budget, keys and device without connecting to anything."""
-    from client.site_check import check_site
+    from privatune.client.site_check import check_site
 
     rep = check_site(_parse_kv(node_config, "--node-config"), _parse_kv(run_config), he_fingerprint)
     table = Table(title="privatune site check")
@@ -434,7 +434,7 @@ def site_migrate_ledger(
     path: Path = typer.Argument(..., help="a version 1 ledger file (stop the site first)"),
 ) -> None:
     """Rewrite a version 1 ledger as the current version; every row and hash is kept, the original is backed up."""
-    from common.ledger import LedgerError, migrate_ledger
+    from privatune.common.ledger import LedgerError, migrate_ledger
 
     try:
         backup = migrate_ledger(path)
@@ -498,7 +498,7 @@ def fleet_proxy(
     out: Path = typer.Option(Path("nginx-fleet.conf"), help="where to write the nginx configuration"),
 ) -> None:
     """Write an nginx configuration that exposes only the SuperLink's Fleet API (docs/deploy-coordinator.md)."""
-    from server.fleet_proxy import FleetProxy, ProxyConfigError, write_nginx_conf
+    from privatune.server.fleet_proxy import FleetProxy, ProxyConfigError, write_nginx_conf
 
     def split(value: str, option: str) -> tuple[str, int]:
         host, _, port = value.rpartition(":")

@@ -16,13 +16,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
-from common.ledger import SERVER_LEDGER_NAME, ServerLedger
-from common.models import configure_trainable, get_model_spec, trainable_state
-from server.reasons import one_line
-from common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCE_SITE
-from server.run_record import RoundReport, RunRecorder
-from server.strategy import FederationStopped, PrivatuneFedAvg
+from privatune.common.config import RunConfig
+from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger
+from privatune.common.models import configure_trainable, get_model_spec, trainable_state
+from privatune.server.reasons import one_line
+from privatune.common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCE_SITE
+from privatune.server.run_record import RoundReport, RunRecorder
+from privatune.server.strategy import FederationStopped, PrivatuneFedAvg
 
 log = logging.getLogger("privatune.server")
 
@@ -114,8 +114,8 @@ def run_federation(
 
     he_ctx = None
     if cfg.secure_aggregation == "he":
-        from common import he
-        from common.he_records import state_to_arrayrecord
+        from privatune.common import he
+        from privatune.common.he_records import state_to_arrayrecord
 
         if not cfg.he_public_context:
             raise ValueError("secure-aggregation=he needs he-public-context (the public.ctx from `privatune keygen`)")
@@ -130,7 +130,7 @@ def run_federation(
     strategy = PrivatuneFedAvg(cfg, run_id, expected, he_context=he_ctx, ledger=ledger)
     evaluator = None
     if cfg.central_eval and he_ctx is None:
-        from server.central_eval import CentralEvaluator
+        from privatune.server.central_eval import CentralEvaluator
 
         evaluator = CentralEvaluator(cfg, out / "cache")
 
@@ -165,7 +165,7 @@ def run_federation(
             recorder.finish_round(strategy.current)
 
     save_global(latest["arrays"], cfg, out, he_ctx is not None)
-    from server.plots import plot_rounds
+    from privatune.server.plots import plot_rounds
 
     title = f"{cfg.preset}: {cfg.mode}, " + (f"target epsilon {cfg.target_epsilon:g}" if cfg.private else "no DP")
     plot_rounds(recorder.rounds, out / "rounds.png", title=title,
@@ -181,8 +181,8 @@ def run_federation(
 
 def save_global(arrays: ArrayRecord, cfg: RunConfig, out: Path, encrypted: bool) -> Path:
     if encrypted:
-        from common import he
-        from common.he_records import arrayrecord_to_state
+        from privatune.common import he
+        from privatune.common.he_records import arrayrecord_to_state
 
         path = out / HE_CHECKPOINT_NAME
         he.save_checkpoint(path, arrayrecord_to_state(arrays))

@@ -8,11 +8,11 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from common.config import RunConfig
-from common.evaluation import EvalResult, evaluate
-from common.features import cached_features, encode
-from common.federation_data import central_split
-from common.models import backbone_is_frozen, configure_trainable, get_model_spec, load_trainable_state
+from privatune.common.config import RunConfig
+from privatune.common.evaluation import EvalResult, evaluate
+from privatune.common.features import cached_features, encode
+from privatune.common.federation_data import central_split
+from privatune.common.models import backbone_is_frozen, configure_trainable, get_model_spec, load_trainable_state
 
 
 class CentralEvaluator:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from server.run_record import RoundReport
+from privatune.server.run_record import RoundReport
 
 
 def plot_rounds(

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from common.jsonsafe import jsonable
-from common.protocol import KEY_NOISE_SOURCE
+from privatune.common.jsonsafe import jsonable
+from privatune.common.protocol import KEY_NOISE_SOURCE
 
 # What summary.json's "status" can say: running (in progress, or the process died), completed (at least
 # one round aggregated), failed (none did: see failure_reasons), interrupted (SIGINT/SIGTERM), stopped

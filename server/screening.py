@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from server.aggregation import UpdateRejected
+from privatune.server.aggregation import UpdateRejected
 
 MAX_NUM_EXAMPLES = 10**9  # more records than any site of this project holds, far below float precision
 MAX_ABS_WEIGHT = 1e6  # runs without DP: no trained weight of these models comes near it

@@ -4,11 +4,11 @@ One class, Flower's hooks; the federation loop stays in ``Strategy.start``. What
 
 - every train message carries the whole run config, so clients need nothing else;
 - replies are screened one by one (errors, refusals, budget exhaustion, duplicates and replays,
-  malformed, mistyped, non-finite or out-of-bound updates: ``server.screening``) and dropped with a
-  one-line reason (``server.reasons``) instead of failing the round;
+  malformed, mistyped, non-finite or out-of-bound updates: ``privatune.server.screening``) and dropped with a
+  one-line reason (``privatune.server.reasons``) instead of failing the round;
 - each client's reported spend goes to the server ledger and the run record, also when its update
   was rejected (the site spent it);
-- plaintext runs aggregate with the run's ``aggregator`` (``server.aggregation``: FedAvg by default,
+- plaintext runs aggregate with the run's ``aggregator`` (``privatune.server.aggregation``: FedAvg by default,
   or Flower's FedMedian, FedTrimmedAvg, Krum);
 - under HE the "arrays" passed between rounds are ciphertexts: the strategy only adds them, and the
   FedAvg weight stays inside them (no plaintext example count reaches the server);
@@ -28,8 +28,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.config import ACCOUNTANTS, RunConfig
-from common.protocol import (
+from privatune.common.config import ACCOUNTANTS, RunConfig
+from privatune.common.protocol import (
     EVAL_RELEASE_KEYS,
     KEY_EVAL_CORRECT,
     KEY_EVAL_COUNT,
@@ -44,10 +44,10 @@ from common.protocol import (
     STATUS_TRAINED,
     allowed_train_metric_keys,
 )
-from server.aggregation import UpdateRejected, aggregate_plain, pool_noised_eval
-from server.reasons import one_line
-from server.run_record import RoundReport
-from server.screening import (
+from privatune.server.aggregation import UpdateRejected, aggregate_plain, pool_noised_eval
+from privatune.server.reasons import one_line
+from privatune.server.run_record import RoundReport
+from privatune.server.screening import (
     ReplyGuard,
     check_mechanism,
     check_num_examples,
@@ -124,7 +124,7 @@ class PrivatuneFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         if self.he_context is not None:
-            from common import he
+            from privatune.common import he
 
             # Check and add each encrypted reply in one pass: every ciphertext is parsed once.
             self._accumulator = he.HEAccumulator(self.he_context, self.expected_length)
@@ -178,7 +178,7 @@ class PrivatuneFedAvg(FedAvg):
             return None, None
         contents = [m.content for _, m in accepted]
         if self.he_context is not None:
-            from common.he_records import state_to_arrayrecord
+            from privatune.common.he_records import state_to_arrayrecord
 
             arrays = state_to_arrayrecord(self._accumulator.result())
         else:
@@ -253,8 +253,8 @@ class PrivatuneFedAvg(FedAvg):
         if accountant not in ACCOUNTANTS:
             raise UpdateRejected(f"accountant {accountant!r} is not one of {ACCOUNTANTS}")
         if self.he_context is not None:
-            from common import he
-            from common.he_records import arrayrecord_to_update
+            from privatune.common import he
+            from privatune.common.he_records import arrayrecord_to_update
 
             try:
                 self._accumulator.add(arrayrecord_to_update(content["arrays"]))

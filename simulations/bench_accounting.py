@@ -1,10 +1,10 @@
 """Accounting benchmark: what calibrating with a tight accountant (PRV) instead of RDP buys, measured side by side.
 
-    python -m simulations.bench_accounting             # TREC-6 and SMS Spam, eps 1 and 8, rdp vs prv (~20 min)
-    python -m simulations.bench_accounting --quick     # smoke run of the same pipeline (not for figures)
+    python -m privatune.simulations.bench_accounting             # TREC-6 and SMS Spam, eps 1 and 8, rdp vs prv (~20 min)
+    python -m privatune.simulations.bench_accounting --quick     # smoke run of the same pipeline (not for figures)
 
 For each preset (head mode, 10 clients, Dirichlet 1.0: the default simulation) and each target epsilon, two
-federations run through the real ServerApp/ClientApp (:func:`simulations.bench_dp.federated_run`): one whose
+federations run through the real ServerApp/ClientApp (:func:`privatune.simulations.bench_dp.federated_run`): one whose
 clients calibrate their noise and report with the RDP accountant (the old default), one with PRV (the new one).
 Each row gives the clients' noise multipliers, the largest epsilon any client reported, that client's epsilon
 recomputed from its ledger with dp-accounting's PLD (independent of Opacus), and test accuracy / macro-F1.
@@ -27,10 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from common.accounting import calibrate_noise, default_delta, epsilon_of, sample_rate, steps_per_epoch
-from common.config import RunConfig
-from common.ledger import LEDGER_GLOB, SITE_SCHEMA, ledger_schema, read_rows
-from simulations.bench_dp import (
+from privatune.common.accounting import calibrate_noise, default_delta, epsilon_of, sample_rate, steps_per_epoch
+from privatune.common.config import RunConfig
+from privatune.common.ledger import LEDGER_GLOB, SITE_SCHEMA, ledger_schema, read_rows
+from privatune.simulations.bench_dp import (
     ACCURACY_PRESETS,
     FED_EPSILONS,
     BenchPlan,
@@ -189,7 +189,7 @@ def run(plan: BenchPlan, out: Path, log: Callable[[str], None] = print) -> dict[
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     result: dict[str, Any] = {
-        "command": "python -m simulations.bench_accounting " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "python -m privatune.simulations.bench_accounting " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "plan": asdict(plan),
         "environment": _environment(),
     }
@@ -225,7 +225,7 @@ def run(plan: BenchPlan, out: Path, log: Callable[[str], None] = print) -> dict[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench_accounting",
+    parser = argparse.ArgumentParser(prog="python -m privatune.simulations.bench_accounting",
                                      description="RDP vs PRV calibration: noise, epsilon (and PLD), accuracy.")
     parser.add_argument("--quick", action="store_true", help="small smoke run of the same pipeline (not for figures)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")

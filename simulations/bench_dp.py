@@ -1,16 +1,16 @@
 """DP fine-tuning benchmark: what DP-SGD costs in time, and what DP plus federation cost in accuracy.
 
-    python -m simulations.bench_dp             # the full benchmark (~30 min on a shared 2-core machine)
-    python -m simulations.bench_dp --quick     # smoke run of the same pipeline (~5 min; not for figures)
-    python -m simulations.bench_dp --out DIR --run-config "lr=1.0 local-epochs=3"
+    python -m privatune.simulations.bench_dp             # the full benchmark (~30 min on a shared 2-core machine)
+    python -m privatune.simulations.bench_dp --quick     # smoke run of the same pipeline (~5 min; not for figures)
+    python -m privatune.simulations.bench_dp --out DIR --run-config "lr=1.0 local-epochs=3"
 
 Everything is measured in the same process, in one run:
 
-1. **Time**: DP vs non-DP local-epoch time through :func:`client.training.train_local`, same data, same
+1. **Time**: DP vs non-DP local-epoch time through :func:`privatune.client.training.train_local`, same data, same
    batch size, same module, repeated with DP and non-DP calls interleaved (so drifting load on a shared
    machine hits both alike); medians. Cases: ``head`` (MiniLM features cached, only the head trains),
    ``full`` (the whole digits CNN) and ``partial`` (MiniLM's last encoder layer + head on a small subset).
-2. **Accuracy**: federated runs through :func:`simulations.simulate.run_simulation` (Flower + Ray, the real
+2. **Accuracy**: federated runs through :func:`privatune.simulations.simulate.run_simulation` (Flower + Ray, the real
    path) at epsilon 1, epsilon 8 and without DP, against a centralised non-DP head trained on the pooled
    client training data (same features, same lr and batch size, rounds x local-epochs epochs) and tested
    on the same central test split. Centralised DP heads at the same epsilons are shown for reference, so a
@@ -45,15 +45,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.randomness import SeededRandomness
-from client.training import train_local
-from common.accounting import calibrate_noise, default_delta, sample_rate, steps_per_epoch
-from common.config import RunConfig
-from common.datasets import LabelledData
-from common.evaluation import evaluate
-from common.features import cached_features, encode
-from common.federation_data import central_split, client_partition
-from common.models import configure_trainable, get_model_spec, new_head
+from privatune.client.randomness import SeededRandomness
+from privatune.client.training import train_local
+from privatune.common.accounting import calibrate_noise, default_delta, sample_rate, steps_per_epoch
+from privatune.common.config import RunConfig
+from privatune.common.datasets import LabelledData
+from privatune.common.evaluation import evaluate
+from privatune.common.features import cached_features, encode
+from privatune.common.federation_data import central_split, client_partition
+from privatune.common.models import configure_trainable, get_model_spec, new_head
 
 ACCURACY_PRESETS = ("sms-spam", "trec6")
 FED_EPSILONS: tuple[float, ...] = (1.0, 8.0)
@@ -418,7 +418,7 @@ def federated_run(
     data: PreparedData, plan: BenchPlan, runs_dir: Path, *, dp: bool, epsilon: float, log: Callable[[str], None]
 ) -> AccuracyRow:
     """One simulation through the real ServerApp/ClientApp; the feature cache is seeded first."""
-    from simulations.simulate import run_simulation
+    from privatune.simulations.simulate import run_simulation
 
     tag = f"eps{epsilon:g}" if dp else "nodp"
     out = runs_dir / f"{data.cfg.preset}-{tag}"
@@ -551,7 +551,7 @@ def run(plan: BenchPlan, out: Path, log: Callable[[str], None] = print) -> dict[
     started = datetime.now(timezone.utc)
     t_start = time.perf_counter()
     result: dict[str, Any] = {
-        "command": "python -m simulations.bench_dp " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "python -m privatune.simulations.bench_dp " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "started_utc": started.isoformat(timespec="seconds"), "plan": asdict(plan),
         "environment": _environment(), "load_average": {"start": list(os.getloadavg())},
     }
@@ -604,7 +604,7 @@ def _json_safe(x: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.bench_dp",
+        prog="python -m privatune.simulations.bench_dp",
         description="DP vs non-DP training time, and federated DP accuracy vs a centralised head.",
     )
     parser.add_argument("--quick", action="store_true", help="small smoke run of the same pipeline (not for figures)")

@@ -1,8 +1,8 @@
 """HE vs plaintext secure aggregation benchmark: round time, bytes on the wire, HE seconds per million parameters.
 
-    python -m simulations.bench_he             # the full benchmark (about 20 minutes on 2 busy cores)
-    python -m simulations.bench_he --quick     # a smoke run of the same pipeline, ~5 minutes (not for figures)
-    python -m simulations.bench_he --repeats 3 --out DIR    # 3 plaintext/HE run pairs per config
+    python -m privatune.simulations.bench_he             # the full benchmark (about 20 minutes on 2 busy cores)
+    python -m privatune.simulations.bench_he --quick     # a smoke run of the same pipeline, ~5 minutes (not for figures)
+    python -m privatune.simulations.bench_he --repeats 3 --out DIR    # 3 plaintext/HE run pairs per config
 
 Two configurations, each measured with and without HE in the same invocation, same seeds:
 
@@ -13,7 +13,7 @@ Two configurations, each measured with and without HE in the same invocation, sa
 
 What is measured, and how:
 
-1. **Round wall time** from real federations through :func:`simulations.simulate.run_simulation` (Flower + Ray,
+1. **Round wall time** from real federations through :func:`privatune.simulations.simulate.run_simulation` (Flower + Ray,
    the real ServerApp/ClientApp): per-round seconds are the differences of the cumulative ``seconds`` in
    ``metrics.jsonl`` (a round = train messages + aggregation + federated evaluation messages). Round 1 also
    holds the warm-up (Ray actors, imports, model loading), so the HE/plaintext ratio is taken over rounds
@@ -21,12 +21,12 @@ What is measured, and how:
    repeats, HE first in odd ones) so that drifting load on the shared machine hits both alike; figures are
    medians over all steady rounds of all repeats. Central evaluation is off during the runs (a plaintext
    server would otherwise evaluate every round and an HE one cannot), and both final models are tested
-   afterwards with the same :class:`server.central_eval.CentralEvaluator` (the HE one after decryption
+   afterwards with the same :class:`privatune.server.central_eval.CentralEvaluator` (the HE one after decryption
    with the clients' key), which gives the test-accuracy difference.
    MiniLM features are computed once, through the clients' own data path, and copied into every run's
    feature cache, so no run pays for them.
 2. **Bytes on the wire** per client and message: the records are built with the functions the apps use
-   (``client.app.encode_update`` for the reply, ``aggregate_arrayrecords`` / ``HEAccumulator`` +
+   (``privatune.client.app.encode_update`` for the reply, ``aggregate_arrayrecords`` / ``HEAccumulator`` +
    ``state_to_arrayrecord`` for the global state) from the trained final weights, and sized as Flower
    serialises them (protobuf ``ArrayRecord``, ``flwr.common.serde``). Each round a client downloads the
    global state twice (train and evaluate messages) and uploads one reply.
@@ -63,7 +63,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from common.config import RunConfig
+from privatune.common.config import RunConfig
 
 DEFAULT_OUT = Path(tempfile.gettempdir()) / "privatune-bench-he"
 ROUND_RATIO_GOAL = 1.25  # the issue: HE round time at most 1.25x plaintext for the default config
@@ -253,10 +253,10 @@ class RunResult:
 def seed_feature_cache(case: Case, cache_dir: Path, log: Log) -> list[int]:
     """Compute every client's features through the client's own data path; returns the clients'
     training-set sizes (their FedAvg weights). Digits in ``full`` mode caches nothing."""
-    from client.app import load_local_data
-    from client.site_config import SiteConfig
-    from common.features import cached_features
-    from common.models import backbone_is_frozen, get_model_spec
+    from privatune.client.app import load_local_data
+    from privatune.client.site_config import SiteConfig
+    from privatune.common.features import cached_features
+    from privatune.common.models import backbone_is_frozen, get_model_spec
 
     cfg = replace(case.config(), out_dir=str(cache_dir.parent))
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed) if backbone_is_frozen(cfg.mode) else None
@@ -286,9 +286,9 @@ def federated_run(
     """One federation through the real apps, then its final model tested centrally."""
     from safetensors.numpy import load_file
 
-    from common import he
-    from server.app import HE_CHECKPOINT_NAME, PLAIN_WEIGHTS_NAME
-    from simulations.simulate import run_simulation
+    from privatune.common import he
+    from privatune.server.app import HE_CHECKPOINT_NAME, PLAIN_WEIGHTS_NAME
+    from privatune.simulations.simulate import run_simulation
 
     out = runs_dir / case.name / f"{arm}-r{repeat}"
     if out.exists():
@@ -368,10 +368,10 @@ def measure_records(case: Case, he_run_dir: Path, base_state: Mapping[str, np.nd
     from flwr.app import MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from client.app import encode_update
-    from client.site_config import SiteConfig
-    from common import he
-    from common.he_records import arrayrecord_to_state, arrayrecord_to_update, state_to_arrayrecord
+    from privatune.client.app import encode_update
+    from privatune.client.site_config import SiteConfig
+    from privatune.common import he
+    from privatune.common.he_records import arrayrecord_to_state, arrayrecord_to_update, state_to_arrayrecord
 
     cfg_he = RunConfig.from_flower(json.loads((he_run_dir / "config.json").read_text()))
     cfg_plain = replace(cfg_he, secure_aggregation="none", he_public_context="")
@@ -434,16 +434,16 @@ def measure_records(case: Case, he_run_dir: Path, base_state: Mapping[str, np.nd
 
 def he_records_update(ctx: Any, state: Mapping[str, np.ndarray], weight: float) -> Any:
     """The client's encryption step alone (``encode_update`` without its per-message key load)."""
-    from common import he
-    from common.he_records import update_to_arrayrecord
+    from privatune.common import he
+    from privatune.common.he_records import update_to_arrayrecord
 
     return update_to_arrayrecord(he.encrypt_update(ctx, state, weight=float(weight)))
 
 
 def parameter_alternatives(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[int]) -> list[dict[str, Any]]:
     """Bytes and aggregation error of the same updates under other CKKS parameters (not what runs)."""
-    from common import he
-    from common.he_records import state_to_arrayrecord, update_to_arrayrecord
+    from privatune.common import he
+    from privatune.common.he_records import state_to_arrayrecord, update_to_arrayrecord
 
     options = {
         "default (N=8192, 60/60/60)": lambda: he.HEParams(),
@@ -488,8 +488,8 @@ def parameter_alternatives(states: Sequence[Mapping[str, np.ndarray]], weights: 
 def run_case(case: Case, plan: BenchPlan, out: Path, log: Log) -> dict[str, Any]:
     from safetensors.numpy import load_file
 
-    from server.app import PLAIN_WEIGHTS_NAME
-    from server.central_eval import CentralEvaluator
+    from privatune.server.app import PLAIN_WEIGHTS_NAME
+    from privatune.server.central_eval import CentralEvaluator
 
     case_dir = out / "runs" / case.name
     cache_dir = case_dir / "_seed" / "cache"
@@ -656,7 +656,7 @@ def render(result: Mapping[str, Any]) -> str:
 
 def run(plan: BenchPlan, out: Path, log: Log = print) -> dict[str, Any]:
     """The whole benchmark; returns (and writes to ``out/bench_he.json``) every figure it measured."""
-    from simulations.simulate import confine_writes
+    from privatune.simulations.simulate import confine_writes
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -664,7 +664,7 @@ def run(plan: BenchPlan, out: Path, log: Log = print) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t_start = time.perf_counter()
     result: dict[str, Any] = {
-        "command": "python -m simulations.bench_he " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "python -m privatune.simulations.bench_he " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "plan": asdict(plan), "environment": _environment(), "load_average": {"start": list(os.getloadavg())},
         "cases": [],
@@ -688,7 +688,7 @@ def run(plan: BenchPlan, out: Path, log: Log = print) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.bench_he",
+        prog="python -m privatune.simulations.bench_he",
         description="HE vs plaintext aggregation: round time, bytes on the wire, HE seconds per million parameters.",
     )
     parser.add_argument("--quick", action="store_true", help="small smoke run of the same pipeline (not for figures)")

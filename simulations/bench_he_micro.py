@@ -1,7 +1,7 @@
 """Micro benchmark of the CKKS aggregation core (common/he.py): bytes, seconds and error per parameter.
 
-    python -m simulations.bench_he_micro                      # 1M and 390k values, all configs
-    python -m simulations.bench_he_micro --sizes 390000 --configs default
+    python -m privatune.simulations.bench_he_micro                      # 1M and 390k values, all configs
+    python -m privatune.simulations.bench_he_micro --sizes 390000 --configs default
 
 For each parameter set and vector size it runs K clients (unequal weights 120/340/75/500/260, values
 with element magnitudes log-uniform in 1e-4..1, float64 so the float32 cast does not hide the HE error):
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import he
+from privatune.common import he
 
 WEIGHTS = [120.0, 340.0, 75.0, 500.0, 260.0]
 SMALL_WEIGHTS = [0.1, 0.3, 0.05, 0.35, 0.2]

@@ -1,7 +1,7 @@
 """Empirical privacy audit in one training run (Steinke, Nasr and Jagielski, 2023), through the client's own code.
 
-    python -m simulations.canary_audit --preset digits --canaries 1000            # DP on, target epsilon 8
-    python -m simulations.canary_audit --preset digits --canaries 1000 --no-dp    # the non-private control
+    python -m privatune.simulations.canary_audit --preset digits --canaries 1000            # DP on, target epsilon 8
+    python -m privatune.simulations.canary_audit --preset digits --canaries 1000 --no-dp    # the non-private control
     privatune canary-audit --preset digits --canaries 1000 --epsilon 4
 
 What runs, in order:
@@ -11,13 +11,13 @@ What runs, in order:
 2. ``m`` canaries the data never contains: out-of-distribution inputs (random sparse pixel patterns for images,
    strings of random letters for text), each with a fixed random label; each canary joins the training set
    independently with probability 1/2;
-3. one local training pass through :func:`client.app.train_round` (what the ClientApp runs) with the module it picks for
-   the fine-tuning mode (:func:`client.app.module_and_inputs`: the head on cached backbone features in ``head``
-   mode, the whole classifier otherwise), the noise the client would plan (:func:`client.privacy_guard.plan_noise`
+3. one local training pass through :func:`privatune.client.app.train_round` (what the ClientApp runs) with the module it picks for
+   the fine-tuning mode (:func:`privatune.client.app.module_and_inputs`: the head on cached backbone features in ``head``
+   mode, the whole classifier otherwise), the noise the client would plan (:func:`privatune.client.privacy_guard.plan_noise`
    for a one-round run at ``--epsilon``), the client's delta and seed formula;
 4. membership scores (minus the loss of each canary's label under the trained model), guesses for the ``k``
-   highest and ``k`` lowest scores, and the 95 % empirical epsilon lower bound of :mod:`common.canary`;
-5. the claimed epsilon of that exact mechanism from :mod:`common.accounting` (RDP and PRV). A lower bound above a
+   highest and ``k`` lowest scores, and the 95 % empirical epsilon lower bound of :mod:`privatune.common.canary`;
+5. the claimed epsilon of that exact mechanism from :mod:`privatune.common.accounting` (RDP and PRV). A lower bound above a
    claim proves a bug in the DP path; the run says so loudly and exits 1.
 
 Settings are the audit's own (more epochs, a larger learning rate than the presets' defaults): an audit wants the
@@ -45,11 +45,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from common.accounting import AccountingError, default_delta, epsilon_of
-from common.canary import CanaryAuditResult, audit_from_scores, draw_inclusion
-from common.config import PRESETS, RunConfig
-from common.datasets import IMAGE_SIDE, LabelledData, pixels_to_model_input
-from common.jsonsafe import jsonable
+from privatune.common.accounting import AccountingError, default_delta, epsilon_of
+from privatune.common.canary import CanaryAuditResult, audit_from_scores, draw_inclusion
+from privatune.common.config import PRESETS, RunConfig
+from privatune.common.datasets import IMAGE_SIDE, LabelledData, pixels_to_model_input
+from privatune.common.jsonsafe import jsonable
 
 # (epochs, lr, batch size) per (data kind, fine-tuning mode), found by measurement (digits for images, trec6 for
 # text; docs/benchmarks.md). Text models train the head only here: DP-SGD through MiniLM on 2 CPU cores is too slow
@@ -197,8 +197,8 @@ def resolve(settings: CanarySettings) -> tuple[RunConfig, str]:
     s = settings
     if s.preset not in PRESETS:
         raise CanaryAuditError(f"unknown preset {s.preset!r}; choose one of {', '.join(PRESETS)}")
-    from common.federation_data import check_federation_size
-    from common.models import get_model_spec
+    from privatune.common.federation_data import check_federation_size
+    from privatune.common.models import get_model_spec
 
     kind = get_model_spec(PRESETS[s.preset].model).kind
     mode = s.mode or DEFAULT_MODE[kind]
@@ -239,11 +239,11 @@ def run_canary_audit(settings: CanarySettings) -> CanaryRunResult:
 
 
 def _run(s: CanarySettings, cfg: RunConfig, kind: str, t0: float) -> CanaryRunResult:
-    from client.app import LocalRun, train_round
-    from client.privacy_guard import plan_noise
-    from client.site_config import SiteConfig
-    from common.federation_data import client_partition
-    from common.models import configure_trainable, get_model_spec
+    from privatune.client.app import LocalRun, train_round
+    from privatune.client.privacy_guard import plan_noise
+    from privatune.client.site_config import SiteConfig
+    from privatune.common.federation_data import client_partition
+    from privatune.common.models import configure_trainable, get_model_spec
 
     m = s.canaries
     k = s.k or max(m // 10, 1)
@@ -292,7 +292,7 @@ def _run(s: CanarySettings, cfg: RunConfig, kind: str, t0: float) -> CanaryRunRe
 @torch.no_grad()
 def canary_losses(run: Any, canaries: LabelledData, device: str) -> np.ndarray:
     """Cross-entropy of each canary's own label under the trained model (eval mode, the client's module)."""
-    from client.app import module_and_inputs
+    from privatune.client.app import module_and_inputs
 
     module, inputs = module_and_inputs(run, canaries)
     was_training = module.training
@@ -376,7 +376,7 @@ def report(res: CanaryRunResult, json_path: Path | None = None, console: Any = N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.canary_audit", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m privatune.simulations.canary_audit", description=__doc__.split("\n\n")[0])
     d = CanarySettings()
     p.add_argument("--preset", default=d.preset)
     p.add_argument("--canaries", type=int, default=d.canaries, help="m, the number of canaries")

@@ -10,7 +10,7 @@ Each case runs ``python -m privatune.cli ...`` in a subprocess with a timeout an
 - ``traceback``: a Python traceback, or Ray's class names or colour codes, in the output;
 - ``hang``: still running at the timeout.
 
-    python -m simulations.fault_campaign [--timeout 60] [--json results.json]
+    python -m privatune.simulations.fault_campaign [--timeout 60] [--json results.json]
 
 Nothing trains: every case must be refused before a simulation starts, so the campaign takes about
 a minute on 2 cores.

@@ -1,4 +1,4 @@
-"""GPU path check, for a host that has one: `python -m simulations.gpu_check [--out DIR]`.
+"""GPU path check, for a host that has one: `python -m privatune.simulations.gpu_check [--out DIR]`.
 
 Not part of the test suite (CI has no GPU). It checks, in about a minute on one GPU:
 1. a site with ``device=auto`` resolves to CUDA;
@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device visible to torch: nothing to check on this host")
         return 2
     report["device_name"] = torch.cuda.get_device_name(0)
-    from client.site_config import resolve_device
-    from client.randomness import SiteRandomness
-    from client.training import train_local
-    from common.models import configure_trainable, get_model_spec, trainable_state
+    from privatune.client.site_config import resolve_device
+    from privatune.client.randomness import SiteRandomness
+    from privatune.client.training import train_local
+    from privatune.common.models import configure_trainable, get_model_spec, trainable_state
 
     dev = resolve_device("auto")
     report["steps"]["device=auto"] = dev
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         assert on_gpu and res.steps == 16
         model.to("cpu")
         state = trainable_state(model)
-        from common import he
+        from privatune.common import he
 
         keys = he.generate_keys()
         ctx = he.load_context(keys.secret_context, require_secret=True)
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         err = max(float(np.abs(dec[k] - state[k]).max()) for k in state)
         report["steps"][f"he-roundtrip-{mode}"] = err
         assert err < 1e-5
-    from common.config import RunConfig
-    from simulations.simulate import run_simulation
+    from privatune.common.config import RunConfig
+    from privatune.simulations.simulate import run_simulation
 
     cfg = RunConfig.create(preset="digits", num_server_rounds=2, target_epsilon=4.0)
     t = time.perf_counter()

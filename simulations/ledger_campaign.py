@@ -1,8 +1,8 @@
 """Fault campaign against the ledgers: bit flips, truncations and lost journal files, each case classified.
 
-    python -m simulations.ledger_campaign                      # 3,000 bit flips + truncations + lost-journal cases
-    python -m simulations.ledger_campaign --flips 300 --seed 7
-    python -m simulations.ledger_campaign --bench-appends 200  # also time one append, three durability designs
+    python -m privatune.simulations.ledger_campaign                      # 3,000 bit flips + truncations + lost-journal cases
+    python -m privatune.simulations.ledger_campaign --flips 300 --seed 7
+    python -m privatune.simulations.ledger_campaign --bench-appends 200  # also time one append, three durability designs
 
 Every case starts from the same pair of intact ledgers (a site ledger and a server ledger, built here with fixed
 contents), damages a copy and runs the verifier on it. A case is
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.ledger import LedgerError, ServerLedger, SiteLedger, SpendEntry, verify_chain
+from privatune.common.ledger import LedgerError, ServerLedger, SiteLedger, SpendEntry, verify_chain
 
 OUTCOMES = ("detected", "benign", "undetected", "exception")
 
@@ -279,7 +279,7 @@ def _wal_append(path: Path, checkpoint: bool, i: int) -> None:
     """The same transaction as SiteLedger.append, on a WAL-mode connection (for the timing comparison only)."""
     from dataclasses import asdict
 
-    from common.ledger import _insert_row
+    from privatune.common.ledger import _insert_row
 
     conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     try:

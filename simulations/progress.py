@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from common.config import RunConfig
-from server.run_record import RoundReport
+from privatune.common.config import RunConfig
+from privatune.server.run_record import RoundReport
 
 
 def _fmt(x: Any, digits: int = 3) -> str:

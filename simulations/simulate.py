@@ -18,9 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from common.config import DATASET_LABELS, ConfigError, RunConfig
-from common.federation_data import check_federation_size
-from server.run_record import RoundReport, write_json_atomic
+from privatune.common.config import DATASET_LABELS, ConfigError, RunConfig
+from privatune.common.federation_data import check_federation_size
+from privatune.server.run_record import RoundReport, write_json_atomic
 
 log = logging.getLogger("privatune.simulate")
 
@@ -38,7 +38,7 @@ def prepare_config(cfg: RunConfig, num_clients: int, out_dir: Path) -> RunConfig
     if cfg.secure_aggregation == "he" and cfg.he_public_context:
         check_public_context(Path(cfg.he_public_context))
     if cfg.secure_aggregation == "he" and not cfg.he_public_context:
-        from common import he
+        from privatune.common import he
 
         keys = out_dir / "keys"
         public = keys / "public.ctx"
@@ -75,7 +75,7 @@ def check_public_context(path: Path) -> None:
             f"he-public-context: cannot read {path} ({why}); make the keys with `privatune keygen --out DIR` "
             "and pass DIR/public.ctx, or leave he-public-context empty to make fresh keys in the run folder"
         ) from None
-    from common import he
+    from privatune.common import he
 
     try:  # the server loads it the same way once the federation has started: fail now instead
         he.load_context(path, require_secret=False)
@@ -106,8 +106,8 @@ def run_simulation(
     confine_writes(out_dir.resolve())
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    from client.app import app as client_app
-    from server.app import make_server_app
+    from privatune.client.app import app as client_app
+    from privatune.server.app import make_server_app
 
     if not verbose:
         # The round printer shows progress; keep privatune's own INFO lines for --verbose and sites.
@@ -115,7 +115,7 @@ def run_simulation(
     cfg = prepare_config(cfg, num_clients, out_dir)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from server.app import SEEDED_NOISE_WARNING, noise_source_of
+    from privatune.server.app import SEEDED_NOISE_WARNING, noise_source_of
 
     if cfg.reproducible_noise:
         print(f"warning: {SEEDED_NOISE_WARNING}", file=sys.stderr, flush=True)
@@ -155,7 +155,7 @@ def run_simulation(
     stopper = None
     undo_patch: Callable[[], None] = lambda: None
     if stop_on_signal:
-        from simulations.stopping import StopOnSignal
+        from privatune.simulations.stopping import StopOnSignal
 
         stopper = StopOnSignal(out, cleanup_dirs=[ray_tmp])
         stopper.install()
@@ -203,7 +203,7 @@ def mark_failed(out: Path, err: BaseException) -> None:
     """A run that raised says so in summary.json (status failed, the reason on one line)."""
     import json
 
-    from server.reasons import one_line
+    from privatune.server.reasons import one_line
 
     path = out / "summary.json"
     try:
@@ -240,9 +240,9 @@ def _reinstall_after_ray_init(install: Callable[[], None]) -> Callable[[], None]
 
 def he_central_evaluation(cfg: RunConfig, out: Path) -> dict[str, Any]:
     """Decrypt the final encrypted global model with the clients' key (simulation holds it) and test it."""
-    from common import he
-    from server.app import HE_CHECKPOINT_NAME
-    from server.central_eval import CentralEvaluator
+    from privatune.common import he
+    from privatune.server.app import HE_CHECKPOINT_NAME
+    from privatune.server.central_eval import CentralEvaluator
 
     secret = Path(cfg.he_public_context).parent / "secret.ctx"
     decrypted = out / "global.decrypted.safetensors"

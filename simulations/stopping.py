@@ -166,7 +166,7 @@ class StopOnSignal:
                 rec.stopped_reason = reason
                 rec.write_summary()
                 return
-            from server.run_record import write_json_atomic
+            from privatune.server.run_record import write_json_atomic
 
             write_json_atomic(self.out_dir / "summary.json", {"status": "interrupted", "stopped_reason": reason,
                                                               "rounds_completed": 0})

@@ -1,9 +1,9 @@
 """White-box one-run privacy audit with Dirac gradient canaries, through the real DP-SGD step code.
 
     privatune whitebox-audit --epsilon 2 --canaries 5000 --plant none
-    python -m simulations.whitebox_audit --epsilon 2 --canaries 10000 --plant noise-half --json out.json
+    python -m privatune.simulations.whitebox_audit --epsilon 2 --canaries 10000 --plant noise-half --json out.json
 
-The black-box audit (:mod:`simulations.canary_audit`) sees only the final model and is capped near epsilon 4; it
+The black-box audit (:mod:`privatune.simulations.canary_audit`) sees only the final model and is capped near epsilon 4; it
 missed noise seeded from the run config. This one follows Steinke, Nasr and Jagielski (2023)'s white-box setting:
 
 1. a linear head (``features`` inputs, ``classes`` outputs) and ``records`` synthetic records whose features are
@@ -12,15 +12,15 @@ missed noise seeded from the run config. This one follows Steinke, Nasr and Jagi
    coordinate, nothing elsewhere. Each is included with probability 1/2 (the auditor's coin flips); an included
    canary joins each step with the real sample rate ``q``, like a record, by being appended to ``p.grad_sample``
    in ``TrainHooks.before_step``: Opacus clips it and the site's noise path noises it;
-3. the real step code, :func:`client.training.train_local` (Poisson sampler, Opacus clipping, ``install_noise``),
-   with the noise :func:`common.accounting.calibrate_noise` sets for ``--epsilon`` over the run's steps;
+3. the real step code, :func:`privatune.client.training.train_local` (Poisson sampler, Opacus clipping, ``install_noise``),
+   with the noise :func:`privatune.common.accounting.calibrate_noise` sets for ``--epsilon`` over the run's steps;
 4. after every step the auditor reads each canary coordinate's update (``after_step``), turns it into clip-norm
    units and scores the canary by the sum over steps of the log-likelihood ratio of a subsampled Gaussian step
-   (:func:`common.canary.subsampled_gaussian_llr` at the real ``q``, with the noise scale fitted to that step's
-   observations by :func:`common.canary.fit_noise_scale`, so less noise than claimed sharpens the test);
+   (:func:`privatune.common.canary.subsampled_gaussian_llr` at the real ``q``, with the noise scale fitted to that step's
+   observations by :func:`privatune.common.canary.fit_noise_scale`, so less noise than claimed sharpens the test);
    ``--score sum`` uses the plain sum of the updates instead;
 5. the top ``k+`` scores are guessed "in" (by default ``k+`` is set from ``m`` and the claim before training,
-   :func:`common.canary.guesses_for_claim`), the bottom ``k-`` "out" (none by default), and :mod:`common.canary`
+   :func:`privatune.common.canary.guesses_for_claim`), the bottom ``k-`` "out" (none by default), and :mod:`privatune.common.canary`
    turns the correct guesses into a 95 % lower bound on epsilon. A bound above the accountant's claim proves a bug: exit status 1.
 
 The *informed* adversary (the default) also knows the run config and the mechanism: it regenerates the noise the
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.jsonsafe import jsonable
+from privatune.common.jsonsafe import jsonable
 
 PLANTS = ("none", "noise-half", "noise-seeded", "no-clip")
 ADVERSARIES = ("informed", "blind")
@@ -163,7 +163,7 @@ def site_randomness(plant: str, run_seed: int, site: Any = None) -> Any:
 
     ``site`` replaces the CSPRNG (tests pass a seeded source the adversary does not know, for reproducibility).
     """
-    from client.randomness import SeededRandomness, SiteRandomness
+    from privatune.client.randomness import SeededRandomness, SiteRandomness
 
     if plant == "noise-seeded":
         return SeededRandomness(run_seed)  # the bug: noise anyone holding the run config can regenerate
@@ -201,7 +201,7 @@ class NoiseReplay:
     real code draws (each step: the Poisson mask over the records, then one Gaussian per optimizer parameter)."""
 
     def __init__(self, run_seed: int, records: int, shapes: Sequence[tuple[int, ...]], weight_index: int) -> None:
-        from client.randomness import SeededRandomness
+        from privatune.client.randomness import SeededRandomness
 
         self.rng = SeededRandomness(run_seed)
         self.records = records
@@ -271,10 +271,10 @@ def run_whitebox_audit(s: WhiteboxSettings, site: Any = None) -> WhiteboxResult:
 
 
 def _run(s: WhiteboxSettings, site: Any, t0: float) -> WhiteboxResult:
-    from client.training import TrainHooks, train_local
-    from common.accounting import AccountingError, calibrate_noise, default_delta, epsilon_of, sample_rate
-    from common.accounting import steps_per_epoch
-    from common.canary import (
+    from privatune.client.training import TrainHooks, train_local
+    from privatune.common.accounting import AccountingError, calibrate_noise, default_delta, epsilon_of, sample_rate
+    from privatune.common.accounting import steps_per_epoch
+    from privatune.common.canary import (
         audit_from_scores, fit_noise_scale, guesses_for_claim, perfect_guess_bound, subsampled_gaussian_llr,
     )
 
@@ -423,7 +423,7 @@ def report(res: WhiteboxResult, json_path: Path | None = None, console: Any = No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.whitebox_audit", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m privatune.simulations.whitebox_audit", description=__doc__.split("\n\n")[0])
     d = WhiteboxSettings()
     p.add_argument("--epsilon", type=float, default=d.epsilon, help="target epsilon of the audited run")
     p.add_argument("--canaries", type=int, default=d.canaries, help="m, Dirac gradient canaries")

@@ -8,8 +8,8 @@ import math
 import pytest
 from torch.utils.data import DataLoader
 
-from common.accountants import DEFAULT_ACCOUNTANT, get_accountant, independent_of
-from common.accounting import (
+from privatune.common.accountants import DEFAULT_ACCOUNTANT, get_accountant, independent_of
+from privatune.common.accounting import (
     ACCOUNTANTS,
     TARGET_EPSILON_MAX,
     TARGET_EPSILON_MIN,

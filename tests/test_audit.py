@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from common.accounting import epsilon_of
-from common.audit import (
+from privatune.common.accounting import epsilon_of
+from privatune.common.audit import (
     AuditInputError,
     audit_paths,
     render_table,
@@ -19,47 +19,9 @@ from common.audit import (
     report_to_json,
     write_report,
 )
-from common.ledger import SERVER_LEDGER_NAME, ServerLedger, SiteLedger, SpendEntry, site_ledger_filename, utc_now
+from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger, SiteLedger, SpendEntry, site_ledger_filename, utc_now
 
-DELTA = 1e-5
-MECH = (3.0, 1.0, 2)  # sigma, q, steps per round; q = 1 (one batch per epoch) keeps both accountants fast
-SGD = (1.2, 0.04, 25)  # a typical mini-batch DP-SGD round
-FP = "ds-{site}"
-
-
-def federate(folder: Path, *, sites=("s1", "s2"), rounds: int = 3, run_id: str = "run-1", mech=MECH,
-             accountant: str = "rdp", max_epsilon: float | None = 50.0, skip_site: set | None = None,
-             skip_server: set | None = None, server: bool = True, aggregation: str = "plain") -> None:
-    """Write what a well-behaved federation writes: each site appends its spend before replying, the server
-    records each reply. ``skip_site`` / ``skip_server`` hold (site, round) pairs one side fails to record."""
-    skip_site, skip_server = skip_site or set(), skip_server or set()
-    srv = ServerLedger(folder / SERVER_LEDGER_NAME) if server else None
-    if srv:
-        srv.record_run(run_id, {"num-server-rounds": rounds, "accountant": accountant}, aggregation)
-    for rnd in range(1, rounds + 1):
-        for node, site in enumerate(sites, start=1):
-            ledger = SiteLedger(folder / site_ledger_filename(site))
-            fp = FP.format(site=site)
-            eps_run, eps_data = ledger.projected(run_id, fp, mech, DELTA, accountant)
-            if (site, rnd) not in skip_site:
-                now = utc_now()
-                ledger.append(SpendEntry(
-                    run_id=run_id, round=rnd, site_id=site, dataset_fingerprint=fp, params_fingerprint="head-v1",
-                    noise_multiplier=mech[0], sample_rate=mech[1], steps=mech[2], max_grad_norm=1.0, delta=DELTA,
-                    accountant=accountant, epsilon_run=eps_run, epsilon_dataset=eps_data, max_epsilon=max_epsilon,
-                    started_at=now, recorded_at=utc_now()))
-            if srv and (site, rnd) not in skip_server:
-                srv.record_report(run_id, rnd, site, 1000 + node, status="trained", noise_multiplier=mech[0],
-                                  sample_rate=mech[1], steps=mech[2], max_grad_norm=1.0, delta=DELTA,
-                                  accountant=accountant, epsilon_reported=eps_run, epsilon_dataset_reported=eps_data,
-                                  dataset_fingerprint=fp)
-
-
-def sql(path: Path, *statements: str) -> None:
-    conn = sqlite3.connect(path, isolation_level=None)
-    for stmt in statements:
-        conn.execute(stmt)
-    conn.close()
+from tests.helpers.federation_ledgers import DELTA, FP, MECH, SGD, federate, sql
 
 
 def vkinds(report) -> set[tuple[str, str, int | None]]:
@@ -300,7 +262,7 @@ def _spend_on(guard, ids, run_id, rnd, mech=MECH):
 
 
 def test_audit_recomputes_the_worst_record_over_overlapping_cohorts(tmp_path: Path) -> None:
-    from client.privacy_guard import PrivacyGuard
+    from privatune.client.privacy_guard import PrivacyGuard
 
     ids = [bytes([i]) * 16 for i in range(20)]
     guard = PrivacyGuard(tmp_path / site_ledger_filename("s1"), "s1", max_epsilon=100.0, delta=DELTA)
@@ -314,7 +276,7 @@ def test_audit_recomputes_the_worst_record_over_overlapping_cohorts(tmp_path: Pa
 
 
 def test_audit_flags_a_record_over_the_budget_and_an_altered_cohort(tmp_path: Path) -> None:
-    from client.privacy_guard import PrivacyGuard
+    from privatune.client.privacy_guard import PrivacyGuard
 
     ids = [bytes([i]) * 16 for i in range(20)]
     path = tmp_path / site_ledger_filename("s1")
@@ -325,7 +287,7 @@ def test_audit_flags_a_record_over_the_budget_and_an_altered_cohort(tmp_path: Pa
     kinds = {v.kind for v in audit_paths([tmp_path]).violations}
     assert kinds == {"budget-exceeded"}
     # Dropping a record from a stored cohort (and rehashing nothing) breaks its id and its chain.
-    from common.record_budget import pack_ids
+    from privatune.common.record_budget import pack_ids
 
     sql(path, f"UPDATE cohorts SET ids = '{pack_ids(ids[:9])}' WHERE seq = 1")
     kinds = {v.kind for v in audit_paths([tmp_path]).violations}
@@ -334,10 +296,10 @@ def test_audit_flags_a_record_over_the_budget_and_an_altered_cohort(tmp_path: Pa
 
 def test_a_ledger_from_before_cohorts_still_audits_and_keeps_working(tmp_path: Path) -> None:
     """A version 1 ledger (no cohorts), migrated: its spends count against every record, and it keeps working."""
-    from client.privacy_guard import PrivacyGuard
-    from common.ledger import migrate_ledger
-    from simulations.ledger_campaign import spend
-    from tests.ledger_helpers import write_v1_site_ledger
+    from privatune.client.privacy_guard import PrivacyGuard
+    from privatune.common.ledger import migrate_ledger
+    from privatune.simulations.ledger_campaign import spend
+    from tests.helpers.ledgers import write_v1_site_ledger
 
     path = write_v1_site_ledger(tmp_path / site_ledger_filename("s1"),  # two spends of (1.1, 0.05, 20)
                                 [spend("run-a", 1, 0.5), spend("run-a", 2, 1.0)])
@@ -391,7 +353,7 @@ def test_pld_accounted_rows_are_checked_against_opacus_prv(tmp_path: Path) -> No
 
 
 def test_an_accountant_that_under_reports_is_caught_by_the_independent_pld(tmp_path: Path, monkeypatch) -> None:
-    import common.accountants as accountants
+    import privatune.common.accountants as accountants
 
     monkeypatch.setitem(accountants.REGISTRY, "prv", _UnderReporting(accountants.REGISTRY["prv"]))
     federate(tmp_path, rounds=2, mech=SGD, accountant="prv")  # the clients record the buggy values
@@ -411,7 +373,7 @@ def test_an_accountant_that_under_reports_is_caught_by_the_independent_pld(tmp_p
 
 
 def test_a_small_gap_within_the_accountants_error_is_not_a_violation(tmp_path: Path, monkeypatch) -> None:
-    import common.accountants as accountants
+    import privatune.common.accountants as accountants
 
     class Slightly(_UnderReporting):
         def epsilon(self, mechanisms, delta):

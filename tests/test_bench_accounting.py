@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from common.accounting import epsilon_of
-from common.config import RunConfig
-from common.ledger import SiteLedger, SpendEntry, site_ledger_filename, utc_now
-from simulations import bench_accounting as b
+from privatune.common.accounting import epsilon_of
+from privatune.common.config import RunConfig
+from privatune.common.ledger import SiteLedger, SpendEntry, site_ledger_filename, utc_now
+from privatune.simulations import bench_accounting as b
 
 
 def tiny_config(**kw) -> RunConfig:

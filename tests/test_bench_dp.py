@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from common.config import RunConfig
-from simulations import bench_dp as b
+from privatune.common.config import RunConfig
+from privatune.simulations import bench_dp as b
 
 
 def test_parse_overrides_reads_kv_and_refuses_what_the_benchmark_sets():

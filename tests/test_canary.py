@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.accounting import epsilon_of, steps_per_epoch
-from common.canary import (
+from privatune.common.accounting import epsilon_of, steps_per_epoch
+from privatune.common.canary import (
     audit_from_scores,
     count_correct,
     draw_inclusion,
@@ -138,13 +138,13 @@ def test_inclusion_is_a_fair_coin_per_canary() -> None:
 
 
 def _audit(**kw):
-    from simulations.canary_audit import CanarySettings, run_canary_audit
+    from privatune.simulations.canary_audit import CanarySettings, run_canary_audit
 
     return run_canary_audit(CanarySettings(**kw))
 
 
 def test_canaries_are_out_of_distribution_with_fixed_labels() -> None:
-    from simulations.canary_audit import make_canaries
+    from privatune.simulations.canary_audit import make_canaries
 
     names = tuple(str(i) for i in range(10))
     a = make_canaries("image", names, 50, np.random.default_rng(3))
@@ -198,7 +198,7 @@ def test_a_bound_above_the_claim_is_reported_loudly(monkeypatch, tmp_path: Path)
     """Simulate an accountant that under-reports: the audit must call it a bug and exit 1."""
     from typer.testing import CliRunner
 
-    import simulations.canary_audit as ca
+    import privatune.simulations.canary_audit as ca
     from privatune.cli import app
 
     monkeypatch.setattr(ca, "epsilon_of", lambda history, delta, accountant="rdp": 0.25)
@@ -236,8 +236,8 @@ def test_audit_summary_fits_an_80_column_terminal(tmp_path: Path) -> None:
     """Not a canary test: the compact `privatune audit` view (common.audit.render_table), which this work changed."""
     from rich.console import Console
 
-    from common.audit import audit_paths, render_table
-    from tests.test_audit import SGD, federate, sql
+    from privatune.common.audit import audit_paths, render_table
+    from tests.helpers.federation_ledgers import SGD, federate, sql
 
     federate(tmp_path, rounds=3, run_id="765349905569732518", mech=SGD, max_epsilon=50.0)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from common.config import ConfigError, RunConfig
+from privatune.common.config import ConfigError, RunConfig
 from privatune.cli import app
-from server.reasons import one_line
-from server.run_record import RoundReport, RunRecorder
+from privatune.server.reasons import one_line
+from privatune.server.run_record import RoundReport, RunRecorder
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,7 +280,7 @@ def test_audit_json_to_an_unwritable_path_is_refused_before_the_audit(tmp_path):
 
 # ---------------------------------------------------------------------------- site config, data
 def test_node_config_errors_name_the_key():
-    from client.site_config import SiteConfig, SiteConfigError
+    from privatune.client.site_config import SiteConfig, SiteConfigError
 
     cfg = RunConfig.from_flower({"preset": "sms-spam"})
     base = {"site-id": "a", "data-path": "/x.csv", "ledger-path": "/tmp/l.sqlite"}
@@ -295,7 +295,7 @@ def test_node_config_errors_name_the_key():
 def test_a_huge_csv_field_says_its_size_and_the_limit(tmp_path):
     import csv
 
-    from client.site_data import SiteDataError, SiteDataSpec, load_site_data
+    from privatune.client.site_data import SiteDataError, SiteDataSpec, load_site_data
 
     path = tmp_path / "big.csv"
     path.write_text('text,label\n"' + "x" * 200_000 + '",ham\n')
@@ -308,7 +308,7 @@ def test_a_huge_csv_field_says_its_size_and_the_limit(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["csv", "image-folder"])
 def test_a_symlink_loop_is_called_one(tmp_path, fmt):
-    from client.site_data import SiteDataError, SiteDataSpec, load_site_data
+    from privatune.client.site_data import SiteDataError, SiteDataSpec, load_site_data
 
     loop = tmp_path / "loop"
     os.symlink(loop, loop)
@@ -324,7 +324,7 @@ def test_an_unexpected_error_is_one_line_with_a_log_of_the_traceback(tmp_path, m
     def boom(*a, **k):
         raise KeyError("surprise")
 
-    monkeypatch.setattr("simulations.run_folder.claim", boom)
+    monkeypatch.setattr("privatune.simulations.run_folder.claim", boom)
     result = simulate(tmp_path)
     assert result.exit_code == 3, result.output
     lines = error_lines(result.output)
@@ -377,7 +377,7 @@ def test_a_run_where_every_client_fails_exits_1_as_failed(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_a_simulation_within_seconds_and_leaves_no_process(tmp_path, signum):
-    from simulations.stopping import alive, descendants
+    from privatune.simulations.stopping import alive, descendants
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "2", "--rounds",
@@ -410,7 +410,7 @@ def test_a_signal_stops_a_simulation_within_seconds_and_leaves_no_process(tmp_pa
     assert summary["status"] == "interrupted" and signal.Signals(signum).name in summary["stopped_reason"]
     time.sleep(0.5)
     assert [p for p in seen if alive(p)] == []
-    from common.ledger import verify_chain
+    from privatune.common.ledger import verify_chain
 
     for ledger in out.rglob("*.ledger.sqlite"):  # an append is one transaction: every chain still verifies
         assert verify_chain(ledger) == [], ledger
@@ -418,7 +418,7 @@ def test_a_signal_stops_a_simulation_within_seconds_and_leaves_no_process(tmp_pa
 
 # ---------------------------------------------------------------------------------- the campaign
 def test_the_campaign_classifies_each_way_a_case_can_end():
-    from simulations.fault_campaign import classify
+    from privatune.simulations.fault_campaign import classify
 
     assert classify(None, "", "", "x") == "hang"
     assert classify(1, "", "Traceback (most recent call last):\n  File ...\nValueError: x", "x") == "traceback"
@@ -430,7 +430,7 @@ def test_the_campaign_classifies_each_way_a_case_can_end():
 
 
 def test_the_campaign_runs_a_case_through_the_real_cli(capsys):
-    from simulations.fault_campaign import main
+    from privatune.simulations.fault_campaign import main
 
     assert main(["--only", "--seed -1", "--timeout", "60"]) == 0
     assert "counts: clear 1 (of 1)" in capsys.readouterr().out

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from client.app import train
-from client.randomness import SiteRandomness
-from client.training import train_local
-from common.ledger import SiteLedger
-from common.models import configure_trainable, frozen_state_fingerprint, get_model_spec
-from tests.conftest import digits_config, initial_state
+from privatune.client.app import train
+from privatune.client.randomness import SiteRandomness
+from privatune.client.training import train_local
+from privatune.common.ledger import SiteLedger
+from privatune.common.models import configure_trainable, frozen_state_fingerprint, get_model_spec
+from tests.helpers.messages import digits_config, initial_state
 
 
 def _digits_cfg(tmp_path, **kw):
@@ -88,7 +88,7 @@ def test_budget_exhausted_site_does_not_train(tmp_path, message_factory, context
 def test_non_private_round_is_recorded_as_an_infinite_spend(tmp_path, message_factory, context_factory):
     import math
 
-    from common.ledger import ServerLedger
+    from privatune.common.ledger import ServerLedger
 
     cfg = _digits_cfg(tmp_path, dp=False, batch_size=500)  # a batch larger than the client's data
     reply = train(message_factory(cfg, initial_state(cfg)), context_factory({"partition-id": 0, "num-partitions": 3}))
@@ -166,7 +166,7 @@ def test_real_site_refuses_reproducible_noise_unless_allowed(tmp_path, message_f
 
 
 def test_round_failing_before_training_writes_no_spend(tmp_path, message_factory, context_factory, monkeypatch):
-    import client.app as client_app
+    import privatune.client.app as client_app
 
     def cache_fails(*a, **k):
         raise OSError("No space left on device: the feature cache")
@@ -181,8 +181,8 @@ def test_round_failing_before_training_writes_no_spend(tmp_path, message_factory
 
 def test_round_refusing_to_release_after_training_still_counts(tmp_path, message_factory, context_factory,
                                                                monkeypatch):
-    import client.app as client_app
-    from common.he import HEError
+    import privatune.client.app as client_app
+    from privatune.common.he import HEError
 
     trained = []
     real_train_round = client_app.train_round
@@ -204,7 +204,7 @@ def test_round_refusing_to_release_after_training_still_counts(tmp_path, message
 
 
 def test_spend_is_on_disk_before_the_first_gradient(tmp_path, message_factory, context_factory, monkeypatch):
-    import client.app as client_app
+    import privatune.client.app as client_app
 
     seen = []
     real_train_local = client_app.train_local

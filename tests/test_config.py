@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from common.config import PRESETS, ConfigError, RunConfig
+from privatune.common.config import PRESETS, ConfigError, RunConfig
 
 
 def test_presets_resolve_their_defaults():
@@ -53,7 +53,7 @@ def test_prv_is_the_default_accountant_everywhere():
     import tomllib
     from pathlib import Path
 
-    from common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+    from privatune.common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
     toml = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert RunConfig.create().accountant == DEFAULT_ACCOUNTANT == "prv"

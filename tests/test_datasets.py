@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import datasets as D
-from common.datasets import LabelledData, holdout_split, load_dataset, train_val_split
+from privatune.common import datasets as D
+from privatune.common.datasets import LabelledData, holdout_split, load_dataset, train_val_split
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from safetensors.numpy import load_file
 
-from common import he
-from common.he_records import (
+from privatune.common import he
+from privatune.common.he_records import (
     META_KEY,
     arrayrecord_to_state,
     records_to_update,

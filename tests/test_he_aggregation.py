@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from common import he
-from common.config import RunConfig
-from common.he_records import arrayrecord_to_state, update_to_arrayrecord
-from server.strategy import PrivatuneFedAvg
-from tests.conftest import _set_task_identity, make_context, make_message
+from privatune.common import he
+from privatune.common.config import RunConfig
+from privatune.common.he_records import arrayrecord_to_state, update_to_arrayrecord
+from privatune.server.strategy import PrivatuneFedAvg
+from tests.helpers.messages import set_task_identity, make_context, make_message
 
 SHAPES = {"head.weight": (4, 8), "head.bias": (4,)}
 
@@ -29,7 +29,7 @@ def _state(rng, scale):
 
 
 def _reply(request_node: int, arrays, n: int, client: str, status: str = "trained") -> Message:
-    _set_task_identity()
+    set_task_identity()
     request = Message(content=RecordDict({}), dst_node_id=request_node, message_type="train")
     content = {"metrics": MetricRecord({"num-examples": n, "train-loss": 0.5, "epsilon": 1.0, "epsilon-dataset": 1.0,
                                         "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10, "delta": 1e-5,
@@ -76,7 +76,7 @@ def test_bad_encrypted_replies_are_dropped_and_the_round_goes_on(keys, caplog):
 
 
 def test_server_given_a_secret_context_stops_at_start(keys, tmp_path):
-    from server.app import run_federation
+    from privatune.server.app import run_federation
 
     (mine, _) = keys
     cfg = RunConfig.create(preset="digits", secure_aggregation="he", he_public_context=str(mine.secret),
@@ -86,8 +86,8 @@ def test_server_given_a_secret_context_stops_at_start(keys, tmp_path):
 
 
 def test_client_given_the_public_context_refuses_and_says_so(keys, tmp_path):
-    from client.app import train
-    from common.models import configure_trainable, get_model_spec, trainable_state
+    from privatune.client.app import train
+    from privatune.common.models import configure_trainable, get_model_spec, trainable_state
 
     (mine, _) = keys
     public = he.load_context(mine.public, require_secret=False)
@@ -96,7 +96,7 @@ def test_client_given_the_public_context_refuses_and_says_so(keys, tmp_path):
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
     configure_trainable(model, cfg.mode)
     msg = make_message(cfg, {})
-    msg.content["arrays"] = __import__("common.he_records", fromlist=["x"]).state_to_arrayrecord(
+    msg.content["arrays"] = __import__("privatune.common.he_records", fromlist=["x"]).state_to_arrayrecord(
         he.encrypt_state(public, trainable_state(model)))
     ctx = make_context({"partition-id": 0, "num-partitions": 2})
     # Point the simulated site at the public context instead of its secret one.
@@ -113,8 +113,8 @@ def test_client_given_the_public_context_refuses_and_says_so(keys, tmp_path):
 
 
 def test_client_refuses_to_encrypt_a_non_finite_update(keys, tmp_path):
-    from client.app import encode_update
-    from client.site_config import SiteConfig
+    from privatune.client.app import encode_update
+    from privatune.client.site_config import SiteConfig
 
     (mine, _) = keys
     cfg = RunConfig.create(preset="digits", secure_aggregation="he", he_public_context=str(mine.public),

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from common.accounting import compose, epsilon_of
-from common.ledger import (
+from privatune.common.accounting import compose, epsilon_of
+from privatune.common.ledger import (
     GENESIS_HASH,
     SERVER_LEDGER_NAME,
     LedgerError,
@@ -64,7 +64,7 @@ def rehash(path: Path, seq: int) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
     row = dict(conn.execute("SELECT * FROM spend WHERE seq=?", (seq,)).fetchone())
-    from common.ledger import _SPEND_COLUMNS, hashed_fields, _real_columns  # private; the tamperer reads our code
+    from privatune.common.ledger import _SPEND_COLUMNS, hashed_fields, _real_columns  # private; the tamperer reads our code
 
     names = [n for n, _ in _SPEND_COLUMNS]
     digest = row_hash("spend", seq, hashed_fields("spend", names, row), _real_columns(_SPEND_COLUMNS),
@@ -138,7 +138,7 @@ def test_spend_is_on_disk_when_the_process_dies_right_after_append(tmp_path: Pat
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        from common.ledger import SiteLedger, SpendEntry
+        from privatune.common.ledger import SiteLedger, SpendEntry
         SiteLedger({str(path)!r}).append(SpendEntry(**{entry!r}))
         os._exit(9)   # killed before replying: no atexit, no finalisers
     """)
@@ -397,7 +397,7 @@ def test_a_metrics_spends_purpose_is_hashed(tmp_path: Path) -> None:
     """A metrics spend's purpose is covered by its hash."""
     import dataclasses
 
-    from common.ledger import PURPOSE_METRICS
+    from privatune.common.ledger import PURPOSE_METRICS
 
     ledger = fill(tmp_path / "l.ledger.sqlite", 2)
     path = ledger.path

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import common.ledger as ledger_mod
-from common.ledger import (
+import privatune.common.ledger as ledger_mod
+from privatune.common.ledger import (
     LedgerError,
     LedgerIntegrityError,
     ServerLedger,
@@ -23,8 +23,8 @@ from common.ledger import (
     site_ledger_filename,
     verify_chain,
 )
-from common.ledger_verify import _expected_master
-from simulations.ledger_campaign import (
+from privatune.common.ledger_verify import _expected_master
+from privatune.simulations.ledger_campaign import (
     build_server_ledger,
     build_site_ledger,
     flip_campaign,
@@ -97,8 +97,8 @@ def test_concurrent_creators_end_with_one_ledger(tmp_path: Path) -> None:
 
 
 def test_the_site_refuses_to_train_on_an_empty_ledger(tmp_path: Path, message_factory, context_factory) -> None:
-    from client.app import train
-    from tests.conftest import digits_config, initial_state
+    from privatune.client.app import train
+    from tests.helpers.messages import digits_config, initial_state
 
     cfg = digits_config(tmp_path, num_server_rounds=2)
     ledger = tmp_path / "ledgers" / "site-client-0.ledger.sqlite"
@@ -114,7 +114,7 @@ def test_the_site_refuses_to_train_on_an_empty_ledger(tmp_path: Path, message_fa
 
 
 def test_site_check_reports_an_empty_ledger(tmp_path: Path) -> None:
-    from client.site_check import check_site
+    from privatune.client.site_check import check_site
 
     data = tmp_path / "sms.csv"
     data.write_text("text,label\n" + "".join(f"message {i},{'spam' if i % 5 == 0 else 'ham'}\n" for i in range(200)))
@@ -150,8 +150,8 @@ def test_a_killed_writer_whose_side_files_are_deleted_keeps_its_spends(tmp_path:
     script = textwrap.dedent(f"""
         import os, sys, sqlite3
         sys.path.insert(0, {str(ROOT)!r})
-        from common.ledger import SiteLedger
-        from simulations.ledger_campaign import spend
+        from privatune.common.ledger import SiteLedger
+        from privatune.simulations.ledger_campaign import spend
         ledger = SiteLedger({str(path)!r})
         keep = sqlite3.connect({str(path)!r}); keep.execute("SELECT 1 FROM spend").fetchall()
         for i in range(1, 11):
@@ -183,8 +183,8 @@ def test_interleaved_appends_from_two_processes(tmp_path: Path, per_process: int
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from common.ledger import SiteLedger
-        from simulations.ledger_campaign import spend
+        from privatune.common.ledger import SiteLedger
+        from privatune.simulations.ledger_campaign import spend
         import time
         from pathlib import Path
         ledger = SiteLedger({str(path)!r}, verify=False)
@@ -305,7 +305,7 @@ def test_a_folder_with_one_corrupt_ledger_audits_the_others(tmp_path: Path) -> N
     data[16:18] = b"\x00\x03"  # page size 3: "file is not a database"
     bad.write_bytes(bytes(data))
     (tmp_path / "site-s3.ledger.sqlite").write_bytes(b"")
-    from common.audit import audit_paths
+    from privatune.common.audit import audit_paths
 
     report = audit_paths([tmp_path])
     kinds = {Path(f.path).name: (f.kind, f.chain_ok) for f in report.files}
@@ -327,7 +327,7 @@ def test_a_folder_with_one_corrupt_ledger_audits_the_others(tmp_path: Path) -> N
 def test_audit_accounts_the_rows_of_a_ledger_with_one_malformed_row(tmp_path: Path) -> None:
     path = build_site_ledger(tmp_path / "site-s1.ledger.sqlite", rows=4)
     sql(path, "UPDATE spend SET noise_multiplier = X'00' WHERE seq = 3")
-    from common.audit import audit_paths
+    from privatune.common.audit import audit_paths
 
     report = audit_paths([path])
     damage = [v for v in report.violations if v.kind == "unreadable" or v.kind.startswith("chain-")]
@@ -368,7 +368,7 @@ def test_ledger_and_journal_files_are_owner_only(tmp_path: Path) -> None:
 
 def _v1_site_ledger(path: Path, rows: int) -> Path:
     """A version 1 site ledger of ``rows`` campaign spends (tests/ledger_helpers.py)."""
-    from tests.ledger_helpers import write_v1_site_ledger
+    from tests.helpers.ledgers import write_v1_site_ledger
 
     return write_v1_site_ledger(path, (spend("run-a", i, 0.5 * i) for i in range(1, rows + 1)))
 
@@ -379,7 +379,7 @@ def test_a_version_1_ledger_is_verified_and_audited_but_not_written(tmp_path: Pa
     with pytest.raises(ledger_mod.LedgerVersionError, match="version 1 ledger.*migrate-ledger") as info:
         SiteLedger(path)
     assert "backup" not in str(info.value)  # nothing to restore: it only needs migrating
-    from common.audit import audit_paths
+    from privatune.common.audit import audit_paths
 
     report = audit_paths([path])
     assert len(report.entries) == 3 and any("version 1 ledger" in n for n in report.notes)

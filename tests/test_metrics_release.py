@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.metrics_release import (
+from privatune.client.metrics_release import (
     LOSS_BOUND,
     EvalSums,
     exact_sums,
@@ -13,10 +13,10 @@ from client.metrics_release import (
     planned_releases,
     release_mechanism,
 )
-from client.randomness import SeededRandomness, SiteRandomness
-from common.accounting import AccountingError, calibrate_noise, epsilon_of
-from common.config import ConfigError, RunConfig
-from server.aggregation import equal_mean, pool_noised_eval
+from privatune.client.randomness import SeededRandomness, SiteRandomness
+from privatune.common.accounting import AccountingError, calibrate_noise, epsilon_of
+from privatune.common.config import ConfigError, RunConfig
+from privatune.server.aggregation import equal_mean, pool_noised_eval
 
 
 def test_exact_sums_clip_each_loss_so_one_record_moves_the_loss_sum_by_at_most_the_bound():

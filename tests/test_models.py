@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import models as M
+from privatune.common import models as M
 
 TEXTS = [
     "Free entry in a weekly prize draw, text WIN now",

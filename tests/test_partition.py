@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.datasets import load_dataset
-from common.partition import MAX_DIRICHLET_TRIES, _dirichlet_once, label_distribution_distance, partition_indices
+from privatune.common.datasets import load_dataset
+from privatune.common.partition import MAX_DIRICHLET_TRIES, _dirichlet_once, label_distribution_distance, partition_indices
 
 LABELS = np.repeat(np.arange(10), 100)  # 1,000 records, 10 balanced classes
 

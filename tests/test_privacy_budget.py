@@ -9,10 +9,10 @@ import textwrap
 
 import pytest
 
-from client.app import train
-from common.accounting import epsilon_of
-from common.ledger import SiteLedger
-from tests.conftest import digits_config, initial_state
+from privatune.client.app import train
+from privatune.common.accounting import epsilon_of
+from privatune.common.ledger import SiteLedger
+from tests.helpers.messages import digits_config, initial_state
 
 NODE = {"partition-id": 0, "num-partitions": 3}
 
@@ -32,9 +32,9 @@ CRASH_SCRIPT = textwrap.dedent(
     """
     import os, sys, json
     sys.path.insert(0, {root!r})
-    from tests.conftest import make_context, make_message
+    from tests.helpers.messages import make_context, make_message
     from tests.test_privacy_budget import _cfg, _state
-    import client.app as client_app
+    import privatune.client.app as client_app
     from pathlib import Path
     cfg = _cfg(Path({tmp!r}))
     real = client_app.encode_update

@@ -19,8 +19,8 @@ import torch
 from scipy.stats import binom
 from torch import nn
 
-from client.app import LocalRun, round_randomness
-from client.randomness import (
+from privatune.client.app import LocalRun, round_randomness
+from privatune.client.randomness import (
     NOISE_SOURCE_SEEDED,
     NOISE_SOURCE_SITE,
     PoissonBatchSampler,
@@ -29,11 +29,11 @@ from client.randomness import (
     install_noise,
     reproducible_seed,
 )
-from client.site_config import SiteConfig
-from client.training import train_local
-from common.accounting import calibrate_noise, epsilon_of, sample_rate, steps_per_epoch
-from common.config import RunConfig
-from common.datasets import LabelledData
+from privatune.client.site_config import SiteConfig
+from privatune.client.training import train_local
+from privatune.common.accounting import calibrate_noise, epsilon_of, sample_rate, steps_per_epoch
+from privatune.common.config import RunConfig
+from privatune.common.datasets import LabelledData
 
 # ---------------------------------------------------------------------------------------------------------------
 # The sources themselves
@@ -278,7 +278,7 @@ def test_replay_attack_is_no_better_than_dp_allows_against_the_site_csprng(tmp_p
 
 
 def _entry(rnd: int, noise_source: str | None = None):
-    from common.ledger import SpendEntry, utc_now
+    from privatune.common.ledger import SpendEntry, utc_now
 
     now = utc_now()
     eps = epsilon_of([(1.1, 0.05, 20 * rnd)], 1e-5, "rdp")
@@ -292,9 +292,9 @@ def _entry(rnd: int, noise_source: str | None = None):
 def test_old_ledger_without_noise_source_reads_as_seeded_and_continues(tmp_path):
     import sqlite3
 
-    from common.audit import SEEDED_FLAG, audit_paths
-    from common.ledger import SiteLedger, migrate_ledger, verify_chain
-    from tests.ledger_helpers import write_v1_site_ledger
+    from privatune.common.audit import SEEDED_FLAG, audit_paths
+    from privatune.common.ledger import SiteLedger, migrate_ledger, verify_chain
+    from tests.helpers.ledgers import write_v1_site_ledger
 
     path = tmp_path / "site-s1.ledger.sqlite"
     write_v1_site_ledger(path, [_entry(1), _entry(2)])  # before noise_source existed
@@ -319,7 +319,7 @@ def test_old_ledger_without_noise_source_reads_as_seeded_and_continues(tmp_path)
 
 
 def test_noise_source_is_validated_and_defaults_to_the_weaker_claim():
-    from common.ledger import ClientReport, LedgerError, utc_now
+    from privatune.common.ledger import ClientReport, LedgerError, utc_now
 
     assert _entry(1).noise_source == "seeded"
     with pytest.raises(LedgerError, match="noise_source"):
@@ -334,8 +334,8 @@ def test_noise_source_is_validated_and_defaults_to_the_weaker_claim():
 def test_audit_shows_the_noise_source_of_site_and_server_rows(tmp_path):
     from rich.console import Console
 
-    from common.audit import SEEDED_FLAG, audit_paths, render_table, write_report
-    from common.ledger import SERVER_LEDGER_NAME, ServerLedger, SiteLedger
+    from privatune.common.audit import SEEDED_FLAG, audit_paths, render_table, write_report
+    from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger, SiteLedger
 
     for site, source in (("s1", NOISE_SOURCE_SITE), ("s2", NOISE_SOURCE_SEEDED)):
         e = _entry(1, source)
@@ -367,8 +367,8 @@ def replace_site(entry, site: str):
 
 
 def test_audit_flags_a_server_record_whose_noise_source_differs_from_the_site(tmp_path):
-    from common.audit import audit_paths
-    from common.ledger import SERVER_LEDGER_NAME, ServerLedger, SiteLedger
+    from privatune.common.audit import audit_paths
+    from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger, SiteLedger
 
     e = _entry(1, NOISE_SOURCE_SEEDED)
     SiteLedger(tmp_path / "site-s1.ledger.sqlite").append(e)
@@ -384,9 +384,9 @@ def test_audit_flags_a_server_record_whose_noise_source_differs_from_the_site(tm
 def test_run_summary_and_terminal_name_the_noise_source(tmp_path):
     from rich.console import Console
 
-    from server.app import noise_source_of
-    from server.run_record import RoundReport, RunRecorder
-    from simulations.progress import RoundPrinter
+    from privatune.server.app import noise_source_of
+    from privatune.server.run_record import RoundReport, RunRecorder
+    from privatune.simulations.progress import RoundPrinter
 
     seeded = RunConfig.create(preset="digits", reproducible_noise=True, out_dir=str(tmp_path))
     assert noise_source_of(seeded) == "seeded" and noise_source_of(RunConfig.create(preset="digits")) == "site-csprng"

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from client.app import train
-from client.privacy_guard import PrivacyGuard
-from client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
-from client.site_secret import SiteSecretError, default_key_path, load_site_key
-from common.config import RunConfig
-from common.datasets import LabelledData
-from common.ledger import SiteLedger, read_rows
-from common.record_budget import record_epsilons
-from tests.conftest import initial_state, make_context, make_message
+from privatune.client.app import train
+from privatune.client.privacy_guard import PrivacyGuard
+from privatune.client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
+from privatune.client.site_secret import SiteSecretError, default_key_path, load_site_key
+from privatune.common.config import RunConfig
+from privatune.common.datasets import LabelledData
+from privatune.common.ledger import SiteLedger, read_rows
+from privatune.common.record_budget import record_epsilons
+from tests.helpers.messages import initial_state, make_context, make_message
 
 N = 120
 MAX_EPS = 3.5  # one run at target-epsilon 3 fits; a second on the same records (3.86) does not
@@ -194,7 +194,7 @@ def _now():
 def test_the_server_cannot_test_candidates_for_the_last_record(tmp_path, trained_site):
     data, node, reply = trained_site
     sent = {str(v) for rec in ("status", "metrics") for v in reply[rec].values()}
-    from client.site_data import SiteDataSpec, load_site_data
+    from privatune.client.site_data import SiteDataSpec, load_site_data
 
     known = load_site_data(SiteDataSpec(data, "npz"), tuple("0123456789"), kind="image")
     # The server knows records 0..N-2 and tries every candidate for the last one, including the true one.
@@ -300,8 +300,8 @@ def test_validation_split_is_keyed_stable_and_grows_with_the_fraction():
 
 
 def test_the_audit_links_site_and_server_rows_by_the_keyed_fingerprint(tmp_path, trained_site):
-    from common.audit import audit_paths
-    from common.ledger import SERVER_LEDGER_NAME, ServerLedger
+    from privatune.common.audit import audit_paths
+    from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger
 
     _, _, reply = trained_site
     m, st = reply["metrics"], reply["status"]

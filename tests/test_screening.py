@@ -10,10 +10,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.config import ConfigError, RunConfig
-from server.aggregation import UpdateRejected, aggregate_plain
-from server.reasons import one_line
-from server.screening import (
+from privatune.common.config import ConfigError, RunConfig
+from privatune.server.aggregation import UpdateRejected, aggregate_plain
+from privatune.server.reasons import one_line
+from privatune.server.screening import (
     ReplyGuard,
     check_num_examples,
     check_plain_arrays,
@@ -21,8 +21,8 @@ from server.screening import (
     dp_change_bound,
     update_digest,
 )
-from server.strategy import PrivatuneFedAvg
-from tests.conftest import _set_task_identity
+from privatune.server.strategy import PrivatuneFedAvg
+from tests.helpers.messages import set_task_identity
 
 SHAPES = {"head.weight": (4, 8), "head.bias": (4,)}
 D = sum(int(np.prod(s)) for s in SHAPES.values())
@@ -45,7 +45,7 @@ def _state(rng: np.random.Generator, scale: float = 0.1, base: dict | None = Non
 
 
 def _request(node: int, message_id: str = "") -> Message:
-    _set_task_identity()
+    set_task_identity()
     req = Message(content=RecordDict({}), dst_node_id=node, message_type="train")
     if message_id:
         req.metadata.__dict__["_message_id"] = message_id  # what the grid does when it pushes
@@ -75,7 +75,7 @@ def _strategy(tmp_path=None, **cfg) -> PrivatuneFedAvg:
     values.update(cfg)
     ledger = None
     if tmp_path is not None:
-        from common.ledger import ServerLedger
+        from privatune.common.ledger import ServerLedger
 
         ledger = ServerLedger(tmp_path / "server-ledger.sqlite")
         ledger.record_run("run-1", {}, "none")
@@ -146,8 +146,8 @@ def test_dp_change_bound_holds_for_real_dp_sgd_and_is_not_absurd():
     """Train with DP-SGD exactly as a site does; the weights move less than the bound, by a sane margin."""
     import torch
 
-    from client.randomness import SeededRandomness
-    from client.training import train_local
+    from privatune.client.randomness import SeededRandomness
+    from privatune.client.training import train_local
 
     torch.manual_seed(0)
     n, batch, epochs, lr, clip, sigma = 96, 16, 2, 2.0, 1.0, 0.8
@@ -298,7 +298,7 @@ def test_dp_run_bounds_the_change_from_the_global_model():
 
 
 def test_rejected_update_still_records_its_spend(tmp_path):
-    from server.run_record import RunRecorder
+    from privatune.server.run_record import RunRecorder
 
     rng = np.random.default_rng(5)
     strategy = _strategy(tmp_path)
@@ -340,14 +340,14 @@ def test_client_error_reasons_are_stored_on_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------------ HE
 @pytest.fixture(scope="module")
 def he_keys(tmp_path_factory):
-    from common import he
+    from privatune.common import he
 
     return he.write_keys(tmp_path_factory.mktemp("keys"))
 
 
 def test_he_duplicate_and_replayed_ciphertexts_are_rejected(he_keys):
-    from common import he
-    from common.he_records import arrayrecord_to_update, update_to_arrayrecord
+    from privatune.common import he
+    from privatune.common.he_records import arrayrecord_to_update, update_to_arrayrecord
 
     secret = he.load_context(he_keys.secret, require_secret=True)
     public = he.load_context(he_keys.public, require_secret=False)
@@ -369,7 +369,7 @@ def test_he_duplicate_and_replayed_ciphertexts_are_rejected(he_keys):
     acc = he.HEAccumulator(public, D)
     for m in good:
         acc.add(arrayrecord_to_update(m.content["arrays"]))
-    assert arrays == ArrayRecord(dict(__import__("common.he_records", fromlist=["x"]).state_to_arrayrecord(
+    assert arrays == ArrayRecord(dict(__import__("privatune.common.he_records", fromlist=["x"]).state_to_arrayrecord(
         acc.result())))
     # The same ciphertext again in round 2 is a replay too.
     fresh = [_reply(i + 1, enc(100 + i), f"site-{i}", n=100 + i) for i in range(2)]

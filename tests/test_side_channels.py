@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.app import evaluate_global, train
-from common import he
-from common.he_records import META_KEY, arrayrecord_to_state, state_to_arrayrecord, update_to_arrayrecord
-from common.ledger import PURPOSE_METRICS, SiteLedger
-from common.protocol import (
+from privatune.client.app import evaluate_global, train
+from privatune.common import he
+from privatune.common.he_records import META_KEY, arrayrecord_to_state, state_to_arrayrecord, update_to_arrayrecord
+from privatune.common.ledger import PURPOSE_METRICS, SiteLedger
+from privatune.common.protocol import (
     EVAL_RELEASE_KEYS,
     KEY_EVAL_COUNT,
     KEY_METRICS_EPSILON,
@@ -25,7 +25,7 @@ from common.protocol import (
     TRAINED_STATUS_KEYS,
     allowed_train_metric_keys,
 )
-from tests.conftest import _set_task_identity, digits_config, initial_state, make_context, make_message
+from tests.helpers.messages import set_task_identity, digits_config, initial_state, make_context, make_message
 
 PRIVACY_DOC = Path(__file__).resolve().parents[1] / "docs" / "privacy.md"
 HE_META_FIELDS = {"format", "kind", "fingerprint", "layout", "num_summands", "num_chunks", "digest"}
@@ -92,7 +92,7 @@ def test_equal_weighting_sends_no_count(tmp_path):
 
 
 def test_released_metrics_are_noised_and_paid_for_before_they_exist(tmp_path, monkeypatch):
-    import client.app as client_app
+    import privatune.client.app as client_app
 
     cfg = _cfg(tmp_path, release_metrics=True)
     ledger_path = tmp_path / "ledgers" / "site-client-0.ledger.sqlite"
@@ -132,7 +132,7 @@ def test_release_is_withheld_when_the_budget_cannot_pay_for_it(tmp_path):
 
 
 def test_no_validation_split_never_touches_training_records(tmp_path, monkeypatch):
-    import client.app as client_app
+    import privatune.client.app as client_app
 
     def forbidden(*a, **k):
         raise AssertionError("evaluation ran a model on this site's records")
@@ -151,7 +151,7 @@ def test_no_validation_split_never_touches_training_records(tmp_path, monkeypatc
 
 
 def _reply(node: int, content: dict, message_type: str = "train") -> Message:
-    _set_task_identity()
+    set_task_identity()
     request = Message(content=RecordDict({}), dst_node_id=node, message_type=message_type)
     return Message(RecordDict(content), reply_to=request)
 
@@ -161,8 +161,8 @@ MECH = {"epsilon": 1.0, "epsilon-dataset": 1.0, "noise-multiplier": 1.0, "sample
 
 
 def test_he_server_aggregates_without_any_plaintext_count(he_keys):
-    from server.strategy import PrivatuneFedAvg
-    from common.config import RunConfig
+    from privatune.server.strategy import PrivatuneFedAvg
+    from privatune.common.config import RunConfig
 
     cfg = RunConfig.create(preset="digits", secure_aggregation="he", he_public_context=str(he_keys.public),
                            min_clients=2)
@@ -191,8 +191,8 @@ def test_he_server_aggregates_without_any_plaintext_count(he_keys):
 def test_plaintext_equal_weighting_needs_no_count():
     from flwr.app import Array
 
-    from common.config import RunConfig
-    from server.strategy import PrivatuneFedAvg
+    from privatune.common.config import RunConfig
+    from privatune.server.strategy import PrivatuneFedAvg
 
     cfg = RunConfig.create(preset="digits", weighting="equal", min_clients=2)
     shapes = {"w": (2,)}
@@ -207,8 +207,8 @@ def test_plaintext_equal_weighting_needs_no_count():
 
 
 def test_server_reports_only_released_noised_metrics():
-    from common.config import RunConfig
-    from server.strategy import PrivatuneFedAvg
+    from privatune.common.config import RunConfig
+    from privatune.server.strategy import PrivatuneFedAvg
 
     strategy = PrivatuneFedAvg(RunConfig.create(preset="digits"), "r", {"w": (2,)})
     status = lambda s: ConfigRecord({"status": s, "client-id": "x"})  # noqa: E731

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from typer.testing import CliRunner
 
-from client.site_check import check_site
+from privatune.client.site_check import check_site
 from privatune.cli import app
 
 
@@ -57,10 +57,10 @@ def test_cli_exit_status(tmp_path):
 def test_site_check_counts_exhausted_records_and_the_worst_spend(tmp_path):
     from datetime import datetime, timezone
 
-    from client.privacy_guard import PrivacyGuard
-    from client.record_ids import key_check, record_ids
-    from client.site_data import SiteDataSpec, load_site_data
-    from client.site_secret import default_key_path, key_for_ledger
+    from privatune.client.privacy_guard import PrivacyGuard
+    from privatune.client.record_ids import key_check, record_ids
+    from privatune.client.site_data import SiteDataSpec, load_site_data
+    from privatune.client.site_secret import default_key_path, key_for_ledger
 
     data = _csv(tmp_path / "sms.csv", [(f"message number {i}", "spam" if i % 5 == 0 else "ham") for i in range(200)])
     ledger = tmp_path / "site-a.ledger.sqlite"
@@ -73,7 +73,7 @@ def test_site_check_counts_exhausted_records_and_the_worst_spend(tmp_path):
                        accountant="rdp", max_grad_norm=1.0, run_id="old", server_round=1, dataset_fingerprint="fp",
                        params_fingerprint="pf", epsilon_run=3.0, epsilon_dataset=3.0,
                        started_at=datetime.now(timezone.utc))
-    from common.accountants import DEFAULT_ACCOUNTANT
+    from privatune.common.accountants import DEFAULT_ACCOUNTANT
 
     worst = guard.epsilons(ids, DEFAULT_ACCOUNTANT).worst  # site check reports with the run's accountant
     assert worst > 2.0

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from client.site_data import SiteDataError, SiteDataSpec, describe_site_data, load_site_data
-from common.datasets import MAX_TEXT_CHARS, MNIST_MEAN, MNIST_STD, load_dataset
+from privatune.client.site_data import SiteDataError, SiteDataSpec, describe_site_data, load_site_data
+from privatune.common.datasets import MAX_TEXT_CHARS, MNIST_MEAN, MNIST_STD, load_dataset
 
 SMS = ("ham", "spam")
 DIGITS = tuple(str(i) for i in range(10))

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from client.randomness import SeededRandomness
-from common.canary import (
+from privatune.client.randomness import SeededRandomness
+from privatune.common.canary import (
     epsilon_lower_bound,
     fit_noise_scale,
     guesses_for_claim,
     perfect_guess_bound,
     subsampled_gaussian_llr,
 )
-from simulations.whitebox_audit import (
+from privatune.simulations.whitebox_audit import (
     HalfNoise,
     NoiseReplay,
     WhiteboxAuditError,
@@ -178,7 +178,7 @@ def test_cli_exit_codes_and_json(tmp_path):
 
 
 def test_bench_table_has_a_row_per_claim_and_a_column_per_plant():
-    from simulations.bench_whitebox import bench, table
+    from privatune.simulations.bench_whitebox import bench, table
 
     results = bench([1.0], [200])
     assert [r.settings["plant"] for r in results] == ["none", "noise-half", "noise-seeded", "no-clip"]

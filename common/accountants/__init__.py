@@ -10,10 +10,10 @@ bug in the library the clients used cannot hide itself.
 
 from __future__ import annotations
 
-from common.accountants.base import Accountant, AccountingError, Mechanism
-from common.accountants.pld import PLDAccountant
-from common.accountants.prv import PRV_MAX_GRID, PRVAccountant
-from common.accountants.rdp import RDPAccountant
+from privatune.common.accountants.base import Accountant, AccountingError, Mechanism
+from privatune.common.accountants.pld import PLDAccountant
+from privatune.common.accountants.prv import PRV_MAX_GRID, PRVAccountant
+from privatune.common.accountants.rdp import RDPAccountant
 
 DEFAULT_ACCOUNTANT = "prv"
 REGISTRY: dict[str, Accountant] = {a.name: a for a in (PRVAccountant(), RDPAccountant(), PLDAccountant())}

@@ -18,7 +18,7 @@ class AccountingError(ValueError):
 class Accountant(Protocol):
     """One way to bound the epsilon of a composition of Poisson-subsampled Gaussian mechanisms.
 
-    ``epsilon`` gets mechanisms already validated and normalised by :mod:`common.accounting` (at least one, every
+    ``epsilon`` gets mechanisms already validated and normalised by :mod:`privatune.common.accounting` (at least one, every
     noise multiplier > 0); it returns an upper bound on epsilon at ``delta`` or raises AccountingError when it
     cannot compute one at an affordable cost.
     """

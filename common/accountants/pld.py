@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from common.accountants.base import AccountingError, Mechanism
+from privatune.common.accountants.base import AccountingError, Mechanism
 
 VALUE_DISCRETIZATION_INTERVAL = 1e-3
 # The PLD's support grows with epsilon / interval; past this the computation takes seconds and gigabytes.

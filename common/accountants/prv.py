@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 
-from common.accountants.base import AccountingError, Mechanism
+from privatune.common.accountants.base import AccountingError, Mechanism
 
 # Past this many grid points Opacus' PRV needs seconds to minutes and gigabytes (it is meant for sane epsilons).
 PRV_MAX_GRID = 8_000_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 
-from common.accountants.base import Mechanism
+from privatune.common.accountants.base import Mechanism
 
 
 class RDPAccountant:

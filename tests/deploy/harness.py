@@ -379,7 +379,7 @@ class Federation:
 
     def start_proxy(self, timeout: float = READY_TIMEOUT) -> ManagedProcess:
         """Start nginx in front of the SuperLink (Fleet API only) and wait until /health answers through it."""
-        from server.fleet_proxy import FleetProxy, write_nginx_conf
+        from privatune.server.fleet_proxy import FleetProxy, write_nginx_conf
 
         nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
         if nginx is None:

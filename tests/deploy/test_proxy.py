@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from server.fleet_proxy import FleetProxy, ProxyConfigError, render_nginx_conf
+from privatune.server.fleet_proxy import FleetProxy, ProxyConfigError, render_nginx_conf
 
 from .harness import REPO_ROOT, Federation, stage_app, start_federation
 from .test_transport import digits_sites, ledger_entries, tiny_run_config

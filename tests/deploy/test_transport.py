@@ -64,7 +64,7 @@ def tiny_run_config(out_dir: Path, rounds: int = 2) -> dict:
 
 
 def ledger_entries(node_config: dict, run_id: int | None = None) -> list:
-    from common.ledger import SiteLedger
+    from privatune.common.ledger import SiteLedger
 
     path = Path(node_config["ledger-path"])
     if not path.exists():
@@ -75,7 +75,7 @@ def ledger_entries(node_config: dict, run_id: int | None = None) -> list:
 
 @pytest.fixture(scope="module")
 def he_keys(tmp_path_factory: pytest.TempPathFactory):
-    from common import he
+    from privatune.common import he
 
     return he.write_keys(tmp_path_factory.mktemp("he-keys"))
 
@@ -194,9 +194,9 @@ def test_real_app_digits_over_tls_with_a_bad_site(fed: Federation, sites: list[d
 def test_real_app_with_he_aggregation_over_tls(fed: Federation, sites: list[dict], he_keys) -> None:
     """The same deployment with CKKS aggregation: the coordinator holds only public.ctx, the sites
     decrypt, and the final (encrypted) checkpoint decrypts with a site's key to a model that learned."""
-    from common import he
-    from common.config import RunConfig
-    from server.central_eval import CentralEvaluator
+    from privatune.common import he
+    from privatune.common.config import RunConfig
+    from privatune.server.central_eval import CentralEvaluator
 
     out = fed.root / "server-out-he"
     app = stage_app(REPO_ROOT, fed.root / "app-he")

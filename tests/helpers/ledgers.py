@@ -1,4 +1,4 @@
-"""Test helpers for ledgers: files as older privatune versions wrote them (imported by tests, not conftest)."""
+"""Test helpers for ledgers: files as older privatune versions wrote them ."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
-import common.ledger as ledger_mod
-from common.ledger import SpendEntry
+import privatune.common.ledger as ledger_mod
+from privatune.common.ledger import SpendEntry
 
 
 def write_v1_site_ledger(path: Path, entries: Iterable[SpendEntry]) -> Path:
