@@ -20,9 +20,8 @@ Frozen weights never travel: only the parameters the fine-tuning mode trains are
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +40,10 @@ from privatune.client.training import train_local
 from privatune.common.config import RunConfig
 from privatune.common.datasets import LabelledData
 from privatune.common.evaluation import macro_f1
-from privatune.common.he import HEError
-from privatune.common.ledger import LedgerError
 from privatune.common.features import cached_features, encode
 from privatune.common.federation_data import client_records
+from privatune.common.he import HEError
+from privatune.common.ledger import LedgerError
 from privatune.common.models import (
     Classifier,
     backbone_is_frozen,
@@ -55,9 +54,9 @@ from privatune.common.models import (
     trainable_state,
 )
 from privatune.common.protocol import (
-    KEY_NOISE_SOURCE,
     KEY_METRICS_EPSILON,
     KEY_METRICS_NOISE,
+    KEY_NOISE_SOURCE,
     KEY_NUM_EXAMPLES,
     PROTOCOL_KEYS,
     STATUS_BUDGET,
@@ -153,8 +152,20 @@ def prepare(msg: Message, context: Context) -> LocalRun:
     names = configure_trainable(model, cfg.mode)
     incoming = decode_global_state(msg, cfg, site)
     load_trainable_state(model, incoming)
-    return LocalRun(cfg, site, str(context.run_id), server_round, local.train, local.val, local.train_ids,
-                    local.val_ids, local.fingerprint, local.key_check, model, names)
+    return LocalRun(
+        cfg,
+        site,
+        str(context.run_id),
+        server_round,
+        local.train,
+        local.val,
+        local.train_ids,
+        local.val_ids,
+        local.fingerprint,
+        local.key_check,
+        model,
+        names,
+    )
 
 
 def decode_global_state(msg: Message, cfg: RunConfig, site: SiteConfig) -> dict[str, np.ndarray]:
@@ -171,9 +182,7 @@ def decode_global_state(msg: Message, cfg: RunConfig, site: SiteConfig) -> dict[
 
 def site_secret_path(site: SiteConfig):
     if site.he_secret_context is None:
-        raise ValueError(
-            "this run uses secure-aggregation=he but the site has no he-secret-context in its node config"
-        )
+        raise ValueError("this run uses secure-aggregation=he but the site has no he-secret-context in its node config")
     return site.he_secret_context
 
 
@@ -194,8 +203,10 @@ def _data_error_for_server(err: SiteDataError) -> str:
 
 def _ledger_error_for_server(ledger_path: str | Path) -> str:
     """What the coordinator learns of a ledger error: the file's name, not its folder or contents."""
-    return (f"site ledger refused: {Path(ledger_path).name} cannot be read or verified; the site's log has the "
-            "details and the recovery steps")
+    return (
+        f"site ledger refused: {Path(ledger_path).name} cannot be read or verified; the site's log has the "
+        "details and the recovery steps"
+    )
 
 
 def round_randomness(run: LocalRun) -> Randomness:
@@ -259,19 +270,19 @@ def train(msg: Message, context: Context) -> Message:
         log.error("round refused: %s", err)
         return _reply_without_update(msg, context, STATUS_REFUSED, str(err))
     cfg, site = run.cfg, run.site
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     dataset_fp = run.dataset_fingerprint
-    params_fp = trainable_fingerprint(
-        [(n, tuple(p.shape)) for n, p in run.model.named_parameters() if p.requires_grad]
-    )
+    params_fp = trainable_fingerprint([(n, tuple(p.shape)) for n, p in run.model.named_parameters() if p.requires_grad])
     try:
-        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted,
-                             run.key_check)
+        guard = PrivacyGuard(
+            site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted, run.key_check
+        )
         plan = guard.plan(cfg, run.run_id, run.train_ids)
     except LedgerError as err:  # a ledger that cannot be trusted or written: no spend can be proven, no training
         log.error("[%s] round %d refused: %s", site.site_id, run.server_round, err)
-        return _reply_without_update(msg, context, STATUS_REFUSED, _ledger_error_for_server(site.ledger_path),
-                                     site_id=site.site_id)
+        return _reply_without_update(
+            msg, context, STATUS_REFUSED, _ledger_error_for_server(site.ledger_path), site_id=site.site_id
+        )
     except ValueError as err:  # e.g. a looser delta than the site's
         log.error("round refused: %s", err)
         return _reply_without_update(msg, context, STATUS_REFUSED, str(err), site_id=site.site_id)
@@ -280,9 +291,14 @@ def train(msg: Message, context: Context) -> Message:
         return _reply_without_update(msg, context, STATUS_BUDGET, plan.reason, site_id=site.site_id)
     cohort = run.train.subset(np.asarray(plan.train, dtype=np.int64))
     if cfg.private and len(cohort) < cfg.batch_size:
-        log.warning("[%s] round %d: only %d training records for batch-size %d: every step samples the whole "
-                    "set (sample rate 1), so DP noise dominates; a site needs many batches of records",
-                    site.site_id, run.server_round, len(cohort), cfg.batch_size)
+        log.warning(
+            "[%s] round %d: only %d training records for batch-size %d: every step samples the whole "
+            "set (sample rate 1), so DP noise dominates; a site needs many batches of records",
+            site.site_id,
+            run.server_round,
+            len(cohort),
+            cfg.batch_size,
+        )
     # Everything that can fail without touching a gradient comes before the spend is written (inputs and the
     # feature cache, the round's randomness, the HE key for the reply): a round that fails here costs nothing.
     try:
@@ -295,12 +311,14 @@ def train(msg: Message, context: Context) -> Message:
     # Write-ahead: the spend (and the cohort it samples from) is on disk before a single gradient is computed.
     # From here on it counts, whether or not the update is released.
     try:
-        guard.record(plan, cfg, run.run_id, run.server_round, run.train_ids, dataset_fp, params_fp, started,
-                     noise_source)
+        guard.record(
+            plan, cfg, run.run_id, run.server_round, run.train_ids, dataset_fp, params_fp, started, noise_source
+        )
     except LedgerError as err:
         log.error("[%s] round %d refused: %s", site.site_id, run.server_round, err)
-        return _reply_without_update(msg, context, STATUS_REFUSED, _ledger_error_for_server(site.ledger_path),
-                                     site_id=site.site_id)
+        return _reply_without_update(
+            msg, context, STATUS_REFUSED, _ledger_error_for_server(site.ledger_path), site_id=site.site_id
+        )
     noise, delta = plan.noise_multiplier, plan.delta
     result = train_round(run, cohort, noise, prepared)
     run.model.to("cpu")
@@ -331,7 +349,13 @@ def train(msg: Message, context: Context) -> Message:
     # The loss and the timing stay here, in the site's log: they are not DP-noised, so they never leave.
     log.info(
         "[%s] round %d: %d records, train loss %.4f, epsilon %.3f, noise %s, %.1f s",
-        site.site_id, run.server_round, len(cohort), result.loss, plan.epsilon_run, noise_source, result.seconds,
+        site.site_id,
+        run.server_round,
+        len(cohort),
+        result.loss,
+        plan.epsilon_run,
+        noise_source,
+        result.seconds,
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "status": status}), reply_to=msg)
 
@@ -383,43 +407,51 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     cfg, site = run.cfg, run.site
     if not len(run.val):
         # Never evaluate on training records: a score on them measures memorisation and spends nothing.
-        log.info("[%s] round %d: no validation records (val-fraction=%g), nothing evaluated",
-                 site.site_id, run.server_round, cfg.val_fraction)
+        log.info(
+            "[%s] round %d: no validation records (val-fraction=%g), nothing evaluated",
+            site.site_id,
+            run.server_round,
+            cfg.val_fraction,
+        )
         reason = "this site has no validation records"
-        return Message(RecordDict({"status": status_record(site.site_id, STATUS_NO_VALIDATION, reason)}),
-                       reply_to=msg)
+        return Message(RecordDict({"status": status_record(site.site_id, STATUS_NO_VALIDATION, reason)}), reply_to=msg)
     module, inputs = module_and_inputs(run, run.val)
-    losses, preds = per_record_outcomes(module, inputs, torch.as_tensor(run.val.labels, dtype=torch.long),
-                                        device=site.device)
+    losses, preds = per_record_outcomes(
+        module, inputs, torch.as_tensor(run.val.labels, dtype=torch.long), device=site.device
+    )
     true = np.asarray(run.val.labels)
     sums = exact_sums(losses, preds == true)
     log.info(
         "[%s] round %d: validation on %d records: loss %.4f, accuracy %.4f, macro-F1 %.4f (site log only)",
-        site.site_id, run.server_round, len(true), float(losses.mean()), float((preds == true).mean()),
+        site.site_id,
+        run.server_round,
+        len(true),
+        float(losses.mean()),
+        float((preds == true).mean()),
         macro_f1(true, preds, len(cfg.label_names)),
     )
     if not cfg.release_metrics:
         return Message(RecordDict({"status": status_record(site.site_id, STATUS_EVALUATED)}), reply_to=msg)
-    params_fp = trainable_fingerprint(
-        [(n, tuple(p.shape)) for n, p in run.model.named_parameters() if p.requires_grad]
-    )
+    params_fp = trainable_fingerprint([(n, tuple(p.shape)) for n, p in run.model.named_parameters() if p.requires_grad])
     try:
-        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted,
-                             run.key_check)
+        guard = PrivacyGuard(
+            site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted, run.key_check
+        )
         # Write-ahead: the release's spend is on disk (or refused) before any number is noised or sent.
-        spend = record_metrics_spend(guard, cfg, run.run_id, run.server_round, run.dataset_fingerprint, params_fp,
-                                     run.val_ids)
+        spend = record_metrics_spend(
+            guard, cfg, run.run_id, run.server_round, run.dataset_fingerprint, params_fp, run.val_ids
+        )
     except LedgerError as err:
         log.error("[%s] round %d: metrics not released: %s", site.site_id, run.server_round, err)
-        return _reply_without_update(msg, context, STATUS_REFUSED, _ledger_error_for_server(site.ledger_path),
-                                     site_id=site.site_id)
+        return _reply_without_update(
+            msg, context, STATUS_REFUSED, _ledger_error_for_server(site.ledger_path), site_id=site.site_id
+        )
     except ValueError as err:
         log.error("[%s] round %d: metrics not released: %s", site.site_id, run.server_round, err)
         return _reply_without_update(msg, context, STATUS_REFUSED, str(err), site_id=site.site_id)
     if not spend.allowed:
         log.warning("[%s] round %d: %s", site.site_id, run.server_round, spend.reason)
-        return Message(RecordDict({"status": status_record(site.site_id, STATUS_BUDGET, spend.reason)}),
-                       reply_to=msg)
+        return Message(RecordDict({"status": status_record(site.site_id, STATUS_BUDGET, spend.reason)}), reply_to=msg)
     released = noised_sums(sums, cfg.metrics_noise_multiplier, SiteRandomness())
     metrics = MetricRecord(
         {
@@ -428,8 +460,12 @@ def evaluate_global(msg: Message, context: Context) -> Message:
             KEY_METRICS_NOISE: float(cfg.metrics_noise_multiplier),
         }
     )
-    log.info("[%s] round %d: released noised validation sums, run epsilon now %.3f",
-             site.site_id, run.server_round, spend.epsilon_run)
+    log.info(
+        "[%s] round %d: released noised validation sums, run epsilon now %.3f",
+        site.site_id,
+        run.server_round,
+        spend.epsilon_run,
+    )
     return Message(
         RecordDict({"metrics": metrics, "status": status_record(site.site_id, STATUS_EVALUATED)}),
         reply_to=msg,

@@ -32,12 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from privatune.common.accounting import AccountingError, Mechanism, calibrate_noise, epsilon_of
+from privatune.common.accounting import Mechanism
 from privatune.common.protocol import KEY_EVAL_CORRECT, KEY_EVAL_COUNT, KEY_EVAL_LOSS_SUM
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,7 +87,7 @@ def release_mechanism(noise_multiplier: float) -> Mechanism:
 
 
 def noised_sums(
-    sums: EvalSums, noise_multiplier: float, randomness: "Randomness", loss_bound: float = LOSS_BOUND
+    sums: EvalSums, noise_multiplier: float, randomness: Randomness, loss_bound: float = LOSS_BOUND
 ) -> EvalSums:
     """Each sum plus Gaussian noise of std ``noise_multiplier * its sensitivity``, drawn from ``randomness``."""
     import torch
@@ -102,7 +102,7 @@ def noised_sums(
     )
 
 
-def planned_releases(cfg: "RunConfig") -> list[Mechanism]:
+def planned_releases(cfg: RunConfig) -> list[Mechanism]:
     """What a whole run's metric releases cost a site (one release per round): the training noise is
     calibrated so that training and these together stay within target-epsilon."""
     if not cfg.release_metrics:
@@ -122,13 +122,13 @@ class MetricsSpend:
 
 
 def record_metrics_spend(
-    guard: "PrivacyGuard",
-    cfg: "RunConfig",
+    guard: PrivacyGuard,
+    cfg: RunConfig,
     run_id: str,
     server_round: int,
     dataset_fingerprint: str,
     params_fingerprint: str,
-    validation_ids: "Sequence[bytes]",
+    validation_ids: Sequence[bytes],
 ) -> MetricsSpend:
     """Check the budget of the validation records for one release and, if it fits, append the spend (purpose
     "metrics", cohort = exactly those records) to the site ledger before anything is released.
@@ -138,18 +138,32 @@ def record_metrics_spend(
     from privatune.common.ledger import PURPOSE_METRICS
     from privatune.common.protocol import NOISE_SOURCE_SITE
 
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     delta = guard.run_delta(cfg)
     mech = release_mechanism(cfg.metrics_noise_multiplier)
     eps = guard.epsilons(validation_ids, cfg.accountant, delta=delta, new=[mech], run_id=run_id)
     if guard.over_budget(eps):
-        return MetricsSpend(False, (
-            f"metrics withheld: releasing them would bring validation records to epsilon {eps.worst:.3f}, above "
-            f"the site budget max-epsilon={guard.max_epsilon:g}"), eps.worst_run, eps.worst, None)
+        return MetricsSpend(
+            False,
+            (
+                f"metrics withheld: releasing them would bring validation records to epsilon {eps.worst:.3f}, above "
+                f"the site budget max-epsilon={guard.max_epsilon:g}"
+            ),
+            eps.worst_run,
+            eps.worst,
+            None,
+        )
     if cfg.private and eps.worst_run > cfg.target_epsilon * 1.01 + 1e-6:
-        return MetricsSpend(False, (
-            f"metrics withheld: releasing them would bring this run's epsilon on the validation records to "
-            f"{eps.worst_run:.3f}, above target-epsilon={cfg.target_epsilon:g}"), eps.worst_run, eps.worst, None)
+        return MetricsSpend(
+            False,
+            (
+                f"metrics withheld: releasing them would bring this run's epsilon on the validation records to "
+                f"{eps.worst_run:.3f}, above target-epsilon={cfg.target_epsilon:g}"
+            ),
+            eps.worst_run,
+            eps.worst,
+            None,
+        )
     seq = guard.record_spend(
         purpose=PURPOSE_METRICS,
         record_ids=list(validation_ids),
@@ -170,11 +184,11 @@ def record_metrics_spend(
 
 
 def per_record_outcomes(
-    module: "torch.nn.Module",
-    inputs: tuple["torch.Tensor", ...],
-    labels: "torch.Tensor",
+    module: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    labels: torch.Tensor,
     batch_size: int = 256,
-    device: "torch.device | str" = "cpu",
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(per-record cross-entropy, per-record predicted class) of ``module`` on the given records."""
     import torch

@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from privatune.common.accounting import Mechanism, calibrate_noise, sample_rate, steps_per_epoch
 from privatune.common.config import RunConfig
-from privatune.common.protocol import NOISE_SOURCE_SEEDED
 from privatune.common.ledger import PURPOSE_TRAIN, SiteLedger, SpendEntry
+from privatune.common.protocol import NOISE_SOURCE_SEEDED
 from privatune.common.record_budget import RecordEpsilons, Spend, record_epsilons
 
 log = logging.getLogger("privatune.client")
@@ -126,12 +126,20 @@ class PrivacyGuard:
     def spends(self) -> list[Spend]:
         return [Spend(r.entry.mechanism, r.entry.cohort_id, r.entry.run_id) for r in self.ledger.entries()]
 
-    def epsilons(self, record_ids: Sequence[bytes], accountant: str, *, delta: float | None = None,
-                 new: Sequence[Mechanism] = (), run_id: str | None = None) -> RecordEpsilons:
+    def epsilons(
+        self,
+        record_ids: Sequence[bytes],
+        accountant: str,
+        *,
+        delta: float | None = None,
+        new: Sequence[Mechanism] = (),
+        run_id: str | None = None,
+    ) -> RecordEpsilons:
         """Each record's epsilon after every recorded spend holding it (plus ``new``, applied to all of them):
         the generic budget read (training plans it; noised metric releases check it the same way)."""
-        return record_epsilons(record_ids, self.ledger.cohorts(), self.spends(), delta or self.delta, accountant,
-                               new=new, run_id=run_id)
+        return record_epsilons(
+            record_ids, self.ledger.cohorts(), self.spends(), delta or self.delta, accountant, new=new, run_id=run_id
+        )
 
     def over_budget(self, eps: RecordEpsilons) -> list[int]:
         if self.max_epsilon is None:
@@ -150,7 +158,9 @@ class PrivacyGuard:
             if not keep:
                 return self._refusal(
                     "budget exhausted: every training record at this site would pass the site budget "
-                    f"max-epsilon={self.max_epsilon:g} with this round", delta)
+                    f"max-epsilon={self.max_epsilon:g} with this round",
+                    delta,
+                )
             n = len(keep)
             steps = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
             mech = (plan_noise(cfg, n, delta), sample_rate(n, cfg.batch_size), steps)
@@ -163,13 +173,19 @@ class PrivacyGuard:
                 return self._refusal(
                     f"budget exhausted: this round would bring some records past the site budget "
                     f"max-epsilon={self.max_epsilon:g} (worst {eps.worst:.3f}); the site refuses "
-                    "(on-exhausted=refuse)", delta)
+                    "(on-exhausted=refuse)",
+                    delta,
+                )
             dropped = set(over)
             keep = [k for j, k in enumerate(keep) if j not in dropped]
         excluded = len(record_ids) - len(keep)
         if excluded:
-            log.info("[%s] %d of %d training records left out: their budget is spent", self.site_id, excluded,
-                     len(record_ids))
+            log.info(
+                "[%s] %d of %d training records left out: their budget is spent",
+                self.site_id,
+                excluded,
+                len(record_ids),
+            )
         allowed, reason = True, ""
         if cfg.private and eps.worst_run > cfg.target_epsilon * 1.01 + 1e-6:
             allowed = False
@@ -177,8 +193,9 @@ class PrivacyGuard:
                 f"run target exhausted: this round would bring this run's epsilon to {eps.worst_run:.3f}, "
                 f"above target-epsilon={cfg.target_epsilon:g}"
             )
-        return RoundPlan(allowed, reason, mech[0], mech[1], mech[2], delta, eps.worst_run, eps.worst,
-                         tuple(keep), excluded)
+        return RoundPlan(
+            allowed, reason, mech[0], mech[1], mech[2], delta, eps.worst_run, eps.worst, tuple(keep), excluded
+        )
 
     def _refusal(self, reason: str, delta: float) -> RoundPlan:
         return RoundPlan(False, reason, 0.0, 1.0, 0, delta, 0.0, 0.0)
@@ -224,7 +241,7 @@ class PrivacyGuard:
             epsilon_dataset=epsilon_dataset,
             max_epsilon=self.max_epsilon,
             started_at=started_at.isoformat(),
-            recorded_at=datetime.now(timezone.utc).isoformat(),
+            recorded_at=datetime.now(UTC).isoformat(),
             cohort_id=cohort,
             purpose=purpose,
             noise_source=noise_source,

@@ -41,7 +41,9 @@ class Randomness(Protocol):
         """``n`` float64 draws, uniform in (0, 1)."""
         ...
 
-    def gaussian(self, shape: tuple[int, ...], std: float, *, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    def gaussian(
+        self, shape: tuple[int, ...], std: float, *, device: torch.device | str, dtype: torch.dtype
+    ) -> torch.Tensor:
         """Noise of the given shape with mean 0 and standard deviation ``std``."""
         ...
 
@@ -70,7 +72,9 @@ class SiteRandomness:
         # 53 random bits per draw, shifted by half a unit: strictly inside (0, 1), so log() is finite.
         return ((self._uint64(n) >> np.uint64(11)).astype(np.float64) + 0.5) / _TWO53
 
-    def gaussian(self, shape: tuple[int, ...], std: float, *, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    def gaussian(
+        self, shape: tuple[int, ...], std: float, *, device: torch.device | str, dtype: torch.dtype
+    ) -> torch.Tensor:
         count = int(np.prod(shape)) if shape else 1
         half = (count + 1) // 2
         u = self.uniform(2 * half)
@@ -91,7 +95,9 @@ class SeededRandomness:
         u = self._rng.random(n)
         return np.where(u == 0.0, 0.5 / _TWO53, u)
 
-    def gaussian(self, shape: tuple[int, ...], std: float, *, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    def gaussian(
+        self, shape: tuple[int, ...], std: float, *, device: torch.device | str, dtype: torch.dtype
+    ) -> torch.Tensor:
         z = self._rng.standard_normal(shape) * float(std)
         return torch.from_numpy(np.asarray(z, dtype=np.float64)).to(device=device, dtype=dtype)
 

@@ -6,8 +6,9 @@ but aggregate counts is printed (no record content).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from privatune.client.site_config import SiteConfig, SiteConfigError
 from privatune.client.site_data import SiteDataError, describe_site_data, load_site_data
@@ -95,16 +96,23 @@ def check_site(
         + ("" if n >= cfg.batch_size else ": fewer records than one batch; DP-SGD needs many more"),
     )
     limit = 0.1 / len(data)
-    rep.add("delta", site.delta < limit,
-            f"site delta {site.delta:.2g} vs 0.1/n = {limit:.2g}"
-            + ("" if site.delta < limit else f": set node-config delta below {limit:.2g}"))
+    rep.add(
+        "delta",
+        site.delta < limit,
+        f"site delta {site.delta:.2g} vs 0.1/n = {limit:.2g}"
+        + ("" if site.delta < limit else f": set node-config delta below {limit:.2g}"),
+    )
     if cfg.delta > site.delta:
-        rep.add("run delta", False, f"the run's delta {cfg.delta:g} is looser than the site's {site.delta:g}: "
-                                    "the site would refuse it")
+        rep.add(
+            "run delta",
+            False,
+            f"the run's delta {cfg.delta:g} is looser than the site's {site.delta:g}: the site would refuse it",
+        )
 
     try:
-        guard = PrivacyGuard(site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted,
-                             key_check(key))
+        guard = PrivacyGuard(
+            site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted, key_check(key)
+        )
         eps = guard.epsilons(ids, cfg.accountant)
         worst = eps.worst
         if site.max_epsilon is None:

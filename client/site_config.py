@@ -8,9 +8,10 @@ other path is derived from the run's output folder, so one machine holds the who
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -63,6 +64,7 @@ class SiteConfig:
     @property
     def key_path(self) -> Path:
         return self.site_key_path or default_key_path(self.ledger_path)
+
     # Whether this site accepts a run config with reproducible-noise=true (seeded, predictable noise). A partner
     # site defaults to no; a simulated client to yes (the whole federation is one machine).
     allow_reproducible_noise: bool = False
@@ -72,12 +74,10 @@ class SiteConfig:
         return self.data is None
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], cfg: RunConfig) -> "SiteConfig":
+    def from_node_config(cls, node_config: Mapping[str, Any], cfg: RunConfig) -> SiteConfig:
         unknown = sorted(set(node_config) - set(SITE_KEYS))
         if unknown:
-            raise SiteConfigError(
-                f"unknown node-config key(s) {unknown}; known keys: {', '.join(SITE_KEYS)}"
-            )
+            raise SiteConfigError(f"unknown node-config key(s) {unknown}; known keys: {', '.join(SITE_KEYS)}")
         device = resolve_device(str(node_config.get("device", "auto")))
         max_epsilon = parse_max_epsilon(node_config.get("max-epsilon", ""))
         out = Path(cfg.out_dir) if cfg.out_dir else None
@@ -111,7 +111,7 @@ class SiteConfig:
             if not ledger:
                 raise SiteConfigError(
                     "ledger-path is required at a site: the privacy ledger must survive restarts "
-                    "(e.g. ledger-path=\"/var/lib/privatune/site.ledger.sqlite\")"
+                    '(e.g. ledger-path="/var/lib/privatune/site.ledger.sqlite")'
                 )
             secret = node_config.get("he-secret-context")
             if secret:
@@ -144,7 +144,11 @@ class SiteConfig:
         if cfg.secure_aggregation == "he":
             # One machine holds the whole simulated federation: the clients' secret context sits
             # beside the server's public one (keygen writes both into one folder).
-            secret = Path(cfg.he_public_context).parent / "secret.ctx" if cfg.he_public_context else out / "keys" / "secret.ctx"
+            secret = (
+                Path(cfg.he_public_context).parent / "secret.ctx"
+                if cfg.he_public_context
+                else out / "keys" / "secret.ctx"
+            )
         return cls(
             site_id=site_id,
             ledger_path=out / "ledgers" / f"site-{site_id}.ledger.sqlite",
@@ -205,7 +209,7 @@ def check_secret_context(path: Path) -> None:
     if path.is_dir():
         raise SiteConfigError(
             f"he-secret-context: {path} is a folder; point it at the secret.ctx file `privatune keygen` wrote "
-            f"(e.g. he-secret-context=\"{path / 'secret.ctx'}\")"
+            f'(e.g. he-secret-context="{path / "secret.ctx"}")'
         )
 
 
@@ -218,7 +222,9 @@ def resolve_device(requested: str) -> str:
         return "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SiteConfigError(f"device={requested} but this host has no CUDA GPU visible to torch; use device=cpu or auto")
+            raise SiteConfigError(
+                f"device={requested} but this host has no CUDA GPU visible to torch; use device=cpu or auto"
+            )
         if ":" in requested:
             idx = int(requested.split(":", 1)[1])
             if idx >= torch.cuda.device_count():

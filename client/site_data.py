@@ -19,9 +19,10 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -481,9 +482,7 @@ def _load_image_folder(spec: SiteDataSpec, labels: _LabelParser) -> tuple[np.nda
                 )
             files.append((file, label))
     if not files:
-        raise SiteDataError(
-            root, "no images found", f"Put images in {root}/<label>/ sub-folders ({labels.allowed()})."
-        )
+        raise SiteDataError(root, "no images found", f"Put images in {root}/<label>/ sub-folders ({labels.allowed()}).")
     pixels = []
     for record, (file, _) in enumerate(files, start=1):
         arr = _read_image_file(file, record)

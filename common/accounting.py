@@ -40,9 +40,23 @@ CALIBRATION_SIGMA_PRECISION = 1e-4
 INDEPENDENT_REL_TOLERANCE = 0.02
 
 __all__ = [
-    "ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "INDEPENDENT_REL_TOLERANCE", "PRV_MAX_GRID", "TARGET_EPSILON_MAX",
-    "TARGET_EPSILON_MIN", "AccountingError", "Mechanism", "calibrate_noise", "check_mechanism", "compose",
-    "default_delta", "epsilon_of", "independent_of", "normalise", "sample_rate", "steps_per_epoch",
+    "ACCOUNTANTS",
+    "DEFAULT_ACCOUNTANT",
+    "INDEPENDENT_REL_TOLERANCE",
+    "PRV_MAX_GRID",
+    "TARGET_EPSILON_MAX",
+    "TARGET_EPSILON_MIN",
+    "AccountingError",
+    "Mechanism",
+    "calibrate_noise",
+    "check_mechanism",
+    "compose",
+    "default_delta",
+    "epsilon_of",
+    "independent_of",
+    "normalise",
+    "sample_rate",
+    "steps_per_epoch",
 ]
 
 
@@ -81,8 +95,10 @@ def check_mechanism(mechanism: Sequence, where: str = "mechanism") -> Mechanism:
         raise AccountingError(
             f"{where} must be a (noise_multiplier, sample_rate, steps) triple, got {mechanism!r}"
         ) from None
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (
-        math.isfinite(float(noise)) and float(noise) >= 0.0
+    if (
+        isinstance(noise, bool)
+        or not isinstance(noise, (int, float))
+        or not (math.isfinite(float(noise)) and float(noise) >= 0.0)
     ):
         raise AccountingError(f"{where}: noise_multiplier must be a finite number >= 0, got {noise!r}")
     rate = _check_sample_rate(rate, f"{where}: sample_rate")

@@ -49,25 +49,28 @@ from privatune.common.accounting import (
     normalise,
 )
 from privatune.common.jsonsafe import jsonable
-from privatune.common.record_budget import CohortError, Spend, cohort_id_of, record_epsilons, unpack_ids
-from privatune.common.protocol import NOISE_SOURCE_SEEDED
 from privatune.common.ledger import (
     LEDGER_GLOB,
     LEDGER_SUFFIX,
+    PURPOSE_TRAIN,
     SITE_SCHEMA,
     STATUS_BUDGET_EXHAUSTED,
     STATUS_DROPPED,
-    PURPOSE_TRAIN,
     STATUS_TRAINED,
 )
 from privatune.common.ledger_verify import inspect_ledger
+from privatune.common.protocol import NOISE_SOURCE_SEEDED
+from privatune.common.record_budget import CohortError, Spend, cohort_id_of, record_epsilons, unpack_ids
 
 SITE = "site"
 SERVER = "server"
 VIOLATION_KINDS = (
     "unreadable",  # not a ledger, not readable, or its pages / structure are damaged (the file as a whole)
     "chain-malformed",  # the file, a table or a row is not a well-formed ledger (corrupt, wrong type, NULL...)
-    "chain-edited", "chain-deleted", "chain-inserted", "chain-reordered",  # hash chain broken at a named row
+    "chain-edited",
+    "chain-deleted",
+    "chain-inserted",
+    "chain-reordered",  # hash chain broken at a named row
     "invalid-entry",  # a row whose mechanism cannot be accounted (e.g. sample rate 0)
     "unverifiable",  # the recorded accountant cannot recompute this epsilon
     "epsilon-underreported",  # a recorded epsilon below the independent recomputation
@@ -230,7 +233,7 @@ def find_ledgers(paths: Sequence[Path]) -> list[Path]:
 def _site_id_from_name(path: Path) -> str | None:
     name = path.name
     if name.startswith("site-") and name.endswith(LEDGER_SUFFIX):
-        return name[len("site-"):-len(LEDGER_SUFFIX)]
+        return name[len("site-") : -len(LEDGER_SUFFIX)]
     return None
 
 
@@ -301,10 +304,10 @@ class _Auditor:
         self.site_parties: set[str] = set()
         self.server_runs: set[str] = set()
 
-    def flag(self, kind: str, file: Path, seq: int | None, message: str, table: str | None = None,
-             party: str | None = None) -> None:
-        self.violations.append(Violation(kind=kind, file=str(file), seq=seq, message=message, table=table,
-                                         party=party))
+    def flag(
+        self, kind: str, file: Path, seq: int | None, message: str, table: str | None = None, party: str | None = None
+    ) -> None:
+        self.violations.append(Violation(kind=kind, file=str(file), seq=seq, message=message, table=table, party=party))
 
     # -- files --------------------------------------------------------------------------------------------------
 
@@ -321,8 +324,10 @@ class _Auditor:
             self.files.append(LedgerFileInfo(str(path), "unknown", 0, False))
             return
         if found.version == "1":
-            self.notes.append(f"{path.name} is a version 1 ledger: its chains are verified, but its meta table "
-                              "(schema, creation time) is not hash-chained")
+            self.notes.append(
+                f"{path.name} is a version 1 ledger: its chains are verified, but its meta table "
+                "(schema, creation time) is not hash-chained"
+            )
         # Only rows that decoded with their declared types are accounted; the others are named above.
         if found.schema == SITE_SCHEMA:
             rows = found.rows.get("spend", [])
@@ -341,24 +346,39 @@ class _Auditor:
         out: dict[str, frozenset[bytes]] = {}
         keys = {row.get("key_check") for row in rows}
         if len(keys) > 1:
-            self.flag("invalid-cohort", path, None, f"the cohorts were made with {len(keys)} different site keys: "
-                                                    "records keyed by a replaced key restart at zero", "cohorts")
+            self.flag(
+                "invalid-cohort",
+                path,
+                None,
+                f"the cohorts were made with {len(keys)} different site keys: "
+                "records keyed by a replaced key restart at zero",
+                "cohorts",
+            )
         for row in rows:
             seq = row["seq"]
             try:
                 ids = unpack_ids(row["ids"])
                 if cohort_id_of(row["ids"]) != row["cohort_id"] or len(ids) != row["size"]:
-                    raise CohortError(f"its ids do not match its cohort id {row['cohort_id']!r} and size "
-                                      f"{row['size']!r}")
+                    raise CohortError(
+                        f"its ids do not match its cohort id {row['cohort_id']!r} and size {row['size']!r}"
+                    )
             except (CohortError, TypeError) as exc:
                 self.flag("invalid-cohort", path, seq, f"cohort row {seq}: {exc}", "cohorts")
                 continue
             out[row["cohort_id"]] = frozenset(ids)
         return out
 
-    def _record_eps(self, members: frozenset[bytes], cohorts: dict[str, frozenset[bytes]], spends: list[Spend],
-                    delta: float, accountant: str, run_id: str) -> tuple[float, float]:
+    def _record_eps(
+        self,
+        members: frozenset[bytes],
+        cohorts: dict[str, frozenset[bytes]],
+        spends: list[Spend],
+        delta: float,
+        accountant: str,
+        run_id: str,
+    ) -> tuple[float, float]:
         """(worst record's run epsilon, worst record's epsilon over all runs) among ``members``."""
+
         def eps(history: Sequence[Mechanism], d: float, acc: str) -> float:
             value, err = self.eps(history, d, acc)
             if value is None:
@@ -381,12 +401,21 @@ class _Auditor:
             self.site_parties.add(site)
             cohort = row.get("cohort_id")
             entry = AuditEntry(
-                source=SITE, file=str(path), seq=seq, run_id=str(row["run_id"]), round=row["round"], party=site,
-                status=STATUS_TRAINED, node_id=None, dataset_fingerprint=row["dataset_fingerprint"],
+                source=SITE,
+                file=str(path),
+                seq=seq,
+                run_id=str(row["run_id"]),
+                round=row["round"],
+                party=site,
+                status=STATUS_TRAINED,
+                node_id=None,
+                dataset_fingerprint=row["dataset_fingerprint"],
                 params_fingerprint=row["params_fingerprint"],
                 **{k: row[k] for k in _MECH_FIELDS},
-                epsilon_reported=row["epsilon_run"], epsilon_dataset_reported=row["epsilon_dataset"],
-                max_epsilon=row["max_epsilon"], recorded_at=row["recorded_at"],
+                epsilon_reported=row["epsilon_run"],
+                epsilon_dataset_reported=row["epsilon_dataset"],
+                max_epsilon=row["max_epsilon"],
+                recorded_at=row["recorded_at"],
                 noise_source=row.get("noise_source") or NOISE_SOURCE_SEEDED,
                 purpose=str(row.get("purpose") or "train"),
             )
@@ -397,9 +426,16 @@ class _Auditor:
                 self.flag("invalid-entry", path, seq, f"row {seq} cannot be accounted: {why}", "spend", site)
                 continue
             if cohort is not None and cohort not in cohorts:
-                self.flag("invalid-cohort", path, seq, f"row {seq} names cohort {cohort!r}, which the ledger does "
-                                                       "not hold (or holds altered): its records cannot be "
-                                                       "accounted", "spend", site)
+                self.flag(
+                    "invalid-cohort",
+                    path,
+                    seq,
+                    f"row {seq} names cohort {cohort!r}, which the ledger does "
+                    "not hold (or holds altered): its records cannot be "
+                    "accounted",
+                    "spend",
+                    site,
+                )
                 continue
             spends.append(Spend(mech, cohort, entry.run_id))
             delta, acc = float(row["delta"]), row["accountant"]
@@ -425,7 +461,10 @@ class _Auditor:
                     except AccountingError as exc:
                         worst[name], errors[name] = (None, None), str(exc)
                 (entry.epsilon_rdp, _), (entry.epsilon_prv, _), (entry.epsilon_pld, _) = (
-                    worst["rdp"], worst["prv"], worst["pld"])
+                    worst["rdp"],
+                    worst["prv"],
+                    worst["pld"],
+                )
                 entry.epsilon_dataset = worst[acc][1] if acc in worst else None
                 prv_err, data_err, pld_err = errors.get("prv"), errors.get(acc), errors.get("pld")
                 data_independent = worst[independent_of(acc)][1] if independent_of(acc) in worst else None
@@ -434,30 +473,52 @@ class _Auditor:
                 self.notes.append(f"{path.name} row {seq}: no PRV value ({prv_err})")
             recomputed = entry.epsilon_recomputed
             if recomputed is None or entry.epsilon_dataset is None:
-                self.flag("unverifiable", path, seq, f"row {seq}: the {acc} accountant cannot recompute its "
-                                                     f"epsilon: {(pld_err if acc == 'pld' else prv_err) or data_err}",
-                          "spend", site)
+                self.flag(
+                    "unverifiable",
+                    path,
+                    seq,
+                    f"row {seq}: the {acc} accountant cannot recompute its "
+                    f"epsilon: {(pld_err if acc == 'pld' else prv_err) or data_err}",
+                    "spend",
+                    site,
+                )
                 continue
             if _below(row["epsilon_run"], recomputed, tol):
-                self.flag("epsilon-underreported", path, seq,
-                          f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) records run epsilon "
-                          f"{_fmt(row['epsilon_run'])} but its mechanisms give {_fmt(recomputed)} ({acc})",
-                          "spend", site)
+                self.flag(
+                    "epsilon-underreported",
+                    path,
+                    seq,
+                    f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) records run epsilon "
+                    f"{_fmt(row['epsilon_run'])} but its mechanisms give {_fmt(recomputed)} ({acc})",
+                    "spend",
+                    site,
+                )
             if _below(row["epsilon_dataset"], entry.epsilon_dataset, tol):
-                self.flag("epsilon-underreported", path, seq,
-                          f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) records dataset "
-                          f"epsilon {_fmt(row['epsilon_dataset'])} but {what} gives "
-                          f"{_fmt(entry.epsilon_dataset)} ({acc})", "spend", site)
-            self._independent(path, entry, data_history, delta, row["epsilon_dataset"], "spend",
-                              dataset_independent=data_independent)
+                self.flag(
+                    "epsilon-underreported",
+                    path,
+                    seq,
+                    f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) records dataset "
+                    f"epsilon {_fmt(row['epsilon_dataset'])} but {what} gives "
+                    f"{_fmt(entry.epsilon_dataset)} ({acc})",
+                    "spend",
+                    site,
+                )
+            self._independent(
+                path, entry, data_history, delta, row["epsilon_dataset"], "spend", dataset_independent=data_independent
+            )
             budget = _num(row["max_epsilon"])
             if budget is not None and entry.epsilon_dataset > budget + tol:
-                whom = (f"dataset {entry.dataset_fingerprint}" if cohort is None
-                        else f"a record of cohort {cohort[:16]}")
-                self.flag("budget-exceeded", path, seq,
-                          f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) takes {whom} to epsilon "
-                          f"{_fmt(entry.epsilon_dataset)} ({acc}), above the site budget max-epsilon {_fmt(budget)}",
-                          "spend", site)
+                whom = f"dataset {entry.dataset_fingerprint}" if cohort is None else f"a record of cohort {cohort[:16]}"
+                self.flag(
+                    "budget-exceeded",
+                    path,
+                    seq,
+                    f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) takes {whom} to epsilon "
+                    f"{_fmt(entry.epsilon_dataset)} ({acc}), above the site budget max-epsilon {_fmt(budget)}",
+                    "spend",
+                    site,
+                )
 
     # -- server ledgers ----------------------------------------------------------------------------------------
 
@@ -469,25 +530,36 @@ class _Auditor:
         for row in rows:
             seq, client = row["seq"], str(row["client_id"])
             entry = AuditEntry(
-                source=SERVER, file=str(path), seq=seq, run_id=str(row["run_id"]), round=row["round"],
-                party=client, status=str(row["status"]), node_id=row["node_id"],
-                dataset_fingerprint=row["dataset_fingerprint"], params_fingerprint=None,
+                source=SERVER,
+                file=str(path),
+                seq=seq,
+                run_id=str(row["run_id"]),
+                round=row["round"],
+                party=client,
+                status=str(row["status"]),
+                node_id=row["node_id"],
+                dataset_fingerprint=row["dataset_fingerprint"],
+                params_fingerprint=None,
                 **{k: row[k] for k in _MECH_FIELDS},
-                epsilon_reported=row["epsilon_reported"], epsilon_dataset_reported=row["epsilon_dataset_reported"],
-                max_epsilon=None, aggregation=aggregation.get(row["run_id"]), recorded_at=row["recorded_at"],
+                epsilon_reported=row["epsilon_reported"],
+                epsilon_dataset_reported=row["epsilon_dataset_reported"],
+                max_epsilon=None,
+                aggregation=aggregation.get(row["run_id"]),
+                recorded_at=row["recorded_at"],
                 noise_source=row.get("noise_source"),
             )
             self.entries.append(entry)
             if entry.run_id not in aggregation:
-                self.notes.append(f"{path.name}: reports for run {entry.run_id} but no run record (configuration "
-                                  "and aggregation mode unknown)")
+                self.notes.append(
+                    f"{path.name}: reports for run {entry.run_id} but no run record (configuration "
+                    "and aggregation mode unknown)"
+                )
                 aggregation[entry.run_id] = None  # note once
             if entry.status != STATUS_TRAINED:
                 continue
             mech, why = _mechanism_of(row)
             if mech is None:
-                self.flag("invalid-entry", path, seq, f"report row {seq} cannot be accounted: {why}", "reports",
-                          client)
+                self.flag("invalid-entry", path, seq, f"report row {seq} cannot be accounted: {why}", "reports", client)
                 continue
             key = (entry.run_id, client)
             hist[key].append(mech)
@@ -497,21 +569,41 @@ class _Auditor:
             entry.epsilon_pld, pld_err = self.eps(hist[key], delta, "pld")
             recomputed = entry.epsilon_recomputed
             if recomputed is None:
-                self.flag("unverifiable", path, seq, f"report row {seq}: the {acc} accountant cannot recompute its "
-                                                     f"epsilon: {pld_err if acc == 'pld' else prv_err}", "reports",
-                          client)
+                self.flag(
+                    "unverifiable",
+                    path,
+                    seq,
+                    f"report row {seq}: the {acc} accountant cannot recompute its "
+                    f"epsilon: {pld_err if acc == 'pld' else prv_err}",
+                    "reports",
+                    client,
+                )
                 continue
             if _below(row["epsilon_reported"], recomputed, self.tolerance):
-                self.flag("epsilon-underreported", path, seq,
-                          f"report row {seq} (run {entry.run_id}, round {entry.round}, client {client}) has epsilon "
-                          f"{_fmt(row['epsilon_reported'])} but the mechanisms the server recorded for this client "
-                          f"give {_fmt(recomputed)} ({acc})", "reports", client)
+                self.flag(
+                    "epsilon-underreported",
+                    path,
+                    seq,
+                    f"report row {seq} (run {entry.run_id}, round {entry.round}, client {client}) has epsilon "
+                    f"{_fmt(row['epsilon_reported'])} but the mechanisms the server recorded for this client "
+                    f"give {_fmt(recomputed)} ({acc})",
+                    "reports",
+                    client,
+                )
             self._independent(path, entry, None, delta, None, "reports")
 
     # -- independent recomputation -----------------------------------------------------------------------------
 
-    def _independent(self, path: Path, entry: AuditEntry, data_history: Sequence[Mechanism] | None, delta: float,
-                     dataset_reported: Any, table: str, dataset_independent: float | None = None) -> None:
+    def _independent(
+        self,
+        path: Path,
+        entry: AuditEntry,
+        data_history: Sequence[Mechanism] | None,
+        delta: float,
+        dataset_reported: Any,
+        table: str,
+        dataset_independent: float | None = None,
+    ) -> None:
         """Check the row's recorded epsilons against an accountant of another library than the one it names.
 
         The run epsilon (and, for site rows, the dataset epsilon) may sit below the independent value only by the
@@ -530,22 +622,36 @@ class _Auditor:
         what = "report row" if table == "reports" else "row"
         for label, reported, independent in checks:
             if independent is None:
-                self.notes.append(f"{path.name} {what} {entry.seq}: no independent {ind} value for its {label} "
-                                  "epsilon (the epsilon is too large for that accountant)")
+                self.notes.append(
+                    f"{path.name} {what} {entry.seq}: no independent {ind} value for its {label} "
+                    "epsilon (the epsilon is too large for that accountant)"
+                )
                 continue
             if self._flagged_under(path, entry.seq, table, label):
                 continue  # the recorded accountant's recomputation already caught it: one violation is enough
             if _below_independent(reported, independent, self.tolerance):
-                self.flag("epsilon-underreported", path, entry.seq,
-                          f"{what} {entry.seq} (run {entry.run_id}, round {entry.round}, {entry.party}) records "
-                          f"{label} epsilon {_fmt(reported)} ({entry.accountant}) but the independent {ind} "
-                          f"recomputation gives {_fmt(independent)}, more than "
-                          f"{100 * INDEPENDENT_REL_TOLERANCE:g} % above it", table, entry.party)
+                self.flag(
+                    "epsilon-underreported",
+                    path,
+                    entry.seq,
+                    f"{what} {entry.seq} (run {entry.run_id}, round {entry.round}, {entry.party}) records "
+                    f"{label} epsilon {_fmt(reported)} ({entry.accountant}) but the independent {ind} "
+                    f"recomputation gives {_fmt(independent)}, more than "
+                    f"{100 * INDEPENDENT_REL_TOLERANCE:g} % above it",
+                    table,
+                    entry.party,
+                )
 
     def _flagged_under(self, path: Path, seq: int, table: str, label: str) -> bool:
         words = ("has epsilon", "run epsilon") if label == "run" else ("dataset epsilon",)
-        return any(v.kind == "epsilon-underreported" and v.file == str(path) and v.seq == seq and v.table == table
-                   and any(w in v.message for w in words) for v in self.violations)
+        return any(
+            v.kind == "epsilon-underreported"
+            and v.file == str(path)
+            and v.seq == seq
+            and v.table == table
+            and any(w in v.message for w in words)
+            for v in self.violations
+        )
 
     # -- cross-check -------------------------------------------------------------------------------------------
 
@@ -566,55 +672,83 @@ class _Auditor:
                     if client not in self.site_parties:
                         absent[client] += 1
                     elif not at_site:
-                        self.flag("missing-at-site", Path(rep.file), rep.seq,
-                                  f"the server recorded client {client} as trained in run {run_id} round {rnd}, but "
-                                  f"no site ledger has that spend", "reports", client)
+                        self.flag(
+                            "missing-at-site",
+                            Path(rep.file),
+                            rep.seq,
+                            f"the server recorded client {client} as trained in run {run_id} round {rnd}, but "
+                            f"no site ledger has that spend",
+                            "reports",
+                            client,
+                        )
                     else:
                         self._compare(rep, at_site)
                 elif at_site and rep.status == STATUS_BUDGET_EXHAUSTED:
-                    self.flag("report-mismatch", Path(rep.file), rep.seq,
-                              f"client {client} reported its budget exhausted in run {run_id} round {rnd}, yet its "
-                              f"ledger records a spend for that round (row {at_site[0].seq} of {at_site[0].file})",
-                              "reports", client)
+                    self.flag(
+                        "report-mismatch",
+                        Path(rep.file),
+                        rep.seq,
+                        f"client {client} reported its budget exhausted in run {run_id} round {rnd}, yet its "
+                        f"ledger records a spend for that round (row {at_site[0].seq} of {at_site[0].file})",
+                        "reports",
+                        client,
+                    )
         for client, n in sorted(absent.items()):
-            self.notes.append(f"no site ledger for client {client} among the audited paths: its {n} trained "
-                              "round(s) recorded by the server were not cross-checked")
+            self.notes.append(
+                f"no site ledger for client {client} among the audited paths: its {n} trained "
+                "round(s) recorded by the server were not cross-checked"
+            )
         for key, spends in site_rows.items():
             run_id, site, rnd = key
             if run_id not in server_runs:
                 continue  # a run of another federation, or the server ledger was not given
             statuses = {rep.status for rep in server_rows.get(key, [])}
             if len(spends) > 1:
-                self.notes.append(f"site {site} recorded run {run_id} round {rnd} {len(spends)} times (rows "
-                                  f"{', '.join(str(s.seq) for s in spends)}): a retried round, each spend counted")
+                self.notes.append(
+                    f"site {site} recorded run {run_id} round {rnd} {len(spends)} times (rows "
+                    f"{', '.join(str(s.seq) for s in spends)}): a retried round, each spend counted"
+                )
             if STATUS_TRAINED in statuses or STATUS_BUDGET_EXHAUSTED in statuses:
                 continue  # compared (or flagged) above
             if STATUS_DROPPED in statuses:
-                self.notes.append(f"site {site} recorded a spend in run {run_id} round {rnd} whose reply the server "
-                                  "recorded as dropped: the spend counts against the site's budget")
+                self.notes.append(
+                    f"site {site} recorded a spend in run {run_id} round {rnd} whose reply the server "
+                    "recorded as dropped: the spend counts against the site's budget"
+                )
                 continue
             for spend in spends:
-                self.flag("missing-at-server", Path(spend.file), spend.seq,
-                          f"site {site} recorded a spend in run {run_id} round {rnd} (row {spend.seq}) that the "
-                          "server ledger does not record for this client", "spend", site)
+                self.flag(
+                    "missing-at-server",
+                    Path(spend.file),
+                    spend.seq,
+                    f"site {site} recorded a spend in run {run_id} round {rnd} (row {spend.seq}) that the "
+                    "server ledger does not record for this client",
+                    "spend",
+                    site,
+                )
 
     def _compare(self, rep: AuditEntry, spends: list[AuditEntry]) -> None:
         def diffs(spend: AuditEntry) -> list[str]:
             out = []
             for name in _MECH_FIELDS:
                 a, b = getattr(rep, name), getattr(spend, name)
-                same = (a == b) if not (_num(a) is not None and _num(b) is not None) else math.isclose(
-                    float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+                same = (
+                    (a == b)
+                    if not (_num(a) is not None and _num(b) is not None)
+                    else math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+                )
                 if not same:
                     out.append(f"{name} server {a!r} vs site {b!r}")
             if rep.noise_source and rep.noise_source != spend.noise_source:
                 out.append(f"noise_source server {rep.noise_source!r} vs site {spend.noise_source!r}")
             if rep.dataset_fingerprint and rep.dataset_fingerprint != spend.dataset_fingerprint:
-                out.append(f"dataset_fingerprint server {rep.dataset_fingerprint!r} vs site "
-                           f"{spend.dataset_fingerprint!r}")
-            for mine, theirs, label in ((rep.epsilon_reported, spend.epsilon_reported, "epsilon (run)"),
-                                        (rep.epsilon_dataset_reported, spend.epsilon_dataset_reported,
-                                         "epsilon (dataset)")):
+                out.append(
+                    f"dataset_fingerprint server {rep.dataset_fingerprint!r} vs site {spend.dataset_fingerprint!r}"
+                )
+            for mine, theirs, label in (
+                (rep.epsilon_reported, spend.epsilon_reported, "epsilon (run)"),
+                (rep.epsilon_dataset_reported, spend.epsilon_dataset_reported, "epsilon (dataset)"),
+            ):
                 if label == "epsilon (dataset)" and mine is None:
                     continue
                 x, y = _num(mine), _num(theirs)
@@ -626,10 +760,15 @@ class _Auditor:
         if any(not d for d in found):
             return
         spend = spends[-1]
-        self.flag("report-mismatch", Path(rep.file), rep.seq,
-                  f"run {rep.run_id} round {rep.round} client {rep.party}: the server's record differs from the "
-                  f"site's (row {spend.seq} of {Path(spend.file).name}): {'; '.join(found[-1])}", "reports",
-                  rep.party)
+        self.flag(
+            "report-mismatch",
+            Path(rep.file),
+            rep.seq,
+            f"run {rep.run_id} round {rep.round} client {rep.party}: the server's record differs from the "
+            f"site's (row {spend.seq} of {Path(spend.file).name}): {'; '.join(found[-1])}",
+            "reports",
+            rep.party,
+        )
 
     # -- summary -----------------------------------------------------------------------------------------------
 
@@ -649,24 +788,37 @@ class _Auditor:
             run_eps = [e.epsilon_recomputed for e in trained if e.epsilon_recomputed is not None]
             data_eps = [e.epsilon_dataset for e in trained if e.epsilon_dataset is not None]
             last = trained[-1] if trained else None
-            summaries.append(PartySummary(
-                source=source, party=party, file=file, runs=sorted({e.run_id for e in rows}),
-                rounds_trained=sum(e.purpose == "train" for e in trained),
-                budget_exhausted=sum(e.status == STATUS_BUDGET_EXHAUSTED for e in rows),
-                dropped=sum(e.status == STATUS_DROPPED for e in rows),
-                accountant=last.accountant if last else None,
-                epsilon_run=max(run_eps) if run_eps else None,
-                epsilon_dataset=max(data_eps) if data_eps else None,
-                max_epsilon=_num(last.max_epsilon) if last else None,
-                violations=sum(v.file == file and (v.party in (None, party)) for v in self.violations),
-                seeded_rounds=sum(e.noise_source == NOISE_SOURCE_SEEDED for e in trained),
-            ))
+            summaries.append(
+                PartySummary(
+                    source=source,
+                    party=party,
+                    file=file,
+                    runs=sorted({e.run_id for e in rows}),
+                    rounds_trained=sum(e.purpose == "train" for e in trained),
+                    budget_exhausted=sum(e.status == STATUS_BUDGET_EXHAUSTED for e in rows),
+                    dropped=sum(e.status == STATUS_DROPPED for e in rows),
+                    accountant=last.accountant if last else None,
+                    epsilon_run=max(run_eps) if run_eps else None,
+                    epsilon_dataset=max(data_eps) if data_eps else None,
+                    max_epsilon=_num(last.max_epsilon) if last else None,
+                    violations=sum(v.file == file and (v.party in (None, party)) for v in self.violations),
+                    seeded_rounds=sum(e.noise_source == NOISE_SOURCE_SEEDED for e in trained),
+                )
+            )
         for s in summaries:
             if s.source == SITE and s.seeded_rounds:
-                self.notes.append(f"{Path(s.file).name}: {s.seeded_rounds} of {s.rounds_trained} round(s) of site "
-                                  f"{s.party} used seeded noise ({SEEDED_FLAG})")
-        return AuditReport(tolerance=self.tolerance, files=self.files, entries=self.entries,
-                           violations=self.violations, notes=list(dict.fromkeys(self.notes)), summaries=summaries)
+                self.notes.append(
+                    f"{Path(s.file).name}: {s.seeded_rounds} of {s.rounds_trained} round(s) of site "
+                    f"{s.party} used seeded noise ({SEEDED_FLAG})"
+                )
+        return AuditReport(
+            tolerance=self.tolerance,
+            files=self.files,
+            entries=self.entries,
+            violations=self.violations,
+            notes=list(dict.fromkeys(self.notes)),
+            summaries=summaries,
+        )
 
 
 def audit_paths(paths: Sequence[Path], tolerance: float = 1e-6) -> AuditReport:
@@ -681,7 +833,7 @@ def audit_paths(paths: Sequence[Path], tolerance: float = 1e-6) -> AuditReport:
     for path in find_ledgers(paths):
         try:
             auditor.load(path)
-        except Exception as exc:  # noqa: BLE001 -- one bad ledger must not stop the audit of the others
+        except Exception as exc:
             auditor.entries = [e for e in auditor.entries if e.file != str(path)]
             auditor.flag("unreadable", path, None, f"{path.name} could not be audited: {type(exc).__name__}: {exc}")
             auditor.files.append(LedgerFileInfo(str(path), "unknown", 0, False))
@@ -720,18 +872,24 @@ def report_to_json(report: AuditReport) -> dict[str, Any]:
         d = asdict(s)
         d["budget_left"] = s.budget_left
         summaries.append(d)
-    return jsonable({
-        "ok": report.ok,
-        "tolerance": report.tolerance,
-        "independent_rel_tolerance": INDEPENDENT_REL_TOLERANCE,
-        "counts": {"files": len(report.files), "entries": len(report.entries),
-                   "violations": len(report.violations), "notes": len(report.notes)},
-        "files": [asdict(f) for f in report.files],
-        "violations": [asdict(v) for v in report.violations],
-        "notes": list(report.notes),
-        "summaries": summaries,
-        "entries": entries,
-    })
+    return jsonable(
+        {
+            "ok": report.ok,
+            "tolerance": report.tolerance,
+            "independent_rel_tolerance": INDEPENDENT_REL_TOLERANCE,
+            "counts": {
+                "files": len(report.files),
+                "entries": len(report.entries),
+                "violations": len(report.violations),
+                "notes": len(report.notes),
+            },
+            "files": [asdict(f) for f in report.files],
+            "violations": [asdict(v) for v in report.violations],
+            "notes": list(report.notes),
+            "summaries": summaries,
+            "entries": entries,
+        }
+    )
 
 
 def render_table(report: AuditReport, entries: bool = False) -> Any:
@@ -749,23 +907,60 @@ def render_table(report: AuditReport, entries: bool = False) -> Any:
     caption = f"{verdict} · {len(report.files)} ledger(s) · tolerance {report.tolerance:g}"
     if entries:
         table = Table(title="Privacy ledger audit", caption=caption)
-        for name, justify in (("Src", "left"), ("Ledger", "left"), ("Seq", "right"), ("Run", "left"),
-                              ("Rnd", "right"), ("Site/client", "left"), ("Status", "left"), ("σ", "right"),
-                              ("q", "right"), ("Steps", "right"), ("C", "right"), ("δ", "right"), ("Acc", "left"),
-                              ("ε reported", "right"), ("ε RDP", "right"), ("ε PRV", "right"), ("ε PLD", "right"),
-                              ("rep/ind", "right"), ("ε dataset", "right"), ("Budget", "right"), ("Check", "left")):
+        for name, justify in (
+            ("Src", "left"),
+            ("Ledger", "left"),
+            ("Seq", "right"),
+            ("Run", "left"),
+            ("Rnd", "right"),
+            ("Site/client", "left"),
+            ("Status", "left"),
+            ("σ", "right"),
+            ("q", "right"),
+            ("Steps", "right"),
+            ("C", "right"),
+            ("δ", "right"),
+            ("Acc", "left"),
+            ("ε reported", "right"),
+            ("ε RDP", "right"),
+            ("ε PRV", "right"),
+            ("ε PLD", "right"),
+            ("rep/ind", "right"),
+            ("ε dataset", "right"),
+            ("Budget", "right"),
+            ("Check", "left"),
+        ):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         for e in report.entries:
             check = "[green]ok[/]" if not e.problems else "[red]" + ", ".join(e.problems) + "[/]"
-            table.add_row(e.source, Path(e.file).name, str(e.seq), e.run_id, str(e.round), e.party, e.status,
-                          _fmt(e.noise_multiplier), _fmt(e.sample_rate), _fmt(e.steps), _fmt(e.max_grad_norm),
-                          _fmt(e.delta, 3), _fmt(e.accountant), _fmt(e.epsilon_reported), _fmt(e.epsilon_rdp),
-                          _fmt(e.epsilon_prv), _fmt(e.epsilon_pld), _fmt(e.independent_ratio),
-                          _fmt(e.epsilon_dataset), _fmt(e.max_epsilon), check)
+            table.add_row(
+                e.source,
+                Path(e.file).name,
+                str(e.seq),
+                e.run_id,
+                str(e.round),
+                e.party,
+                e.status,
+                _fmt(e.noise_multiplier),
+                _fmt(e.sample_rate),
+                _fmt(e.steps),
+                _fmt(e.max_grad_norm),
+                _fmt(e.delta, 3),
+                _fmt(e.accountant),
+                _fmt(e.epsilon_reported),
+                _fmt(e.epsilon_rdp),
+                _fmt(e.epsilon_prv),
+                _fmt(e.epsilon_pld),
+                _fmt(e.independent_ratio),
+                _fmt(e.epsilon_dataset),
+                _fmt(e.max_epsilon),
+                check,
+            )
         return table
 
-    ledgers = Table(title="Privacy ledger audit", box=box.SIMPLE_HEAD, title_justify="left", collapse_padding=True,
-                    pad_edge=False)
+    ledgers = Table(
+        title="Privacy ledger audit", box=box.SIMPLE_HEAD, title_justify="left", collapse_padding=True, pad_edge=False
+    )
     for name, justify in (("Ledger", "left"), ("Kind", "left"), ("Rows", "right"), ("Chain", "left")):
         ledgers.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for f in report.files:
@@ -775,17 +970,35 @@ def render_table(report: AuditReport, entries: bool = False) -> Any:
     for e in report.entries:
         if e.status == STATUS_TRAINED:
             last[(e.source, e.file, e.party)] = e  # entries are in ledger order: the last one wins
-    clients = Table(box=box.SIMPLE_HEAD, caption=caption + " · --entries: every row", caption_justify="left",
-                    collapse_padding=True, pad_edge=False)
-    for name, justify in (("Src", "left"), ("Party", "left"), ("Run", "left"), ("Rnds", "right"),
-                          ("ε rep.", "right"), ("ε RDP", "right"), ("ε PRV", "right"), ("ε PLD", "right"),
-                          ("Budget", "right"), ("Status", "left")):
+    clients = Table(
+        box=box.SIMPLE_HEAD,
+        caption=caption + " · --entries: every row",
+        caption_justify="left",
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    for name, justify in (
+        ("Src", "left"),
+        ("Party", "left"),
+        ("Run", "left"),
+        ("Rnds", "right"),
+        ("ε rep.", "right"),
+        ("ε RDP", "right"),
+        ("ε PRV", "right"),
+        ("ε PLD", "right"),
+        ("Budget", "right"),
+        ("Status", "left"),
+    ):
         # Numbers never wrap; a long run id is cut with an ellipsis before anything else gives way.
         wraps = name in ("Party", "Status")
-        clients.add_column(name, justify=justify, no_wrap=not wraps,  # type: ignore[arg-type]
-                           overflow="ellipsis" if name == "Run" else "fold",
-                           min_width=8 if name == "Party" else len(name),  # "client-9" stays on one line
-                           max_width=10 if name == "Run" else None)
+        clients.add_column(
+            name,
+            justify=justify,
+            no_wrap=not wraps,  # type: ignore[arg-type]
+            overflow="ellipsis" if name == "Run" else "fold",
+            min_width=8 if name == "Party" else len(name),  # "client-9" stays on one line
+            max_width=10 if name == "Run" else None,
+        )
 
     def eps(x: Any) -> str:  # fixed decimals keep the columns aligned; violations are in Status
         return f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else _fmt(x)
@@ -801,12 +1014,23 @@ def render_table(report: AuditReport, entries: bool = False) -> Any:
         if s.dropped:
             status.append(f"[yellow]{s.dropped} dropped[/]")
         budget = "—" if s.max_epsilon is None else f"{_fmt(s.max_epsilon)}"
-        clients.add_row(s.source, s.party, run, str(s.rounds_trained),
-                        eps(e.epsilon_reported if e else None), eps(e.epsilon_rdp if e else None),
-                        eps(e.epsilon_prv if e else None), eps(e.epsilon_pld if e else None), budget,
-                        " ".join(status) or "[green]ok[/]")
-    seeded = [f"{s.party} ({s.seeded_rounds} of {s.rounds_trained})" for s in report.summaries
-              if s.source == SITE and s.seeded_rounds]
+        clients.add_row(
+            s.source,
+            s.party,
+            run,
+            str(s.rounds_trained),
+            eps(e.epsilon_reported if e else None),
+            eps(e.epsilon_rdp if e else None),
+            eps(e.epsilon_prv if e else None),
+            eps(e.epsilon_pld if e else None),
+            budget,
+            " ".join(status) or "[green]ok[/]",
+        )
+    seeded = [
+        f"{s.party} ({s.seeded_rounds} of {s.rounds_trained})"
+        for s in report.summaries
+        if s.source == SITE and s.seeded_rounds
+    ]
     if not seeded:
         return Group(ledgers, clients)
     from rich.text import Text
@@ -845,8 +1069,9 @@ def _plot(report: AuditReport, path: Path) -> None:
         label = party if len(runs) == 1 else f"{party} · {run_id}"
         pts = sorted(pts, key=lambda e: (e.round, e.seq))
         # an infinite epsilon (no noise) is drawn at the top of the axis rather than dropped
-        axes[0].plot([e.round for e in pts], [min(e.epsilon_recomputed, _PLOT_CAP) for e in pts], marker="o",
-                     label=label)
+        axes[0].plot(
+            [e.round for e in pts], [min(e.epsilon_recomputed, _PLOT_CAP) for e in pts], marker="o", label=label
+        )
         if site:
             data = [(e.round, min(e.epsilon_dataset, _PLOT_CAP)) for e in pts if e.epsilon_dataset is not None]
             axes[1].plot([x for x, _ in data], [y for _, y in data], marker="o", label=label)
@@ -856,8 +1081,14 @@ def _plot(report: AuditReport, path: Path) -> None:
         budgets = sorted({float(e.max_epsilon) for e in site if _num(e.max_epsilon) is not None})
         for b in budgets:
             axes[1].axhline(b, linestyle="--", color="red", linewidth=1)
-            axes[1].annotate(f"max-epsilon {b:g}", (0.01, b), xycoords=("axes fraction", "data"), color="red",
-                             fontsize=8, va="bottom")
+            axes[1].annotate(
+                f"max-epsilon {b:g}",
+                (0.01, b),
+                xycoords=("axes fraction", "data"),
+                color="red",
+                fontsize=8,
+                va="bottom",
+            )
     for ax in axes:
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -885,14 +1116,18 @@ def write_report(report: AuditReport, out_dir: Path) -> ReportFiles:
     files.json.write_text(json.dumps(report_to_json(report), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     lines = ["# Privacy ledger audit", ""]
     verdict = "**PASS**: no violations" if report.ok else f"**FAIL**: {len(report.violations)} violation(s)"
-    lines += [f"{verdict}. {len(report.files)} ledger(s), {len(report.entries)} row(s), tolerance "
-              f"{report.tolerance:g}. Every epsilon below was recomputed from the recorded mechanisms with Opacus' "
-              "RDP and PRV accountants and, independently of Opacus, with dp-accounting's PLD (rows accounted with "
-              f"PLD are checked against Opacus' PRV); a recorded epsilon more than "
-              f"{100 * INDEPENDENT_REL_TOLERANCE:g} % below the independent value is a violation.", ""]
+    lines += [
+        f"{verdict}. {len(report.files)} ledger(s), {len(report.entries)} row(s), tolerance "
+        f"{report.tolerance:g}. Every epsilon below was recomputed from the recorded mechanisms with Opacus' "
+        "RDP and PRV accountants and, independently of Opacus, with dp-accounting's PLD (rows accounted with "
+        f"PLD are checked against Opacus' PRV); a recorded epsilon more than "
+        f"{100 * INDEPENDENT_REL_TOLERANCE:g} % below the independent value is a violation.",
+        "",
+    ]
     lines += ["## Ledgers", "", "| File | Kind | Rows | Chain |", "|---|---|---:|---|"]
-    lines += [f"| {_md_escape(f.path)} | {f.kind} | {f.rows} | {'intact' if f.chain_ok else 'BROKEN'} |"
-              for f in report.files]
+    lines += [
+        f"| {_md_escape(f.path)} | {f.kind} | {f.rows} | {'intact' if f.chain_ok else 'BROKEN'} |" for f in report.files
+    ]
     lines += ["", "## Violations", ""]
     if report.violations:
         lines += ["| Kind | File | Row | Message |", "|---|---|---|---|"]
@@ -903,29 +1138,50 @@ def write_report(report: AuditReport, out_dir: Path) -> ReportFiles:
         lines.append("None.")
     if report.notes:
         lines += ["", "## Notes", ""] + [f"- {_md_escape(n)}" for n in report.notes]
-    lines += ["", "## Per site and client", "",
-              "| Source | Party | File | Runs | Trained | Budget exhausted | Dropped | Acc | ε run (max) | "
-              "ε dataset | max-epsilon | Left | Violations |",
-              "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Per site and client",
+        "",
+        "| Source | Party | File | Runs | Trained | Budget exhausted | Dropped | Acc | ε run (max) | "
+        "ε dataset | max-epsilon | Left | Violations |",
+        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for s in report.summaries:
-        lines.append(f"| {s.source} | {_md_escape(s.party)} | {_md_escape(Path(s.file).name)} | "
-                     f"{_md_escape(', '.join(s.runs))} | {s.rounds_trained} | {s.budget_exhausted} | {s.dropped} | "
-                     f"{_fmt(s.accountant)} | {_fmt(s.epsilon_run)} | {_fmt(s.epsilon_dataset)} | "
-                     f"{_fmt(s.max_epsilon)} | {_fmt(s.budget_left)} | {s.violations} |")
-    lines += ["", "## Noise sources", "",
-              "Where each site's DP noise came from, as its ledger records it (`site-csprng`: a CSPRNG only the site "
-              f"knows; `seeded`: {SEEDED_FLAG}).", "",
-              "| Source | Party | File | Noise | Flag |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {s.source} | {_md_escape(s.party)} | {_md_escape(Path(s.file).name)} | "
+            f"{_md_escape(', '.join(s.runs))} | {s.rounds_trained} | {s.budget_exhausted} | {s.dropped} | "
+            f"{_fmt(s.accountant)} | {_fmt(s.epsilon_run)} | {_fmt(s.epsilon_dataset)} | "
+            f"{_fmt(s.max_epsilon)} | {_fmt(s.budget_left)} | {s.violations} |"
+        )
+    lines += [
+        "",
+        "## Noise sources",
+        "",
+        "Where each site's DP noise came from, as its ledger records it (`site-csprng`: a CSPRNG only the site "
+        f"knows; `seeded`: {SEEDED_FLAG}).",
+        "",
+        "| Source | Party | File | Noise | Flag |",
+        "|---|---|---|---|---|",
+    ]
     for s in report.summaries:
-        mine = [e for e in report.entries
-                if (e.source, e.file, e.party) == (s.source, s.file, s.party) and e.status == STATUS_TRAINED]
+        mine = [
+            e
+            for e in report.entries
+            if (e.source, e.file, e.party) == (s.source, s.file, s.party) and e.status == STATUS_TRAINED
+        ]
         kinds = ", ".join(sorted({e.noise_source or "not reported" for e in mine})) or "—"
         flag = SEEDED_FLAG if s.seeded_rounds else ""
         lines.append(f"| {s.source} | {_md_escape(s.party)} | {_md_escape(Path(s.file).name)} | {kinds} | {flag} |")
-    lines += ["", f"![epsilon per round per client]({PLOT_NAME})", "", "## Rows", "",
-              "| Src | File | Seq | Run | Round | Party | Status | σ | q | Steps | C | δ | Acc | ε reported | "
-              "ε RDP | ε PRV | ε PLD | Independent | ε reported / independent | ε dataset | max-epsilon | Check |",
-              "|---|---|---:|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    lines += [
+        "",
+        f"![epsilon per round per client]({PLOT_NAME})",
+        "",
+        "## Rows",
+        "",
+        "| Src | File | Seq | Run | Round | Party | Status | σ | q | Steps | C | δ | Acc | ε reported | "
+        "ε RDP | ε PRV | ε PLD | Independent | ε reported / independent | ε dataset | max-epsilon | Check |",
+        "|---|---|---:|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
     for e in report.entries:
         lines.append(
             f"| {e.source} | {_md_escape(Path(e.file).name)} | {e.seq} | {_md_escape(e.run_id)} | {e.round} | "
@@ -933,6 +1189,7 @@ def write_report(report: AuditReport, out_dir: Path) -> ReportFiles:
             f"{_fmt(e.steps)} | {_fmt(e.max_grad_norm)} | {_fmt(e.delta, 3)} | {_fmt(e.accountant)} | "
             f"{_fmt(e.epsilon_reported)} | {_fmt(e.epsilon_rdp)} | {_fmt(e.epsilon_prv)} | {_fmt(e.epsilon_pld)} | "
             f"{_fmt(e.independent_accountant)} | {_fmt(e.independent_ratio)} | "
-            f"{_fmt(e.epsilon_dataset)} | {_fmt(e.max_epsilon)} | {', '.join(e.problems) or 'ok'} |")
+            f"{_fmt(e.epsilon_dataset)} | {_fmt(e.max_epsilon)} | {', '.join(e.problems) or 'ok'} |"
+        )
     files.markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return files

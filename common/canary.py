@@ -182,7 +182,7 @@ def make_guesses(scores: np.ndarray, k_plus: int, k_minus: int) -> np.ndarray:
     if k_minus:
         guesses[order[:k_minus]] = -1
     if k_plus:
-        guesses[order[s.size - k_plus:]] = 1
+        guesses[order[s.size - k_plus :]] = 1
     return guesses
 
 

@@ -12,8 +12,9 @@ sentinel in pyproject.toml (``""`` or ``0``) meaning "take the preset's default"
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 from privatune.common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from privatune.common.accounting import TARGET_EPSILON_MAX, TARGET_EPSILON_MIN
@@ -54,16 +55,34 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "sms-spam": Preset(
-        model="minilm", dataset="sms-spam", mode="head", lr=2.0, batch_size=64, local_epochs=5,
-        num_server_rounds=5, description="SMS spam detection (2 classes, 89% ham), MiniLM text encoder",
+        model="minilm",
+        dataset="sms-spam",
+        mode="head",
+        lr=2.0,
+        batch_size=64,
+        local_epochs=5,
+        num_server_rounds=5,
+        description="SMS spam detection (2 classes, 89% ham), MiniLM text encoder",
     ),
     "trec6": Preset(
-        model="minilm", dataset="trec6", mode="head", lr=2.0, batch_size=64, local_epochs=5,
-        num_server_rounds=5, description="TREC question type (6 classes), MiniLM text encoder",
+        model="minilm",
+        dataset="trec6",
+        mode="head",
+        lr=2.0,
+        batch_size=64,
+        local_epochs=5,
+        num_server_rounds=5,
+        description="TREC question type (6 classes), MiniLM text encoder",
     ),
     "digits": Preset(
-        model="digits-cnn", dataset="digits", mode="head", lr=0.5, batch_size=32, local_epochs=3,
-        num_server_rounds=3, description="sklearn 8x8 digits upscaled to 28x28, MNIST-pretrained CNN",
+        model="digits-cnn",
+        dataset="digits",
+        mode="head",
+        lr=0.5,
+        batch_size=32,
+        local_epochs=3,
+        num_server_rounds=3,
+        description="sklearn 8x8 digits upscaled to 28x28, MNIST-pretrained CNN",
     ),
 }
 
@@ -117,7 +136,7 @@ class RunConfig:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's kebab-case run config; unknown keys are refused."""
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {}
@@ -132,7 +151,7 @@ class RunConfig:
         return cls.create(**values)
 
     @classmethod
-    def create(cls, **values: Any) -> "RunConfig":
+    def create(cls, **values: Any) -> RunConfig:
         """Coerce types, fill preset defaults and validate."""
         typed: dict[str, Any] = {}
         for f in fields(cls):
@@ -141,11 +160,9 @@ class RunConfig:
         cfg = cls(**typed)
         return cfg.resolved()
 
-    def resolved(self) -> "RunConfig":
+    def resolved(self) -> RunConfig:
         if self.preset not in PRESETS:
-            raise ConfigError(
-                f"unknown preset '{self.preset}'; choose one of: {', '.join(PRESETS)}"
-            )
+            raise ConfigError(f"unknown preset '{self.preset}'; choose one of: {', '.join(PRESETS)}")
         p = PRESETS[self.preset]
         cfg = replace(
             self,
@@ -205,7 +222,8 @@ class RunConfig:
             f"must be > 0 (got {self.target_epsilon}); use inf or dp=false for a non-private baseline",
         )
         need(
-            not self.private or self.noise_multiplier > 0
+            not self.private
+            or self.noise_multiplier > 0
             or TARGET_EPSILON_MIN <= self.target_epsilon <= TARGET_EPSILON_MAX,
             "target-epsilon",
             f"{self.target_epsilon:g} is outside the range the noise calibration reaches, "
@@ -231,7 +249,11 @@ class RunConfig:
         need(math.isfinite(self.sim_max_epsilon), "sim-max-epsilon", "must be finite (0 = no site budget)")
         need(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {ACCOUNTANTS}")
         need(self.partition in PARTITION_SCHEMES, "partition", f"must be one of {PARTITION_SCHEMES}")
-        need(self.alpha > 0 and math.isfinite(self.alpha), "alpha", "the Dirichlet concentration must be a finite number > 0")
+        need(
+            self.alpha > 0 and math.isfinite(self.alpha),
+            "alpha",
+            "the Dirichlet concentration must be a finite number > 0",
+        )
         need(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
         need(self.min_clients >= 1, "min-clients", "must be at least 1")
         need(0 <= self.val_fraction < 0.5, "val-fraction", "must be in [0, 0.5)")

@@ -16,9 +16,10 @@ import functools
 import hashlib
 import importlib.util
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class LabelledData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "LabelledData":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> LabelledData:
         """A new LabelledData holding the records at `indices` (in that order; a boolean mask also works)."""
         idx = np.asarray(indices)
         if idx.dtype == bool:
@@ -231,7 +232,7 @@ def _load_digits() -> LabelledData:
 _LOADERS = {"sms-spam": _load_sms_spam, "trec6": _load_trec6, "digits": _load_digits}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_raw(name: str) -> LabelledData:
     """The full preset, parsed once per process (clients load it every round); its arrays are read-only."""
     data = _LOADERS[name]()

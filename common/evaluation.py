@@ -21,7 +21,6 @@ class EvalResult:
     num_examples: int
 
 
-
 @torch.no_grad()
 def evaluate(
     module: nn.Module,

@@ -21,7 +21,9 @@ def central_split(cfg: RunConfig) -> tuple[LabelledData, LabelledData]:
 
 
 @functools.lru_cache(maxsize=8)
-def _central_split(dataset: str, max_records: int, seed: int, test_fraction: float) -> tuple[LabelledData, LabelledData]:
+def _central_split(
+    dataset: str, max_records: int, seed: int, test_fraction: float
+) -> tuple[LabelledData, LabelledData]:
     data = load_dataset(dataset, max_records=max_records or None, seed=seed)
     return holdout_split(data, test_fraction, seed=seed)
 
@@ -35,9 +37,7 @@ def _partitions(
     return tuple(partition_indices(pool.labels, num, scheme=scheme, alpha=alpha, seed=seed))  # type: ignore[arg-type]
 
 
-def client_partition(
-    cfg: RunConfig, partition_id: int, num_partitions: int
-) -> tuple[LabelledData, LabelledData]:
+def client_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[LabelledData, LabelledData]:
     """(local train, local validation) of simulated client ``partition_id`` by a seeded split, for benchmarks that
     need no site key. The ClientApp splits by its keyed record ids instead (client/record_ids.py)."""
     return train_val_split(client_records(cfg, partition_id, num_partitions), cfg.val_fraction, seed=cfg.seed)
@@ -48,8 +48,9 @@ def client_records(cfg: RunConfig, partition_id: int, num_partitions: int) -> La
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     pool, _ = central_split(cfg)
-    parts = _partitions(cfg.dataset, cfg.max_records, cfg.seed, cfg.test_fraction, cfg.partition, cfg.alpha,
-                        num_partitions)
+    parts = _partitions(
+        cfg.dataset, cfg.max_records, cfg.seed, cfg.test_fraction, cfg.partition, cfg.alpha, num_partitions
+    )
     return pool.subset(parts[partition_id])
 
 

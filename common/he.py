@@ -86,34 +86,34 @@ import numpy as np
 import tenseal.sealapi as seal
 
 __all__ = [
-    "HEError",
-    "HEKeyError",
-    "HEInputError",
-    "HEReplyError",
-    "HEFormatError",
-    "HEParamsError",
-    "HEParams",
-    "compact_params",
+    "EncryptedState",
+    "EncryptedUpdate",
+    "HEAccumulator",
     "HEContext",
+    "HEError",
+    "HEFormatError",
+    "HEInputError",
+    "HEKeyError",
+    "HEParams",
+    "HEParamsError",
+    "HEReplyError",
     "KeyPair",
     "KeyPaths",
     "Layout",
-    "EncryptedUpdate",
-    "EncryptedState",
-    "generate_keys",
-    "write_keys",
-    "load_context",
-    "flatten_state",
-    "unflatten",
-    "encrypt_update",
-    "encrypt_state",
     "check_update",
-    "sum_updates",
-    "HEAccumulator",
-    "decrypt_state",
-    "save_checkpoint",
-    "load_checkpoint",
+    "compact_params",
     "decrypt_checkpoint_to_safetensors",
+    "decrypt_state",
+    "encrypt_state",
+    "encrypt_update",
+    "flatten_state",
+    "generate_keys",
+    "load_checkpoint",
+    "load_context",
+    "save_checkpoint",
+    "sum_updates",
+    "unflatten",
+    "write_keys",
 ]
 
 FORMAT_VERSION = 1
@@ -619,8 +619,7 @@ def load_context(source: str | os.PathLike[str] | bytes, *, require_secret: bool
         )
     if require_secret is True and sk_b is None:
         raise HEKeyError(
-            f"{name} is a public context without the secret key: a client needs secret.ctx to decrypt "
-            "the global model"
+            f"{name} is a public context without the secret key: a client needs secret.ctx to decrypt the global model"
         )
     ctx = HEContext(params, parms_b, pk_b, sk_b, source=name)
     if ctx.fingerprint != fp:
@@ -895,9 +894,7 @@ class HEAccumulator:
         elif update.layout != self._layout:
             raise HEReplyError(f"layout mismatch with earlier replies: {_layout_diff(self._layout, update.layout)}")
         if self.num_summands + 1 > self.ctx.params.max_summands:
-            raise HEReplyError(
-                f"more than max_summands={self.ctx.params.max_summands} replies: the sum could overflow"
-            )
+            raise HEReplyError(f"more than max_summands={self.ctx.params.max_summands} replies: the sum could overflow")
         if self._acc is None:
             self._acc = cts
         else:
@@ -1022,7 +1019,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> EncryptedState:
         raise HEFormatError(f"{path}: malformed checkpoint header: {exc}") from exc
     pos = start + hlen
     if pos + sum(sizes) != len(data):
-        raise HEFormatError(f"{path} is truncated or has trailing bytes ({len(data)} bytes, expected {pos + sum(sizes)})")
+        raise HEFormatError(
+            f"{path} is truncated or has trailing bytes ({len(data)} bytes, expected {pos + sum(sizes)})"
+        )
     chunks = []
     for s in sizes:
         chunks.append(data[pos : pos + s])

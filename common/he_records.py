@@ -35,16 +35,16 @@ from privatune.common.he import (
 )
 
 __all__ = [
-    "META_KEY",
     "CHUNK_PREFIX",
     "DEFAULT_RECORD_KEY",
-    "update_to_records",
-    "records_to_update",
-    "update_to_arrayrecord",
-    "arrayrecord_to_update",
-    "state_to_arrayrecord",
+    "META_KEY",
     "arrayrecord_to_state",
+    "arrayrecord_to_update",
     "is_he_arrayrecord",
+    "records_to_update",
+    "state_to_arrayrecord",
+    "update_to_arrayrecord",
+    "update_to_records",
 ]
 
 META_KEY = "he.meta"

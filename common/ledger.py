@@ -38,13 +38,13 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from privatune.common.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, Mechanism, compose, epsilon_of
-from privatune.common.record_budget import cohort_id_of, pack_ids, unpack_ids
 from privatune.common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCES
+from privatune.common.record_budget import cohort_id_of, pack_ids, unpack_ids
 
 GENESIS_HASH = "0" * 64
 LEDGER_SUFFIX = ".ledger.sqlite"
@@ -120,7 +120,7 @@ class ChainProblem:
 
 def utc_now() -> str:
     """The current time as ISO-8601 UTC with microseconds (the ledger's timestamp format)."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def site_ledger_filename(site_id: str) -> str:
@@ -146,8 +146,16 @@ def _int(where: str, name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def _real(where: str, name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False,
-          allow_inf: bool = False) -> float:
+def _real(
+    where: str,
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    allow_inf: bool = False,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise _bad(where, name, value, "a number")
     value = float(value)
@@ -406,8 +414,10 @@ _COHORT_COLUMNS = (
 #: Columns and tables added after version 1 files were written. An added column is hashed only when it holds a
 #: value, so rows written before it existed keep their hashes; an added table missing from an old file reads as
 #: empty (its chain head is missing too) and is created when the file is next opened for writing.
-_ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"spend": ("cohort_id", "purpose", "noise_source"),
-                                               "reports": ("noise_source",)}
+_ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "spend": ("cohort_id", "purpose", "noise_source"),
+    "reports": ("noise_source",),
+}
 _ADDED_TABLES: tuple[str, ...] = ("cohorts",)
 _RUN_COLUMNS = (
     ("run_id", "TEXT NOT NULL"),
@@ -447,12 +457,13 @@ _SCHEMAS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
     SERVER_SCHEMA: {META_TABLE: _META_COLUMNS, "runs": _RUN_COLUMNS, "reports": _REPORT_COLUMNS},
 }
 _INDEXES = {
-    SITE_SCHEMA: ("CREATE UNIQUE INDEX meta_key ON meta(key)",
-                  "CREATE INDEX spend_dataset ON spend(dataset_fingerprint)",
-                  "CREATE INDEX spend_run ON spend(run_id)",
-                  "CREATE INDEX cohorts_id ON cohorts(cohort_id)"),
-    SERVER_SCHEMA: ("CREATE UNIQUE INDEX meta_key ON meta(key)",
-                    "CREATE INDEX reports_run ON reports(run_id)"),
+    SITE_SCHEMA: (
+        "CREATE UNIQUE INDEX meta_key ON meta(key)",
+        "CREATE INDEX spend_dataset ON spend(dataset_fingerprint)",
+        "CREATE INDEX spend_run ON spend(run_id)",
+        "CREATE INDEX cohorts_id ON cohorts(cohort_id)",
+    ),
+    SERVER_SCHEMA: ("CREATE UNIQUE INDEX meta_key ON meta(key)", "CREATE INDEX reports_run ON reports(run_id)"),
 }
 META_REQUIRED = ("schema", "version", "created_at")
 MIGRATING = "migrating"  # the version a version 1 file is given while it is migrated: writers stop on it
@@ -492,21 +503,28 @@ def schema_ddl(schema: str, version: str = SCHEMA_VERSION) -> list[str]:
     """The exact CREATE statements of a ledger kind: used to create a ledger and to check one's structure
     (``version`` "1": the layout older files have, which is only ever verified, never written)."""
     if version == "1":
-        stmts = ["CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-                 "CREATE TABLE IF NOT EXISTS chain_heads (chain TEXT PRIMARY KEY, count INTEGER NOT NULL, "
-                 "head_hash TEXT NOT NULL)"]
+        stmts = [
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS chain_heads (chain TEXT PRIMARY KEY, count INTEGER NOT NULL, "
+            "head_hash TEXT NOT NULL)",
+        ]
         for table, columns in chained_tables_of(schema, "1").items():
             cols = ", ".join(f"{name} {sql}" for name, sql in columns)
-            stmts.append(f"CREATE TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, {cols}, "
-                         "prev_hash TEXT NOT NULL, hash TEXT NOT NULL)")
-        return stmts + [s.replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ") for s in _INDEXES[schema]
-                        if " ON meta(" not in s and not any(f" ON {t}(" in s for t in _ADDED_TABLES)]
-    stmts = [f"CREATE TABLE {HEADS_TABLE} (chain TEXT PRIMARY KEY, count INTEGER NOT NULL, "
-             "head_hash TEXT NOT NULL)"]
+            stmts.append(
+                f"CREATE TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, {cols}, "
+                "prev_hash TEXT NOT NULL, hash TEXT NOT NULL)"
+            )
+        return stmts + [
+            s.replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ")
+            for s in _INDEXES[schema]
+            if " ON meta(" not in s and not any(f" ON {t}(" in s for t in _ADDED_TABLES)
+        ]
+    stmts = [f"CREATE TABLE {HEADS_TABLE} (chain TEXT PRIMARY KEY, count INTEGER NOT NULL, head_hash TEXT NOT NULL)"]
     for table, columns in _SCHEMAS[schema].items():
         cols = ", ".join(f"{name} {sql}" for name, sql in columns)
-        stmts.append(f"CREATE TABLE {table} (seq INTEGER PRIMARY KEY, {cols}, prev_hash TEXT NOT NULL, "
-                     "hash TEXT NOT NULL)")
+        stmts.append(
+            f"CREATE TABLE {table} (seq INTEGER PRIMARY KEY, {cols}, prev_hash TEXT NOT NULL, hash TEXT NOT NULL)"
+        )
     return stmts + list(_INDEXES[schema])
 
 
@@ -541,16 +559,19 @@ def _connect(path: Path, *, read_only: bool, create: bool = False) -> sqlite3.Co
             except sqlite3.Error:  # e.g. a hot journal a read-only connection may not roll back
                 if conn is not None:
                     conn.close()
-        conn = sqlite3.connect(uri + ("?mode=rwc" if create else "?mode=rw"), uri=True, timeout=_BUSY_TIMEOUT_S,
-                               isolation_level=None)
+        conn = sqlite3.connect(
+            uri + ("?mode=rwc" if create else "?mode=rw"), uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None
+        )
         conn.text_factory = lenient_text
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         if not read_only:
             mode = conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
             if str(mode).lower() != "delete":
                 conn.close()
-                raise LedgerError(f"ledger {path}: cannot leave journal mode {mode!r} (another process has it open "
-                                  "in WAL mode); stop it and retry")
+                raise LedgerError(
+                    f"ledger {path}: cannot leave journal mode {mode!r} (another process has it open "
+                    "in WAL mode); stop it and retry"
+                )
             conn.execute("PRAGMA synchronous=FULL")
     except (sqlite3.Error, UnicodeError) as exc:
         raise LedgerError(f"cannot open ledger {path}: {exc} (is it an SQLite file?)") from exc
@@ -588,15 +609,20 @@ def _read_schema(conn: sqlite3.Connection, path: Path) -> str:
         raise LedgerError(f"{path} is not a privatune ledger (unknown schema {schema!r})")
     version = meta.get("version")
     if version == MIGRATING:
-        raise LedgerError(f"{path}: a migration of this ledger was interrupted; its original is kept as "
-                          f"{meta.get('migration_backup')!r} in the same folder: put it back and migrate again")
+        raise LedgerError(
+            f"{path}: a migration of this ledger was interrupted; its original is kept as "
+            f"{meta.get('migration_backup')!r} in the same folder: put it back and migrate again"
+        )
     if version == "1":
-        raise LedgerVersionError(f"{path} is a version 1 ledger (written before the meta table was hash-chained): "
-                          f"`privatune audit` verifies it, but this privatune writes only version {SCHEMA_VERSION}: "
-                          "stop the site and run `privatune site migrate-ledger` on it")
+        raise LedgerVersionError(
+            f"{path} is a version 1 ledger (written before the meta table was hash-chained): "
+            f"`privatune audit` verifies it, but this privatune writes only version {SCHEMA_VERSION}: "
+            "stop the site and run `privatune site migrate-ledger` on it"
+        )
     if version != SCHEMA_VERSION:
-        raise LedgerError(f"{path}: unsupported ledger version {version!r}, this privatune reads version "
-                          f"{SCHEMA_VERSION}")
+        raise LedgerError(
+            f"{path}: unsupported ledger version {version!r}, this privatune reads version {SCHEMA_VERSION}"
+        )
     return schema
 
 
@@ -639,13 +665,16 @@ def verify_chain(path: Path) -> list[ChainProblem]:
 
 def recovery_advice(path: Path) -> str:
     """What to do with a ledger that cannot be trusted: never re-create it (its spends would be forgotten)."""
-    return (f"Do not delete or re-create {Path(path).name}: the privacy spend it records would be forgotten. Keep "
-            f"the file as evidence, audit it with `privatune audit {path}`, and restore the ledger from a backup; "
-            "the site must not train until then")
+    return (
+        f"Do not delete or re-create {Path(path).name}: the privacy spend it records would be forgotten. Keep "
+        f"the file as evidence, audit it with `privatune audit {path}`, and restore the ledger from a backup; "
+        "the site must not train until then"
+    )
 
 
-def _insert_row(conn: sqlite3.Connection, path: Path, schema: str, table: str, values: dict[str, Any],
-                version: str = SCHEMA_VERSION) -> int:
+def _insert_row(
+    conn: sqlite3.Connection, path: Path, schema: str, table: str, values: dict[str, Any], version: str = SCHEMA_VERSION
+) -> int:
     """Insert one row at the end of ``table``'s chain inside the caller's write transaction; returns its seq.
     (``version`` "1" writes the older layout: only tests build such files.)"""
     columns = chained_tables_of(schema, version)[table]
@@ -654,13 +683,18 @@ def _insert_row(conn: sqlite3.Connection, path: Path, schema: str, table: str, v
     n_rows, max_seq = conn.execute(f"SELECT count(*), coalesce(max(seq), 0) FROM {table}").fetchone()
     last = conn.execute(f"SELECT hash FROM {table} WHERE seq=?", (max_seq,)).fetchone()
     if found is None or n_rows != found[0] or max_seq != found[0] or (last[0] if last else GENESIS_HASH) != found[1]:
-        raise LedgerIntegrityError(path, verify_chain(path) or [
-            ChainProblem(seq=0, kind="edited", detail="the chain head does not match the rows", table=table)])
+        raise LedgerIntegrityError(
+            path,
+            verify_chain(path)
+            or [ChainProblem(seq=0, kind="edited", detail="the chain head does not match the rows", table=table)],
+        )
     count, head = found
     seq = count + 1
     digest = row_hash(table, seq, hashed_fields(table, names, values), _real_columns(columns), head)
-    conn.execute(f"INSERT INTO {table} (seq, {', '.join(names)}, prev_hash, hash) "
-                 f"VALUES ({', '.join('?' * (len(names) + 3))})", [seq, *(values[n] for n in names), head, digest])
+    conn.execute(
+        f"INSERT INTO {table} (seq, {', '.join(names)}, prev_hash, hash) VALUES ({', '.join('?' * (len(names) + 3))})",
+        [seq, *(values[n] for n in names), head, digest],
+    )
     conn.execute(f"UPDATE {HEADS_TABLE} SET count=?, head_hash=? WHERE chain=?", (seq, digest, table))
     return seq
 
@@ -703,8 +737,10 @@ def migrate_ledger(path: Path) -> Path:
         meta = read_meta(conn, path)
         heads = {r["chain"]: (r["count"], r["head_hash"]) for r in conn.execute(f"SELECT * FROM {HEADS_TABLE}")}
         present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        tables = {t: ([dict(r) for r in conn.execute(f"SELECT * FROM {t} ORDER BY seq")] if t in present else [])
-                  for t in chained_tables_of(schema, "1")}
+        tables = {
+            t: ([dict(r) for r in conn.execute(f"SELECT * FROM {t} ORDER BY seq")] if t in present else [])
+            for t in chained_tables_of(schema, "1")
+        }
         backup = path.with_name(f"{path.name}.v1-{utc_now()[:19].replace(':', '')}.bak")
         shutil.copy2(path, backup)
         os.chmod(backup, 0o600)
@@ -724,9 +760,11 @@ def migrate_ledger(path: Path) -> Path:
             for table, rows in tables.items():
                 names = [n for n, _ in _SCHEMAS[schema][table]]
                 for r in rows:  # verbatim: same seq, fields, prev_hash and hash
-                    new.execute(f"INSERT INTO {table} (seq, {', '.join(names)}, prev_hash, hash) VALUES "
-                                f"({', '.join('?' * (len(names) + 3))})",
-                                [r["seq"], *(r.get(n) for n in names), r["prev_hash"], r["hash"]])
+                    new.execute(
+                        f"INSERT INTO {table} (seq, {', '.join(names)}, prev_hash, hash) VALUES "
+                        f"({', '.join('?' * (len(names) + 3))})",
+                        [r["seq"], *(r.get(n) for n in names), r["prev_hash"], r["hash"]],
+                    )
                 count, head = heads.get(table, (0, GENESIS_HASH))
                 new.execute(f"INSERT INTO {HEADS_TABLE} VALUES (?, ?, ?)", (table, count, head))
             for table in _SCHEMAS[schema]:  # tables a version 1 file did not have start empty
@@ -741,8 +779,7 @@ def migrate_ledger(path: Path) -> Path:
         # Writers that still hold the original open must fail, not write to a file about to be replaced.
         conn.execute(f"DELETE FROM {HEADS_TABLE}")
         conn.execute(f"UPDATE {META_TABLE} SET value=? WHERE key='version'", (MIGRATING,))
-        conn.execute(f"INSERT OR REPLACE INTO {META_TABLE} (key, value) VALUES ('migration_backup', ?)",
-                     (backup.name,))
+        conn.execute(f"INSERT OR REPLACE INTO {META_TABLE} (key, value) VALUES ('migration_backup', ?)", (backup.name,))
         conn.execute("COMMIT")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -787,8 +824,9 @@ class _ChainedLedger:
         if not path.is_file():
             raise LedgerError(f"ledger {path} is not a regular file. {recovery_advice(path)}")
         if path.stat().st_size == 0:
-            raise LedgerError(f"ledger {path} is empty (0 bytes): it was truncated or never finished. "
-                              f"{recovery_advice(path)}")
+            raise LedgerError(
+                f"ledger {path} is empty (0 bytes): it was truncated or never finished. {recovery_advice(path)}"
+            )
         try:
             schema = ledger_schema(path)
         except LedgerVersionError:
@@ -904,13 +942,17 @@ class SiteLedger(_ChainedLedger):
         return self._append("spend", asdict(entry))
 
     def entries(self, dataset_fingerprint: str | None = None) -> list[SpendRecord]:
-        rows = (self._select("spend") if dataset_fingerprint is None
-                else self._select("spend", "WHERE dataset_fingerprint=?", (dataset_fingerprint,)))
+        rows = (
+            self._select("spend")
+            if dataset_fingerprint is None
+            else self._select("spend", "WHERE dataset_fingerprint=?", (dataset_fingerprint,))
+        )
         out = []
         for r in rows:
             try:
-                entry = SpendEntry(**{n: r.get(n) for n in _SPEND_FIELDS
-                                      if r.get(n) is not None or n not in _ADDED_COLUMNS["spend"]})
+                entry = SpendEntry(
+                    **{n: r.get(n) for n in _SPEND_FIELDS if r.get(n) is not None or n not in _ADDED_COLUMNS["spend"]}
+                )
             except LedgerError as exc:
                 raise LedgerError(f"{self.path}: row {r['seq']} is invalid: {exc}") from exc
             out.append(SpendRecord(seq=r["seq"], entry=entry, prev_hash=r["prev_hash"], hash=r["hash"]))
@@ -931,8 +973,16 @@ class SiteLedger(_ChainedLedger):
         packed = pack_ids(record_ids)
         cid = cohort_id_of(packed)
         if not self._select("cohorts", "WHERE cohort_id=?", (cid,)):
-            self._append("cohorts", {"cohort_id": cid, "size": len(unpack_ids(packed)), "ids": packed,
-                                     "key_check": key_check, "recorded_at": utc_now()})
+            self._append(
+                "cohorts",
+                {
+                    "cohort_id": cid,
+                    "size": len(unpack_ids(packed)),
+                    "ids": packed,
+                    "key_check": key_check,
+                    "recorded_at": utc_now(),
+                },
+            )
         return cid
 
     def key_checks(self) -> set[str]:
@@ -949,8 +999,9 @@ class SiteLedger(_ChainedLedger):
             row = conn.execute("SELECT max(round) FROM spend WHERE run_id=?", (run_id,)).fetchone()
         return row[0]
 
-    def projected(self, run_id: str, dataset_fingerprint: str, new: Mechanism, delta: float,
-                  accountant: str = DEFAULT_ACCOUNTANT) -> tuple[float, float]:
+    def projected(
+        self, run_id: str, dataset_fingerprint: str, new: Mechanism, delta: float, accountant: str = DEFAULT_ACCOUNTANT
+    ) -> tuple[float, float]:
         """(epsilon_run, epsilon_dataset) this site would reach if it applied ``new`` now: the budget check to make
         before training, and the values to record in the SpendEntry."""
         run = epsilon_of(compose(self.run_history(run_id, dataset_fingerprint), new), delta, accountant)
@@ -972,8 +1023,9 @@ class ServerLedger(_ChainedLedger):
             text = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=True)
         except (TypeError, ValueError) as exc:
             raise LedgerError(f"record_run: config of run {run_id!r} is not JSON-serialisable: {exc}") from exc
-        return self._append("runs", {"run_id": run_id, "config": text, "aggregation": aggregation,
-                                     "recorded_at": utc_now()})
+        return self._append(
+            "runs", {"run_id": run_id, "config": text, "aggregation": aggregation, "recorded_at": utc_now()}
+        )
 
     def record_report(
         self,
@@ -1000,18 +1052,39 @@ class ServerLedger(_ChainedLedger):
         ``epsilon_reported``; record 'dropped' for every sampled client whose reply never arrived, so the audit can
         tell a lost reply from an unreported spend."""
         report = ClientReport(
-            run_id=run_id, round=round, client_id=client_id, node_id=node_id, status=status, reason=reason,
-            dataset_fingerprint=dataset_fingerprint, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
-            steps=steps, max_grad_norm=max_grad_norm, delta=delta, accountant=accountant,
-            epsilon_reported=epsilon_reported, epsilon_dataset_reported=epsilon_dataset_reported,
-            recorded_at=recorded_at or utc_now(), noise_source=noise_source,
+            run_id=run_id,
+            round=round,
+            client_id=client_id,
+            node_id=node_id,
+            status=status,
+            reason=reason,
+            dataset_fingerprint=dataset_fingerprint,
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            steps=steps,
+            max_grad_norm=max_grad_norm,
+            delta=delta,
+            accountant=accountant,
+            epsilon_reported=epsilon_reported,
+            epsilon_dataset_reported=epsilon_dataset_reported,
+            recorded_at=recorded_at or utc_now(),
+            noise_source=noise_source,
         )
         return self._append("reports", asdict(report))
 
     def runs(self) -> list[RunRecord]:
-        return [RunRecord(seq=r["seq"], run_id=r["run_id"], config=json.loads(r["config"]),
-                          aggregation=r["aggregation"], recorded_at=r["recorded_at"], prev_hash=r["prev_hash"],
-                          hash=r["hash"]) for r in self._select("runs")]
+        return [
+            RunRecord(
+                seq=r["seq"],
+                run_id=r["run_id"],
+                config=json.loads(r["config"]),
+                aggregation=r["aggregation"],
+                recorded_at=r["recorded_at"],
+                prev_hash=r["prev_hash"],
+                hash=r["hash"],
+            )
+            for r in self._select("runs")
+        ]
 
     def reports(self, run_id: str | None = None) -> list[ReportRecord]:
         rows = self._select("reports") if run_id is None else self._select("reports", "WHERE run_id=?", (run_id,))

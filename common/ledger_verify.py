@@ -25,7 +25,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -130,15 +130,16 @@ def inspect_ledger(path: Path) -> Inspection:
 # 1. Structure
 
 
-@lru_cache(maxsize=None)
+@cache
 def _expected_master(schema: str, version: str = SCHEMA_VERSION) -> dict[tuple[str, str], tuple[str, str | None]]:
     """``sqlite_master`` as privatune creates it for ``schema``: {(type, name): (table, sql)}."""
     conn = sqlite3.connect(":memory:")
     try:
         for stmt in schema_ddl(schema, version):
             conn.execute(stmt)
-        return {(t, n): (tb, sql) for t, n, tb, sql in conn.execute("SELECT type, name, tbl_name, sql FROM "
-                                                                    "sqlite_master")}
+        return {
+            (t, n): (tb, sql) for t, n, tb, sql in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
+        }
     finally:
         conn.close()
 
@@ -158,8 +159,12 @@ def _structure_pass(conn: sqlite3.Connection, found: _Findings) -> str | None:
         found.add(None, None, "malformed", f"{found.path} is not a privatune ledger (unknown schema {schema!r})")
         return None
     if version not in READABLE_VERSIONS:
-        found.add(None, None, "malformed", f"unsupported ledger version {version!r} (this privatune reads versions "
-                                           f"{', '.join(READABLE_VERSIONS)})")
+        found.add(
+            None,
+            None,
+            "malformed",
+            f"unsupported ledger version {version!r} (this privatune reads versions {', '.join(READABLE_VERSIONS)})",
+        )
         return None
     found.schema, found.version, found.meta = schema, version, meta
     try:
@@ -171,8 +176,9 @@ def _structure_pass(conn: sqlite3.Connection, found: _Findings) -> str | None:
             found.add(None, None, "malformed", f"SQLite integrity check: {m!r}")
     expected = _expected_master(schema, version)
     try:
-        actual = {(t, n): (tb, sql) for t, n, tb, sql in conn.execute("SELECT type, name, tbl_name, sql FROM "
-                                                                      "sqlite_master")}
+        actual = {
+            (t, n): (tb, sql) for t, n, tb, sql in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
+        }
     except (sqlite3.Error, UnicodeError) as exc:
         found.add(None, None, "malformed", f"cannot read the schema table: {exc}")
         found.unusable.update(chained_tables_of(schema, version))
@@ -187,8 +193,12 @@ def _structure_pass(conn: sqlite3.Connection, found: _Findings) -> str | None:
             found.add(table, None, "malformed", f"the {kind} {name} is not defined as privatune defines it")
     for (kind, name), (table, _sql) in actual.items():
         if (kind, name) not in expected:
-            found.add(table if isinstance(table, str) else None, None, "malformed",
-                      f"unexpected {kind} {name!r}: not part of a {schema}")
+            found.add(
+                table if isinstance(table, str) else None,
+                None,
+                "malformed",
+                f"unexpected {kind} {name!r}: not part of a {schema}",
+            )
     return schema
 
 
@@ -218,12 +228,15 @@ def _heads_pass(conn: sqlite3.Connection, found: _Findings, schema: str) -> dict
     heads: dict[str, tuple[int, str]] = {}
     for rowid, chain, count, head_hash in records:
         if not _is_text(chain) or chain not in chained_tables_of(schema, found.version):
-            found.add(HEADS_TABLE, None, "malformed", f"head record {rowid!r} names no declared chain "
-                                                      f"({chain!r})")
+            found.add(HEADS_TABLE, None, "malformed", f"head record {rowid!r} names no declared chain ({chain!r})")
             continue
         if isinstance(count, bool) or not isinstance(count, int) or count < 0 or not _is_text(head_hash):
-            found.add(chain, 0, "malformed", f"the chain head record of {chain} is malformed (count {count!r}, "
-                                             f"last hash {head_hash!r})")
+            found.add(
+                chain,
+                0,
+                "malformed",
+                f"the chain head record of {chain} is malformed (count {count!r}, last hash {head_hash!r})",
+            )
             continue
         if chain in heads:
             found.add(chain, 0, "malformed", f"there are two head records for {chain}")
@@ -245,17 +258,22 @@ def _row_malformation(row: dict[str, Any], columns: Sequence[tuple[str, str]]) -
                 return f"{name} is NULL"
             continue
         kind = sql.split()[0]
-        ok = {"TEXT": _is_text(value), "INTEGER": isinstance(value, int),
-              "REAL": isinstance(value, (int, float))}.get(kind, False)
+        ok = {"TEXT": _is_text(value), "INTEGER": isinstance(value, int), "REAL": isinstance(value, (int, float))}.get(
+            kind, False
+        )
         if not ok:
-            what = ("text that is not valid UTF-8" if isinstance(value, str) and not _is_text(value)
-                    else f"a {type(value).__name__}")
+            what = (
+                "text that is not valid UTF-8"
+                if isinstance(value, str) and not _is_text(value)
+                else f"a {type(value).__name__}"
+            )
             return f"{name} holds {what}, not {kind}"
     return None
 
 
-def _rows_pass(conn: sqlite3.Connection, found: _Findings, table: str, columns: Sequence[tuple[str, str]]
-               ) -> tuple[list[dict[str, Any]], set[int]] | None:
+def _rows_pass(
+    conn: sqlite3.Connection, found: _Findings, table: str, columns: Sequence[tuple[str, str]]
+) -> tuple[list[dict[str, Any]], set[int]] | None:
     """The well-formed rows of ``table`` in storage order, and the seqs of malformed ones (None: unreadable)."""
     if table in found.unusable:
         return None
@@ -298,8 +316,8 @@ def _candidate_seqs(stored: int, hint: int, upper: int) -> Iterator[int]:
     if hint != 0 and 1 <= stored + hint <= upper:
         yield stored + hint
     centre = min(max(stored, 1), upper)
-    for d in range(0, upper + 1):
-        for cand in ((centre,) if d == 0 else (centre + d, centre - d)):
+    for d in range(upper + 1):
+        for cand in (centre,) if d == 0 else (centre + d, centre - d):
             if 1 <= cand <= upper and cand != stored and cand != stored + hint:
                 yield cand
         if centre + d >= upper and centre - d <= 1:
@@ -309,13 +327,21 @@ def _candidate_seqs(stored: int, hint: int, upper: int) -> Iterator[int]:
 class _Chain:
     """One table's rows during the chain passes: where each row was written, and which are edited."""
 
-    def __init__(self, found: _Findings, table: str, columns: Sequence[tuple[str, str]],
-                 rows: list[dict[str, Any]], head: tuple[int, str] | None, malformed: set[int]):
+    def __init__(
+        self,
+        found: _Findings,
+        table: str,
+        columns: Sequence[tuple[str, str]],
+        rows: list[dict[str, Any]],
+        head: tuple[int, str] | None,
+        malformed: set[int],
+    ):
         self.found, self.table = found, table
         names = [name for name, _ in columns]
         reals = _real_columns(columns)
-        self.prefixes = {r["seq"]: _hash_prefix(table, hashed_fields(table, names, r), reals, r["prev_hash"])
-                         for r in rows}
+        self.prefixes = {
+            r["seq"]: _hash_prefix(table, hashed_fields(table, names, r), reals, r["prev_hash"]) for r in rows
+        }
         self.rows = rows
         self.by_seq = {r["seq"]: r for r in rows}
         self.head = head
@@ -346,17 +372,25 @@ class _Chain:
             if moved_to is None:
                 self.edited.add(s)
                 self.position[s] = s
-                self.add(s, "edited", f"row {s}'s contents no longer match its stored hash: a field was changed "
-                                      "after it was written")
+                self.add(
+                    s,
+                    "edited",
+                    f"row {s}'s contents no longer match its stored hash: a field was changed after it was written",
+                )
             else:
                 self.position[s] = moved_to
                 hint = moved_to - s
         if self.head is not None:
-            at = [self.position[r["seq"]] for r in self.rows
-                  if r["hash"] == self.head[1] and r["seq"] not in self.edited]
+            at = [
+                self.position[r["seq"]] for r in self.rows if r["hash"] == self.head[1] and r["seq"] not in self.edited
+            ]
             if at and max(at) != self.count:
-                self.add(0, "edited", f"the chain head records {self.count} rows but its last hash is row "
-                                      f"{max(at)}'s: the head's count was changed")
+                self.add(
+                    0,
+                    "edited",
+                    f"the chain head records {self.count} rows but its last hash is row "
+                    f"{max(at)}'s: the head's count was changed",
+                )
                 self.count = max(at)
                 self.head = (self.count, self.head[1])
 
@@ -393,13 +427,17 @@ class _Chain:
             referenced = {self.by_seq[s]["prev_hash"] for s in self.holders.get(p + 1, [])}
             if self.head and p == self.count:
                 referenced.add(self.head[1])
-            genuine = next((s for s in cands if self.by_seq[s]["hash"] in referenced),
-                           next((s for s in cands if s == p), cands[0]))
+            genuine = next(
+                (s for s in cands if self.by_seq[s]["hash"] in referenced), next((s for s in cands if s == p), cands[0])
+            )
             self.chosen[p] = genuine
             for s in cands:
                 if s != genuine:
-                    self.add(s, "inserted", f"row stored as seq {s} claims chain position {p}, which another row "
-                                            "holds: it was inserted")
+                    self.add(
+                        s,
+                        "inserted",
+                        f"row stored as seq {s} claims chain position {p}, which another row holds: it was inserted",
+                    )
 
     def gaps(self) -> None:
         """Positions up to the head's count (or the last row, without a head) that no row holds: deleted."""
@@ -413,8 +451,12 @@ class _Chain:
             if size > _MAX_LISTED:
                 first = prev + 1
                 why = "the tail was truncated" if first > last_present else "they were deleted"
-                self.add(first, "deleted", f"rows {first} to {p - 1} ({size} rows) are missing (the chain head "
-                                           f"records {self.count} rows): {why}")
+                self.add(
+                    first,
+                    "deleted",
+                    f"rows {first} to {p - 1} ({size} rows) are missing (the chain head "
+                    f"records {self.count} rows): {why}",
+                )
             else:
                 for m in missing:
                     why = "the tail was truncated" if m > last_present else "it was deleted"
@@ -432,43 +474,67 @@ class _Chain:
             prev = self.by_seq[s]["prev_hash"]
             if prev == expected or s in self.edited:
                 continue
-            two_back = (GENESIS_HASH if p == 2 else
-                        (self.by_seq[self.chosen[p - 2]]["hash"] if p - 2 in self.chosen else None))
+            two_back = (
+                GENESIS_HASH if p == 2 else (self.by_seq[self.chosen[p - 2]]["hash"] if p - 2 in self.chosen else None)
+            )
             if p >= 2 and prev == two_back:
                 q = self.chosen[p - 1]
-                self.add(q, "inserted", f"row {q} does not belong to the chain: row {p}'s prev_hash skips it and "
-                                        f"points to row {p - 2}")
+                self.add(
+                    q,
+                    "inserted",
+                    f"row {q} does not belong to the chain: row {p}'s prev_hash skips it and points to row {p - 2}",
+                )
             elif prev in hashes:
-                self.add(s, "reordered", f"row {s}'s prev_hash points to row {hashes[prev]}, not to the row "
-                                         "before it")
+                self.add(s, "reordered", f"row {s}'s prev_hash points to row {hashes[prev]}, not to the row before it")
             elif p >= 2:
                 q = self.chosen[p - 1]
-                self.add(q, "edited", f"row {q} was rewritten and its hash recomputed: row {p}'s prev_hash no "
-                                      "longer matches it (or rows between them were removed and the rest renumbered)")
+                self.add(
+                    q,
+                    "edited",
+                    f"row {q} was rewritten and its hash recomputed: row {p}'s prev_hash no "
+                    "longer matches it (or rows between them were removed and the rest renumbered)",
+                )
             else:
                 self.add(s, "edited", f"row {s} is the first row but its prev_hash is not the genesis hash")
 
     def head_record(self) -> None:
         """Rows past the head's count were added outside the ledger; its hash must be the last row's."""
         if self.head is None:
-            self.add(0, "deleted", "the chain head record (row count and last hash) is missing: truncation of the "
-                                   "tail cannot be ruled out")
+            self.add(
+                0,
+                "deleted",
+                "the chain head record (row count and last hash) is missing: truncation of the "
+                "tail cannot be ruled out",
+            )
             return
         for p in sorted(self.holders):
             if p > self.count:
                 for s in self.holders[p]:
-                    self.add(s, "inserted", f"row stored as seq {s} lies beyond the {self.count} rows the chain "
-                                            "head records: it was added outside the ledger")
+                    self.add(
+                        s,
+                        "inserted",
+                        f"row stored as seq {s} lies beyond the {self.count} rows the chain "
+                        "head records: it was added outside the ledger",
+                    )
         if self.count == 0 and self.head[1] != GENESIS_HASH:
             self.add(0, "edited", "the chain head records no rows but a non-genesis hash")
         elif self.count in self.chosen and self.by_seq[self.chosen[self.count]]["hash"] != self.head[1]:
             q = self.chosen[self.count]
-            self.add(q, "edited", f"row {q}'s hash does not match the chain head's last hash: it was rewritten "
-                                  "(or the head record was)")
+            self.add(
+                q,
+                "edited",
+                f"row {q}'s hash does not match the chain head's last hash: it was rewritten (or the head record was)",
+            )
 
 
-def _chain_pass(found: _Findings, table: str, columns: Sequence[tuple[str, str]], rows: list[dict[str, Any]],
-                head: tuple[int, str] | None, malformed: set[int]) -> None:
+def _chain_pass(
+    found: _Findings,
+    table: str,
+    columns: Sequence[tuple[str, str]],
+    rows: list[dict[str, Any]],
+    head: tuple[int, str] | None,
+    malformed: set[int],
+) -> None:
     chain = _Chain(found, table, columns, rows, head, malformed)
     chain.place()
     chain.reorders()
@@ -506,5 +572,9 @@ def _cross_pass(found: _Findings, verified: dict[str, list[dict[str, Any]]]) -> 
         try:
             datetime.fromisoformat(created[0]["value"])
         except ValueError:
-            found.add(META_TABLE, created[0]["seq"], "malformed",
-                      f"created_at {created[0]['value']!r} is not an ISO-8601 timestamp")
+            found.add(
+                META_TABLE,
+                created[0]["seq"],
+                "malformed",
+                f"created_at {created[0]['value']!r} is not an ISO-8601 timestamp",
+            )

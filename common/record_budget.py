@@ -41,7 +41,7 @@ def unpack_ids(packed: str) -> list[bytes]:
         raise CohortError(f"a cohort's ids are not valid base64: {exc}") from None
     if len(raw) % ID_BYTES:
         raise CohortError(f"a cohort's ids are {len(raw)} bytes, not a multiple of {ID_BYTES}")
-    return [raw[i:i + ID_BYTES] for i in range(0, len(raw), ID_BYTES)]
+    return [raw[i : i + ID_BYTES] for i in range(0, len(raw), ID_BYTES)]
 
 
 def cohort_id_of(packed: str) -> str:
@@ -69,7 +69,9 @@ def holders(record_ids: Sequence[bytes], cohorts: Mapping[str, frozenset[bytes]]
     return [frozenset(held.get(rid, ())) for rid in record_ids]
 
 
-def group_records(record_ids: Sequence[bytes], cohorts: Mapping[str, frozenset[bytes]]) -> dict[frozenset[str], list[int]]:
+def group_records(
+    record_ids: Sequence[bytes], cohorts: Mapping[str, frozenset[bytes]]
+) -> dict[frozenset[str], list[int]]:
     """Indices of ``record_ids`` grouped by the set of cohorts holding them."""
     groups: dict[frozenset[str], list[int]] = defaultdict(list)
     for i, key in enumerate(holders(record_ids, cohorts)):
@@ -79,8 +81,11 @@ def group_records(record_ids: Sequence[bytes], cohorts: Mapping[str, frozenset[b
 
 def group_history(group: frozenset[str], spends: Sequence[Spend], run_id: str | None = None) -> list[Mechanism]:
     """The mechanisms a record of ``group`` went through (only those of ``run_id`` when given)."""
-    return [s.mechanism for s in spends
-            if (s.cohort is None or s.cohort in group) and (run_id is None or s.run_id == run_id)]
+    return [
+        s.mechanism
+        for s in spends
+        if (s.cohort is None or s.cohort in group) and (run_id is None or s.run_id == run_id)
+    ]
 
 
 EpsilonFn = Callable[[Sequence[Mechanism], float, str], float]

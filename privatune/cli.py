@@ -8,8 +8,9 @@ import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, TypeVar
 
 import click
 import typer
@@ -17,7 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Federated, differentially private fine-tuning.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Federated, differentially private fine-tuning.",
+)
 site_app = typer.Typer(no_args_is_help=True, help="Commands a partner site runs.")
 app.add_typer(site_app, name="site")
 console = Console()
@@ -34,10 +40,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # privatune's own error classes, by module: each names the key, file or record and the fix.
 _ERROR_CLASSES = {
-    "privatune.common.config": ("ConfigError",), "privatune.client.site_config": ("SiteConfigError",),
-    "privatune.client.site_data": ("SiteDataError",), "privatune.common.he": ("HEError",), "privatune.common.audit": ("AuditInputError",),
-    "privatune.common.accounting": ("AccountingError",), "privatune.common.ledger": ("LedgerError",),
-    "privatune.simulations.canary_audit": ("CanaryAuditError",), "privatune.simulations.run_folder": ("RunFolderError",),
+    "privatune.common.config": ("ConfigError",),
+    "privatune.client.site_config": ("SiteConfigError",),
+    "privatune.client.site_data": ("SiteDataError",),
+    "privatune.common.he": ("HEError",),
+    "privatune.common.audit": ("AuditInputError",),
+    "privatune.common.accounting": ("AccountingError",),
+    "privatune.common.ledger": ("LedgerError",),
+    "privatune.simulations.canary_audit": ("CanaryAuditError",),
+    "privatune.simulations.run_folder": ("RunFolderError",),
 }
 
 
@@ -94,7 +105,7 @@ def one_line_errors(func: F) -> F:
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, click.ClickException, KeyboardInterrupt, SystemExit):
             raise
-        except Exception as err:  # noqa: BLE001 - this is the one place that turns errors into lines
+        except Exception as err:
             from privatune.server.reasons import one_line
 
             known = _innermost_known(err)
@@ -105,7 +116,9 @@ def one_line_errors(func: F) -> F:
             log = _write_traceback(err)
             err_console.print(
                 f"[bold red]error:[/] unexpected {type(err).__name__}: {escape(one_line(str(err)))} "
-                f"(traceback in {log}; please report it)", highlight=False, soft_wrap=True,
+                f"(traceback in {log}; please report it)",
+                highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(3) from None
 
@@ -253,8 +266,16 @@ def simulate(
 
     printer = RoundPrinter(console, cfg, clients)
     printer.header()
-    summary = run_simulation(cfg, clients, out, observer=printer, verbose=verbose, client_gpus=client_gpus,
-                             client_cpus=client_cpus, stop_on_signal=True)
+    summary = run_simulation(
+        cfg,
+        clients,
+        out,
+        observer=printer,
+        verbose=verbose,
+        client_gpus=client_gpus,
+        client_cpus=client_cpus,
+        stop_on_signal=True,
+    )
     printer.final(summary, out)
     if summary.get("status") == "failed":
         raise typer.Exit(1)
@@ -268,7 +289,9 @@ POLY_MODULUS_DEGREES = (8192, 16384, 32768)  # the ring sizes that hold the defa
 def keygen(
     out: Path = typer.Option(..., help="folder for secret.ctx, public.ctx, fingerprint.txt"),
     poly_modulus_degree: int = typer.Option(0, help="CKKS ring size: 8192, 16384 or 32768 (0 = 8192)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing keys (old checkpoints become undecryptable)"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace existing keys (old checkpoints become undecryptable)"
+    ),
 ) -> None:
     """Make a CKKS context: secret.ctx for the sites only, public.ctx for the server."""
     from privatune.common import he
@@ -317,9 +340,9 @@ def decrypt(
 @app.command()
 @one_line_errors
 def audit(
-    paths: List[Path] = typer.Argument(..., help="ledger files or folders holding them"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the machine-readable audit here"),
-    report: Optional[Path] = typer.Option(None, help="folder for the Markdown report and its PNG"),
+    paths: list[Path] = typer.Argument(..., help="ledger files or folders holding them"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the machine-readable audit here"),
+    report: Path | None = typer.Option(None, help="folder for the Markdown report and its PNG"),
     entries: bool = typer.Option(False, "--entries", help="print every ledger row (wide) instead of the summary"),
 ) -> None:
     """Verify ledgers, recompute every epsilon, cross-check server against sites; exit 1 on any violation."""
@@ -362,15 +385,26 @@ def canary_audit(
     client: int = typer.Option(0, help="which of them trains"),
     seed: int = typer.Option(42),
     accountant: str = typer.Option("rdp", help="rdp | prv: the accountant whose epsilon is the claim"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result here"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the result here"),
 ) -> None:
     """Empirical privacy audit in one training run: canaries, the client's DP-SGD path, a 95 % epsilon lower
     bound beside the claimed epsilon; exit 1 if the bound exceeds the claim (a bug)."""
     from privatune.simulations.canary_audit import CanaryAuditError, CanarySettings, report, run_canary_audit
 
     settings = CanarySettings(
-        preset=preset, canaries=canaries, dp=not no_dp, epsilon=epsilon, mode=mode, epochs=epochs, lr=lr,
-        batch_size=batch_size, k=k, clients=clients, client=client, seed=seed, accountant=accountant,
+        preset=preset,
+        canaries=canaries,
+        dp=not no_dp,
+        epsilon=epsilon,
+        mode=mode,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        k=k,
+        clients=clients,
+        client=client,
+        seed=seed,
+        accountant=accountant,
     )
     try:
         res = run_canary_audit(settings)
@@ -389,14 +423,21 @@ def whitebox_audit(
     k_plus: int = typer.Option(-1, "--k-plus", help="'in' guesses (-1 = chosen from m and the claim)"),
     k_minus: int = typer.Option(0, "--k-minus", help="'out' guesses"),
     auditor_seed: int = typer.Option(0, "--auditor-seed", help="the auditor's coin flips and data"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result here"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the result here"),
 ) -> None:
     """White-box one-run audit through the real DP-SGD step: gradient canaries, per-step models, a 95 % epsilon
     lower bound beside the claim; exit 1 if the bound exceeds the claim (a bug), 2 on bad input."""
     from privatune.simulations.whitebox_audit import WhiteboxAuditError, WhiteboxSettings, report, run_whitebox_audit
 
-    settings = WhiteboxSettings(epsilon=epsilon, canaries=canaries, plant=plant, adversary=adversary,
-                                k_plus=k_plus, k_minus=k_minus, auditor_seed=auditor_seed)
+    settings = WhiteboxSettings(
+        epsilon=epsilon,
+        canaries=canaries,
+        plant=plant,
+        adversary=adversary,
+        k_plus=k_plus,
+        k_minus=k_minus,
+        auditor_seed=auditor_seed,
+    )
     try:
         res = run_whitebox_audit(settings)
     except WhiteboxAuditError as err:
@@ -409,8 +450,12 @@ def whitebox_audit(
 @one_line_errors
 def site_check(
     node_config: str = typer.Option(..., "--node-config", help="the SuperNode's --node-config string"),
-    run_config: str = typer.Option("", "--run-config", help="the coordinator's run config, as for flwr: 'preset=\"digits\" batch-size=32'"),
-    he_fingerprint: Optional[str] = typer.Option(None, "--he-fingerprint", help="the key fingerprint the coordinator published"),
+    run_config: str = typer.Option(
+        "", "--run-config", help="the coordinator's run config, as for flwr: 'preset=\"digits\" batch-size=32'"
+    ),
+    he_fingerprint: str | None = typer.Option(
+        None, "--he-fingerprint", help="the key fingerprint the coordinator published"
+    ),
 ) -> None:
     """Check a site's data, ledger, budget, keys and device without connecting to anything."""
     from privatune.client.site_check import check_site
@@ -447,11 +492,11 @@ def site_migrate_ledger(
 @app.command()
 @one_line_errors
 def pki(
-    out: Optional[Path] = typer.Option(None, help="folder for the trial CA, server certificate and node keys"),
+    out: Path | None = typer.Option(None, help="folder for the trial CA, server certificate and node keys"),
     nodes: int = typer.Option(3, help="number of SuperNode key pairs"),
-    host: List[str] = typer.Option([], "--host", help="SuperLink host name or IP for the certificate (repeatable)"),
+    host: list[str] = typer.Option([], "--host", help="SuperLink host name or IP for the certificate (repeatable)"),
     days: int = typer.Option(30, help="certificate lifetime"),
-    node_key: Optional[Path] = typer.Option(None, "--node-key", help="make only this site's own key pair at PATH"),
+    node_key: Path | None = typer.Option(None, "--node-key", help="make only this site's own key pair at PATH"),
     force: bool = typer.Option(False, "--force", help="overwrite existing files"),
 ) -> None:
     """Make a throw-away CA, server certificate and SuperNode keys for trials, or one site's key pair."""
@@ -509,8 +554,17 @@ def fleet_proxy(
     try:
         lhost, lport = split(listen, "--listen")
         shost, sport = split(superlink, "--superlink")
-        proxy = FleetProxy(lhost, lport, shost, sport, server_cert=cert, server_key=key, ca_cert=ca,
-                           superlink_tls_name=superlink_name, prefix=prefix)
+        proxy = FleetProxy(
+            lhost,
+            lport,
+            shost,
+            sport,
+            server_cert=cert,
+            server_key=key,
+            ca_cert=ca,
+            superlink_tls_name=superlink_name,
+            prefix=prefix,
+        )
         path = write_nginx_conf(proxy, out)
     except (ProxyConfigError, OSError) as err:
         err_console.print(f"[bold red]error[/]: {err}")

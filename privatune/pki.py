@@ -104,7 +104,7 @@ def make_ca_and_server_cert(
     if days <= 0:
         raise ValueError(f"days must be positive, got {days}")
     sans = _subject_alt_names(hosts)
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     not_before = now - _dt.timedelta(minutes=5)  # tolerate small clock skew between hosts
     not_after = now + _dt.timedelta(days=days)
 
@@ -168,18 +168,14 @@ def make_ca_and_server_cert(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
             critical=False,
         )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     pem = serialization.Encoding.PEM
     return (
         ca_cert.public_bytes(pem),
         server_cert.public_bytes(pem),
-        server_key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
+        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
 
 
@@ -195,9 +191,7 @@ def make_node_keypair(comment: str = "") -> tuple[bytes, bytes]:
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     if comment:
         public += b" " + comment.encode("ascii", "replace").replace(b" ", b"_")
     return private, public + b"\n"
@@ -292,9 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.out is None:
             parser.error("--out DIR is required (or --node-key PATH)")
-        paths = make_trial_pki(
-            args.out, args.nodes, tuple(args.hosts or DEFAULT_HOSTS), args.days, args.force
-        )
+        paths = make_trial_pki(args.out, args.nodes, tuple(args.hosts or DEFAULT_HOSTS), args.days, args.force)
     except (FileExistsError, ValueError) as err:
         print(f"privatune pki: {err}", file=sys.stderr)
         return 2

@@ -58,8 +58,9 @@ def aggregate_plain(
     if aggregator == "fedavg":
         return mean(contents)
     if aggregator == "krum":
-        chosen = select_multikrum(contents, num_malicious_nodes=krum_byzantine,
-                                  num_nodes_to_select=min(krum_select, len(contents)))
+        chosen = select_multikrum(
+            contents, num_malicious_nodes=krum_byzantine, num_nodes_to_select=min(krum_select, len(contents))
+        )
         return mean(chosen)
     if aggregator not in ("fedmedian", "fedtrimmedavg"):
         raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")

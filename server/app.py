@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
@@ -19,8 +20,8 @@ from flwr.serverapp import Grid, ServerApp
 from privatune.common.config import RunConfig
 from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger
 from privatune.common.models import configure_trainable, get_model_spec, trainable_state
-from privatune.server.reasons import one_line
 from privatune.common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCE_SITE
+from privatune.server.reasons import one_line
 from privatune.server.run_record import RoundReport, RunRecorder
 from privatune.server.strategy import FederationStopped, PrivatuneFedAvg
 
@@ -42,8 +43,14 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         cfg = fixed_config or RunConfig.from_flower(dict(context.run_config))
         # `privatune simulate` (a fixed config) warns on its own terminal before the run starts.
-        summary = run_federation(grid, cfg, run_id=str(context.run_id), observer=observer,
-                                 warn_seeded=fixed_config is None, on_recorder=on_recorder)
+        summary = run_federation(
+            grid,
+            cfg,
+            run_id=str(context.run_id),
+            observer=observer,
+            warn_seeded=fixed_config is None,
+            on_recorder=on_recorder,
+        )
         if summary.get("status") == "failed" and fixed_config is None:
             # Under `flwr run` / a deployment, Flower then reports the run as failed, not completed.
             reasons = "; ".join(f"{k}: {v}" for k, v in (summary.get("failure_reasons") or {}).items())
@@ -110,7 +117,9 @@ def run_federation(
     initial_state = trainable_state(model)
     expected = {k: tuple(v.shape) for k, v in initial_state.items()}
     n_params = int(sum(v.size for v in initial_state.values()))
-    log.info("run %s: %s/%s mode=%s, %d trainable parameters travel", run_id, cfg.model, cfg.dataset, cfg.mode, n_params)
+    log.info(
+        "run %s: %s/%s mode=%s, %d trainable parameters travel", run_id, cfg.model, cfg.dataset, cfg.mode, n_params
+    )
 
     he_ctx = None
     if cfg.secure_aggregation == "he":
@@ -168,8 +177,9 @@ def run_federation(
     from privatune.server.plots import plot_rounds
 
     title = f"{cfg.preset}: {cfg.mode}, " + (f"target epsilon {cfg.target_epsilon:g}" if cfg.private else "no DP")
-    plot_rounds(recorder.rounds, out / "rounds.png", title=title,
-                target_epsilon=cfg.target_epsilon if cfg.private else None)
+    plot_rounds(
+        recorder.rounds, out / "rounds.png", title=title, target_epsilon=cfg.target_epsilon if cfg.private else None
+    )
     recorder.conclude()
     summary = recorder.write_summary(
         trainable_parameters=n_params,
@@ -190,6 +200,9 @@ def save_global(arrays: ArrayRecord, cfg: RunConfig, out: Path, encrypted: bool)
     from safetensors.numpy import save_file
 
     path = out / PLAIN_WEIGHTS_NAME
-    save_file({k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}, str(path),
-              metadata={"model": cfg.model, "mode": cfg.mode, "labels": ",".join(cfg.label_names)})
+    save_file(
+        {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()},
+        str(path),
+        metadata={"model": cfg.model, "mode": cfg.mode, "labels": ",".join(cfg.label_names)},
+    )
     return path

@@ -29,8 +29,13 @@ class ProxyConfigError(ValueError):
 
 #: The `privatune fleet-proxy` option behind each field, so an error names what the user typed.
 _OPTION = {
-    "listen_host": "--listen", "listen_port": "--listen", "superlink_host": "--superlink",
-    "superlink_port": "--superlink", "server_cert": "--cert", "server_key": "--key", "ca_cert": "--ca",
+    "listen_host": "--listen",
+    "listen_port": "--listen",
+    "superlink_host": "--superlink",
+    "superlink_port": "--superlink",
+    "server_cert": "--cert",
+    "server_key": "--key",
+    "ca_cert": "--ca",
     "superlink_tls_name": "--superlink-name",
 }
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from privatune.server.run_record import RoundReport
 
@@ -23,8 +23,12 @@ def plot_rounds(
         ax_acc.plot(xs_c, [r.central["macro-f1"] for r in rounds if r.central], "s--", label="central test macro-F1")
     xs_f = [r.round for r in rounds if r.federated]
     if xs_f:
-        ax_acc.plot(xs_f, [r.federated.get("eval-accuracy", float("nan")) for r in rounds if r.federated],
-                    "^-", label="federated validation accuracy (DP-noised)")
+        ax_acc.plot(
+            xs_f,
+            [r.federated.get("eval-accuracy", float("nan")) for r in rounds if r.federated],
+            "^-",
+            label="federated validation accuracy (DP-noised)",
+        )
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("score")
     ax_acc.set_ylim(0, 1.02)

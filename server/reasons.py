@@ -25,8 +25,15 @@ _RAY_NAMES = re.compile(
 _FLOWER_WRAPPER = re.compile(r"Exception ClientAppException occurred\.\s*Message:\s*")
 # Classes whose name adds nothing to their message.
 _QUIET_CLASSES = {
-    "Exception", "ValueError", "RuntimeError", "ClientAppException", "ConfigError", "SiteConfigError",
-    "SiteDataError", "HEError", "FederationStopped",
+    "Exception",
+    "ValueError",
+    "RuntimeError",
+    "ClientAppException",
+    "ConfigError",
+    "SiteConfigError",
+    "SiteDataError",
+    "HEError",
+    "FederationStopped",
 }
 
 
@@ -53,7 +60,7 @@ def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
             if base.startswith("Ray") and inner:
                 base = inner.group(1).rsplit(".", 1)[-1]
             if not msg:  # the message may follow on the next lines (Flower's ClientAppException does that)
-                msg = " ".join(ln.strip() for ln in lines[idx + 1:]).strip()
+                msg = " ".join(ln.strip() for ln in lines[idx + 1 :]).strip()
             if not msg:
                 chosen = base
             elif base in _QUIET_CLASSES or base.startswith("Ray"):

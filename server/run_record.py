@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from privatune.common.jsonsafe import jsonable
 from privatune.common.protocol import KEY_NOISE_SOURCE

@@ -173,7 +173,9 @@ class PrivatuneFedAvg(FedAvg):
         if len(accepted) < self.cfg.min_clients:
             log.warning(
                 "round %d: only %d valid update(s), fewer than min-clients=%d; the global model is kept",
-                server_round, len(accepted), self.cfg.min_clients,
+                server_round,
+                len(accepted),
+                self.cfg.min_clients,
             )
             return None, None
         contents = [m.content for _, m in accepted]
@@ -289,6 +291,7 @@ class PrivatuneFedAvg(FedAvg):
         report[KEY_NOISE_SOURCE] = noise_source or "not reported"
         self.current.clients[cid] = report
         if self.ledger is not None:
+
             def num(key: str) -> float | None:
                 v = m.get(key)
                 return float(v) if isinstance(v, (int, float)) else None
@@ -332,7 +335,8 @@ class PrivatuneFedAvg(FedAvg):
             mech = reported_mechanism(msg.content["metrics"])
             if mech.get("epsilon_reported") is not None:
                 self.current.rejected_spends[key] = {
-                    "epsilon": mech["epsilon_reported"], "node-id": int(msg.metadata.src_node_id),
+                    "epsilon": mech["epsilon_reported"],
+                    "node-id": int(msg.metadata.src_node_id),
                 }
         if self.ledger is not None:
             ledger_status = STATUS_BUDGET if status == STATUS_BUDGET else "dropped"

@@ -22,10 +22,11 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from privatune.common.accounting import calibrate_noise, default_delta, epsilon_of, sample_rate, steps_per_epoch
 from privatune.common.config import RunConfig
@@ -73,8 +74,9 @@ def run_mechanism(cfg: RunConfig, records: int) -> tuple[float, int, float]:
     return sample_rate(records, cfg.batch_size), steps, cfg.delta or default_delta(records)
 
 
-def calibration_rows(cfg: RunConfig, records: Sequence[int], accountants: Sequence[str] = (OLD, NEW)
-                     ) -> list[CalibrationRow]:
+def calibration_rows(
+    cfg: RunConfig, records: Sequence[int], accountants: Sequence[str] = (OLD, NEW)
+) -> list[CalibrationRow]:
     """Each client's noise when calibrated with each accountant, with the epsilon it reaches (both accountants)."""
     rows = []
     for n in records:
@@ -82,8 +84,16 @@ def calibration_rows(cfg: RunConfig, records: Sequence[int], accountants: Sequen
         for acc in accountants:
             sigma = calibrate_noise(cfg.target_epsilon, delta, q, steps, acc)
             mech = [(sigma, q, steps)]
-            rows.append(CalibrationRow(n, acc, cfg.target_epsilon, sigma, epsilon_of(mech, delta, acc),
-                                       epsilon_of(mech, delta, INDEPENDENT)))
+            rows.append(
+                CalibrationRow(
+                    n,
+                    acc,
+                    cfg.target_epsilon,
+                    sigma,
+                    epsilon_of(mech, delta, acc),
+                    epsilon_of(mech, delta, INDEPENDENT),
+                )
+            )
     return rows
 
 
@@ -120,8 +130,14 @@ def ledger_spends(folder: Path) -> list[LedgerSpend]:
         last = rows[-1]
         run = [r for r in rows if r["run_id"] == last["run_id"]]
         hist = [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"])) for r in run]
-        out.append(LedgerSpend(str(last["site_id"]), float(last["noise_multiplier"]), float(last["epsilon_run"]),
-                               epsilon_of(hist, float(last["delta"]), INDEPENDENT)))
+        out.append(
+            LedgerSpend(
+                str(last["site_id"]),
+                float(last["noise_multiplier"]),
+                float(last["epsilon_run"]),
+                epsilon_of(hist, float(last["delta"]), INDEPENDENT),
+            )
+        )
     return out
 
 
@@ -140,8 +156,9 @@ class AccountingRow:
     error: str = ""
 
 
-def federated_row(data: PreparedData, plan: BenchPlan, runs_dir: Path, accountant: str, epsilon: float,
-                  log: Callable[[str], None]) -> AccountingRow:
+def federated_row(
+    data: PreparedData, plan: BenchPlan, runs_dir: Path, accountant: str, epsilon: float, log: Callable[[str], None]
+) -> AccountingRow:
     """One federation with ``accountant`` for calibration and reporting, and what its ledgers say."""
     data = replace(data, cfg=replace(data.cfg, accountant=accountant))
     acc = federated_run(data, plan, runs_dir / accountant, dp=True, epsilon=epsilon, log=log)
@@ -149,10 +166,17 @@ def federated_row(data: PreparedData, plan: BenchPlan, runs_dir: Path, accountan
     worst = max(spends, key=lambda s: s.epsilon_reported) if spends else None
     noises = [s.noise_multiplier for s in spends]
     return AccountingRow(
-        preset=data.cfg.preset, accountant=accountant, target_epsilon=epsilon,
-        noise_min=min(noises) if noises else None, noise_max=max(noises) if noises else None,
-        epsilon_reported=worst.epsilon_reported if worst else None, epsilon_pld=worst.epsilon_pld if worst else None,
-        accuracy=acc.accuracy, macro_f1=acc.macro_f1, seconds=acc.seconds, error=acc.error,
+        preset=data.cfg.preset,
+        accountant=accountant,
+        target_epsilon=epsilon,
+        noise_min=min(noises) if noises else None,
+        noise_max=max(noises) if noises else None,
+        epsilon_reported=worst.epsilon_reported if worst else None,
+        epsilon_pld=worst.epsilon_pld if worst else None,
+        accuracy=acc.accuracy,
+        macro_f1=acc.macro_f1,
+        seconds=acc.seconds,
+        error=acc.error,
     )
 
 
@@ -164,13 +188,29 @@ def _sigma(lo: float | None, hi: float | None) -> str:
 
 def accounting_table(rows: Sequence[AccountingRow]) -> str:
     return format_table(
-        ["preset", "target eps", "accountant", "noise multiplier (clients)", "reported eps", "PLD eps",
-         "reported / PLD", "accuracy %", "macro-F1 %"],
         [
-            [r.preset, f"{r.target_epsilon:g}", r.accountant, _sigma(r.noise_min, r.noise_max),
-             _eps(r.epsilon_reported), _eps(r.epsilon_pld),
-             f"{r.epsilon_reported / r.epsilon_pld:.3f}" if r.epsilon_reported and r.epsilon_pld else "-",
-             _pct(r.accuracy) + (" FAILED" if r.error else ""), _pct(r.macro_f1)]
+            "preset",
+            "target eps",
+            "accountant",
+            "noise multiplier (clients)",
+            "reported eps",
+            "PLD eps",
+            "reported / PLD",
+            "accuracy %",
+            "macro-F1 %",
+        ],
+        [
+            [
+                r.preset,
+                f"{r.target_epsilon:g}",
+                r.accountant,
+                _sigma(r.noise_min, r.noise_max),
+                _eps(r.epsilon_reported),
+                _eps(r.epsilon_pld),
+                f"{r.epsilon_reported / r.epsilon_pld:.3f}" if r.epsilon_reported and r.epsilon_pld else "-",
+                _pct(r.accuracy) + (" FAILED" if r.error else ""),
+                _pct(r.macro_f1),
+            ]
             for r in rows
         ],
     )
@@ -179,8 +219,18 @@ def accounting_table(rows: Sequence[AccountingRow]) -> str:
 def calibration_table(rows: Sequence[CalibrationRow]) -> str:
     return format_table(
         ["records", "target eps", "accountant", "noise multiplier", "eps (own)", "eps PLD", "own / PLD"],
-        [[str(r.records), f"{r.target_epsilon:g}", r.accountant, f"{r.noise_multiplier:.4f}", f"{r.epsilon:.4f}",
-          f"{r.epsilon_pld:.4f}", f"{r.epsilon / r.epsilon_pld:.3f}"] for r in rows],
+        [
+            [
+                str(r.records),
+                f"{r.target_epsilon:g}",
+                r.accountant,
+                f"{r.noise_multiplier:.4f}",
+                f"{r.epsilon:.4f}",
+                f"{r.epsilon_pld:.4f}",
+                f"{r.epsilon / r.epsilon_pld:.3f}",
+            ]
+            for r in rows
+        ],
     )
 
 
@@ -190,7 +240,8 @@ def run(plan: BenchPlan, out: Path, log: Callable[[str], None] = print) -> dict[
     t_start = time.perf_counter()
     result: dict[str, Any] = {
         "command": "python -m privatune.simulations.bench_accounting " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "plan": asdict(plan),
+        "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "plan": asdict(plan),
         "environment": _environment(),
     }
     prepared = {p: prepare_data(p, plan, out / "feature-cache" / p, log) for p in ACCURACY_PRESETS}
@@ -202,15 +253,19 @@ def run(plan: BenchPlan, out: Path, log: Callable[[str], None] = print) -> dict[
             rows = calibration_rows(replace(data.cfg, target_epsilon=eps), records)
             calib.extend(rows)
             saving = noise_saving(rows)
-            log(f"[calibrate] {preset} eps={eps:g}: prv needs {100 * min(saving):.1f}-{100 * max(saving):.1f} % "
-                "less noise than rdp")
+            log(
+                f"[calibrate] {preset} eps={eps:g}: prv needs {100 * min(saving):.1f}-{100 * max(saving):.1f} % "
+                "less noise than rdp"
+            )
     log(calibration_table(calib))
     for preset, data in prepared.items():
         for eps in FED_EPSILONS:
             for acc in (OLD, NEW):
                 row = federated_row(data, plan, out / "runs", acc, eps, log)
-                log(f"  -> {preset} eps={eps:g} {acc}: accuracy {_pct(row.accuracy)} %, reported eps "
-                    f"{_eps(row.epsilon_reported)}, PLD {_eps(row.epsilon_pld)}")
+                log(
+                    f"  -> {preset} eps={eps:g} {acc}: accuracy {_pct(row.accuracy)} %, reported eps "
+                    f"{_eps(row.epsilon_reported)}, PLD {_eps(row.epsilon_pld)}"
+                )
                 fed.append(row)
     result["calibration"] = [asdict(r) for r in calib]
     result["noise_saving"] = {"min": min(noise_saving(calib)), "max": max(noise_saving(calib))}
@@ -225,8 +280,10 @@ def run(plan: BenchPlan, out: Path, log: Callable[[str], None] = print) -> dict[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m privatune.simulations.bench_accounting",
-                                     description="RDP vs PRV calibration: noise, epsilon (and PLD), accuracy.")
+    parser = argparse.ArgumentParser(
+        prog="python -m privatune.simulations.bench_accounting",
+        description="RDP vs PRV calibration: noise, epsilon (and PLD), accuracy.",
+    )
     parser.add_argument("--quick", action="store_true", help="small smoke run of the same pipeline (not for figures)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--run-config", default="", help='overrides for every run, e.g. "lr=1.0"')

@@ -36,10 +36,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,13 +84,21 @@ class BenchPlan:
     overrides: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def make(cls, quick: bool, overrides: Mapping[str, str], threads: int = 1) -> "BenchPlan":
+    def make(cls, quick: bool, overrides: Mapping[str, str], threads: int = 1) -> BenchPlan:
         if threads < 1:
             raise ValueError(f"--threads must be at least 1, got {threads}")
         if quick:
             return cls(
-                quick=True, clients=3, rounds=2, max_records=600, timing_repeats=2, head_timing_epochs=2,
-                partial_records=64, partial_repeats=1, timing_threads=threads, overrides=dict(overrides),
+                quick=True,
+                clients=3,
+                rounds=2,
+                max_records=600,
+                timing_repeats=2,
+                head_timing_epochs=2,
+                partial_records=64,
+                partial_repeats=1,
+                timing_threads=threads,
+                overrides=dict(overrides),
             )
         return cls(timing_threads=threads, overrides=dict(overrides))
 
@@ -99,7 +108,7 @@ def parse_overrides(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for token in shlex.split(text or ""):
         if "=" not in token:
-            raise ValueError(f"--run-config: {token!r} is not key=value (e.g. \"lr=1.0 batch-size=128\")")
+            raise ValueError(f'--run-config: {token!r} is not key=value (e.g. "lr=1.0 batch-size=128")')
         key, value = token.split("=", 1)
         key = key.strip()
         if not key:
@@ -201,9 +210,12 @@ class TimingRow:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(
-            median_nondp_epoch_s=median(self.nondp_epoch_s), median_dp_epoch_s=median(self.dp_epoch_s),
-            ratio=self.ratio, median_nondp_call_s=median(self.nondp_call_s),
-            median_dp_call_s=median(self.dp_call_s), call_ratio=self.call_ratio,
+            median_nondp_epoch_s=median(self.nondp_epoch_s),
+            median_dp_epoch_s=median(self.dp_epoch_s),
+            ratio=self.ratio,
+            median_nondp_call_s=median(self.nondp_call_s),
+            median_dp_call_s=median(self.dp_call_s),
+            call_ratio=self.call_ratio,
             min_ratio=min(self.dp_epoch_s) / min(self.nondp_epoch_s),
         )
         return d
@@ -239,9 +251,17 @@ def time_dp_vs_nondp(
             row.trainable_params = int(sum(p.numel() for p in module.parameters() if p.requires_grad))
             t0 = time.perf_counter()
             result = train_local(
-                module, inputs, labels, epochs=epochs, batch_size=batch_size, lr=lr, dp=dp,
-                noise_multiplier=noise_multiplier if dp else 0.0, max_grad_norm=max_grad_norm,
-                randomness=SeededRandomness(1000 + rep), backbone_lr_scale=backbone_lr_scale,
+                module,
+                inputs,
+                labels,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                dp=dp,
+                noise_multiplier=noise_multiplier if dp else 0.0,
+                max_grad_norm=max_grad_norm,
+                randomness=SeededRandomness(1000 + rep),
+                backbone_lr_scale=backbone_lr_scale,
             )
             call = time.perf_counter() - t0
             (row.dp_epoch_s if dp else row.nondp_epoch_s).append(result.seconds / epochs)
@@ -253,7 +273,7 @@ def time_dp_vs_nondp(
     return row
 
 
-def timing_cases(plan: BenchPlan, prepared: Mapping[str, "PreparedData"], log: Callable[[str], None]) -> list[TimingRow]:
+def timing_cases(plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Callable[[str], None]) -> list[TimingRow]:
     rows: list[TimingRow] = []
 
     # head: the module the client trains in head mode is the head alone, on cached MiniLM features.
@@ -263,10 +283,18 @@ def timing_cases(plan: BenchPlan, prepared: Mapping[str, "PreparedData"], log: C
     log(f"[time] head: minilm features of {len(labels)} pooled sms-spam records, batch {cfg.batch_size}")
     rows.append(
         time_dp_vs_nondp(
-            "head", cfg.model, cfg.dataset,
+            "head",
+            cfg.model,
+            cfg.dataset,
             lambda: new_head(feats.shape[1], len(cfg.label_names), cfg.seed),
-            (feats,), labels, batch_size=cfg.batch_size, lr=cfg.lr, epochs=plan.head_timing_epochs,
-            repeats=plan.timing_repeats, max_grad_norm=cfg.max_grad_norm, log=log,
+            (feats,),
+            labels,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            epochs=plan.head_timing_epochs,
+            repeats=plan.timing_repeats,
+            max_grad_norm=cfg.max_grad_norm,
+            log=log,
         )
     )
 
@@ -285,9 +313,19 @@ def timing_cases(plan: BenchPlan, prepared: Mapping[str, "PreparedData"], log: C
     log(f"[time] full: digits-cnn, {len(pool)} digits images, batch {dcfg.batch_size}")
     rows.append(
         time_dp_vs_nondp(
-            "full", dcfg.model, dcfg.dataset, full_cnn, images, dlabels, batch_size=dcfg.batch_size,
-            lr=dcfg.lr, epochs=1, repeats=plan.timing_repeats, backbone_lr_scale=dcfg.backbone_lr_scale,
-            max_grad_norm=dcfg.max_grad_norm, log=log,
+            "full",
+            dcfg.model,
+            dcfg.dataset,
+            full_cnn,
+            images,
+            dlabels,
+            batch_size=dcfg.batch_size,
+            lr=dcfg.lr,
+            epochs=1,
+            repeats=plan.timing_repeats,
+            backbone_lr_scale=dcfg.backbone_lr_scale,
+            max_grad_norm=dcfg.max_grad_norm,
+            log=log,
         )
     )
 
@@ -305,13 +343,25 @@ def timing_cases(plan: BenchPlan, prepared: Mapping[str, "PreparedData"], log: C
         configure_trainable(model, "partial")
         return model
 
-    log(f"[time] partial: minilm last layer + head, {len(subset)} trec6 records, length {tcfg.max_length}, "
-        f"batch {tcfg.batch_size}")
+    log(
+        f"[time] partial: minilm last layer + head, {len(subset)} trec6 records, length {tcfg.max_length}, "
+        f"batch {tcfg.batch_size}"
+    )
     rows.append(
         time_dp_vs_nondp(
-            "partial", tcfg.model, tcfg.dataset, partial_minilm, tokens, tlabels, batch_size=tcfg.batch_size,
-            lr=tcfg.lr, epochs=1, repeats=plan.partial_repeats, backbone_lr_scale=tcfg.backbone_lr_scale,
-            max_grad_norm=tcfg.max_grad_norm, log=log,
+            "partial",
+            tcfg.model,
+            tcfg.dataset,
+            partial_minilm,
+            tokens,
+            tlabels,
+            batch_size=tcfg.batch_size,
+            lr=tcfg.lr,
+            epochs=1,
+            repeats=plan.partial_repeats,
+            backbone_lr_scale=tcfg.backbone_lr_scale,
+            max_grad_norm=tcfg.max_grad_norm,
+            log=log,
         )
     )
     return rows
@@ -353,12 +403,19 @@ def prepare_data(preset: str, plan: BenchPlan, cache_dir: Path, log: Callable[[s
     test_feats = cached_features(model, cfg.model, test, cfg.max_length, cache_dir)
     seconds = time.perf_counter() - t0
     n = sum(len(t) for t in trains)
-    log(f"[data] {preset}: {plan.clients} clients, {n} training records pooled, {len(test)} test records; "
-        f"features in {seconds:.1f} s")
+    log(
+        f"[data] {preset}: {plan.clients} clients, {n} training records pooled, {len(test)} test records; "
+        f"features in {seconds:.1f} s"
+    )
     return PreparedData(
-        cfg=cfg, cache_dir=cache_dir, client_train=trains, pooled_features=torch.cat(feats),
-        pooled_labels=torch.cat(labels), test_features=test_feats,
-        test_labels=torch.as_tensor(test.labels, dtype=torch.long), feature_seconds=seconds,
+        cfg=cfg,
+        cache_dir=cache_dir,
+        client_train=trains,
+        pooled_features=torch.cat(feats),
+        pooled_labels=torch.cat(labels),
+        test_features=test_feats,
+        test_labels=torch.as_tensor(test.labels, dtype=torch.long),
+        feature_seconds=seconds,
     )
 
 
@@ -385,9 +442,7 @@ class AccuracyRow:
         return f"{self.setting}, {privacy}"
 
 
-def central_head(
-    data: PreparedData, *, dp: bool, epsilon: float = math.inf
-) -> AccuracyRow:
+def central_head(data: PreparedData, *, dp: bool, epsilon: float = math.inf) -> AccuracyRow:
     """The head trained on the pooled client data for rounds x local-epochs epochs, tested centrally."""
     cfg = data.cfg
     epochs = cfg.num_server_rounds * cfg.local_epochs
@@ -395,22 +450,38 @@ def central_head(
     noise = 0.0
     if dp:
         noise = calibrate_noise(
-            epsilon, default_delta(n), sample_rate(n, cfg.batch_size), steps_per_epoch(n, cfg.batch_size) * epochs,
+            epsilon,
+            default_delta(n),
+            sample_rate(n, cfg.batch_size),
+            steps_per_epoch(n, cfg.batch_size) * epochs,
             cfg.accountant,
         )
     # The same initial head as the federation's global model (the server builds it with cfg.seed).
     head = new_head(data.pooled_features.shape[1], len(cfg.label_names), cfg.seed)
     t0 = time.perf_counter()
     train_local(
-        head, (data.pooled_features,), data.pooled_labels, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        dp=dp, noise_multiplier=noise, max_grad_norm=cfg.max_grad_norm,
+        head,
+        (data.pooled_features,),
+        data.pooled_labels,
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        dp=dp,
+        noise_multiplier=noise,
+        max_grad_norm=cfg.max_grad_norm,
         randomness=SeededRandomness(cfg.seed),
     )
     seconds = time.perf_counter() - t0
     res = evaluate(head, (data.test_features,), data.test_labels, num_classes=len(cfg.label_names))
     return AccuracyRow(
-        preset=cfg.preset, setting="central", dp=dp, epsilon=epsilon if dp else math.inf,
-        accuracy=res.accuracy, macro_f1=res.macro_f1, noise_multiplier=noise if dp else None, seconds=seconds,
+        preset=cfg.preset,
+        setting="central",
+        dp=dp,
+        epsilon=epsilon if dp else math.inf,
+        accuracy=res.accuracy,
+        macro_f1=res.macro_f1,
+        noise_multiplier=noise if dp else None,
+        seconds=seconds,
     )
 
 
@@ -442,41 +513,57 @@ def federated_run(
             parts.append(f"max eps {max(eps):.3f}")
         log(" | ".join(parts))
 
-    log(f"[fed] {cfg.preset}, {'DP eps=' + format(epsilon, 'g') if dp else 'no DP'}: {plan.clients} clients, "
-        f"{cfg.num_server_rounds} rounds x {cfg.local_epochs} local epochs, batch {cfg.batch_size}, lr {cfg.lr:g}")
+    log(
+        f"[fed] {cfg.preset}, {'DP eps=' + format(epsilon, 'g') if dp else 'no DP'}: {plan.clients} clients, "
+        f"{cfg.num_server_rounds} rounds x {cfg.local_epochs} local epochs, batch {cfg.batch_size}, lr {cfg.lr:g}"
+    )
     t0 = time.perf_counter()
     try:
         summary = run_simulation(cfg, plan.clients, out, observer=observer)
-    except Exception as err:  # noqa: BLE001  one failed run must not lose the other measurements
+    except Exception as err:
         reason = f"{type(err).__name__}: {err}"
         log(f"  [error] this run failed, the benchmark goes on: {reason}")
         return AccuracyRow(
-            preset=cfg.preset, setting="federated", dp=dp, epsilon=epsilon if dp else math.inf,
-            accuracy=math.nan, macro_f1=math.nan, seconds=time.perf_counter() - t0, out_dir=str(out),
+            preset=cfg.preset,
+            setting="federated",
+            dp=dp,
+            epsilon=epsilon if dp else math.inf,
+            accuracy=math.nan,
+            macro_f1=math.nan,
+            seconds=time.perf_counter() - t0,
+            out_dir=str(out),
             error=reason,
         )
     seconds = time.perf_counter() - t0
     eps_values = [float(v) for v in (summary.get("per_client_epsilon") or {}).values()]
     if summary.get("rounds_completed") != cfg.num_server_rounds:
-        log(f"  [warn] only {summary.get('rounds_completed')} of {cfg.num_server_rounds} rounds completed: "
-            f"{summary.get('stopped_reason', '')}")
+        log(
+            f"  [warn] only {summary.get('rounds_completed')} of {cfg.num_server_rounds} rounds completed: "
+            f"{summary.get('stopped_reason', '')}"
+        )
     return AccuracyRow(
-        preset=cfg.preset, setting="federated", dp=dp, epsilon=epsilon if dp else math.inf,
-        accuracy=float(summary["test_accuracy"]), macro_f1=float(summary["test_macro_f1"]),
-        max_client_epsilon=max(eps_values) if (dp and eps_values) else None, seconds=seconds,
-        rounds_completed=int(summary.get("rounds_completed", 0)), out_dir=str(out),
+        preset=cfg.preset,
+        setting="federated",
+        dp=dp,
+        epsilon=epsilon if dp else math.inf,
+        accuracy=float(summary["test_accuracy"]),
+        macro_f1=float(summary["test_macro_f1"]),
+        max_client_epsilon=max(eps_values) if (dp and eps_values) else None,
+        seconds=seconds,
+        rounds_completed=int(summary.get("rounds_completed", 0)),
+        out_dir=str(out),
     )
 
 
-def accuracy_rows(
-    data: PreparedData, plan: BenchPlan, runs_dir: Path, log: Callable[[str], None]
-) -> list[AccuracyRow]:
+def accuracy_rows(data: PreparedData, plan: BenchPlan, runs_dir: Path, log: Callable[[str], None]) -> list[AccuracyRow]:
     baseline = central_head(data, dp=False)
     log(f"[central] {data.cfg.preset}, no DP: accuracy {_pct(baseline.accuracy)} %, macro-F1 {_pct(baseline.macro_f1)}")
     rows = [baseline]
     for eps in FED_EPSILONS:
         row = central_head(data, dp=True, epsilon=eps)
-        log(f"[central] {data.cfg.preset}, DP eps={eps:g}: accuracy {_pct(row.accuracy)} %, noise {row.noise_multiplier:.3f}")
+        log(
+            f"[central] {data.cfg.preset}, DP eps={eps:g}: accuracy {_pct(row.accuracy)} %, noise {row.noise_multiplier:.3f}"
+        )
         rows.append(row)
     rows.append(federated_run(data, plan, runs_dir, dp=False, epsilon=math.inf, log=log))
     for eps in sorted(FED_EPSILONS, reverse=True):
@@ -496,12 +583,29 @@ def accuracy_rows(
 
 def timing_table(rows: Sequence[TimingRow]) -> str:
     return format_table(
-        ["case", "model / data", "records", "batch", "trainable params", "non-DP s/epoch", "DP s/epoch",
-         "DP / non-DP", "per call incl. setup"],
         [
-            [r.case, f"{r.model} / {r.dataset}", str(r.records), str(r.batch_size), f"{r.trainable_params:,}",
-             f"{median(r.nondp_epoch_s):.4f}", f"{median(r.dp_epoch_s):.4f}", f"{r.ratio:.2f}x",
-             f"{r.call_ratio:.2f}x"]
+            "case",
+            "model / data",
+            "records",
+            "batch",
+            "trainable params",
+            "non-DP s/epoch",
+            "DP s/epoch",
+            "DP / non-DP",
+            "per call incl. setup",
+        ],
+        [
+            [
+                r.case,
+                f"{r.model} / {r.dataset}",
+                str(r.records),
+                str(r.batch_size),
+                f"{r.trainable_params:,}",
+                f"{median(r.nondp_epoch_s):.4f}",
+                f"{median(r.dp_epoch_s):.4f}",
+                f"{r.ratio:.2f}x",
+                f"{r.call_ratio:.2f}x",
+            ]
             for r in rows
         ],
     )
@@ -511,10 +615,16 @@ def accuracy_table(rows: Sequence[AccuracyRow]) -> str:
     return format_table(
         ["preset", "setting", "accuracy %", "macro-F1 %", "gap acc (pts)", "gap F1 (pts)", "max client eps", "s"],
         [
-            [r.preset, r.label, _pct(r.accuracy), _pct(r.macro_f1), _pts(r.gap_accuracy_pts),
-             _pts(r.gap_macro_f1_pts),
-             _eps(r.max_client_epsilon) if r.setting == "federated" and r.dp else "-",
-             f"{r.seconds:.0f}" + (" FAILED (see JSON)" if r.error else "")]
+            [
+                r.preset,
+                r.label,
+                _pct(r.accuracy),
+                _pct(r.macro_f1),
+                _pts(r.gap_accuracy_pts),
+                _pts(r.gap_macro_f1_pts),
+                _eps(r.max_client_epsilon) if r.setting == "federated" and r.dp else "-",
+                f"{r.seconds:.0f}" + (" FAILED (see JSON)" if r.error else ""),
+            ]
             for r in rows
         ],
     )
@@ -528,8 +638,10 @@ def goal_line(rows: Sequence[AccuracyRow]) -> str:
                 return f"goal: not measured, the {GOAL_PRESET} run at eps={GOAL_EPSILON:g} failed ({r.error})"
             gap = r.gap_accuracy_pts or 0.0
             met = gap >= -GOAL_POINTS
-            return (f"goal: {GOAL_PRESET} federated at eps={GOAL_EPSILON:g} within {GOAL_POINTS:g} points of the "
-                    f"centralised non-DP head: {'MET' if met else 'NOT MET'} (gap {gap:+.2f} points)")
+            return (
+                f"goal: {GOAL_PRESET} federated at eps={GOAL_EPSILON:g} within {GOAL_POINTS:g} points of the "
+                f"centralised non-DP head: {'MET' if met else 'NOT MET'} (gap {gap:+.2f} points)"
+            )
     return "goal: not measured in this run"
 
 
@@ -538,8 +650,12 @@ def _environment() -> dict[str, Any]:
     import opacus
 
     return {
-        "python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__,
-        "opacus": opacus.__version__, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__,
+        "opacus": opacus.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
     }
 
@@ -548,12 +664,14 @@ def run(plan: BenchPlan, out: Path, log: Callable[[str], None] = print) -> dict[
     """The whole benchmark; returns (and writes to ``out/bench_dp.json``) every figure it measured."""
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t_start = time.perf_counter()
     result: dict[str, Any] = {
         "command": "python -m privatune.simulations.bench_dp " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "started_utc": started.isoformat(timespec="seconds"), "plan": asdict(plan),
-        "environment": _environment(), "load_average": {"start": list(os.getloadavg())},
+        "started_utc": started.isoformat(timespec="seconds"),
+        "plan": asdict(plan),
+        "environment": _environment(),
+        "load_average": {"start": list(os.getloadavg())},
     }
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     prepared = {p: prepare_data(p, plan, out / "feature-cache" / p, log) for p in ACCURACY_PRESETS}
@@ -570,8 +688,9 @@ def run(plan: BenchPlan, out: Path, log: Callable[[str], None] = print) -> dict[
     result["load_average"]["after_timing"] = list(os.getloadavg())
     log(timing_table(timings))
 
-    log("\n== federated vs centralised accuracy (head mode, Dirichlet alpha "
-        f"{plan.alpha:g}, {plan.clients} clients) ==")
+    log(
+        f"\n== federated vs centralised accuracy (head mode, Dirichlet alpha {plan.alpha:g}, {plan.clients} clients) =="
+    )
     acc: list[AccuracyRow] = []
     for preset in ACCURACY_PRESETS:
         acc.extend(accuracy_rows(prepared[preset], plan, out / "runs", log))
@@ -610,8 +729,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small smoke run of the same pipeline (not for figures)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--run-config", default="", help='overrides for every run, e.g. "lr=1.0 local-epochs=3"')
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for the timing part (default 1, what a simulated client gets)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for the timing part (default 1, what a simulated client gets)",
+    )
     args = parser.parse_args(argv)
     try:
         plan = BenchPlan.make(args.quick, parse_overrides(args.run_config), args.threads)

@@ -56,10 +56,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -93,8 +94,11 @@ class Case:
 
     def config(self, secure_aggregation: str = "none") -> RunConfig:
         values: dict[str, Any] = {
-            "preset": self.preset, "num_server_rounds": self.rounds, "max_records": self.max_records,
-            "central_eval": False, "secure_aggregation": secure_aggregation,
+            "preset": self.preset,
+            "num_server_rounds": self.rounds,
+            "max_records": self.max_records,
+            "central_eval": False,
+            "secure_aggregation": secure_aggregation,
         }
         if self.mode:
             values["mode"] = self.mode
@@ -108,11 +112,18 @@ class BenchPlan:
     op_repeats: int  # repetitions of each timed HE operation
 
     @classmethod
-    def make(cls, quick: bool, repeats: int | None = None, op_repeats: int | None = None) -> "BenchPlan":
+    def make(cls, quick: bool, repeats: int | None = None, op_repeats: int | None = None) -> BenchPlan:
         if quick:
             cases = (
-                Case("text-default", "sms-spam", clients=3, rounds=2, max_records=600, repeats=1,
-                     round_goal=ROUND_RATIO_GOAL),
+                Case(
+                    "text-default",
+                    "sms-spam",
+                    clients=3,
+                    rounds=2,
+                    max_records=600,
+                    repeats=1,
+                    round_goal=ROUND_RATIO_GOAL,
+                ),
                 Case("digits-full", "digits", clients=2, rounds=2, mode="full", max_records=400, repeats=1),
             )
             plan = cls(True, cases, op_repeats=2)
@@ -173,9 +184,7 @@ def modelled_he_extra(ops: Mapping[str, float], clients: int, workers: int) -> f
     its evaluate message loads the key and decrypts (minus the plaintext decode/encode they replace),
     the clients spread over ``workers`` parallel Ray workers; the server then adds every reply."""
     waves = math.ceil(clients / max(1, min(workers, clients)))
-    client = (
-        2 * ops["ctx_load"] + 2 * ops["decrypt"] + ops["encrypt"] - 2 * ops["plain_decode"] - ops["plain_encode"]
-    )
+    client = 2 * ops["ctx_load"] + 2 * ops["decrypt"] + ops["encrypt"] - 2 * ops["plain_decode"] - ops["plain_encode"]
     return waves * client + ops["aggregate"] - ops["plain_aggregate"]
 
 
@@ -301,7 +310,7 @@ def federated_run(
     t0 = time.perf_counter()
     try:
         summary = run_simulation(cfg, case.clients, out)
-    except Exception as err:  # noqa: BLE001  one failed run must not lose the other measurements
+    except Exception as err:
         res.error = f"{type(err).__name__}: {err}"
         res.simulation_seconds = time.perf_counter() - t0
         log(f"  [error] {case.name} {arm} r{repeat} failed, the benchmark goes on: {res.error}")
@@ -357,13 +366,13 @@ def client_states(base: Mapping[str, np.ndarray], clients: int, seed: int) -> li
     """K distinct realistic updates: the trained weights plus a per-client perturbation."""
     rng = np.random.default_rng(seed)
     return [
-        {k: (v + 1e-3 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in base.items()}
-        for _ in range(clients)
+        {k: (v + 1e-3 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in base.items()} for _ in range(clients)
     ]
 
 
-def measure_records(case: Case, he_run_dir: Path, base_state: Mapping[str, np.ndarray], weights: Sequence[int],
-                    repeats: int) -> dict[str, Any]:
+def measure_records(
+    case: Case, he_run_dir: Path, base_state: Mapping[str, np.ndarray], weights: Sequence[int], repeats: int
+) -> dict[str, Any]:
     """Build every record the apps build, size them, and time the HE operations on them."""
     from flwr.app import MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -376,8 +385,10 @@ def measure_records(case: Case, he_run_dir: Path, base_state: Mapping[str, np.nd
     cfg_he = RunConfig.from_flower(json.loads((he_run_dir / "config.json").read_text()))
     cfg_plain = replace(cfg_he, secure_aggregation="none", he_public_context="")
     secret = Path(cfg_he.he_public_context).parent / "secret.ctx"
-    sites = [SiteConfig.from_node_config({"partition-id": i, "num-partitions": case.clients}, cfg_he)
-             for i in range(case.clients)]
+    sites = [
+        SiteConfig.from_node_config({"partition-id": i, "num-partitions": case.clients}, cfg_he)
+        for i in range(case.clients)
+    ]
     states = client_states(base_state, case.clients, seed=cfg_he.seed)
     n_params = int(sum(v.size for v in base_state.values()))
     k = case.clients
@@ -385,8 +396,9 @@ def measure_records(case: Case, he_run_dir: Path, base_state: Mapping[str, np.nd
     # What the apps send, built with their own functions.
     plain_up = [encode_update(s, w, cfg_plain, site) for s, w, site in zip(states, weights, sites)]
     he_up = [encode_update(s, w, cfg_he, site) for s, w, site in zip(states, weights, sites)]
-    contents = [RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": int(w)})})
-                for r, w in zip(plain_up, weights)]
+    contents = [
+        RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": int(w)})}) for r, w in zip(plain_up, weights)
+    ]
 
     sctx = he.load_context(secret, require_secret=True)
     pctx = he.load_context(cfg_he.he_public_context, require_secret=False)
@@ -400,8 +412,7 @@ def measure_records(case: Case, he_run_dir: Path, base_state: Mapping[str, np.nd
     plain_down, t_pagg_cpu, t_pagg_wall = _timed(lambda: aggregate_arrayrecords(contents, "num-examples"), repeats)
     he_down, t_agg_cpu, t_agg_wall = _timed(server_he, repeats)
     _, t_ctx_cpu, t_ctx_wall = _timed(lambda: he.load_context(secret, require_secret=True), repeats)
-    _, t_enc_cpu, t_enc_wall = _timed(
-        lambda: he_records_update(sctx, states[0], weights[0]), repeats)
+    _, t_enc_cpu, t_enc_wall = _timed(lambda: he_records_update(sctx, states[0], weights[0]), repeats)
     _, t_penc_cpu, t_penc_wall = _timed(lambda: encode_update(states[0], weights[0], cfg_plain, sites[0]), repeats)
     decrypted, t_dec_cpu, t_dec_wall = _timed(lambda: he.decrypt_state(sctx, arrayrecord_to_state(he_down)), repeats)
     _, t_pdec_cpu, t_pdec_wall = _timed(lambda: {key: v.numpy() for key, v in plain_down.items()}, repeats)
@@ -409,14 +420,30 @@ def measure_records(case: Case, he_run_dir: Path, base_state: Mapping[str, np.nd
 
     ref = fedavg(states, weights)
     sizes = {
-        "upload_plain": record_bytes(plain_up[0]), "upload_he": record_bytes(he_up[0]),
-        "download_plain": record_bytes(plain_down), "download_he": record_bytes(he_down),
+        "upload_plain": record_bytes(plain_up[0]),
+        "upload_he": record_bytes(he_up[0]),
+        "download_plain": record_bytes(plain_down),
+        "download_he": record_bytes(he_down),
         "initial_state_he": record_bytes(initial_he),
     }
-    cpu = {"ctx_load": t_ctx_cpu, "encrypt": t_enc_cpu, "aggregate": t_agg_cpu, "decrypt": t_dec_cpu,
-           "plain_encode": t_penc_cpu, "plain_aggregate": t_pagg_cpu, "plain_decode": t_pdec_cpu}
-    wall = {"ctx_load": t_ctx_wall, "encrypt": t_enc_wall, "aggregate": t_agg_wall, "decrypt": t_dec_wall,
-            "plain_encode": t_penc_wall, "plain_aggregate": t_pagg_wall, "plain_decode": t_pdec_wall}
+    cpu = {
+        "ctx_load": t_ctx_cpu,
+        "encrypt": t_enc_cpu,
+        "aggregate": t_agg_cpu,
+        "decrypt": t_dec_cpu,
+        "plain_encode": t_penc_cpu,
+        "plain_aggregate": t_pagg_cpu,
+        "plain_decode": t_pdec_cpu,
+    }
+    wall = {
+        "ctx_load": t_ctx_wall,
+        "encrypt": t_enc_wall,
+        "aggregate": t_agg_wall,
+        "decrypt": t_dec_wall,
+        "plain_encode": t_penc_wall,
+        "plain_aggregate": t_pagg_wall,
+        "plain_decode": t_pdec_wall,
+    }
     return {
         "num_params": n_params,
         "num_ciphertexts": sctx.num_chunks(n_params),
@@ -497,9 +524,11 @@ def run_case(case: Case, plan: BenchPlan, out: Path, log: Log) -> dict[str, Any]
         shutil.rmtree(cache_dir.parent)
     cache_dir.mkdir(parents=True)
     cfg = case.config()
-    log(f"\n== {case.name}: preset {cfg.preset}, mode {cfg.mode}, {case.clients} clients, {case.rounds} rounds, "
+    log(
+        f"\n== {case.name}: preset {cfg.preset}, mode {cfg.mode}, {case.clients} clients, {case.rounds} rounds, "
         f"DP {'eps=' + format(cfg.target_epsilon, 'g') if cfg.private else 'off'}, "
-        f"max-records {case.max_records or 'all'}, {case.repeats} repeat(s) ==")
+        f"max-records {case.max_records or 'all'}, {case.repeats} repeat(s) =="
+    )
     weights = seed_feature_cache(case, cache_dir, log)
     evaluator = CentralEvaluator(cfg, out / "runs" / "_test-cache")
 
@@ -517,11 +546,16 @@ def run_case(case: Case, plan: BenchPlan, out: Path, log: Log) -> dict[str, Any]
     steady = {arm: [s for x in ok[arm] for s in x.steady] for arm in ok}
     first = {arm: [x.rounds.get(1, math.nan) for x in ok[arm]] for arm in ok}
     rounds = {
-        arm: {"steady_median_s": median(steady[arm]), "steady_samples": len(steady[arm]),
-              "steady_all_s": steady[arm], "first_round_median_s": median(first[arm]),
-              "simulation_median_s": median([x.simulation_seconds for x in ok[arm]]),
-              "steady_slowest_training_median_s": median(
-                  [s for x in ok[arm] for r, s in x.max_train_seconds.items() if r >= 2])}
+        arm: {
+            "steady_median_s": median(steady[arm]),
+            "steady_samples": len(steady[arm]),
+            "steady_all_s": steady[arm],
+            "first_round_median_s": median(first[arm]),
+            "simulation_median_s": median([x.simulation_seconds for x in ok[arm]]),
+            "steady_slowest_training_median_s": median(
+                [s for x in ok[arm] for r, s in x.max_train_seconds.items() if r >= 2]
+            ),
+        }
         for arm in ok
     }
     acc = {arm: [x.test_accuracy for x in ok[arm]] for arm in ok}
@@ -532,7 +566,8 @@ def run_case(case: Case, plan: BenchPlan, out: Path, log: Log) -> dict[str, Any]
         "goal": case.round_goal,
     }
     result["accuracy"] = {
-        "plain": acc["plain"], "he": acc["he"],
+        "plain": acc["plain"],
+        "he": acc["he"],
         "he_minus_plain_points": [100 * (h - p) for p, h in pairs],
         "median_he_minus_plain_points": median([100 * (h - p) for p, h in pairs]),
         "goal_points": ACCURACY_GOAL_POINTS,
@@ -547,17 +582,23 @@ def run_case(case: Case, plan: BenchPlan, out: Path, log: Log) -> dict[str, Any]
     extra = modelled_he_extra(rec["ops_cpu_seconds"], case.clients, workers)
     result["round_time"]["modelled_he_extra_s"] = extra
     result["round_time"]["modelled_ratio"] = ratio(
-        rounds["plain"]["steady_median_s"] + extra, rounds["plain"]["steady_median_s"])
+        rounds["plain"]["steady_median_s"] + extra, rounds["plain"]["steady_median_s"]
+    )
     b = rec["bytes"]
     result["bytes_ratio"] = {
         "upload": ratio(b["upload_he"]["proto"], b["upload_plain"]["proto"]),
         "download": ratio(b["download_he"]["proto"], b["download_plain"]["proto"]),
-        "per_round": ratio(b["upload_he"]["proto"] + 2 * b["download_he"]["proto"],
-                           b["upload_plain"]["proto"] + 2 * b["download_plain"]["proto"]),
+        "per_round": ratio(
+            b["upload_he"]["proto"] + 2 * b["download_he"]["proto"],
+            b["upload_plain"]["proto"] + 2 * b["download_plain"]["proto"],
+        ),
         "goal": BYTES_RATIO_GOAL,
     }
     result["alternatives"] = parameter_alternatives(states, weights)
-    result["alternatives_plain_bytes"] = {"upload": b["upload_plain"]["proto"], "download": b["download_plain"]["proto"]}
+    result["alternatives_plain_bytes"] = {
+        "upload": b["upload_plain"]["proto"],
+        "download": b["download_plain"]["proto"],
+    }
     return result
 
 
@@ -565,8 +606,13 @@ def _environment() -> dict[str, Any]:
     import flwr
     import tenseal
 
-    return {"python": platform.python_version(), "flwr": flwr.__version__, "tenseal": tenseal.__version__,
-            "cpus": os.cpu_count(), "machine": platform.machine()}
+    return {
+        "python": platform.python_version(),
+        "flwr": flwr.__version__,
+        "tenseal": tenseal.__version__,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+    }
 
 
 def render(result: Mapping[str, Any]) -> str:
@@ -576,64 +622,123 @@ def render(result: Mapping[str, Any]) -> str:
     rows = []
     for c in cases:
         rt = c["round_time"]
-        rows.append([
-            c["case"]["name"], f"{c['records']['num_params']:,}", str(c["case"]["clients"]),
-            f"{_f(rt['plain']['steady_median_s'])} ({rt['plain']['steady_samples']})",
-            f"{_f(rt['he']['steady_median_s'])} ({rt['he']['steady_samples']})",
-            f"{_f(rt['ratio_steady'])}x", f"{_f(rt['modelled_ratio'], '.3f')}x",
-            f"{_f(rt['plain']['steady_slowest_training_median_s'])} / {_f(rt['he']['steady_slowest_training_median_s'])}",
-            f"{_f(rt['plain']['first_round_median_s'], '.1f')} / {_f(rt['he']['first_round_median_s'], '.1f')}",
-            "" if rt["goal"] is None else ("met" if rt["ratio_steady"] <= rt["goal"] else "MISSED") + f" (<= {rt['goal']}x)",
-        ])
+        rows.append(
+            [
+                c["case"]["name"],
+                f"{c['records']['num_params']:,}",
+                str(c["case"]["clients"]),
+                f"{_f(rt['plain']['steady_median_s'])} ({rt['plain']['steady_samples']})",
+                f"{_f(rt['he']['steady_median_s'])} ({rt['he']['steady_samples']})",
+                f"{_f(rt['ratio_steady'])}x",
+                f"{_f(rt['modelled_ratio'], '.3f')}x",
+                f"{_f(rt['plain']['steady_slowest_training_median_s'])} / {_f(rt['he']['steady_slowest_training_median_s'])}",
+                f"{_f(rt['plain']['first_round_median_s'], '.1f')} / {_f(rt['he']['first_round_median_s'], '.1f')}",
+                ""
+                if rt["goal"] is None
+                else ("met" if rt["ratio_steady"] <= rt["goal"] else "MISSED") + f" (<= {rt['goal']}x)",
+            ]
+        )
     lines.append("Round wall time, seconds (median over steady rounds >= 2 of all repeats; samples in brackets)")
-    lines.append(format_table(
-        ["config", "params", "clients", "plain s", "HE s", "HE/plain", "modelled", "training s plain/HE",
-         "round 1 plain/HE s", "goal"], rows))
+    lines.append(
+        format_table(
+            [
+                "config",
+                "params",
+                "clients",
+                "plain s",
+                "HE s",
+                "HE/plain",
+                "modelled",
+                "training s plain/HE",
+                "round 1 plain/HE s",
+                "goal",
+            ],
+            rows,
+        )
+    )
 
     rows = []
     for c in cases:
         b, br, n = c["records"]["bytes"], c["bytes_ratio"], c["records"]["num_params"]
         for what in ("upload", "download"):
             p, h = b[f"{what}_plain"]["proto"], b[f"{what}_he"]["proto"]
-            rows.append([
-                c["case"]["name"], what, _kb(p), _kb(h), f"{h / n:.1f}", f"{_f(br[what], '.1f')}x",
-                ("met" if br[what] <= br["goal"] else "MISSED") + f" (<= {br['goal']:g}x)",
-            ])
-    lines.append("\nBytes on the wire per client and message (protobuf ArrayRecord as Flower serialises it; "
-                 "per round: 1 upload, 2 downloads)")
+            rows.append(
+                [
+                    c["case"]["name"],
+                    what,
+                    _kb(p),
+                    _kb(h),
+                    f"{h / n:.1f}",
+                    f"{_f(br[what], '.1f')}x",
+                    ("met" if br[what] <= br["goal"] else "MISSED") + f" (<= {br['goal']:g}x)",
+                ]
+            )
+    lines.append(
+        "\nBytes on the wire per client and message (protobuf ArrayRecord as Flower serialises it; "
+        "per round: 1 upload, 2 downloads)"
+    )
     lines.append(format_table(["config", "message", "plaintext", "HE", "HE B/param", "HE/plain", "goal"], rows))
 
     rows = []
     for c in cases:
-        ops, wall, n, k = (c["records"]["ops_cpu_seconds"], c["records"]["ops_wall_seconds"],
-                           c["records"]["num_params"], c["records"]["clients"])
-        rows.append([
-            c["case"]["name"], f"{n:,} ({c['records']['num_ciphertexts']} ct)",
-            f"{per_million(ops['encrypt'], n):.3f}", f"{per_million(ops['aggregate'] / k, n):.3f}",
-            f"{per_million(ops['decrypt'], n):.3f}",
-            f"{1e3 * ops['encrypt']:.1f} / {1e3 * ops['aggregate']:.1f} / {1e3 * ops['decrypt']:.1f}",
-            f"{1e3 * wall['encrypt']:.1f} / {1e3 * wall['aggregate']:.1f} / {1e3 * wall['decrypt']:.1f}",
-            f"{1e3 * ops['ctx_load']:.1f}",
-            f"{1e3 * ops['plain_encode']:.2f} / {1e3 * ops['plain_aggregate']:.2f} / {1e3 * ops['plain_decode']:.2f}",
-        ])
-    lines.append("\nHE operations (median CPU seconds of this process; aggregate = all K replies, "
-                 "s/M per reply; ct = ciphertexts)")
-    lines.append(format_table(
-        ["config", "params", "enc s/M", "agg s/M/reply", "dec s/M", "enc/agg(K)/dec ms cpu", "same, wall ms",
-         "key load ms", "plain enc/agg/dec ms"], rows))
+        ops, wall, n, k = (
+            c["records"]["ops_cpu_seconds"],
+            c["records"]["ops_wall_seconds"],
+            c["records"]["num_params"],
+            c["records"]["clients"],
+        )
+        rows.append(
+            [
+                c["case"]["name"],
+                f"{n:,} ({c['records']['num_ciphertexts']} ct)",
+                f"{per_million(ops['encrypt'], n):.3f}",
+                f"{per_million(ops['aggregate'] / k, n):.3f}",
+                f"{per_million(ops['decrypt'], n):.3f}",
+                f"{1e3 * ops['encrypt']:.1f} / {1e3 * ops['aggregate']:.1f} / {1e3 * ops['decrypt']:.1f}",
+                f"{1e3 * wall['encrypt']:.1f} / {1e3 * wall['aggregate']:.1f} / {1e3 * wall['decrypt']:.1f}",
+                f"{1e3 * ops['ctx_load']:.1f}",
+                f"{1e3 * ops['plain_encode']:.2f} / {1e3 * ops['plain_aggregate']:.2f} / {1e3 * ops['plain_decode']:.2f}",
+            ]
+        )
+    lines.append(
+        "\nHE operations (median CPU seconds of this process; aggregate = all K replies, "
+        "s/M per reply; ct = ciphertexts)"
+    )
+    lines.append(
+        format_table(
+            [
+                "config",
+                "params",
+                "enc s/M",
+                "agg s/M/reply",
+                "dec s/M",
+                "enc/agg(K)/dec ms cpu",
+                "same, wall ms",
+                "key load ms",
+                "plain enc/agg/dec ms",
+            ],
+            rows,
+        )
+    )
 
     rows = []
     for c in cases:
         a = c["accuracy"]
-        rows.append([
-            c["case"]["name"], " ".join(f"{100 * x:.2f}" for x in a["plain"]), " ".join(f"{100 * x:.2f}" for x in a["he"]),
-            f"{_f(a['median_he_minus_plain_points'], '+.2f')}",
-            f"{c['records']['he_vs_fedavg_relative_error']:.1e} / {c['records']['plain_vs_fedavg_relative_error']:.1e}",
-            ("met" if abs(a["median_he_minus_plain_points"]) <= a["goal_points"] else "MISSED")
-            + f" (<= {a['goal_points']} pts)",
-        ])
-    lines.append("\nTest accuracy, %, per repeat (same seeds); error of the aggregate (HE: decrypted, float32 like the "
-                 "model; plain: Flower's FedAvg) vs float64 FedAvg of the same updates")
+        rows.append(
+            [
+                c["case"]["name"],
+                " ".join(f"{100 * x:.2f}" for x in a["plain"]),
+                " ".join(f"{100 * x:.2f}" for x in a["he"]),
+                f"{_f(a['median_he_minus_plain_points'], '+.2f')}",
+                f"{c['records']['he_vs_fedavg_relative_error']:.1e} / {c['records']['plain_vs_fedavg_relative_error']:.1e}",
+                ("met" if abs(a["median_he_minus_plain_points"]) <= a["goal_points"] else "MISSED")
+                + f" (<= {a['goal_points']} pts)",
+            ]
+        )
+    lines.append(
+        "\nTest accuracy, %, per repeat (same seeds); error of the aggregate (HE: decrypted, float32 like the "
+        "model; plain: Flower's FedAvg) vs float64 FedAvg of the same updates"
+    )
     lines.append(format_table(["config", "plaintext", "HE", "HE - plain pts", "rel. error HE / plain", "goal"], rows))
 
     rows = []
@@ -643,14 +748,23 @@ def render(result: Mapping[str, Any]) -> str:
             if "error" in a:
                 rows.append([c["case"]["name"], a["params"], "-", "-", "-", a["error"][:60]])
                 continue
-            rows.append([
-                c["case"]["name"], a["params"], str(a["num_ciphertexts"]),
-                f"{_kb(a['upload'])} ({a['upload'] / pb['upload']:.1f}x)",
-                f"{_kb(a['download'])} ({a['download'] / pb['download']:.1f}x)", f"{a['relative_error']:.1e}",
-            ])
-    lines.append("\nCKKS parameter alternatives on the same updates (bytes and error only; the default is what runs; "
-                 "error measured on float64 updates, i.e. the CKKS error itself)")
-    lines.append(format_table(["config", "parameters", "ct", "upload (vs plain)", "download (vs plain)", "rel. error"], rows))
+            rows.append(
+                [
+                    c["case"]["name"],
+                    a["params"],
+                    str(a["num_ciphertexts"]),
+                    f"{_kb(a['upload'])} ({a['upload'] / pb['upload']:.1f}x)",
+                    f"{_kb(a['download'])} ({a['download'] / pb['download']:.1f}x)",
+                    f"{a['relative_error']:.1e}",
+                ]
+            )
+    lines.append(
+        "\nCKKS parameter alternatives on the same updates (bytes and error only; the default is what runs; "
+        "error measured on float64 updates, i.e. the CKKS error itself)"
+    )
+    lines.append(
+        format_table(["config", "parameters", "ct", "upload (vs plain)", "download (vs plain)", "rel. error"], rows)
+    )
     return "\n".join(lines)
 
 
@@ -665,8 +779,10 @@ def run(plan: BenchPlan, out: Path, log: Log = print) -> dict[str, Any]:
     t_start = time.perf_counter()
     result: dict[str, Any] = {
         "command": "python -m privatune.simulations.bench_he " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "plan": asdict(plan), "environment": _environment(), "load_average": {"start": list(os.getloadavg())},
+        "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "plan": asdict(plan),
+        "environment": _environment(),
+        "load_average": {"start": list(os.getloadavg())},
         "cases": [],
     }
     for case in plan.cases:
@@ -681,8 +797,10 @@ def run(plan: BenchPlan, out: Path, log: Log = print) -> dict[str, Any]:
         if "error" in c:
             log(f"\n[error] {c['case']['name']}: {c['error']}")
     path.write_text(json.dumps(_json_safe(result), indent=2, sort_keys=True) + "\n")
-    log(f"\nresults in {path} (run folders in {out / 'runs'}); total {result['total_seconds']:.0f} s; "
-        f"load average {result['load_average']['start'][0]:.1f} at the start on {os.cpu_count()} CPUs")
+    log(
+        f"\nresults in {path} (run folders in {out / 'runs'}); total {result['total_seconds']:.0f} s; "
+        f"load average {result['load_average']['start'][0]:.1f} at the start on {os.cpu_count()} CPUs"
+    )
     return result
 
 
@@ -693,8 +811,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small smoke run of the same pipeline (not for figures)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
-    parser.add_argument("--repeats", type=int, default=None, help="plaintext/HE run pairs per config (default: 2 text, 3 digits)")
-    parser.add_argument("--op-repeats", type=int, default=None, help="repetitions of each timed HE operation (default 5)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="plaintext/HE run pairs per config (default: 2 text, 3 digits)"
+    )
+    parser.add_argument(
+        "--op-repeats", type=int, default=None, help="repetitions of each timed HE operation (default 5)"
+    )
     args = parser.parse_args(argv)
     try:
         plan = BenchPlan.make(args.quick, args.repeats, args.op_repeats)

@@ -97,8 +97,16 @@ def bench_privatune(name: str, params: he.HEParams, n: int, k: int, rng: np.rand
     ref_small = _fedavg(small_vs, small_ws)
     per_m = 1e6 / n
     return Row(
-        name, n, up_b / n, down_b / n, t_enc * per_m, t_chk * per_m, t_sum * per_m, t_dec * per_m,
-        float(np.max(np.abs(got - ref))), float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
+        name,
+        n,
+        up_b / n,
+        down_b / n,
+        t_enc * per_m,
+        t_chk * per_m,
+        t_sum * per_m,
+        t_dec * per_m,
+        float(np.max(np.abs(got - ref))),
+        float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
         float(np.linalg.norm(got_small - ref_small) / np.linalg.norm(ref_small)),
     )
 
@@ -143,8 +151,16 @@ def bench_tenseal_flare(n: int, k: int, rng: np.random.Generator, repeat: int = 
     ref_small = _fedavg(small_vs, small_ws)
     per_m = 1e6 / n
     return Row(
-        "tenseal-flare", n, up_b / n, down_b / n, t_enc * per_m, float("nan"), t_sum * per_m, t_dec * per_m,
-        float(np.max(np.abs(got - ref))), float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
+        "tenseal-flare",
+        n,
+        up_b / n,
+        down_b / n,
+        t_enc * per_m,
+        float("nan"),
+        t_sum * per_m,
+        t_dec * per_m,
+        float(np.max(np.abs(got - ref))),
+        float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
         float(np.linalg.norm(got_small - ref_small) / np.linalg.norm(ref_small)),
     )
 
@@ -165,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=2, help="best-of-N timings (the machine is shared)")
     ap.add_argument(
-        "--clock", choices=["cpu", "wall"], default="cpu",
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
         help="cpu: this process's CPU time, steady on a shared machine (SEAL runs single-threaded here)",
     )
     args = ap.parse_args(argv)
@@ -184,8 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.sizes:
         for name in args.configs:
             params = CONFIGS[name]
-            row = bench_tenseal_flare(n, args.clients, rng, args.repeat) if params is None else bench_privatune(
-                name, params, n, args.clients, rng, args.repeat
+            row = (
+                bench_tenseal_flare(n, args.clients, rng, args.repeat)
+                if params is None
+                else bench_privatune(name, params, n, args.clients, rng, args.repeat)
             )
             print(
                 f"{row.config:<14}{row.n:>9}{row.up_bpv:>8.2f}{row.up_bpv / 4:>7.2f}{row.down_bpv:>9.2f}"

@@ -14,10 +14,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from privatune.common.jsonsafe import jsonable
 from privatune.simulations.whitebox_audit import PLANTS, WhiteboxResult, WhiteboxSettings, run_whitebox_audit
 
 
@@ -32,30 +31,42 @@ def bench(epsilons: Sequence[float], canaries: Sequence[int], auditor_seed: int 
     for m in canaries:
         for eps in epsilons:
             for plant in PLANTS:
-                res = run_whitebox_audit(WhiteboxSettings(epsilon=eps, canaries=m, plant=plant,
-                                                          auditor_seed=auditor_seed))
-                print(f"# eps {eps:g} m {m} {plant}: bound {res.epsilon_lower_bound:.3f} claim "
-                      f"{res.epsilon_claimed:.3f} ({res.total_seconds:.1f} s)", file=sys.stderr, flush=True)
+                res = run_whitebox_audit(
+                    WhiteboxSettings(epsilon=eps, canaries=m, plant=plant, auditor_seed=auditor_seed)
+                )
+                print(
+                    f"# eps {eps:g} m {m} {plant}: bound {res.epsilon_lower_bound:.3f} claim "
+                    f"{res.epsilon_claimed:.3f} ({res.total_seconds:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 out.append(res)
     return out
 
 
 def table(results: Sequence[WhiteboxResult]) -> str:
-    rows = ["| target eps | claim (RDP) | m (guesses) | most m allows | " + " | ".join(PLANTS) + " |",
-            "|---|---|---|---|" + "---|" * len(PLANTS)]
+    rows = [
+        "| target eps | claim (RDP) | m (guesses) | most m allows | " + " | ".join(PLANTS) + " |",
+        "|---|---|---|---|" + "---|" * len(PLANTS),
+    ]
     groups: dict[tuple[float, int], dict[str, WhiteboxResult]] = {}
     for r in results:
         groups.setdefault((r.settings["epsilon"], r.settings["canaries"]), {})[r.settings["plant"]] = r
     for (eps, m), by_plant in groups.items():
         first = next(iter(by_plant.values()))
-        rows.append(f"| {eps:g} | {first.epsilon_claimed:.2f} | {m} ({first.guesses}) | "
-                    f"{first.epsilon_max_for_m:.2f} | "
-                    + " | ".join(cell(by_plant[p]) if p in by_plant else "" for p in PLANTS) + " |")
+        rows.append(
+            f"| {eps:g} | {first.epsilon_claimed:.2f} | {m} ({first.guesses}) | "
+            f"{first.epsilon_max_for_m:.2f} | "
+            + " | ".join(cell(by_plant[p]) if p in by_plant else "" for p in PLANTS)
+            + " |"
+        )
     return "\n".join(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m privatune.simulations.bench_whitebox", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m privatune.simulations.bench_whitebox", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     p.add_argument("--canaries", type=int, nargs="+", default=[10_000])
     p.add_argument("--auditor-seed", type=int, default=0)

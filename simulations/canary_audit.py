@@ -37,10 +37,11 @@ import math
 import string
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,9 +220,18 @@ def resolve(settings: CanarySettings) -> tuple[RunConfig, str]:
     epochs, lr, batch = AUDIT_DEFAULTS[(kind, mode)]
     try:
         cfg = RunConfig.create(
-            preset=s.preset, mode=mode, num_server_rounds=1, local_epochs=s.epochs or epochs, lr=s.lr or lr,
-            batch_size=s.batch_size or batch, dp=s.dp, target_epsilon=s.epsilon if s.dp else math.inf,
-            accountant=s.accountant, max_grad_norm=s.max_grad_norm, seed=s.seed, max_records=s.max_records,
+            preset=s.preset,
+            mode=mode,
+            num_server_rounds=1,
+            local_epochs=s.epochs or epochs,
+            lr=s.lr or lr,
+            batch_size=s.batch_size or batch,
+            dp=s.dp,
+            target_epsilon=s.epsilon if s.dp else math.inf,
+            accountant=s.accountant,
+            max_grad_norm=s.max_grad_norm,
+            seed=s.seed,
+            max_records=s.max_records,
             min_clients=1,
         )
         check_federation_size(cfg, s.clients)
@@ -260,13 +270,32 @@ def _run(s: CanarySettings, cfg: RunConfig, kind: str, t0: float) -> CanaryRunRe
         noise = plan_noise(cfg, n, delta)
     except AccountingError as err:
         raise CanaryAuditError(f"cannot calibrate the noise for --epsilon {s.epsilon}: {err}") from None
-    site = SiteConfig(site_id=RUN_ID, ledger_path=Path("unused.ledger.sqlite"), cache_dir=None, max_epsilon=None,
-                      he_secret_context=None, device=s.device, partition_id=s.client, num_partitions=s.clients)
+    site = SiteConfig(
+        site_id=RUN_ID,
+        ledger_path=Path("unused.ledger.sqlite"),
+        cache_dir=None,
+        max_epsilon=None,
+        he_secret_context=None,
+        device=s.device,
+        partition_id=s.client,
+        num_partitions=s.clients,
+    )
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
     names = configure_trainable(model, cfg.mode)
-    run = LocalRun(cfg=cfg, site=site, run_id=RUN_ID, server_round=1, train=train, val=train.subset([]),
-                   train_ids=[], val_ids=[], dataset_fingerprint="canary-audit", key_check="", model=model,
-                   trainable_names=names)
+    run = LocalRun(
+        cfg=cfg,
+        site=site,
+        run_id=RUN_ID,
+        server_round=1,
+        train=train,
+        val=train.subset([]),
+        train_ids=[],
+        val_ids=[],
+        dataset_fingerprint="canary-audit",
+        key_check="",
+        model=model,
+        trainable_names=names,
+    )
     result = train_round(run, train, noise)
 
     losses = canary_losses(run, canaries, s.device)
@@ -279,13 +308,25 @@ def _run(s: CanarySettings, cfg: RunConfig, kind: str, t0: float) -> CanaryRunRe
         eps_prv = None
     claimed = eps_rdp if cfg.accountant == "rdp" else (eps_prv if eps_prv is not None else math.inf)
     return CanaryRunResult(
-        settings=asdict(s), mode=cfg.mode, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-        client_records=len(client_train), train_records=n, noise_multiplier=result.noise_multiplier,
-        sample_rate=result.sample_rate, steps=result.steps, delta=delta, epsilon_claimed=claimed,
-        epsilon_rdp=eps_rdp, epsilon_prv=eps_prv, audit=audit,
+        settings=asdict(s),
+        mode=cfg.mode,
+        epochs=cfg.local_epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        client_records=len(client_train),
+        train_records=n,
+        noise_multiplier=result.noise_multiplier,
+        sample_rate=result.sample_rate,
+        steps=result.steps,
+        delta=delta,
+        epsilon_claimed=claimed,
+        epsilon_rdp=eps_rdp,
+        epsilon_prv=eps_prv,
+        audit=audit,
         canary_loss_in=float(losses[included].mean()) if included.any() else math.nan,
         canary_loss_out=float(losses[~included].mean()) if (~included).any() else math.nan,
-        train_seconds=result.seconds, total_seconds=time.perf_counter() - t0,
+        train_seconds=result.seconds,
+        total_seconds=time.perf_counter() - t0,
     )
 
 
@@ -325,14 +366,22 @@ def summary_lines(res: CanaryRunResult) -> list[tuple[str, str]]:
     dp = f"on, sigma {res.noise_multiplier:.4g}" if s["dp"] else "OFF (no noise, no clipping)"
     return [
         ("preset / mode", f"{s['preset']} / {res.mode} (client {s['client']} of {s['clients']})"),
-        ("training", f"{res.train_records} records ({res.client_records} client + {a.included} canaries), "
-                     f"{res.epochs} epochs, lr {res.lr:g}, batch {res.batch_size}"),
+        (
+            "training",
+            f"{res.train_records} records ({res.client_records} client + {a.included} canaries), "
+            f"{res.epochs} epochs, lr {res.lr:g}, batch {res.batch_size}",
+        ),
         ("DP-SGD", f"{dp}, q {res.sample_rate:.4g}, {res.steps} steps, C {s['max_grad_norm']:g}"),
-        ("canaries", f"{a.m}, {a.included} included; mean loss in {res.canary_loss_in:.3f} / "
-                     f"out {res.canary_loss_out:.3f}"),
+        (
+            "canaries",
+            f"{a.m}, {a.included} included; mean loss in {res.canary_loss_in:.3f} / out {res.canary_loss_out:.3f}",
+        ),
         ("guesses", f"{a.k_plus} in + {a.k_minus} out, {a.correct}/{a.guesses} correct ({a.accuracy:.1%})"),
-        ("claimed epsilon", f"{_f(res.epsilon_claimed)} ({s['accountant']}; RDP {_f(res.epsilon_rdp)}, "
-                            f"PRV {_f(res.epsilon_prv)}) at delta {res.delta:.3g}"),
+        (
+            "claimed epsilon",
+            f"{_f(res.epsilon_claimed)} ({s['accountant']}; RDP {_f(res.epsilon_rdp)}, "
+            f"PRV {_f(res.epsilon_prv)}) at delta {res.delta:.3g}",
+        ),
         (f"empirical eps >= ({a.confidence:.0%})", f"{res.epsilon_lower_bound:.3f}"),
         ("time", f"train {res.train_seconds:.1f} s, total {res.total_seconds:.1f} s"),
     ]
@@ -340,11 +389,15 @@ def summary_lines(res: CanaryRunResult) -> list[tuple[str, str]]:
 
 def verdict(res: CanaryRunResult) -> str:
     if res.violation:
-        return (f"BUG: the empirical lower bound {res.epsilon_lower_bound:.3f} exceeds the claimed epsilon "
-                f"{_f(res.epsilon_claimed)}: the DP training path leaks more than its accounting says")
+        return (
+            f"BUG: the empirical lower bound {res.epsilon_lower_bound:.3f} exceeds the claimed epsilon "
+            f"{_f(res.epsilon_claimed)}: the DP training path leaks more than its accounting says"
+        )
     if math.isinf(res.epsilon_claimed):
-        return (f"no DP: the run is not private at all, and one run of canaries already proves "
-                f"epsilon >= {res.epsilon_lower_bound:.3f}")
+        return (
+            f"no DP: the run is not private at all, and one run of canaries already proves "
+            f"epsilon >= {res.epsilon_lower_bound:.3f}"
+        )
     return f"consistent: lower bound {res.epsilon_lower_bound:.3f} <= claimed {_f(res.epsilon_claimed)}"
 
 
@@ -376,7 +429,9 @@ def report(res: CanaryRunResult, json_path: Path | None = None, console: Any = N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m privatune.simulations.canary_audit", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m privatune.simulations.canary_audit", description=__doc__.split("\n\n")[0]
+    )
     d = CanarySettings()
     p.add_argument("--preset", default=d.preset)
     p.add_argument("--canaries", type=int, default=d.canaries, help="m, the number of canaries")
@@ -397,9 +452,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     a = p.parse_args(argv)
     settings = CanarySettings(
-        preset=a.preset, canaries=a.canaries, dp=not a.no_dp, epsilon=a.epsilon, mode=a.mode, epochs=a.epochs,
-        lr=a.lr, batch_size=a.batch_size, k=a.k, clients=a.clients, client=a.client, seed=a.seed,
-        accountant=a.accountant, max_records=a.max_records, device=a.device, threads=a.threads,
+        preset=a.preset,
+        canaries=a.canaries,
+        dp=not a.no_dp,
+        epsilon=a.epsilon,
+        mode=a.mode,
+        epochs=a.epochs,
+        lr=a.lr,
+        batch_size=a.batch_size,
+        k=a.k,
+        clients=a.clients,
+        client=a.client,
+        seed=a.seed,
+        accountant=a.accountant,
+        max_records=a.max_records,
+        device=a.device,
+        threads=a.threads,
     )
     try:
         res = run_canary_audit(settings)

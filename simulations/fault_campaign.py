@@ -27,11 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
-TRACEBACK_SIGNS = re.compile(r"Traceback \(most recent call last\)|RayTaskError|ClientAppException|\x1b\[|╭─+ Traceback")
+TRACEBACK_SIGNS = re.compile(
+    r"Traceback \(most recent call last\)|RayTaskError|ClientAppException|\x1b\[|╭─+ Traceback"
+)
 
 
 @dataclass
@@ -52,8 +54,18 @@ class Outcome:
 
 
 def _sim(tmp: Path, *extra: str, out: str | None = None) -> list[str]:
-    return ["simulate", "--preset", "digits", "--clients", "2", "--rounds", "1",
-            "--out", out or str(tmp / "out"), *extra]
+    return [
+        "simulate",
+        "--preset",
+        "digits",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--out",
+        out or str(tmp / "out"),
+        *extra,
+    ]
 
 
 def _write(path: Path, text: str) -> None:
@@ -81,33 +93,77 @@ def cases(tmp: Path) -> list[Case]:
         Case("--epsilon 1e308", _sim(tmp, "--epsilon", "1e308"), "target-epsilon"),
         Case("--client-gpus -1", _sim(tmp, "--client-gpus", "-1"), "--client-gpus"),
         Case("--client-gpus nan", _sim(tmp, "--client-gpus", "nan"), "--client-gpus"),
-        Case("rerun into a run folder", _sim(tmp, out=str(old_run)), "--overwrite",
-             setup=lambda t: (_write(old_run / "summary.json", '{"status": "completed"}'),
-                              (old_run / "ledgers").mkdir(exist_ok=True))),
-        Case("--run-config \"lr='1\"", _sim(tmp, "--run-config", "lr='1"), "lr"),
-        Case("labels=x,y on sms-spam", ["simulate", "--preset", "sms-spam", "--clients", "2", "--out",
-                                        str(tmp / "out"), "--run-config", "labels=x,y"], "ham,spam"),
-        Case("he-public-context=/nonexistent", _sim(tmp, "--secure-aggregation", "he", "--run-config",
-                                                    "he-public-context=/nonexistent"), "he-public-context"),
+        Case(
+            "rerun into a run folder",
+            _sim(tmp, out=str(old_run)),
+            "--overwrite",
+            setup=lambda t: (
+                _write(old_run / "summary.json", '{"status": "completed"}'),
+                (old_run / "ledgers").mkdir(exist_ok=True),
+            ),
+        ),
+        Case('--run-config "lr=\'1"', _sim(tmp, "--run-config", "lr='1"), "lr"),
+        Case(
+            "labels=x,y on sms-spam",
+            [
+                "simulate",
+                "--preset",
+                "sms-spam",
+                "--clients",
+                "2",
+                "--out",
+                str(tmp / "out"),
+                "--run-config",
+                "labels=x,y",
+            ],
+            "ham,spam",
+        ),
+        Case(
+            "he-public-context=/nonexistent",
+            _sim(tmp, "--secure-aggregation", "he", "--run-config", "he-public-context=/nonexistent"),
+            "he-public-context",
+        ),
         Case("--out at a file", _sim(tmp, out=str(a_file)), "is a file", setup=lambda t: _write(a_file, "x")),
         Case("--out /proc", _sim(tmp, out="/proc"), "--out"),
         Case("--out unwritable (/sys/kernel/x)", _sim(tmp, out="/sys/kernel/privatune-x"), "--out"),
-        Case("keygen --poly-modulus-degree 3", ["keygen", "--out", str(tmp / "k3"), "--poly-modulus-degree", "3"],
-             "8192"),
-        Case("decrypt given a folder", ["decrypt", "--secret-context", str(tmp), "--checkpoint", str(tmp),
-                                        "--out", str(tmp / "x.safetensors")], "folder"),
-        Case("he-secret-context=<folder>", _site(tmp, f'site-id=a data-path="{tmp}/s.csv" ledger-path="{tmp}/l.sqlite" '
-                                                      f'he-secret-context="{tmp}"'), "he-secret-context"),
+        Case(
+            "keygen --poly-modulus-degree 3", ["keygen", "--out", str(tmp / "k3"), "--poly-modulus-degree", "3"], "8192"
+        ),
+        Case(
+            "decrypt given a folder",
+            ["decrypt", "--secret-context", str(tmp), "--checkpoint", str(tmp), "--out", str(tmp / "x.safetensors")],
+            "folder",
+        ),
+        Case(
+            "he-secret-context=<folder>",
+            _site(tmp, f'site-id=a data-path="{tmp}/s.csv" ledger-path="{tmp}/l.sqlite" he-secret-context="{tmp}"'),
+            "he-secret-context",
+        ),
         Case("audit --json unwritable", ["audit", str(tmp), "--json", "/proc/privatune-audit.json"], "--json"),
-        Case("50 MB text field", _site(tmp, f'site-id=a data-path="{big_csv}" ledger-path="{tmp}/l.sqlite"'),
-             "field too large", setup=lambda t: _write(big_csv, 'text,label\n"' + "x" * 50_000_000 + '",ham\n')),
-        Case("symlink loop", _site(tmp, f'site-id=a data-path="{loop}" data-format=csv ledger-path="{tmp}/l.sqlite"'),
-             "symlink loop", setup=lambda t: (loop.unlink(missing_ok=True), os.symlink(loop, loop))),
-        Case("max-epsilon=\"abc\"", _site(tmp, f'site-id=a data-path="{tmp}/s.csv" ledger-path="{tmp}/l.sqlite" '
-                                              'max-epsilon="abc"'), "not a number"),
+        Case(
+            "50 MB text field",
+            _site(tmp, f'site-id=a data-path="{big_csv}" ledger-path="{tmp}/l.sqlite"'),
+            "field too large",
+            setup=lambda t: _write(big_csv, 'text,label\n"' + "x" * 50_000_000 + '",ham\n'),
+        ),
+        Case(
+            "symlink loop",
+            _site(tmp, f'site-id=a data-path="{loop}" data-format=csv ledger-path="{tmp}/l.sqlite"'),
+            "symlink loop",
+            setup=lambda t: (loop.unlink(missing_ok=True), os.symlink(loop, loop)),
+        ),
+        Case(
+            'max-epsilon="abc"',
+            _site(tmp, f'site-id=a data-path="{tmp}/s.csv" ledger-path="{tmp}/l.sqlite" max-epsilon="abc"'),
+            "not a number",
+        ),
         Case("--seed -1", _sim(tmp, "--seed", "-1"), "--seed"),
-        Case("keygen over existing keys", ["keygen", "--out", str(keys)], "--overwrite",
-             setup=lambda t: (keys.mkdir(exist_ok=True), _write(keys / "public.ctx", "x"))),
+        Case(
+            "keygen over existing keys",
+            ["keygen", "--out", str(keys)],
+            "--overwrite",
+            setup=lambda t: (keys.mkdir(exist_ok=True), _write(keys / "public.ctx", "x")),
+        ),
         # a few more
         Case("--clients 0", _sim(tmp, "--clients", "0"), "--clients"),
         Case("--rounds -1", _sim(tmp, "--rounds", "-1"), "--rounds"),
@@ -117,14 +173,32 @@ def cases(tmp: Path) -> list[Case]:
         Case("unknown run-config key", _sim(tmp, "--run-config", "learning-rate=1"), "learning-rate"),
         Case("batch-size=abc", _sim(tmp, "--run-config", "batch-size=abc"), "batch-size"),
         Case("--run-config without =", _sim(tmp, "--run-config", "lr"), "key=value"),
-        Case("--overwrite on a foreign folder", _sim(tmp, "--overwrite", out=str(tmp / "photos")), "not a privatune run",
-             setup=lambda t: _write(t / "photos" / "holiday.jpg", "x")),
-        Case("decrypt missing files", ["decrypt", "--secret-context", str(tmp / "nope.ctx"), "--checkpoint",
-                                       str(tmp / "nope.ckpt"), "--out", str(tmp / "x.safetensors")], "nope"),
+        Case(
+            "--overwrite on a foreign folder",
+            _sim(tmp, "--overwrite", out=str(tmp / "photos")),
+            "not a privatune run",
+            setup=lambda t: _write(t / "photos" / "holiday.jpg", "x"),
+        ),
+        Case(
+            "decrypt missing files",
+            [
+                "decrypt",
+                "--secret-context",
+                str(tmp / "nope.ctx"),
+                "--checkpoint",
+                str(tmp / "nope.ckpt"),
+                "--out",
+                str(tmp / "x.safetensors"),
+            ],
+            "nope",
+        ),
         Case("audit a missing path", ["audit", str(tmp / "no-such-ledger.sqlite")], "no-such-ledger"),
         Case("keygen --out at a file", ["keygen", "--out", str(a_file)], "is a file"),
-        Case("max-epsilon=nan", _site(tmp, f'site-id=a data-path="{tmp}/s.csv" ledger-path="{tmp}/l.sqlite" '
-                                           'max-epsilon=nan'), "max-epsilon"),
+        Case(
+            "max-epsilon=nan",
+            _site(tmp, f'site-id=a data-path="{tmp}/s.csv" ledger-path="{tmp}/l.sqlite" max-epsilon=nan'),
+            "max-epsilon",
+        ),
     ]
 
 
@@ -152,12 +226,25 @@ def _message(stdout: str, stderr: str) -> str:
 def run_case(case: Case, tmp: Path, timeout: float, root: Path) -> Outcome:
     if case.setup is not None:
         case.setup(tmp)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "200", "TERM": "dumb"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "COLUMNS": "200",
+        "TERM": "dumb",
+    }
     env.pop("FLWR_HOME", None)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "privatune.cli", *case.args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "privatune.cli", *case.args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
         rc: int | None = proc.returncode
@@ -174,8 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds before a case counts as a hang")
     ap.add_argument("--json", type=Path, default=None, help="write the outcomes here")
     ap.add_argument("--only", default="", help="run only cases whose name contains this text")
-    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
-                    help="the privatune source tree under test (default: this one), e.g. an older commit's")
+    ap.add_argument(
+        "--root",
+        type=Path,
+        default=Path(__file__).resolve().parents[1],
+        help="the privatune source tree under test (default: this one), e.g. an older commit's",
+    )
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="pt-faults-"))
     outcomes: list[Outcome] = []

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device visible to torch: nothing to check on this host")
         return 2
     report["device_name"] = torch.cuda.get_device_name(0)
-    from privatune.client.site_config import resolve_device
     from privatune.client.randomness import SiteRandomness
+    from privatune.client.site_config import resolve_device
     from privatune.client.training import train_local
     from privatune.common.models import configure_trainable, get_model_spec, trainable_state
 
@@ -44,8 +44,19 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(512, 256) if mode == "head" else torch.randn(512, 1, 28, 28)
         y = torch.randint(0, 10, (512,))
         t = time.perf_counter()
-        res = train_local(module, (x,), y, epochs=2, batch_size=64, lr=0.1, dp=True, noise_multiplier=1.0,
-                          max_grad_norm=1.0, randomness=SiteRandomness(), device=dev)
+        res = train_local(
+            module,
+            (x,),
+            y,
+            epochs=2,
+            batch_size=64,
+            lr=0.1,
+            dp=True,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            randomness=SiteRandomness(),
+            device=dev,
+        )
         on_gpu = next(module.parameters()).is_cuda
         report["steps"][f"dp-{mode}"] = {"seconds": time.perf_counter() - t, "steps": res.steps, "on_gpu": on_gpu}
         assert on_gpu and res.steps == 16
@@ -65,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RunConfig.create(preset="digits", num_server_rounds=2, target_epsilon=4.0)
     t = time.perf_counter()
     summary = run_simulation(cfg, 2, args.out / "sim", client_gpus=0.5)
-    report["steps"]["simulation"] = {"seconds": time.perf_counter() - t, "test_accuracy": summary["test_accuracy"],
-                                     "per_client_epsilon": summary["per_client_epsilon"]}
+    report["steps"]["simulation"] = {
+        "seconds": time.perf_counter() - t,
+        "test_accuracy": summary["test_accuracy"],
+        "per_client_epsilon": summary["per_client_epsilon"],
+    }
     assert all(e <= 4.0 * 1.01 for e in summary["per_client_epsilon"].values())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu-check.json").write_text(json.dumps(report, indent=2, default=str))

@@ -73,10 +73,24 @@ class CampaignResult:
 def spend(run_id: str, rnd: int, eps: float, dataset: str = "ds-1", site: str = "s1") -> SpendEntry:
     """A valid spend row with fixed timestamps (the campaign's ledgers are reproducible but for created_at)."""
     stamp = f"2026-01-01T{rnd // 3600 % 24:02d}:{rnd // 60 % 60:02d}:{rnd % 60:02d}.000000+00:00"
-    return SpendEntry(run_id=run_id, round=rnd, site_id=site, dataset_fingerprint=dataset, params_fingerprint="p-1",
-                      noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=1.0, delta=1e-5,
-                      accountant="rdp", epsilon_run=0.5 * rnd, epsilon_dataset=eps, max_epsilon=8.0,
-                      started_at=stamp, recorded_at=stamp)
+    return SpendEntry(
+        run_id=run_id,
+        round=rnd,
+        site_id=site,
+        dataset_fingerprint=dataset,
+        params_fingerprint="p-1",
+        noise_multiplier=1.1,
+        sample_rate=0.05,
+        steps=20,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        accountant="rdp",
+        epsilon_run=0.5 * rnd,
+        epsilon_dataset=eps,
+        max_epsilon=8.0,
+        started_at=stamp,
+        recorded_at=stamp,
+    )
 
 
 def build_site_ledger(path: Path, rows: int = 20) -> Path:
@@ -92,10 +106,22 @@ def build_server_ledger(path: Path, rounds: int = 6) -> Path:
     ledger.record_run("run-a", {"num-server-rounds": rounds, "dp": True}, "plain")
     for rnd in range(1, rounds + 1):
         for client in ("s1", "s2"):
-            ledger.record_report("run-a", rnd, client, 7, status="trained", noise_multiplier=1.1, sample_rate=0.05,
-                                 steps=20, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
-                                 epsilon_reported=0.5 * rnd, dataset_fingerprint="ds-1",
-                                 recorded_at=f"2026-01-01T00:01:{rnd:02d}.000000+00:00")
+            ledger.record_report(
+                "run-a",
+                rnd,
+                client,
+                7,
+                status="trained",
+                noise_multiplier=1.1,
+                sample_rate=0.05,
+                steps=20,
+                max_grad_norm=1.0,
+                delta=1e-5,
+                accountant="rdp",
+                epsilon_reported=0.5 * rnd,
+                dataset_fingerprint="ds-1",
+                recorded_at=f"2026-01-01T00:01:{rnd:02d}.000000+00:00",
+            )
     return path
 
 
@@ -105,8 +131,11 @@ def dump_tables(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
     conn.text_factory = bytes
     try:
-        out = {"sqlite_master": conn.execute("SELECT type, name, tbl_name, rootpage, sql FROM sqlite_master "
-                                             "ORDER BY type, name").fetchall()}
+        out = {
+            "sqlite_master": conn.execute(
+                "SELECT type, name, tbl_name, rootpage, sql FROM sqlite_master ORDER BY type, name"
+            ).fetchall()
+        }
         for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name").fetchall():
             label = name.decode("utf-8", "replace")
             quoted = '"' + label.replace('"', '""') + '"'
@@ -124,7 +153,7 @@ def classify(damaged: Path, original_dump: dict[str, list[tuple[Any, ...]]]) -> 
     """(outcome, why) for one damaged copy."""
     try:
         problems = verify_chain(damaged)
-    except Exception as exc:  # noqa: BLE001 -- what the campaign counts
+    except Exception as exc:
         return "exception", f"{type(exc).__name__}: {exc}"
     if problems:
         return "detected", problems[0].describe()
@@ -197,7 +226,7 @@ def lost_journal_campaign(cases: int, workdir: Path, seed: int) -> CampaignResul
         except LedgerError as exc:
             result.count("detected", str(exc))
             continue
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             result.count("exception", f"lost journal, {n} appends: {type(exc).__name__}: {exc}")
             continue
         if problems:
@@ -220,8 +249,9 @@ def _write_fresh(target: Path, content: bytes) -> None:
     target.write_bytes(content)
 
 
-def run_campaign(flips: int = 3000, seed: int = 0, truncations: int = 40, journal_cases: int = 10,
-                 workdir: Path | None = None) -> dict[str, CampaignResult]:
+def run_campaign(
+    flips: int = 3000, seed: int = 0, truncations: int = 40, journal_cases: int = 10, workdir: Path | None = None
+) -> dict[str, CampaignResult]:
     """The whole campaign: results per part ("flips", "truncations", "lost journal") and "total"."""
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="privatune-ledger-campaign-")) if own else Path(workdir)
@@ -261,8 +291,11 @@ def bench_appends(n: int, workdir: Path) -> dict[str, float]:
     wal = {checkpoint: workdir / f"bench-wal-{checkpoint}.ledger.sqlite" for checkpoint in (True, False)}
     for path in wal.values():
         SiteLedger(path)
-    labels = {"delete": "rollback journal (privatune)", True: "WAL, checkpoint after each append",
-              False: "WAL, no checkpoint (before)"}
+    labels = {
+        "delete": "rollback journal (privatune)",
+        True: "WAL, checkpoint after each append",
+        False: "WAL, no checkpoint (before)",
+    }
     times: dict[Any, list[float]] = {key: [] for key in labels}
     for i in range(1, n + 1):
         for key in labels:
@@ -300,19 +333,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--truncations", type=int, default=40)
     parser.add_argument("--journal-cases", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bench-appends", type=int, default=0, metavar="N",
-                        help="also time N appends with each durability design")
+    parser.add_argument(
+        "--bench-appends", type=int, default=0, metavar="N", help="also time N appends with each durability design"
+    )
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     parts = run_campaign(args.flips, args.seed, args.truncations, args.journal_cases)
     print(f"{'part':<14}{'cases':>7}{'detected':>10}{'benign':>8}{'exceptions':>12}{'undetected':>12}{'lost':>6}")
     for name, r in parts.items():
-        print(f"{name:<14}{r.cases:>7}{r.detected:>10}{r.benign:>8}{r.exceptions:>12}{r.undetected:>12}"
-              f"{r.data_lost:>6}")
+        print(
+            f"{name:<14}{r.cases:>7}{r.detected:>10}{r.benign:>8}{r.exceptions:>12}{r.undetected:>12}{r.data_lost:>6}"
+        )
     total = parts["total"]
-    print(f"cases tried {total.cases}, detected {total.detected}, benign {total.benign}, verifier exceptions "
-          f"{total.exceptions}, undetected changes {total.undetected}, data lost {total.data_lost} "
-          f"(seed {args.seed}, {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"cases tried {total.cases}, detected {total.detected}, benign {total.benign}, verifier exceptions "
+        f"{total.exceptions}, undetected changes {total.undetected}, data lost {total.data_lost} "
+        f"(seed {args.seed}, {time.perf_counter() - t0:.1f} s)"
+    )
     for example in total.examples:
         print("  !", example)
     if args.bench_appends:

@@ -17,9 +17,19 @@ from pathlib import Path
 RUN_MARKERS = ("summary.json", "config.json", "metrics.jsonl", "ledgers", "server.ledger.sqlite")
 RUN_ENTRIES = frozenset(
     RUN_MARKERS
-    + ("rounds.png", "global.safetensors", "global.he-checkpoint", "global.decrypted.safetensors", "keys",
-       "cache", ".flwr", ".cache", "server.ledger.sqlite-journal", "server.ledger.sqlite-wal",
-       "server.ledger.sqlite-shm")
+    + (
+        "rounds.png",
+        "global.safetensors",
+        "global.he-checkpoint",
+        "global.decrypted.safetensors",
+        "keys",
+        "cache",
+        ".flwr",
+        ".cache",
+        "server.ledger.sqlite-journal",
+        "server.ledger.sqlite-wal",
+        "server.ledger.sqlite-shm",
+    )
 )
 
 

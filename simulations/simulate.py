@@ -14,9 +14,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from privatune.common.config import DATASET_LABELS, ConfigError, RunConfig
 from privatune.common.federation_data import check_federation_size
@@ -56,7 +57,7 @@ def check_labels(cfg: RunConfig) -> None:
     if set(cfg.label_names) != set(have):
         raise ConfigError(
             f"labels: dataset '{cfg.dataset}' has the labels {','.join(have)}, not {','.join(cfg.label_names)}; "
-            f"leave labels empty or give labels=\"{','.join(have)}\""
+            f'leave labels empty or give labels="{",".join(have)}"'
         )
 
 
@@ -64,7 +65,9 @@ def check_public_context(path: Path) -> None:
     """Before any simulation starts: the server's public context must be a readable file."""
     try:
         if path.is_dir():
-            raise ConfigError(f"he-public-context: {path} is a folder; give the public.ctx file `privatune keygen` wrote")
+            raise ConfigError(
+                f"he-public-context: {path} is a folder; give the public.ctx file `privatune keygen` wrote"
+            )
         with open(path, "rb") as fh:
             fh.read(1)
     except ConfigError:
@@ -250,5 +253,9 @@ def he_central_evaluation(cfg: RunConfig, out: Path) -> dict[str, Any]:
     from safetensors.numpy import load_file
 
     res = CentralEvaluator(cfg, out / "cache")(load_file(str(decrypted)))
-    return {"test_accuracy": res.accuracy, "test_macro_f1": res.macro_f1, "test_loss": res.loss,
-            "test_evaluated": "decrypted final model (clients' key)"}
+    return {
+        "test_accuracy": res.accuracy,
+        "test_macro_f1": res.macro_f1,
+        "test_loss": res.loss,
+        "test_evaluated": "decrypted final model (clients' key)",
+    }

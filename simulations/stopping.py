@@ -20,8 +20,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -84,8 +85,9 @@ def end_processes(pids: list[int], grace: float = 2.0) -> None:
 class StopOnSignal:
     """Installed by ``run_simulation`` in the main thread; re-installed after Ray sets its own SIGTERM handler."""
 
-    def __init__(self, out_dir: Path, cleanup_dirs: list[str] | None = None,
-                 announce: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, out_dir: Path, cleanup_dirs: list[str] | None = None, announce: Callable[[str], None] | None = None
+    ) -> None:
         self.out_dir = out_dir
         self.cleanup_dirs = cleanup_dirs or []
         self.announce = announce or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -168,7 +170,9 @@ class StopOnSignal:
                 return
             from privatune.server.run_record import write_json_atomic
 
-            write_json_atomic(self.out_dir / "summary.json", {"status": "interrupted", "stopped_reason": reason,
-                                                              "rounds_completed": 0})
+            write_json_atomic(
+                self.out_dir / "summary.json",
+                {"status": "interrupted", "stopped_reason": reason, "rounds_completed": 0},
+            )
         except Exception as err:  # the exit must happen even if the disk is full
             self.announce(f"could not write summary.json: {err}")

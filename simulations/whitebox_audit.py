@@ -41,9 +41,10 @@ import math
 import sys
 import time
 import types
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -234,19 +235,29 @@ def check(s: WhiteboxSettings) -> None:
     if not (isinstance(s.epsilon, (int, float)) and s.epsilon > 0 and math.isfinite(s.epsilon)):
         raise WhiteboxAuditError(f"--epsilon must be a finite number > 0, got {s.epsilon}")
     if not 2 <= s.canaries <= MAX_CANARIES:
-        raise WhiteboxAuditError(f"--canaries must be in 2..{MAX_CANARIES} (each step holds a dense per-sample "
-                                 f"gradient for every sampled canary, q x m/2 rows of m weights), got {s.canaries}")
+        raise WhiteboxAuditError(
+            f"--canaries must be in 2..{MAX_CANARIES} (each step holds a dense per-sample "
+            f"gradient for every sampled canary, q x m/2 rows of m weights), got {s.canaries}"
+        )
     kp, km = s.k_plus, s.k_minus
     if kp < -1 or km < 0 or (kp == 0 and km == 0) or max(kp, 0) + km > s.canaries:
-        raise WhiteboxAuditError(f"--k-plus {kp} (-1 = automatic) and --k-minus {km} must be >= 0, at least one "
-                                 f"guess in all, and at most --canaries ({s.canaries}) together")
-    for name, value, low in (("records", s.records, 1), ("batch-size", s.batch_size, 1), ("epochs", s.epochs, 1),
-                             ("classes", s.classes, 2), ("data-features", s.data_features, 1)):
+        raise WhiteboxAuditError(
+            f"--k-plus {kp} (-1 = automatic) and --k-minus {km} must be >= 0, at least one "
+            f"guess in all, and at most --canaries ({s.canaries}) together"
+        )
+    for name, value, low in (
+        ("records", s.records, 1),
+        ("batch-size", s.batch_size, 1),
+        ("epochs", s.epochs, 1),
+        ("classes", s.classes, 2),
+        ("data-features", s.data_features, 1),
+    ):
         if value < low:
             raise WhiteboxAuditError(f"--{name} must be >= {low}, got {value}")
     if not s.canary_norm >= 1.0:
-        raise WhiteboxAuditError(f"--canary-norm must be >= 1 (a canary at least as large as the clip norm), "
-                                 f"got {s.canary_norm}")
+        raise WhiteboxAuditError(
+            f"--canary-norm must be >= 1 (a canary at least as large as the clip norm), got {s.canary_norm}"
+        )
     if not (s.lr > 0 and s.max_grad_norm > 0):
         raise WhiteboxAuditError(f"--lr and --max-grad-norm must be > 0, got {s.lr} and {s.max_grad_norm}")
     if s.accountant not in ("rdp", "prv"):
@@ -272,10 +283,20 @@ def run_whitebox_audit(s: WhiteboxSettings, site: Any = None) -> WhiteboxResult:
 
 def _run(s: WhiteboxSettings, site: Any, t0: float) -> WhiteboxResult:
     from privatune.client.training import TrainHooks, train_local
-    from privatune.common.accounting import AccountingError, calibrate_noise, default_delta, epsilon_of, sample_rate
-    from privatune.common.accounting import steps_per_epoch
+    from privatune.common.accounting import (
+        AccountingError,
+        calibrate_noise,
+        default_delta,
+        epsilon_of,
+        sample_rate,
+        steps_per_epoch,
+    )
     from privatune.common.canary import (
-        audit_from_scores, fit_noise_scale, guesses_for_claim, perfect_guess_bound, subsampled_gaussian_llr,
+        audit_from_scores,
+        fit_noise_scale,
+        guesses_for_claim,
+        perfect_guess_bound,
+        subsampled_gaussian_llr,
     )
 
     m, C = s.canaries, float(s.max_grad_norm)
@@ -348,24 +369,46 @@ def _run(s: WhiteboxSettings, site: Any, t0: float) -> WhiteboxResult:
 
     hooks = TrainHooks(after_make_private=after_make_private, before_step=before_step, after_step=after_step)
     result = train_local(
-        model, (torch.from_numpy(x),), torch.from_numpy(y), epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
-        dp=True, noise_multiplier=sigma, max_grad_norm=C, randomness=randomness, hooks=hooks,
+        model,
+        (torch.from_numpy(x),),
+        torch.from_numpy(y),
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        dp=True,
+        noise_multiplier=sigma,
+        max_grad_norm=C,
+        randomness=randomness,
+        hooks=hooks,
     )
     if result.steps != steps or abs(result.sample_rate - q) > 1e-12:
-        raise RuntimeError(f"train_local ran {result.steps} steps at q={result.sample_rate}, the audit planned "
-                           f"{steps} at q={q}")
+        raise RuntimeError(
+            f"train_local ran {result.steps} steps at q={result.sample_rate}, the audit planned {steps} at q={q}"
+        )
     ratio = energy[1] / energy[0] if "replay" in state and energy[0] > 0 else math.nan
     use_replay = "replay" in state and ratio < _REPLAY_EXPLAINS
     scores = resid if use_replay else raw
     audit = audit_from_scores(scores, included, kp, km, delta, s.confidence)
     return WhiteboxResult(
-        settings=asdict(s), parameters=sum(p.numel() for p in model.parameters()), sample_rate=q, steps=steps,
-        noise_multiplier=sigma, delta=delta, epsilon_claimed=claim, included=int(included.sum()),
-        k_plus=kp, guesses=audit.guesses, correct=audit.correct, epsilon_lower_bound=audit.epsilon_lower_bound,
-        epsilon_max_for_m=perfect_guess_bound(m, kp + km, delta, s.confidence), replay_used=bool(use_replay),
-        replay_energy_ratio=ratio, mean_score_in=float(scores[included].mean()) if included.any() else math.nan,
+        settings=asdict(s),
+        parameters=sum(p.numel() for p in model.parameters()),
+        sample_rate=q,
+        steps=steps,
+        noise_multiplier=sigma,
+        delta=delta,
+        epsilon_claimed=claim,
+        included=int(included.sum()),
+        k_plus=kp,
+        guesses=audit.guesses,
+        correct=audit.correct,
+        epsilon_lower_bound=audit.epsilon_lower_bound,
+        epsilon_max_for_m=perfect_guess_bound(m, kp + km, delta, s.confidence),
+        replay_used=bool(use_replay),
+        replay_energy_ratio=ratio,
+        mean_score_in=float(scores[included].mean()) if included.any() else math.nan,
         mean_score_out=float(scores[~included].mean()) if (~included).any() else math.nan,
-        train_seconds=result.seconds, total_seconds=time.perf_counter() - t0,
+        train_seconds=result.seconds,
+        total_seconds=time.perf_counter() - t0,
     )
 
 
@@ -375,20 +418,27 @@ def _run(s: WhiteboxSettings, site: Any, t0: float) -> WhiteboxResult:
 def summary_lines(res: WhiteboxResult) -> list[tuple[str, str]]:
     """(label, value) rows for the terminal."""
     s = res.settings
-    replay = ("not tried (blind adversary)" if s["adversary"] == "blind" else
-              f"{'used' if res.replay_used else 'not used'} "
-              f"(residual energy {res.replay_energy_ratio:.3g} of observed)")
+    replay = (
+        "not tried (blind adversary)"
+        if s["adversary"] == "blind"
+        else f"{'used' if res.replay_used else 'not used'} (residual energy {res.replay_energy_ratio:.3g} of observed)"
+    )
     return [
-        ("mechanism", f"{res.steps} steps, q {res.sample_rate:.4g}, sigma {res.noise_multiplier:.4g}, "
-                      f"C {s['max_grad_norm']:g}, {res.parameters} parameters"),
+        (
+            "mechanism",
+            f"{res.steps} steps, q {res.sample_rate:.4g}, sigma {res.noise_multiplier:.4g}, "
+            f"C {s['max_grad_norm']:g}, {res.parameters} parameters",
+        ),
         ("plant", s["plant"]),
         ("canaries (m)", f"{s['canaries']} Dirac, norm {s['canary_norm']:g} C, {res.included} included"),
         ("guesses (r)", f"{res.k_plus} in + {s['k_minus']} out, score {s['score']}, {s['adversary']} adversary"),
         ("seeded-noise replay", replay),
         ("correct", f"{res.correct} of {res.guesses}"),
         (f"empirical eps >= ({s['confidence']:.0%})", f"{res.epsilon_lower_bound:.3f}"),
-        ("claimed epsilon", f"{res.epsilon_claimed:.3f} ({s['accountant']}, target {s['epsilon']:g}) at delta "
-                            f"{res.delta:.3g}"),
+        (
+            "claimed epsilon",
+            f"{res.epsilon_claimed:.3f} ({s['accountant']}, target {s['epsilon']:g}) at delta {res.delta:.3g}",
+        ),
         ("most m allows", f"{res.epsilon_max_for_m:.3f} (every guess right)"),
         ("time", f"train {res.train_seconds:.1f} s, total {res.total_seconds:.1f} s"),
     ]
@@ -396,10 +446,15 @@ def summary_lines(res: WhiteboxResult) -> list[tuple[str, str]]:
 
 def verdict(res: WhiteboxResult) -> str:
     if res.violation:
-        return (f"BUG: the empirical lower bound {res.epsilon_lower_bound:.3f} exceeds the claimed epsilon "
-                f"{res.epsilon_claimed:.3f}: the DP-SGD step leaks more than its accounting says")
-    note = (" (a claim above what m canaries can show cannot be refuted: use more canaries)"
-            if res.epsilon_claimed >= res.epsilon_max_for_m else "")
+        return (
+            f"BUG: the empirical lower bound {res.epsilon_lower_bound:.3f} exceeds the claimed epsilon "
+            f"{res.epsilon_claimed:.3f}: the DP-SGD step leaks more than its accounting says"
+        )
+    note = (
+        " (a claim above what m canaries can show cannot be refuted: use more canaries)"
+        if res.epsilon_claimed >= res.epsilon_max_for_m
+        else ""
+    )
     return f"consistent: lower bound {res.epsilon_lower_bound:.3f} <= claimed {res.epsilon_claimed:.3f}{note}"
 
 
@@ -423,7 +478,9 @@ def report(res: WhiteboxResult, json_path: Path | None = None, console: Any = No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m privatune.simulations.whitebox_audit", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m privatune.simulations.whitebox_audit", description=__doc__.split("\n\n")[0]
+    )
     d = WhiteboxSettings()
     p.add_argument("--epsilon", type=float, default=d.epsilon, help="target epsilon of the audited run")
     p.add_argument("--canaries", type=int, default=d.canaries, help="m, Dirac gradient canaries")
@@ -439,8 +496,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     a = p.parse_args(argv)
     settings = WhiteboxSettings(
-        epsilon=a.epsilon, canaries=a.canaries, plant=a.plant, adversary=a.adversary, score=a.score,
-        k_plus=a.k_plus, k_minus=a.k_minus, records=a.records, batch_size=a.batch_size, epochs=a.epochs,
+        epsilon=a.epsilon,
+        canaries=a.canaries,
+        plant=a.plant,
+        adversary=a.adversary,
+        score=a.score,
+        k_plus=a.k_plus,
+        k_minus=a.k_minus,
+        records=a.records,
+        batch_size=a.batch_size,
+        epochs=a.epochs,
         auditor_seed=a.auditor_seed,
     )
     try:

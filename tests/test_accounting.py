@@ -229,8 +229,11 @@ def test_reported_epsilon_is_within_5_percent_of_an_independent_pld(mode: str) -
 
 def test_pld_accounted_epsilon_is_within_5_percent_of_opacus_prv() -> None:
     for history in (MODE_MECHANISMS["head, large q, many steps"], MODE_MECHANISMS["five rounds composed"]):
-        assert epsilon_of(history, DELTA, "prv") / 1.05 <= epsilon_of(history, DELTA, "pld") \
+        assert (
+            epsilon_of(history, DELTA, "prv") / 1.05
+            <= epsilon_of(history, DELTA, "pld")
             <= epsilon_of(history, DELTA, "prv") * 1.05
+        )
 
 
 def test_prv_calibration_needs_less_noise_than_rdp_and_is_not_over_the_pld() -> None:

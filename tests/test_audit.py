@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -19,9 +19,15 @@ from privatune.common.audit import (
     report_to_json,
     write_report,
 )
-from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger, SiteLedger, SpendEntry, site_ledger_filename, utc_now
-
-from tests.helpers.federation_ledgers import DELTA, FP, MECH, SGD, federate, sql
+from privatune.common.ledger import (
+    SERVER_LEDGER_NAME,
+    ServerLedger,
+    SiteLedger,
+    SpendEntry,
+    site_ledger_filename,
+    utc_now,
+)
+from tests.helpers.federation_ledgers import DELTA, MECH, SGD, federate, sql
 
 
 def vkinds(report) -> set[tuple[str, str, int | None]]:
@@ -38,8 +44,11 @@ def test_clean_federation_passes_and_matches_an_independent_recomputation(tmp_pa
     federate(tmp_path, rounds=rounds, mech=SGD)
     report = audit_paths([tmp_path])
     assert report.ok, report.violations
-    assert {Path(f.path).name for f in report.files} == {"site-s1.ledger.sqlite", "site-s2.ledger.sqlite",
-                                                          SERVER_LEDGER_NAME}
+    assert {Path(f.path).name for f in report.files} == {
+        "site-s1.ledger.sqlite",
+        "site-s2.ledger.sqlite",
+        SERVER_LEDGER_NAME,
+    }
     site_rows = [e for e in report.entries if e.source == "site"]
     assert len(site_rows) == 2 * rounds
     for e in site_rows:
@@ -72,7 +81,9 @@ def test_budget_composes_across_runs(tmp_path: Path) -> None:
     first = [e for e in report.entries if e.source == "site" and e.run_id == "run-1"]
     second = [e for e in report.entries if e.source == "site" and e.run_id == "run-2"]
     assert second[0].epsilon_rdp == pytest.approx(first[0].epsilon_rdp, abs=1e-12)  # a new run starts afresh
-    assert second[-1].epsilon_dataset == pytest.approx(epsilon_of([MECH] * 4, DELTA, "rdp"), abs=1e-9)  # the data does not
+    assert second[-1].epsilon_dataset == pytest.approx(
+        epsilon_of([MECH] * 4, DELTA, "rdp"), abs=1e-9
+    )  # the data does not
     assert second[-1].epsilon_dataset > second[-1].epsilon_rdp
     assert second[-1].epsilon_dataset_reported == pytest.approx(second[-1].epsilon_dataset, abs=1e-6)
 
@@ -116,8 +127,9 @@ def test_deleting_one_row_fails_the_audit_with_the_row_named(tmp_path: Path) -> 
 def test_editing_a_server_row_is_named(tmp_path: Path) -> None:
     federate(tmp_path, rounds=2)
     sql(tmp_path / SERVER_LEDGER_NAME, "UPDATE reports SET steps = 1 WHERE seq = 3")
-    report = audit_paths([tmp_path / SERVER_LEDGER_NAME, tmp_path / "site-s1.ledger.sqlite",
-                          tmp_path / "site-s2.ledger.sqlite"])
+    report = audit_paths(
+        [tmp_path / SERVER_LEDGER_NAME, tmp_path / "site-s1.ledger.sqlite", tmp_path / "site-s2.ledger.sqlite"]
+    )
     assert ("chain-edited", SERVER_LEDGER_NAME, 3) in vkinds(report)
     assert any(v.kind == "report-mismatch" and v.seq == 3 for v in report.violations)
 
@@ -128,14 +140,23 @@ def test_a_lower_epsilon_written_through_the_api_is_flagged(tmp_path: Path) -> N
     ledger = SiteLedger(tmp_path / "site-s1.ledger.sqlite")
     honest = ledger.entries()[-1].entry
     now = utc_now()
-    ledger.append(SpendEntry(**{**honest.__dict__, "round": 3, "epsilon_run": honest.epsilon_run,
-                                "epsilon_dataset": honest.epsilon_dataset, "started_at": now, "recorded_at": now}))
+    ledger.append(
+        SpendEntry(
+            **{
+                **honest.__dict__,
+                "round": 3,
+                "epsilon_run": honest.epsilon_run,
+                "epsilon_dataset": honest.epsilon_dataset,
+                "started_at": now,
+                "recorded_at": now,
+            }
+        )
+    )
     report = audit_paths([tmp_path])
     assert not report.ok
     assert {(v.kind, v.seq) for v in report.violations} == {("epsilon-underreported", 3)}
     assert all(f.chain_ok for f in report.files)
-    assert sorted(v.message.split(" records ")[1].split(" epsilon")[0] for v in report.violations) == [
-        "dataset", "run"]
+    assert sorted(v.message.split(" records ")[1].split(" epsilon")[0] for v in report.violations) == ["dataset", "run"]
 
 
 def test_budget_exceeded_is_flagged(tmp_path: Path) -> None:
@@ -166,8 +187,9 @@ def test_round_missing_at_the_server_is_flagged(tmp_path: Path) -> None:
 
 def test_dropped_reply_with_a_recorded_spend_is_a_note_not_a_violation(tmp_path: Path) -> None:
     federate(tmp_path, rounds=2, skip_server={("s1", 2)})
-    ServerLedger(tmp_path / SERVER_LEDGER_NAME).record_report("run-1", 2, "s1", 1001, status="dropped",
-                                                              reason="no reply before timeout")
+    ServerLedger(tmp_path / SERVER_LEDGER_NAME).record_report(
+        "run-1", 2, "s1", 1001, status="dropped", reason="no reply before timeout"
+    )
     report = audit_paths([tmp_path])
     assert report.ok, report.violations
     assert any("dropped" in n and "s1" in n for n in report.notes)
@@ -175,8 +197,9 @@ def test_dropped_reply_with_a_recorded_spend_is_a_note_not_a_violation(tmp_path:
 
 def test_budget_exhausted_reply_with_a_recorded_spend_is_flagged(tmp_path: Path) -> None:
     federate(tmp_path, rounds=2, sites=("s1",), skip_server={("s1", 2)})
-    ServerLedger(tmp_path / SERVER_LEDGER_NAME).record_report("run-1", 2, "s1", 1001, status="budget-exhausted",
-                                                              reason="would exceed")
+    ServerLedger(tmp_path / SERVER_LEDGER_NAME).record_report(
+        "run-1", 2, "s1", 1001, status="budget-exhausted", reason="would exceed"
+    )
     report = audit_paths([tmp_path])
     assert [v.kind for v in report.violations] == ["report-mismatch"]
 
@@ -184,8 +207,19 @@ def test_budget_exhausted_reply_with_a_recorded_spend_is_flagged(tmp_path: Path)
 def test_mechanism_reported_differently_is_flagged(tmp_path: Path) -> None:
     federate(tmp_path, rounds=1, sites=("s1",), skip_server={("s1", 1)})
     ServerLedger(tmp_path / SERVER_LEDGER_NAME).record_report(
-        "run-1", 1, "s1", 1001, status="trained", noise_multiplier=2.0 * MECH[0], sample_rate=MECH[1],
-        steps=MECH[2], max_grad_norm=1.0, delta=DELTA, accountant="rdp", epsilon_reported=100.0)
+        "run-1",
+        1,
+        "s1",
+        1001,
+        status="trained",
+        noise_multiplier=2.0 * MECH[0],
+        sample_rate=MECH[1],
+        steps=MECH[2],
+        max_grad_norm=1.0,
+        delta=DELTA,
+        accountant="rdp",
+        epsilon_reported=100.0,
+    )
     report = audit_paths([tmp_path])
     (v,) = report.violations
     assert v.kind == "report-mismatch" and "noise_multiplier" in v.message and "epsilon (run)" in v.message
@@ -223,9 +257,24 @@ def test_json_entries_carry_mechanism_and_recomputed_epsilons(tmp_path: Path) ->
     assert json.loads(text)["ok"] is True
     assert data["counts"]["violations"] == 0
     for entry in data["entries"]:
-        for key in ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta", "accountant",
-                    "epsilon_rdp", "epsilon_prv", "epsilon_recomputed", "epsilon_reported", "run_id", "round",
-                    "party", "source", "file", "seq"):
+        for key in (
+            "noise_multiplier",
+            "sample_rate",
+            "steps",
+            "max_grad_norm",
+            "delta",
+            "accountant",
+            "epsilon_rdp",
+            "epsilon_prv",
+            "epsilon_recomputed",
+            "epsilon_reported",
+            "run_id",
+            "round",
+            "party",
+            "source",
+            "file",
+            "seq",
+        ):
             assert key in entry
     trained = [e for e in data["entries"] if e["party"] != "s9"]
     assert all(isinstance(e["epsilon_rdp"], float) and isinstance(e["epsilon_prv"], float) for e in trained)
@@ -252,13 +301,24 @@ def test_report_files_and_table(tmp_path: Path) -> None:
 
 
 def _spend_on(guard, ids, run_id, rnd, mech=MECH):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     eps = guard.epsilons(ids, "rdp", new=[mech], run_id=run_id)
-    guard.record_spend(purpose="train", record_ids=ids, mechanism=mech, delta=DELTA, accountant="rdp",
-                       max_grad_norm=1.0, run_id=run_id, server_round=rnd, dataset_fingerprint=f"fp-{run_id}",
-                       params_fingerprint="head-v1", epsilon_run=eps.worst_run, epsilon_dataset=eps.worst,
-                       started_at=datetime.now(timezone.utc))
+    guard.record_spend(
+        purpose="train",
+        record_ids=ids,
+        mechanism=mech,
+        delta=DELTA,
+        accountant="rdp",
+        max_grad_norm=1.0,
+        run_id=run_id,
+        server_round=rnd,
+        dataset_fingerprint=f"fp-{run_id}",
+        params_fingerprint="head-v1",
+        epsilon_run=eps.worst_run,
+        epsilon_dataset=eps.worst,
+        started_at=datetime.now(UTC),
+    )
 
 
 def test_audit_recomputes_the_worst_record_over_overlapping_cohorts(tmp_path: Path) -> None:
@@ -301,8 +361,10 @@ def test_a_ledger_from_before_cohorts_still_audits_and_keeps_working(tmp_path: P
     from privatune.simulations.ledger_campaign import spend
     from tests.helpers.ledgers import write_v1_site_ledger
 
-    path = write_v1_site_ledger(tmp_path / site_ledger_filename("s1"),  # two spends of (1.1, 0.05, 20)
-                                [spend("run-a", 1, 0.5), spend("run-a", 2, 1.0)])
+    path = write_v1_site_ledger(
+        tmp_path / site_ledger_filename("s1"),  # two spends of (1.1, 0.05, 20)
+        [spend("run-a", 1, 0.5), spend("run-a", 2, 1.0)],
+    )
     migrate_ledger(path)
     for backup in tmp_path.glob("*.bak"):
         backup.unlink()
@@ -360,9 +422,11 @@ def test_an_accountant_that_under_reports_is_caught_by_the_independent_pld(tmp_p
     report = audit_paths([tmp_path])  # the same buggy PRV agrees with them; dp-accounting's PLD does not
     assert not report.ok
     kinds = {(v.kind, Path(v.file).name, v.seq) for v in report.violations}
-    assert kinds == {("epsilon-underreported", name, seq) for name in ("site-s1.ledger.sqlite",
-                     "site-s2.ledger.sqlite") for seq in (1, 2)} | {
-        ("epsilon-underreported", SERVER_LEDGER_NAME, seq) for seq in (1, 2, 3, 4)}
+    assert kinds == {
+        ("epsilon-underreported", name, seq)
+        for name in ("site-s1.ledger.sqlite", "site-s2.ledger.sqlite")
+        for seq in (1, 2)
+    } | {("epsilon-underreported", SERVER_LEDGER_NAME, seq) for seq in (1, 2, 3, 4)}
     assert all("independent pld recomputation" in v.message for v in report.violations)
     site_msgs = [v.message for v in report.violations if v.table == "spend"]
     assert sum("records run epsilon" in m for m in site_msgs) == 4
@@ -393,5 +457,9 @@ def test_pld_column_in_console_and_json(tmp_path: Path) -> None:
     assert "ε PLD" in out and f"{report.entries[0].epsilon_pld:.3f}" in out
     data = report_to_json(report)
     assert data["independent_rel_tolerance"] == 0.02
-    assert all(isinstance(e["epsilon_pld"], float) and e["independent_accountant"] == "pld"
-               and isinstance(e["independent_ratio"], float) for e in data["entries"])
+    assert all(
+        isinstance(e["epsilon_pld"], float)
+        and e["independent_accountant"] == "pld"
+        and isinstance(e["independent_ratio"], float)
+        for e in data["entries"]
+    )

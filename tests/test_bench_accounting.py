@@ -48,11 +48,26 @@ def test_ledger_spends_read_the_last_run_and_recompute_with_pld(tmp_path: Path) 
         for rnd in range(1, rounds + 1):
             eps = epsilon_of([mech] * rnd, delta, "prv")
             now = utc_now()
-            ledger.append(SpendEntry(
-                run_id=run_id, round=rnd, site_id="s1", dataset_fingerprint="fp", params_fingerprint="p",
-                noise_multiplier=mech[0], sample_rate=mech[1], steps=mech[2], max_grad_norm=1.0, delta=delta,
-                accountant="prv", epsilon_run=eps, epsilon_dataset=eps, max_epsilon=None, started_at=now,
-                recorded_at=now))
+            ledger.append(
+                SpendEntry(
+                    run_id=run_id,
+                    round=rnd,
+                    site_id="s1",
+                    dataset_fingerprint="fp",
+                    params_fingerprint="p",
+                    noise_multiplier=mech[0],
+                    sample_rate=mech[1],
+                    steps=mech[2],
+                    max_grad_norm=1.0,
+                    delta=delta,
+                    accountant="prv",
+                    epsilon_run=eps,
+                    epsilon_dataset=eps,
+                    max_epsilon=None,
+                    started_at=now,
+                    recorded_at=now,
+                )
+            )
     (spend,) = b.ledger_spends(tmp_path)
     assert spend.site == "s1" and spend.noise_multiplier == 1.2
     assert spend.epsilon_reported == pytest.approx(epsilon_of([mech] * 2, delta, "prv"))

@@ -12,7 +12,11 @@ from privatune.simulations import bench_dp as b
 
 
 def test_parse_overrides_reads_kv_and_refuses_what_the_benchmark_sets():
-    assert b.parse_overrides("lr=1.0 local-epochs=3 labels='a b'") == {"lr": "1.0", "local-epochs": "3", "labels": "a b"}
+    assert b.parse_overrides("lr=1.0 local-epochs=3 labels='a b'") == {
+        "lr": "1.0",
+        "local-epochs": "3",
+        "labels": "a b",
+    }
     assert b.parse_overrides("") == {}
     with pytest.raises(ValueError, match="not key=value"):
         b.parse_overrides("lr")

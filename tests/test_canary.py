@@ -31,10 +31,17 @@ def _reference_p_value(m: int, r: int, v: int, eps: float, delta: float) -> floa
     return min(1.0, tail + 2 * m * delta * alpha)
 
 
-@pytest.mark.parametrize("m, r, v, eps, delta", [
-    (100, 20, 15, 0.5, 1e-5), (1000, 50, 50, 3.0, 1e-5), (200, 40, 25, 0.0, 1e-3), (500, 60, 45, 1.7, 0.0),
-    (1000, 100, 100, 3.4, 1e-5), (300, 30, 1, 0.2, 1e-4),
-])
+@pytest.mark.parametrize(
+    "m, r, v, eps, delta",
+    [
+        (100, 20, 15, 0.5, 1e-5),
+        (1000, 50, 50, 3.0, 1e-5),
+        (200, 40, 25, 0.0, 1e-3),
+        (500, 60, 45, 1.7, 0.0),
+        (1000, 100, 100, 3.4, 1e-5),
+        (300, 30, 1, 0.2, 1e-4),
+    ],
+)
 def test_p_value_matches_an_exact_binomial_computation(m, r, v, eps, delta) -> None:
     assert p_value(m, r, v, eps, delta) == pytest.approx(_reference_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-12)
 
@@ -112,18 +119,21 @@ def test_guesses_take_the_extremes_and_break_ties_by_index() -> None:
     assert count_correct(g, included) == (4, 2)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: make_guesses(np.zeros(4), 3, 2), "only 4 canaries"),
-    (lambda: make_guesses(np.array([0.0, np.nan]), 1, 0), "finite"),
-    (lambda: make_guesses(np.zeros((2, 2)), 1, 0), "1-D"),
-    (lambda: count_correct(np.array([2, 0]), np.array([True, False])), "abstain"),
-    (lambda: count_correct(np.array([1, 0]), np.array([1, 0])), "booleans"),
-    (lambda: epsilon_lower_bound(10, 5, 6, 1e-5), "correct"),
-    (lambda: epsilon_lower_bound(10, 11, 6, 1e-5), "canaries"),
-    (lambda: epsilon_lower_bound(10, 5, 3, 1.5), "delta"),
-    (lambda: epsilon_lower_bound(10, 5, 3, 1e-5, confidence=95), "confidence"),
-    (lambda: draw_inclusion(0, np.random.default_rng(0)), "canaries"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: make_guesses(np.zeros(4), 3, 2), "only 4 canaries"),
+        (lambda: make_guesses(np.array([0.0, np.nan]), 1, 0), "finite"),
+        (lambda: make_guesses(np.zeros((2, 2)), 1, 0), "1-D"),
+        (lambda: count_correct(np.array([2, 0]), np.array([True, False])), "abstain"),
+        (lambda: count_correct(np.array([1, 0]), np.array([1, 0])), "booleans"),
+        (lambda: epsilon_lower_bound(10, 5, 6, 1e-5), "correct"),
+        (lambda: epsilon_lower_bound(10, 11, 6, 1e-5), "canaries"),
+        (lambda: epsilon_lower_bound(10, 5, 3, 1.5), "delta"),
+        (lambda: epsilon_lower_bound(10, 5, 3, 1e-5, confidence=95), "confidence"),
+        (lambda: draw_inclusion(0, np.random.default_rng(0)), "canaries"),
+    ],
+)
 def test_bad_input_is_refused_with_a_reason(call, message) -> None:
     with pytest.raises(ValueError, match=message):
         call()
@@ -203,23 +213,27 @@ def test_a_bound_above_the_claim_is_reported_loudly(monkeypatch, tmp_path: Path)
 
     monkeypatch.setattr(ca, "epsilon_of", lambda history, delta, accountant="rdp": 0.25)
     out = tmp_path / "audit.json"
-    result = CliRunner().invoke(app, ["canary-audit", "--mode", "head", "--canaries", "200", "--no-dp",
-                                      "--json", str(out)])
+    result = CliRunner().invoke(
+        app, ["canary-audit", "--mode", "head", "--canaries", "200", "--no-dp", "--json", str(out)]
+    )
     assert result.exit_code == 1, result.output
     assert "BUG" in result.output and "exceeds the claimed epsilon" in result.output
     data = json.loads(out.read_text())
     assert data["violation"] is True and data["epsilon_lower_bound"] > 0.25
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--canaries", "1"], "--canaries"),
-    (["--canaries", "10", "--k", "6"], "--k"),
-    (["--mode", "everything"], "--mode"),
-    (["--epsilon", "0"], "--epsilon"),
-    (["--preset", "imagenet"], "unknown preset"),
-    (["--client", "3"], "--client"),
-    (["--clients", "5000"], "cannot split"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--canaries", "1"], "--canaries"),
+        (["--canaries", "10", "--k", "6"], "--k"),
+        (["--mode", "everything"], "--mode"),
+        (["--epsilon", "0"], "--epsilon"),
+        (["--preset", "imagenet"], "unknown preset"),
+        (["--client", "3"], "--client"),
+        (["--clients", "5000"], "cannot split"),
+    ],
+)
 def test_bad_settings_are_refused_before_training(args, message) -> None:
     from typer.testing import CliRunner
 
@@ -253,8 +267,15 @@ def test_audit_summary_fits_an_80_column_terminal(tmp_path: Path) -> None:
     report = audit_paths([tmp_path])
     last = [e for e in report.entries if e.party == "s2" and e.source == "site"][-1]
     row = next(line for line in lines if line.split()[:2] == ["site", "s2"])
-    assert row.split()[3:] == ["3", f"{last.epsilon_reported:.3f}", f"{last.epsilon_rdp:.3f}",
-                               f"{last.epsilon_prv:.3f}", f"{last.epsilon_pld:.3f}", "50", "ok"]
+    assert row.split()[3:] == [
+        "3",
+        f"{last.epsilon_reported:.3f}",
+        f"{last.epsilon_rdp:.3f}",
+        f"{last.epsilon_prv:.3f}",
+        f"{last.epsilon_pld:.3f}",
+        "50",
+        "ok",
+    ]
 
     sql(tmp_path / "site-s1.ledger.sqlite", "DELETE FROM spend WHERE seq = 2")
     text = "\n".join(show())

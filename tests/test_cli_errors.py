@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from privatune.common.config import ConfigError, RunConfig
 from privatune.cli import app
+from privatune.common.config import ConfigError, RunConfig
 from privatune.server.reasons import one_line
 from privatune.server.run_record import RoundReport, RunRecorder
 
@@ -42,17 +42,30 @@ def assert_one_line_error(result, *words: str, code: int = 2) -> str:
 
 
 def simulate(tmp_path: Path, *args: str, out: Path | None = None):
-    return runner.invoke(app, ["simulate", "--preset", "digits", "--clients", "2", "--rounds", "1",
-                               "--out", str(out or tmp_path / "out"), *args])
+    return runner.invoke(
+        app,
+        [
+            "simulate",
+            "--preset",
+            "digits",
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--out",
+            str(out or tmp_path / "out"),
+            *args,
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------------------ one_line
 RAY_REASON = (
     "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
     "(pid=4242, ip=192.0.2.2, actor_id=abc)\n"
-    "  File \"/x/ray_actor.py\", line 60, in run\n    raise ClientAppException(str(ex)) from ex\n"
+    '  File "/x/ray_actor.py", line 60, in run\n    raise ClientAppException(str(ex)) from ex\n'
     "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. Message: "
-    "Traceback (most recent call last):\n  File \"/x/client/app.py\", line 90, in train\n    run = prepare(msg)\n"
+    'Traceback (most recent call last):\n  File "/x/client/app.py", line 90, in train\n    run = prepare(msg)\n'
     "ValueError: noise-multiplier must be finite, got inf\n'>"
 )
 
@@ -155,8 +168,10 @@ def test_run_config_accepts_the_edges_of_its_ranges():
         (["--run-config", "max-grad-norm=inf"], ["max-grad-norm"]),
         (["--run-config", "noise-multiplier=inf"], ["noise-multiplier"]),
         (["--run-config", "delta=0.5"], ["delta"]),
-        (["--secure-aggregation", "he", "--run-config", "he-public-context=/nonexistent/public.ctx"],
-         ["he-public-context", "/nonexistent/public.ctx", "privatune keygen"]),
+        (
+            ["--secure-aggregation", "he", "--run-config", "he-public-context=/nonexistent/public.ctx"],
+            ["he-public-context", "/nonexistent/public.ctx", "privatune keygen"],
+        ),
     ],
 )
 def test_simulate_refuses_bad_input_in_one_line(tmp_path, args, words):
@@ -176,8 +191,20 @@ def test_a_public_context_that_does_not_load_is_refused_before_the_run(tmp_path)
 
 
 def test_labels_that_the_preset_dataset_lacks_are_named(tmp_path):
-    result = runner.invoke(app, ["simulate", "--preset", "sms-spam", "--clients", "2", "--out",
-                                 str(tmp_path / "o"), "--run-config", "labels=x,y"])
+    result = runner.invoke(
+        app,
+        [
+            "simulate",
+            "--preset",
+            "sms-spam",
+            "--clients",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+            "--run-config",
+            "labels=x,y",
+        ],
+    )
     assert_one_line_error(result, "labels", "ham,spam", "x,y")
 
 
@@ -225,8 +252,15 @@ def test_a_rerun_into_a_run_folder_is_refused_and_names_overwrite(tmp_path):
 def test_overwrite_empties_a_run_folder_and_only_a_run_folder(tmp_path):
     fake_run(tmp_path / "old")
     # The run itself is then refused for another reason (no key file), after the folder was claimed.
-    result = simulate(tmp_path, "--overwrite", "--secure-aggregation", "he", "--run-config",
-                      "he-public-context=/nonexistent", out=tmp_path / "old")
+    result = simulate(
+        tmp_path,
+        "--overwrite",
+        "--secure-aggregation",
+        "he",
+        "--run-config",
+        "he-public-context=/nonexistent",
+        out=tmp_path / "old",
+    )
     assert_one_line_error(result, "he-public-context")
     assert list((tmp_path / "old").iterdir()) == []
     foreign = tmp_path / "photos"
@@ -258,18 +292,48 @@ def test_keygen_over_existing_keys_needs_the_real_overwrite_flag(tmp_path):
 
 
 def test_decrypt_given_folders_says_which_option(tmp_path):
-    result = runner.invoke(app, ["decrypt", "--secret-context", str(tmp_path), "--checkpoint", str(tmp_path),
-                                 "--out", str(tmp_path / "x.safetensors")])
+    result = runner.invoke(
+        app,
+        [
+            "decrypt",
+            "--secret-context",
+            str(tmp_path),
+            "--checkpoint",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+        ],
+    )
     assert_one_line_error(result, "--secret-context", "folder")
     (tmp_path / "s.ctx").write_bytes(b"x")
-    result = runner.invoke(app, ["decrypt", "--secret-context", str(tmp_path / "s.ctx"), "--checkpoint",
-                                 str(tmp_path), "--out", str(tmp_path / "x.safetensors")])
+    result = runner.invoke(
+        app,
+        [
+            "decrypt",
+            "--secret-context",
+            str(tmp_path / "s.ctx"),
+            "--checkpoint",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+        ],
+    )
     assert_one_line_error(result, "--checkpoint", "folder")
 
 
 def test_decrypt_with_missing_files_is_one_line(tmp_path):
-    result = runner.invoke(app, ["decrypt", "--secret-context", str(tmp_path / "none.ctx"), "--checkpoint",
-                                 str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "x.safetensors")])
+    result = runner.invoke(
+        app,
+        [
+            "decrypt",
+            "--secret-context",
+            str(tmp_path / "none.ctx"),
+            "--checkpoint",
+            str(tmp_path / "none.ckpt"),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+        ],
+    )
     assert_one_line_error(result, "none.ctx")
 
 
@@ -350,8 +414,14 @@ def test_an_unexpected_error_is_one_line_with_a_log_of_the_traceback(tmp_path, m
 
 # ------------------------------------------------------------------------------ real federations
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = {**os.environ, "HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path / "home"),
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     env.pop("FLWR_HOME", None)
     env.pop("MPLCONFIGDIR", None)
     return env
@@ -360,8 +430,22 @@ def _env(tmp_path: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_a_run_where_every_client_fails_exits_1_as_failed(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "2", "--rounds",
-           "1", "--out", str(out), "--run-config", "sim-max-epsilon=0.01 max-records=300"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "privatune.cli",
+        "simulate",
+        "--preset",
+        "digits",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+        "--run-config",
+        "sim-max-epsilon=0.01 max-records=300",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(tmp_path), cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -380,10 +464,25 @@ def test_a_signal_stops_a_simulation_within_seconds_and_leaves_no_process(tmp_pa
     from privatune.simulations.stopping import alive, descendants
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "2", "--rounds",
-           "3", "--out", str(out), "--run-config", "max-records=300"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path),
-                            cwd=tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "privatune.cli",
+        "simulate",
+        "--preset",
+        "digits",
+        "--clients",
+        "2",
+        "--rounds",
+        "3",
+        "--out",
+        str(out),
+        "--run-config",
+        "max-records=300",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path), cwd=tmp_path
+    )
     seen: set[int] = set()
     lines: list[str] = []
     try:

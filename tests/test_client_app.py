@@ -50,8 +50,18 @@ def test_frozen_weights_are_bit_identical_after_dp_training():
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     x = torch.randn(64, 1, 28, 28)
     y = torch.randint(0, 10, (64,))
-    res = train_local(model, (x,), y, epochs=2, batch_size=16, lr=0.1, dp=True, noise_multiplier=1.0,
-                      max_grad_norm=1.0, randomness=SiteRandomness())
+    res = train_local(
+        model,
+        (x,),
+        y,
+        epochs=2,
+        batch_size=16,
+        lr=0.1,
+        dp=True,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        randomness=SiteRandomness(),
+    )
     assert res.steps == 2 * 4
     assert frozen_state_fingerprint(model) == before
     for n, p in model.named_parameters():
@@ -99,9 +109,19 @@ def test_non_private_round_is_recorded_as_an_infinite_spend(tmp_path, message_fa
     assert math.isinf(record.entry.epsilon_run)
     # The server can record what this client reported.
     ServerLedger(tmp_path / "server.ledger.sqlite").record_report(
-        "r", 1, "client-0", 1, status="trained", noise_multiplier=m["noise-multiplier"], sample_rate=m["sample-rate"],
-        steps=int(m["steps"]), max_grad_norm=m["max-grad-norm"], delta=1e-5, accountant="rdp",
-        epsilon_reported=m["epsilon"])
+        "r",
+        1,
+        "client-0",
+        1,
+        status="trained",
+        noise_multiplier=m["noise-multiplier"],
+        sample_rate=m["sample-rate"],
+        steps=int(m["steps"]),
+        max_grad_norm=m["max-grad-norm"],
+        delta=1e-5,
+        accountant="rdp",
+        epsilon_reported=m["epsilon"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,8 +157,12 @@ def _real_site(tmp_path, **extra):
     rng = np.random.default_rng(0)
     data = tmp_path / "site.npz"
     np.savez(data, x=rng.integers(0, 17, (120, 8, 8)).astype(np.float32), y=np.arange(120) % 10)
-    return {"site-id": "hospital-a", "data-path": str(data), "ledger-path": str(tmp_path / "site.ledger.sqlite"),
-            **extra}
+    return {
+        "site-id": "hospital-a",
+        "data-path": str(data),
+        "ledger-path": str(tmp_path / "site.ledger.sqlite"),
+        **extra,
+    }
 
 
 def test_real_site_refuses_reproducible_noise_unless_allowed(tmp_path, message_factory, context_factory):
@@ -179,8 +203,7 @@ def test_round_failing_before_training_writes_no_spend(tmp_path, message_factory
     assert SiteLedger(tmp_path / "ledgers" / "site-client-0.ledger.sqlite").entries() == []
 
 
-def test_round_refusing_to_release_after_training_still_counts(tmp_path, message_factory, context_factory,
-                                                               monkeypatch):
+def test_round_refusing_to_release_after_training_still_counts(tmp_path, message_factory, context_factory, monkeypatch):
     import privatune.client.app as client_app
     from privatune.common.he import HEError
 

@@ -184,7 +184,11 @@ def test_fingerprint_is_stable_across_processes() -> None:
         "print(load_dataset('digits', max_records=100, seed=1).fingerprint())"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "PYTHONHASHSEED": "123"},
     ).stdout.split()
     here = [

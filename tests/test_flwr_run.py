@@ -103,8 +103,12 @@ def digits_run(tmp_path_factory):
     marker = uuid.uuid4().hex
     pyproject_before = (REPO_ROOT / "pyproject.toml").read_bytes()
     began = time.monotonic()
-    proc = _start(out, f'preset="digits" num-server-rounds=2 target-epsilon={TARGET_EPSILON}',
-                  _env(home, marker), root / "script.log")
+    proc = _start(
+        out,
+        f'preset="digits" num-server-rounds=2 target-epsilon={TARGET_EPSILON}',
+        _env(home, marker),
+        root / "script.log",
+    )
     code = _finish(proc, marker, timeout=420)
     output = (root / "script.log").read_text(errors="replace")
     return {
@@ -195,7 +199,11 @@ def test_bad_run_config_is_refused_before_anything_starts(tmp_path, run_config, 
     out = tmp_path / "out"
     proc = subprocess.run(
         [str(SCRIPT), str(out), run_config],
-        capture_output=True, text=True, timeout=60, env=_env(tmp_path, marker), cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(tmp_path, marker),
+        cwd=REPO_ROOT,
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr
@@ -206,8 +214,14 @@ def test_bad_run_config_is_refused_before_anything_starts(tmp_path, run_config, 
 
 def test_too_many_clients_and_legacy_federations_table_are_refused(tmp_path):
     env = _env(tmp_path, uuid.uuid4().hex, NUM_SUPERNODES="5000")
-    proc = subprocess.run([str(SCRIPT), str(tmp_path / "a"), 'preset="digits"'],
-                          capture_output=True, text=True, timeout=60, env=env, cwd=REPO_ROOT)
+    proc = subprocess.run(
+        [str(SCRIPT), str(tmp_path / "a"), 'preset="digits"'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO_ROOT,
+    )
     assert proc.returncode == 2 and "into 5000 clients" in proc.stderr, proc.stderr
 
     app = tmp_path / "app"
@@ -224,6 +238,12 @@ def test_existing_run_folder_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.json").write_text("{}")
-    proc = subprocess.run([str(SCRIPT), str(out), 'preset="digits"'], capture_output=True, text=True,
-                          timeout=60, env=_env(tmp_path, uuid.uuid4().hex), cwd=REPO_ROOT)
+    proc = subprocess.run(
+        [str(SCRIPT), str(out), 'preset="digits"'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(tmp_path, uuid.uuid4().hex),
+        cwd=REPO_ROOT,
+    )
     assert proc.returncode == 2 and "already holds a run" in proc.stderr, proc.stderr

@@ -37,6 +37,7 @@ def pctx(keys: he.KeyPaths) -> he.HEContext:
 
 def _state(rng: np.random.Generator, scale: float | None = None, n: int = 20_000) -> dict[str, np.ndarray]:
     """A small model-like state; ``scale`` None mixes magnitudes 1e-4..1 element-wise."""
+
     def vals(size: int) -> np.ndarray:
         mag = 10.0 ** rng.uniform(-4, 0, size) if scale is None else np.full(size, scale)
         return rng.choice([-1.0, 1.0], size) * mag * rng.uniform(0.5, 1.0, size)
@@ -217,7 +218,9 @@ def test_random_bytes_and_oversized_chunks_are_refused(pctx, good_update) -> Non
     rng = np.random.default_rng(4)
     for blob in (rng.bytes(len(good_update.chunks[0])), rng.bytes(pctx.max_chunk_bytes() + 1), b""):
         chunks = [blob] + list(good_update.chunks[1:])
-        assert "ciphertext 0" in _reason(pctx, dataclasses.replace(good_update, chunks=chunks, digest=""), good_update.layout)
+        assert "ciphertext 0" in _reason(
+            pctx, dataclasses.replace(good_update, chunks=chunks, digest=""), good_update.layout
+        )
 
 
 def test_wrong_number_of_ciphertexts_is_refused(pctx, good_update) -> None:

@@ -33,15 +33,35 @@ DELTA = 1e-5
 MECH = (1.1, 0.05, 20)
 
 
-def make_entry(run_id: str = "run-a", rnd: int = 1, *, dataset: str = "ds-1", site: str = "s1",
-               mech: tuple[float, float, int] = MECH, epsilon_run: float = 1.0, epsilon_dataset: float = 1.0,
-               max_epsilon: float | None = 8.0) -> SpendEntry:
+def make_entry(
+    run_id: str = "run-a",
+    rnd: int = 1,
+    *,
+    dataset: str = "ds-1",
+    site: str = "s1",
+    mech: tuple[float, float, int] = MECH,
+    epsilon_run: float = 1.0,
+    epsilon_dataset: float = 1.0,
+    max_epsilon: float | None = 8.0,
+) -> SpendEntry:
     now = utc_now()
     return SpendEntry(
-        run_id=run_id, round=rnd, site_id=site, dataset_fingerprint=dataset, params_fingerprint="p-1",
-        noise_multiplier=mech[0], sample_rate=mech[1], steps=mech[2], max_grad_norm=1.0, delta=DELTA,
-        accountant="rdp", epsilon_run=epsilon_run, epsilon_dataset=epsilon_dataset, max_epsilon=max_epsilon,
-        started_at=now, recorded_at=now,
+        run_id=run_id,
+        round=rnd,
+        site_id=site,
+        dataset_fingerprint=dataset,
+        params_fingerprint="p-1",
+        noise_multiplier=mech[0],
+        sample_rate=mech[1],
+        steps=mech[2],
+        max_grad_norm=1.0,
+        delta=DELTA,
+        accountant="rdp",
+        epsilon_run=epsilon_run,
+        epsilon_dataset=epsilon_dataset,
+        max_epsilon=max_epsilon,
+        started_at=now,
+        recorded_at=now,
     )
 
 
@@ -64,11 +84,14 @@ def rehash(path: Path, seq: int) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
     row = dict(conn.execute("SELECT * FROM spend WHERE seq=?", (seq,)).fetchone())
-    from privatune.common.ledger import _SPEND_COLUMNS, hashed_fields, _real_columns  # private; the tamperer reads our code
+    from privatune.common.ledger import (  # private; the tamperer reads our code
+        _SPEND_COLUMNS,
+        _real_columns,
+        hashed_fields,
+    )
 
     names = [n for n, _ in _SPEND_COLUMNS]
-    digest = row_hash("spend", seq, hashed_fields("spend", names, row), _real_columns(_SPEND_COLUMNS),
-                      row["prev_hash"])
+    digest = row_hash("spend", seq, hashed_fields("spend", names, row), _real_columns(_SPEND_COLUMNS), row["prev_hash"])
     conn.execute("UPDATE spend SET hash=? WHERE seq=?", (digest, seq))
     conn.close()
 
@@ -239,8 +262,17 @@ def test_edit_in_place_is_named(tmp_path: Path) -> None:
     assert kinds(verify_chain(path)) == {(3, "edited")}
 
 
-@pytest.mark.parametrize("column, value", [("steps", 1), ("noise_multiplier", 9.0), ("run_id", "'x'"),
-                                           ("max_epsilon", "NULL"), ("prev_hash", "'00'"), ("hash", "'00'")])
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("steps", 1),
+        ("noise_multiplier", 9.0),
+        ("run_id", "'x'"),
+        ("max_epsilon", "NULL"),
+        ("prev_hash", "'00'"),
+        ("hash", "'00'"),
+    ],
+)
 def test_editing_any_field_is_detected(tmp_path: Path, column: str, value: object) -> None:
     path = fill(tmp_path / "l.ledger.sqlite", 4).path
     sql(path, f"UPDATE spend SET {column} = {value} WHERE seq = 2")
@@ -271,7 +303,9 @@ def test_deleted_row_with_renumbering_is_named(tmp_path: Path) -> None:
     path = fill(tmp_path / "l.ledger.sqlite").path
     sql(path, "DELETE FROM spend WHERE seq = 2", "UPDATE spend SET seq = seq - 1 WHERE seq > 2")
     assert kinds(verify_chain(path)) == {(2, "deleted")}
-    sql(path, "UPDATE chain_heads SET count = 5 WHERE chain = 'spend'")  # the head's count changed too: that is named as well
+    sql(
+        path, "UPDATE chain_heads SET count = 5 WHERE chain = 'spend'"
+    )  # the head's count changed too: that is named as well
     assert kinds(verify_chain(path)) == {(2, "deleted"), (0, "edited")}
 
 
@@ -297,8 +331,12 @@ def test_missing_head_record_is_reported(tmp_path: Path) -> None:
 
 def test_swapped_rows_are_reordered(tmp_path: Path) -> None:
     path = fill(tmp_path / "l.ledger.sqlite").path
-    sql(path, "UPDATE spend SET seq = 100 WHERE seq = 2", "UPDATE spend SET seq = 2 WHERE seq = 5",
-        "UPDATE spend SET seq = 5 WHERE seq = 100")
+    sql(
+        path,
+        "UPDATE spend SET seq = 100 WHERE seq = 2",
+        "UPDATE spend SET seq = 2 WHERE seq = 5",
+        "UPDATE spend SET seq = 5 WHERE seq = 100",
+    )
     assert kinds(verify_chain(path)) == {(2, "reordered"), (5, "reordered")}
 
 
@@ -306,9 +344,12 @@ def test_row_appended_outside_the_ledger_is_inserted(tmp_path: Path) -> None:
     path = fill(tmp_path / "l.ledger.sqlite", 3).path
     conn = sqlite3.connect(path, isolation_level=None)
     last = conn.execute("SELECT hash FROM spend WHERE seq = 3").fetchone()[0]
-    conn.execute("INSERT INTO spend SELECT 4, run_id, 4, site_id, dataset_fingerprint, params_fingerprint, "
-                 "noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant, epsilon_run, "
-                 "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, noise_source, ?, 'f' FROM spend WHERE seq = 3", (last,))
+    conn.execute(
+        "INSERT INTO spend SELECT 4, run_id, 4, site_id, dataset_fingerprint, params_fingerprint, "
+        "noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant, epsilon_run, "
+        "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, noise_source, ?, 'f' FROM spend WHERE seq = 3",
+        (last,),
+    )
     conn.close()
     rehash(path, 4)  # even a well-formed row is caught: the head does not count it
     assert kinds(verify_chain(path)) == {(4, "inserted")}
@@ -320,9 +361,12 @@ def test_row_inserted_in_the_middle_is_named(tmp_path: Path) -> None:
     for seq in range(5, 2, -1):  # make room at 3 by moving 3..5 up one
         conn.execute("UPDATE spend SET seq = ? WHERE seq = ?", (seq + 1, seq))
     prev = conn.execute("SELECT hash FROM spend WHERE seq = 2").fetchone()[0]
-    conn.execute("INSERT INTO spend SELECT 3, run_id, 99, site_id, dataset_fingerprint, params_fingerprint, "
-                 "noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant, epsilon_run, "
-                 "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, noise_source, ?, 'f' FROM spend WHERE seq = 2", (prev,))
+    conn.execute(
+        "INSERT INTO spend SELECT 3, run_id, 99, site_id, dataset_fingerprint, params_fingerprint, "
+        "noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant, epsilon_run, "
+        "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, noise_source, ?, 'f' FROM spend WHERE seq = 2",
+        (prev,),
+    )
     conn.close()
     rehash(path, 3)
     assert kinds(verify_chain(path)) == {(3, "inserted")}
@@ -360,9 +404,21 @@ def test_server_ledger_records_runs_and_reports(tmp_path: Path) -> None:
     path = tmp_path / "run" / SERVER_LEDGER_NAME
     ledger = ServerLedger(path)
     assert ledger.record_run("run-a", {"num-server-rounds": 3, "dp": True}, "ckks") == 1
-    ledger.record_report("run-a", 1, "s1", 2**63 + 5, status="trained", noise_multiplier=1.1, sample_rate=0.05,
-                         steps=20, max_grad_norm=1.0, delta=DELTA, accountant="rdp", epsilon_reported=0.7,
-                         dataset_fingerprint="ds-1")
+    ledger.record_report(
+        "run-a",
+        1,
+        "s1",
+        2**63 + 5,
+        status="trained",
+        noise_multiplier=1.1,
+        sample_rate=0.05,
+        steps=20,
+        max_grad_norm=1.0,
+        delta=DELTA,
+        accountant="rdp",
+        epsilon_reported=0.7,
+        dataset_fingerprint="ds-1",
+    )
     ledger.record_report("run-a", 1, "s2", 7, status="budget-exhausted", reason="would reach 9.1 > 8")
     ledger.record_report("run-a", 2, "s1", 2**63 + 5, status="dropped", reason="no reply")
     (run,) = ledger.runs()
@@ -386,8 +442,20 @@ def test_server_ledger_validation_and_tampering(tmp_path: Path) -> None:
         ledger.record_run("run-a", {"x": object()}, "plain")
     ledger.record_run("run-a", {}, "plain")
     for rnd in (1, 2, 3):
-        ledger.record_report("run-a", rnd, "s1", 1, status="trained", noise_multiplier=1.0, sample_rate=0.1,
-                             steps=5, max_grad_norm=1.0, delta=DELTA, accountant="rdp", epsilon_reported=rnd)
+        ledger.record_report(
+            "run-a",
+            rnd,
+            "s1",
+            1,
+            status="trained",
+            noise_multiplier=1.0,
+            sample_rate=0.1,
+            steps=5,
+            max_grad_norm=1.0,
+            delta=DELTA,
+            accountant="rdp",
+            epsilon_reported=rnd,
+        )
     sql(ledger.path, "UPDATE reports SET epsilon_reported = 0.1 WHERE seq = 2")
     problems = verify_chain(ledger.path)
     assert [(p.table, p.seq, p.kind) for p in problems] == [("reports", 2, "edited")]

@@ -196,9 +196,10 @@ def test_interleaved_appends_from_two_processes(tmp_path: Path, per_process: int
         for i in range(1, int(sys.argv[2]) + 1):
             ledger.append(spend("run-" + sys.argv[1], i, 0.01 * i))
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", script, name, str(per_process)], stderr=subprocess.PIPE,
-                              text=True)
-             for name in ("a", "b")]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, name, str(per_process)], stderr=subprocess.PIPE, text=True)
+        for name in ("a", "b")
+    ]
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
     records = SiteLedger(path).entries()
@@ -227,8 +228,9 @@ def test_schema_changes_are_reported_not_raised(tmp_path: Path) -> None:
     assert any("spend is missing" in p.detail for p in problems)
 
 
-@pytest.mark.parametrize("value, what", [("X'00ff'", "bytes"), ("CAST(X'ff80' AS TEXT)", "not valid UTF-8"),
-                                         ("'twenty'", "str")])
+@pytest.mark.parametrize(
+    "value, what", [("X'00ff'", "bytes"), ("CAST(X'ff80' AS TEXT)", "not valid UTF-8"), ("'twenty'", "str")]
+)
 def test_a_wrongly_typed_value_is_a_malformed_row(tmp_path: Path, value: str, what: str) -> None:
     path = build_site_ledger(tmp_path / "site-s1.ledger.sqlite", rows=4)
     column = "run_id" if "UTF-8" in what else "steps"
@@ -278,8 +280,11 @@ def test_bit_flip_campaign_fast(tmp_path: Path) -> None:
     """300 seeded single-bit flips: none crashes the verifier, none changes data undetected."""
     site = build_site_ledger(tmp_path / "site-s1.ledger.sqlite")
     server = build_server_ledger(tmp_path / "server.ledger.sqlite")
-    results = [flip_campaign(site, 150, 11, tmp_path), flip_campaign(server, 150, 12, tmp_path),
-               truncation_campaign(site, 10, 13, tmp_path)]
+    results = [
+        flip_campaign(site, 150, 11, tmp_path),
+        flip_campaign(server, 150, 12, tmp_path),
+        truncation_campaign(site, 10, 13, tmp_path),
+    ]
     for result in results:
         _check_campaign(result)
     assert sum(r.cases for r in results) == 310
@@ -309,8 +314,11 @@ def test_a_folder_with_one_corrupt_ledger_audits_the_others(tmp_path: Path) -> N
 
     report = audit_paths([tmp_path])
     kinds = {Path(f.path).name: (f.kind, f.chain_ok) for f in report.files}
-    assert kinds == {"site-s1.ledger.sqlite": ("site", True), "site-s2.ledger.sqlite": ("unknown", False),
-                     "site-s3.ledger.sqlite": ("unknown", False)}
+    assert kinds == {
+        "site-s1.ledger.sqlite": ("site", True),
+        "site-s2.ledger.sqlite": ("unknown", False),
+        "site-s3.ledger.sqlite": ("unknown", False),
+    }
     damage = [v for v in report.violations if v.kind == "unreadable" or v.kind.startswith("chain-")]
     assert {Path(v.file).name for v in damage} == {"site-s2.ledger.sqlite", "site-s3.ledger.sqlite"}
     assert len([e for e in report.entries if Path(e.file).name == "site-s1.ledger.sqlite"]) == 4

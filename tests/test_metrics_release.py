@@ -14,7 +14,7 @@ from privatune.client.metrics_release import (
     release_mechanism,
 )
 from privatune.client.randomness import SeededRandomness, SiteRandomness
-from privatune.common.accounting import AccountingError, calibrate_noise, epsilon_of
+from privatune.common.accounting import epsilon_of
 from privatune.common.config import ConfigError, RunConfig
 from privatune.server.aggregation import equal_mean, pool_noised_eval
 
@@ -35,8 +35,7 @@ def test_exact_sums_clip_each_loss_so_one_record_moves_the_loss_sum_by_at_most_t
 def test_noise_has_the_stated_scale_per_sum():
     rng = SeededRandomness(0)
     base = EvalSums(correct=50.0, loss_sum=30.0, count=100.0)
-    draws = np.array([[d.correct, d.loss_sum, d.count] for d in
-                      (noised_sums(base, 4.0, rng) for _ in range(4000))])
+    draws = np.array([[d.correct, d.loss_sum, d.count] for d in (noised_sums(base, 4.0, rng) for _ in range(4000))])
     assert np.mean(draws, axis=0) == pytest.approx([50.0, 30.0, 100.0], abs=1.5)
     assert np.std(draws, axis=0) == pytest.approx([4.0, 4.0 * LOSS_BOUND, 4.0], rel=0.06)
 
@@ -64,8 +63,7 @@ def test_a_release_costs_three_gaussian_mechanisms_on_all_validation_records():
 
 def test_server_pools_noised_sums_into_ratios_clamped_to_their_range():
     pooled = pool_noised_eval([(40.0, 20.0, 50.0), (45.0, 10.0, 50.0)])
-    assert pooled == {"eval-accuracy": pytest.approx(0.85), "eval-loss": pytest.approx(0.3),
-                      "eval-count-noised": 100.0}
+    assert pooled == {"eval-accuracy": pytest.approx(0.85), "eval-loss": pytest.approx(0.3), "eval-count-noised": 100.0}
     assert pool_noised_eval([(60.0, -5.0, 50.0)])["eval-accuracy"] == 1.0  # noise pushed it above 1
     assert pool_noised_eval([(60.0, -5.0, 50.0)])["eval-loss"] == 0.0
     assert pool_noised_eval([(3.0, 1.0, -2.0)]) is None

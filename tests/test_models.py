@@ -82,7 +82,10 @@ def test_a_third_model_is_one_registration():
         model = M.get_model_spec("tiny").build(5, 1)
         assert model(torch.zeros(2, 4)).shape == (2, 5)
         assert M.configure_trainable(model, "partial") == [
-            "backbone.block.weight", "backbone.block.bias", "head.weight", "head.bias"
+            "backbone.block.weight",
+            "backbone.block.bias",
+            "head.weight",
+            "head.bias",
         ]
     finally:
         M.MODELS.pop("tiny")
@@ -117,7 +120,10 @@ def test_digits_modes_give_the_right_trainable_sets():
     model = M.build_digits_cnn(3, seed=0)
     assert M.configure_trainable(model, "head") == ["head.weight", "head.bias"]
     assert M.configure_trainable(model, "partial") == [
-        "backbone.fc_layers.0.weight", "backbone.fc_layers.0.bias", "head.weight", "head.bias"
+        "backbone.fc_layers.0.weight",
+        "backbone.fc_layers.0.bias",
+        "head.weight",
+        "head.bias",
     ]
     full = M.configure_trainable(model, "full")
     assert full == [n for n, _ in model.named_parameters()] and full[0] == "backbone.conv_layers.0.weight"
@@ -240,8 +246,13 @@ def test_load_trainable_state_is_strict():
     with pytest.raises(ValueError, match="NaN"):
         M.load_trainable_state(model, nan)
     # a failed load changes nothing, not even the parameters checked before the bad one
-    bad_late = dict(good, **{"backbone.fc_layers.0.weight": good["backbone.fc_layers.0.weight"] + 1,
-                             "head.bias": np.zeros(7, np.float32)})
+    bad_late = dict(
+        good,
+        **{
+            "backbone.fc_layers.0.weight": good["backbone.fc_layers.0.weight"] + 1,
+            "head.bias": np.zeros(7, np.float32),
+        },
+    )
     with pytest.raises(ValueError, match="head.bias"):
         M.load_trainable_state(model, bad_late)
     assert all(np.array_equal(before[k], v) for k, v in M.trainable_state(model).items())
@@ -314,8 +325,12 @@ def _dp_step(model: M.Classifier, mode: str, inputs: tuple[torch.Tensor, ...], l
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
     engine = PrivacyEngine(accountant="rdp")
     private, optimizer, loader = engine.make_private(
-        module=module, optimizer=optimizer, data_loader=loader,
-        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+        module=module,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
     )
     private.train()
     for *batch, y in loader:

@@ -31,7 +31,12 @@ MAY_IMPORT = {
 
 
 def _modules(folder: str) -> list[Path]:
-    return sorted(p for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts)
+    """The .py files of a folder, not following symlinks (privatune/common is one, to common/)."""
+    found = []
+    for dirpath, _dirs, files in os.walk(ROOT / folder):  # os.walk does not follow symlinked folders
+        if "__pycache__" not in dirpath:
+            found += [Path(dirpath) / f for f in files if f.endswith(".py")]
+    return sorted(found)
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
@@ -51,12 +56,14 @@ def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for folder in SOURCE_DIRS:
-        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in SOURCE_DIRS:  # the symlinks in privatune/ are copied as symlinks, as git checks them out
+        shutil.copytree(ROOT / folder, src / folder, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (built,) = out.glob("privatune-*.whl")
@@ -102,6 +109,12 @@ def test_a_side_imports_only_what_it_may(part):
     assert bad == [], f"{part}/ may import only {sorted(MAY_IMPORT[part])} of privatune:\n" + "\n".join(bad)
 
 
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_the_namespace_links_each_folder(folder):
+    link = ROOT / "privatune" / folder
+    assert link.is_symlink() and os.readlink(link) == f"../{folder}"
+
+
 def test_the_flower_components_point_into_the_namespace():
     components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
     assert components == {"serverapp": "privatune.server.app:app", "clientapp": "privatune.client.app:app"}
@@ -112,26 +125,59 @@ def test_an_installed_copy_runs_a_simulation_outside_the_checkout(wheel, tmp_pat
     """`pip install` of the wheel (into a target folder, on this venv's dependencies), then `privatune simulate`
     from a folder with no checkout in sight: every import resolves inside the installed copy."""
     target = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                           str(wheel)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info") and p.name != "bin") == [
-        "privatune"]
+        "privatune"
+    ]
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("FLWR_HOME", "MPLCONFIGDIR")}
     env.update(PYTHONPATH=str(target), HOME=str(tmp_path / "home"))
     where = subprocess.run(
-        [sys.executable, "-c", "import privatune.server.app as s, privatune.client.app as c; print(s.__file__, c.__file__)"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            "import privatune.server.app as s, privatune.client.app as c; print(s.__file__, c.__file__)",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert where.returncode == 0, where.stderr[-2000:]
     assert all(Path(f).is_relative_to(target) for f in where.stdout.split()), where.stdout
     out = work / "run"
     sim = subprocess.run(
-        [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "2", "--rounds", "1",
-         "--epsilon", "4", "--run-config", "max-records=300", "--out", str(out)],
-        cwd=work, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "privatune.cli",
+            "simulate",
+            "--preset",
+            "digits",
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--epsilon",
+            "4",
+            "--run-config",
+            "max-records=300",
+            "--out",
+            str(out),
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert sim.returncode == 0, sim.stdout[-3000:] + sim.stderr[-3000:]
     assert (out / "summary.json").is_file() and (out / "ledgers").is_dir()

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from privatune.common.datasets import load_dataset
-from privatune.common.partition import MAX_DIRICHLET_TRIES, _dirichlet_once, label_distribution_distance, partition_indices
+from privatune.common.partition import (
+    MAX_DIRICHLET_TRIES,
+    _dirichlet_once,
+    label_distribution_distance,
+    partition_indices,
+)
 
 LABELS = np.repeat(np.arange(10), 100)  # 1,000 records, 10 balanced classes
 

@@ -46,8 +46,9 @@ CRASH_SCRIPT = textwrap.dedent(
 )
 
 
-def test_spend_survives_a_crash_between_training_and_reply_and_the_restart_continues(tmp_path, message_factory,
-                                                                                        context_factory):
+def test_spend_survives_a_crash_between_training_and_reply_and_the_restart_continues(
+    tmp_path, message_factory, context_factory
+):
     import pathlib
 
     root = str(pathlib.Path(__file__).resolve().parents[1])
@@ -63,8 +64,7 @@ def test_spend_survives_a_crash_between_training_and_reply_and_the_restart_conti
     assert reply["status"]["status"] == "trained"
     records = _ledger(tmp_path).entries()
     assert [r.entry.round for r in records] == [1, 2]
-    expected = epsilon_of([r.entry.mechanism for r in records], records[-1].entry.delta,
-                          records[-1].entry.accountant)
+    expected = epsilon_of([r.entry.mechanism for r in records], records[-1].entry.delta, records[-1].entry.accountant)
     assert reply["metrics"]["epsilon"] == pytest.approx(expected, abs=1e-6)
     assert reply["metrics"]["epsilon"] > first.entry.epsilon_run
 
@@ -95,8 +95,24 @@ def test_budget_applies_across_runs_on_the_same_dataset(tmp_path, message_factor
 @pytest.mark.slow
 def test_run_ends_cleanly_when_too_few_clients_have_budget(tmp_path):
     out = tmp_path / "sim"
-    cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "3", "--rounds",
-           "4", "--epsilon", "8", "--out", str(out), "--run-config", "sim-max-epsilon=6 local-epochs=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "privatune.cli",
+        "simulate",
+        "--preset",
+        "digits",
+        "--clients",
+        "3",
+        "--rounds",
+        "4",
+        "--epsilon",
+        "8",
+        "--out",
+        str(out),
+        "--run-config",
+        "sim-max-epsilon=6 local-epochs=1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -62,7 +62,11 @@ def test_seeded_randomness_repeats_and_seeds_differ_per_round_and_site():
 
     s = reproducible_seed(42, 3, "client-1")
     assert torch.equal(draw(s), draw(s))
-    others = {reproducible_seed(42, 4, "client-1"), reproducible_seed(42, 3, "client-2"), reproducible_seed(43, 3, "client-1")}
+    others = {
+        reproducible_seed(42, 4, "client-1"),
+        reproducible_seed(42, 3, "client-2"),
+        reproducible_seed(43, 3, "client-1"),
+    }
     assert s not in others and len(others) == 3
     assert SeededRandomness(s).kind == NOISE_SOURCE_SEEDED
 
@@ -81,8 +85,9 @@ def test_install_noise_keeps_opacus_arithmetic(monkeypatch):
 
     def make():
         model = GradSampleModule(_copy(base))
-        opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=sigma, max_grad_norm=C,
-                          expected_batch_size=B)
+        opt = DPOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=B
+        )
         return model, opt
 
     def backward(model):
@@ -104,7 +109,9 @@ def test_install_noise_keeps_opacus_arithmetic(monkeypatch):
 
     # Opacus' own add_noise, fed the same noise tensors in the same order.
     feed = iter(noise)
-    monkeypatch.setattr(opt_mod, "_generate_noise", lambda std, reference, generator=None, secure_mode=False: next(feed))
+    monkeypatch.setattr(
+        opt_mod, "_generate_noise", lambda std, reference, generator=None, secure_mode=False: next(feed)
+    )
     ref_model, ref = make()
     backward(ref_model)
     ref.step()
@@ -163,8 +170,18 @@ def test_opacus_history_equals_the_recorded_mechanism_for_200_sizes(monkeypatch)
     for n, b in pairs:
         module = nn.Linear(3, 2)
         x, y = torch.randn(n, 3), torch.randint(0, 2, (n,))
-        res = train_local(module, (x,), y, epochs=1, batch_size=b, lr=0.1, dp=True, noise_multiplier=1.1,
-                          max_grad_norm=1.0, randomness=rng)
+        res = train_local(
+            module,
+            (x,),
+            y,
+            epochs=1,
+            batch_size=b,
+            lr=0.1,
+            dp=True,
+            noise_multiplier=1.1,
+            max_grad_norm=1.0,
+            randomness=rng,
+        )
         steps, q = steps_per_epoch(n, b), sample_rate(n, b)
         assert (res.steps, res.sample_rate, res.noise_multiplier) == (steps, q, 1.1), (n, b)
         history = engines[-1].accountant.history
@@ -200,7 +217,7 @@ class Scenario:
         return self.mechanism[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _calibrated(epsilon: float, delta: float, q: float, steps: int) -> float:
     return calibrate_noise(epsilon, delta, q, steps, "rdp")
 
@@ -210,16 +227,37 @@ def _site_run(tmp_path: Path, seed: int, reproducible: bool) -> LocalRun:
     cfg = RunConfig.create(preset="digits", seed=seed, reproducible_noise=reproducible, out_dir=str(tmp_path))
     site = SiteConfig.from_node_config({"partition-id": 0, "num-partitions": 2}, cfg)
     empty = LabelledData("x", "text", [], np.zeros(0, np.int64), ("a", "b"))
-    return LocalRun(cfg=cfg, site=site, run_id="r", server_round=1, train=empty, val=empty, train_ids=[],
-                    val_ids=[], dataset_fingerprint="f", key_check="k", model=None,  # type: ignore[arg-type]
-                    trainable_names=[])
+    return LocalRun(
+        cfg=cfg,
+        site=site,
+        run_id="r",
+        server_round=1,
+        train=empty,
+        val=empty,
+        train_ids=[],
+        val_ids=[],
+        dataset_fingerprint="f",
+        key_check="k",
+        model=None,  # type: ignore[arg-type]
+        trainable_names=[],
+    )
 
 
 def _train(sc: Scenario, init: dict, x: torch.Tensor, y: torch.Tensor, randomness) -> torch.Tensor:
     module = nn.Linear(sc.dim, 2, dtype=torch.float64)
     module.load_state_dict(init)
-    train_local(module, (x,), y, epochs=sc.epochs, batch_size=sc.batch_size, lr=sc.lr, dp=True,
-                noise_multiplier=sc.noise, max_grad_norm=sc.clip, randomness=randomness)
+    train_local(
+        module,
+        (x,),
+        y,
+        epochs=sc.epochs,
+        batch_size=sc.batch_size,
+        lr=sc.lr,
+        dp=True,
+        noise_multiplier=sc.noise,
+        max_grad_norm=sc.clip,
+        randomness=randomness,
+    )
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
@@ -242,8 +280,9 @@ def _replay_attack(tmp_path: Path, trials: int, reproducible: bool) -> tuple[int
         observed = _train(sc, init, *datasets[coins[t]], round_randomness(run))  # what the site sends
         # The attacker: knows the run config (seed, round, site), D and D'; replays with what it can derive.
         known_seed = reproducible_seed(run.cfg.seed, run.server_round, run.site.site_id)
-        distances = [float((observed - _train(sc, init, xd, yd, SeededRandomness(known_seed))).norm())
-                     for xd, yd in datasets]
+        distances = [
+            float((observed - _train(sc, init, xd, yd, SeededRandomness(known_seed))).norm()) for xd, yd in datasets
+        ]
         guess = int(np.argmin(distances))
         closest = max(closest, min(distances))
         wins += int(guess == coins[t])
@@ -267,8 +306,10 @@ def test_replay_attack_is_no_better_than_dp_allows_against_the_site_csprng(tmp_p
     # One-sided binomial test at the bound: an attack as good as DP allows reaches `wins` with probability
     # p_value; below 1e-3 the implementation leaks more than its claimed epsilon.
     p_value = float(binom.sf(wins - 1, trials, bound))
-    print(f"replay attack vs site CSPRNG: {wins}/{trials} = {wins / trials:.3f}, DP bound {bound:.3f} "
-          f"(epsilon {eps:.3f}), p = {p_value:.3g}")
+    print(
+        f"replay attack vs site CSPRNG: {wins}/{trials} = {wins / trials:.3f}, DP bound {bound:.3f} "
+        f"(epsilon {eps:.3f}), p = {p_value:.3g}"
+    )
     assert p_value > 1e-3, (wins, trials, bound)
     assert wins / trials < bound
 
@@ -283,10 +324,25 @@ def _entry(rnd: int, noise_source: str | None = None):
     now = utc_now()
     eps = epsilon_of([(1.1, 0.05, 20 * rnd)], 1e-5, "rdp")
     extra = {} if noise_source is None else {"noise_source": noise_source}
-    return SpendEntry(run_id="run-a", round=rnd, site_id="s1", dataset_fingerprint="ds-1", params_fingerprint="p-1",
-                      noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=1.0, delta=1e-5,
-                      accountant="rdp", epsilon_run=eps, epsilon_dataset=eps, max_epsilon=None, started_at=now,
-                      recorded_at=now, **extra)
+    return SpendEntry(
+        run_id="run-a",
+        round=rnd,
+        site_id="s1",
+        dataset_fingerprint="ds-1",
+        params_fingerprint="p-1",
+        noise_multiplier=1.1,
+        sample_rate=0.05,
+        steps=20,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        accountant="rdp",
+        epsilon_run=eps,
+        epsilon_dataset=eps,
+        max_epsilon=None,
+        started_at=now,
+        recorded_at=now,
+        **extra,
+    )
 
 
 def test_old_ledger_without_noise_source_reads_as_seeded_and_continues(tmp_path):
@@ -325,10 +381,25 @@ def test_noise_source_is_validated_and_defaults_to_the_weaker_claim():
     with pytest.raises(LedgerError, match="noise_source"):
         _entry(1, "os-random")
     with pytest.raises(LedgerError, match="noise_source"):
-        ClientReport(run_id="r", round=1, client_id="c", node_id=1, status="dropped", reason="", dataset_fingerprint=None,
-                     noise_multiplier=None, sample_rate=None, steps=None, max_grad_norm=None, delta=None,
-                     accountant=None, epsilon_reported=None, epsilon_dataset_reported=None, recorded_at=utc_now(),
-                     noise_source="mine")
+        ClientReport(
+            run_id="r",
+            round=1,
+            client_id="c",
+            node_id=1,
+            status="dropped",
+            reason="",
+            dataset_fingerprint=None,
+            noise_multiplier=None,
+            sample_rate=None,
+            steps=None,
+            max_grad_norm=None,
+            delta=None,
+            accountant=None,
+            epsilon_reported=None,
+            epsilon_dataset_reported=None,
+            recorded_at=utc_now(),
+            noise_source="mine",
+        )
 
 
 def test_audit_shows_the_noise_source_of_site_and_server_rows(tmp_path):
@@ -341,14 +412,31 @@ def test_audit_shows_the_noise_source_of_site_and_server_rows(tmp_path):
         e = _entry(1, source)
         SiteLedger(tmp_path / f"site-{site}.ledger.sqlite").append(replace_site(e, site))
         ServerLedger(tmp_path / SERVER_LEDGER_NAME).record_report(
-            "run-a", 1, site, 7, status="trained", noise_multiplier=1.1, sample_rate=0.05, steps=20,
-            max_grad_norm=1.0, delta=1e-5, accountant="rdp", epsilon_reported=e.epsilon_run,
-            epsilon_dataset_reported=e.epsilon_dataset, dataset_fingerprint="ds-1", noise_source=source)
+            "run-a",
+            1,
+            site,
+            7,
+            status="trained",
+            noise_multiplier=1.1,
+            sample_rate=0.05,
+            steps=20,
+            max_grad_norm=1.0,
+            delta=1e-5,
+            accountant="rdp",
+            epsilon_reported=e.epsilon_run,
+            epsilon_dataset_reported=e.epsilon_dataset,
+            dataset_fingerprint="ds-1",
+            noise_source=source,
+        )
     report = audit_paths([tmp_path])
     assert report.ok
     by = {(e.source, e.party): e.noise_source for e in report.entries}
-    assert by == {("site", "s1"): "site-csprng", ("site", "s2"): "seeded",
-                  ("server", "s1"): "site-csprng", ("server", "s2"): "seeded"}
+    assert by == {
+        ("site", "s1"): "site-csprng",
+        ("site", "s2"): "seeded",
+        ("server", "s1"): "site-csprng",
+        ("server", "s2"): "seeded",
+    }
     seeded = {(s.source, s.party): s.seeded_rounds for s in report.summaries}
     assert seeded[("site", "s2")] == 1 and seeded[("site", "s1")] == 0
     notes = [n for n in report.notes if SEEDED_FLAG in n]
@@ -373,9 +461,21 @@ def test_audit_flags_a_server_record_whose_noise_source_differs_from_the_site(tm
     e = _entry(1, NOISE_SOURCE_SEEDED)
     SiteLedger(tmp_path / "site-s1.ledger.sqlite").append(e)
     ServerLedger(tmp_path / SERVER_LEDGER_NAME).record_report(
-        "run-a", 1, "s1", 7, status="trained", noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=1.0,
-        delta=1e-5, accountant="rdp", epsilon_reported=e.epsilon_run, dataset_fingerprint="ds-1",
-        noise_source=NOISE_SOURCE_SITE)
+        "run-a",
+        1,
+        "s1",
+        7,
+        status="trained",
+        noise_multiplier=1.1,
+        sample_rate=0.05,
+        steps=20,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        accountant="rdp",
+        epsilon_reported=e.epsilon_run,
+        dataset_fingerprint="ds-1",
+        noise_source=NOISE_SOURCE_SITE,
+    )
     report = audit_paths([tmp_path])
     (v,) = report.violations
     assert v.kind == "report-mismatch" and "noise_source server 'site-csprng' vs site 'seeded'" in v.message

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from datetime import UTC
 
 import numpy as np
 import pytest
@@ -36,12 +37,18 @@ def _write(tmp_path, x, y, name="site.npz"):
 
 def _digits(n=N, start=0):
     bunch = load_digits()
-    return bunch.images[start:start + n], bunch.target[start:start + n]
+    return bunch.images[start : start + n], bunch.target[start : start + n]
 
 
 def _node(tmp_path, data, **kw):
-    return {"site-id": "h", "data-path": str(data), "ledger-path": str(tmp_path / "site-h.ledger.sqlite"),
-            "max-epsilon": MAX_EPS, "on-exhausted": "refuse", **kw}
+    return {
+        "site-id": "h",
+        "data-path": str(data),
+        "ledger-path": str(tmp_path / "site-h.ledger.sqlite"),
+        "max-epsilon": MAX_EPS,
+        "on-exhausted": "refuse",
+        **kw,
+    }
 
 
 def _cfg(tmp_path, **kw):
@@ -149,8 +156,9 @@ def test_new_records_train_on_their_own_budget_and_exhausted_ones_are_left_out(t
     spends = PrivacyGuard(tmp_path / "site-h.ledger.sqlite", "h", MAX_EPS, key_check=key_check(key)).spends()
     eps = record_epsilons(sorted(old | new), cohorts, spends, 1e-5, first.entry.accountant)
     assert eps.worst <= MAX_EPS + 1e-9
-    assert reply["metrics"]["epsilon-dataset"] == pytest.approx(max(
-        e for rid, e in zip(sorted(old | new), eps.spent) if rid in new))
+    assert reply["metrics"]["epsilon-dataset"] == pytest.approx(
+        max(e for rid, e in zip(sorted(old | new), eps.spent) if rid in new)
+    )
 
 
 def test_exclusion_reaches_a_fixed_point(tmp_path):
@@ -172,10 +180,21 @@ def test_generic_spend_api_records_a_metrics_release_on_validation_records(tmp_p
     ids = [bytes([i]) * 16 for i in range(30)]
     guard = PrivacyGuard(tmp_path / "l.ledger.sqlite", "s", max_epsilon=None)
     before = guard.epsilons(ids[:10], "rdp", new=[(5.0, 1.0, 1)])
-    guard.record_spend(purpose="metrics", record_ids=ids[:10], mechanism=(5.0, 1.0, 1), delta=1e-5,
-                       accountant="rdp", max_grad_norm=1.0, run_id="r", server_round=1, dataset_fingerprint="fp",
-                       params_fingerprint="pf", epsilon_run=before.worst_run, epsilon_dataset=before.worst,
-                       started_at=_now())
+    guard.record_spend(
+        purpose="metrics",
+        record_ids=ids[:10],
+        mechanism=(5.0, 1.0, 1),
+        delta=1e-5,
+        accountant="rdp",
+        max_grad_norm=1.0,
+        run_id="r",
+        server_round=1,
+        dataset_fingerprint="fp",
+        params_fingerprint="pf",
+        epsilon_run=before.worst_run,
+        epsilon_dataset=before.worst,
+        started_at=_now(),
+    )
     after = guard.epsilons(ids, "rdp")
     assert after.spent[:10] == [pytest.approx(before.worst)] * 10 and after.spent[10:] == [0.0] * 20
     (row,) = guard.ledger.entries()
@@ -183,9 +202,9 @@ def test_generic_spend_api_records_a_metrics_release_on_validation_records(tmp_p
 
 
 def _now():
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 # ----------------------------------------------------------------------------------------- what leaves the site
@@ -199,11 +218,12 @@ def test_the_server_cannot_test_candidates_for_the_last_record(tmp_path, trained
     known = load_site_data(SiteDataSpec(data, "npz"), tuple("0123456789"), kind="image")
     # The server knows records 0..N-2 and tries every candidate for the last one, including the true one.
     candidates = [known.subset(np.arange(N))]
-    pool = load_site_data(SiteDataSpec(_write(tmp_path, *_digits(40, start=500), name="c.npz"), "npz"),
-                          tuple("0123456789"), kind="image")
+    pool = load_site_data(
+        SiteDataSpec(_write(tmp_path, *_digits(40, start=500), name="c.npz"), "npz"), tuple("0123456789"), kind="image"
+    )
     for j in range(len(pool)):
-        cand = np.concatenate([known.inputs[:N - 1], pool.inputs[j:j + 1]])
-        labels = np.concatenate([known.labels[:N - 1], pool.labels[j:j + 1]])
+        cand = np.concatenate([known.inputs[: N - 1], pool.inputs[j : j + 1]])
+        labels = np.concatenate([known.labels[: N - 1], pool.labels[j : j + 1]])
         candidates.append(LabelledData("c", "image", cand, labels, known.label_names))
     unkeyed = {c.fingerprint() for c in candidates}
     unkeyed |= {hashlib.sha256(c.inputs.tobytes()).hexdigest() for c in candidates}
@@ -307,18 +327,41 @@ def test_the_audit_links_site_and_server_rows_by_the_keyed_fingerprint(tmp_path,
     m, st = reply["metrics"], reply["status"]
     srv = ServerLedger(tmp_path / SERVER_LEDGER_NAME)
     srv.record_run("1", {"num-server-rounds": 1}, "plain")
-    srv.record_report("1", 1, st["client-id"], 1, status="trained", noise_multiplier=m["noise-multiplier"],
-                      sample_rate=m["sample-rate"], steps=m["steps"], max_grad_norm=m["max-grad-norm"],
-                      delta=m["delta"], accountant=st["accountant"], epsilon_reported=m["epsilon"],
-                      epsilon_dataset_reported=m["epsilon-dataset"], dataset_fingerprint=st["dataset-fingerprint"])
+    srv.record_report(
+        "1",
+        1,
+        st["client-id"],
+        1,
+        status="trained",
+        noise_multiplier=m["noise-multiplier"],
+        sample_rate=m["sample-rate"],
+        steps=m["steps"],
+        max_grad_norm=m["max-grad-norm"],
+        delta=m["delta"],
+        accountant=st["accountant"],
+        epsilon_reported=m["epsilon"],
+        epsilon_dataset_reported=m["epsilon-dataset"],
+        dataset_fingerprint=st["dataset-fingerprint"],
+    )
     report = audit_paths([tmp_path])
     assert report.ok, [v.message for v in report.violations]
     site_rows = [e for e in report.entries if e.source == "site"]
     assert [e.dataset_fingerprint for e in site_rows] == [st["dataset-fingerprint"]]
     assert site_rows[0].epsilon_dataset == pytest.approx(m["epsilon-dataset"], abs=1e-6)
     # A server record with another fingerprint no longer matches the site's row.
-    srv.record_report("1", 1, st["client-id"], 1, status="trained", noise_multiplier=m["noise-multiplier"],
-                      sample_rate=m["sample-rate"], steps=m["steps"], max_grad_norm=m["max-grad-norm"],
-                      delta=m["delta"], accountant=st["accountant"], epsilon_reported=m["epsilon"],
-                      dataset_fingerprint=hashlib.sha256(b"guess").hexdigest())
+    srv.record_report(
+        "1",
+        1,
+        st["client-id"],
+        1,
+        status="trained",
+        noise_multiplier=m["noise-multiplier"],
+        sample_rate=m["sample-rate"],
+        steps=m["steps"],
+        max_grad_norm=m["max-grad-norm"],
+        delta=m["delta"],
+        accountant=st["accountant"],
+        epsilon_reported=m["epsilon"],
+        dataset_fingerprint=hashlib.sha256(b"guess").hexdigest(),
+    )
     assert any(v.kind == "report-mismatch" for v in audit_paths([tmp_path]).violations)

@@ -29,10 +29,10 @@ D = sum(int(np.prod(s)) for s in SHAPES.values())
 RAY_REASON = (
     "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
     "(pid=4242, ip=10.0.0.1, actor_id=ab12, repr=<flwr.simulation.ray_transport.ray_actor.ClientAppActor object "
-    "at 0x7f00>)\n  File \"/srv/flwr/ray_actor.py\", line 60, in run\n    out = app(message=message)\n"
-    "  File \"/srv/client/app.py\", line 9, in train\n    raise ValueError(\"disk   full\")\n"
+    'at 0x7f00>)\n  File "/srv/flwr/ray_actor.py", line 60, in run\n    out = app(message=message)\n'
+    '  File "/srv/client/app.py", line 9, in train\n    raise ValueError("disk   full")\n'
     "ValueError: disk full\n\nThe above exception was the direct cause of the following exception:\n\n"
-    "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=4242, ip=10.0.0.1)\n  File \"/srv/flwr/ray_actor.py\", "
+    '\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=4242, ip=10.0.0.1)\n  File "/srv/flwr/ray_actor.py", '
     "line 65, in run\n    raise ClientAppException(str(ex)) from ex\nflwr.clientapp.client_app.ClientAppException: "
     "\nException ClientAppException occurred. Message: disk\n   full'>"
 )
@@ -53,16 +53,29 @@ def _request(node: int, message_id: str = "") -> Message:
 
 
 def _reply(node: int, arrays, client: str, n=100, request: Message | None = None, **metrics) -> Message:
-    m = {"num-examples": n, "train-loss": 0.5, "epsilon": 1.5, "epsilon-dataset": 1.5, "noise-multiplier": 1.0,
-         "sample-rate": 0.25, "steps": 12, "delta": 1e-5, "max-grad-norm": 1.0, **metrics}
+    m = {
+        "num-examples": n,
+        "train-loss": 0.5,
+        "epsilon": 1.5,
+        "epsilon-dataset": 1.5,
+        "noise-multiplier": 1.0,
+        "sample-rate": 0.25,
+        "steps": 12,
+        "delta": 1e-5,
+        "max-grad-norm": 1.0,
+        **metrics,
+    }
     if isinstance(arrays, dict):
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    content = RecordDict({
-        "metrics": MetricRecord(m),
-        "status": ConfigRecord({"status": "trained", "client-id": client, "accountant": "rdp",
-                                "dataset-fingerprint": f"fp-{client}"}),
-        "arrays": arrays,
-    })
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(m),
+            "status": ConfigRecord(
+                {"status": "trained", "client-id": client, "accountant": "rdp", "dataset-fingerprint": f"fp-{client}"}
+            ),
+            "arrays": arrays,
+        }
+    )
     return Message(content, reply_to=request or _request(node))
 
 
@@ -99,8 +112,10 @@ def test_one_line_keeps_the_innermost_message_of_a_ray_error():
 
 def test_one_line_strips_colours_tracebacks_and_truncates():
     assert one_line("\x1b[31mbad\x1b[0m  thing") == "bad thing"
-    trace = ('Traceback (most recent call last):\n  File "a.py", line 1, in <module>\n    f()\n'
-             "ray.exceptions.RayTaskError(ValueError): \x1b[1mshape mismatch\x1b[0m")
+    trace = (
+        'Traceback (most recent call last):\n  File "a.py", line 1, in <module>\n    f()\n'
+        "ray.exceptions.RayTaskError(ValueError): \x1b[1mshape mismatch\x1b[0m"
+    )
     assert one_line(trace) == "shape mismatch"
     assert one_line("ValueError: plain classes add nothing") == "plain classes add nothing"
     assert one_line("ZeroDivisionError: division by zero") == "ZeroDivisionError: division by zero"
@@ -110,8 +125,9 @@ def test_one_line_strips_colours_tracebacks_and_truncates():
 
 
 # ------------------------------------------------------------------------------------------ pure checks
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e12, 10**9 + 1, 0, -3, 12.5,
-                                 "12", True, None])
+@pytest.mark.parametrize(
+    "bad", [float("nan"), float("inf"), -float("inf"), 1e12, 10**9 + 1, 0, -3, 12.5, "12", True, None]
+)
 def test_num_examples_must_be_a_sane_positive_integer(bad):
     with pytest.raises(UpdateRejected, match="num-examples"):
         check_num_examples(bad)
@@ -155,12 +171,29 @@ def test_dp_change_bound_holds_for_real_dp_sgd_and_is_not_absurd():
     before = {k: v.detach().clone().numpy() for k, v in module.state_dict().items()}
     x = torch.randn(n, 8) * 50  # large inputs: every per-sample gradient is clipped
     y = torch.randint(0, 4, (n,))
-    train_local(module, (x,), y, epochs=epochs, batch_size=batch, lr=lr, dp=True, noise_multiplier=sigma,
-                max_grad_norm=clip, randomness=SeededRandomness(3))
+    train_local(
+        module,
+        (x,),
+        y,
+        epochs=epochs,
+        batch_size=batch,
+        lr=lr,
+        dp=True,
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        randomness=SeededRandomness(3),
+    )
     after = {k: v.detach().numpy() for k, v in module.state_dict().items()}
     moved = math.sqrt(sum(float(np.sum((after[k] - before[k]) ** 2)) for k in before))
-    bound = dp_change_bound(num_examples=n, batch_size=batch, epochs=epochs, lr=lr, max_grad_norm=clip,
-                            noise_multiplier=sigma, num_params=36)
+    bound = dp_change_bound(
+        num_examples=n,
+        batch_size=batch,
+        epochs=epochs,
+        lr=lr,
+        max_grad_norm=clip,
+        noise_multiplier=sigma,
+        num_params=36,
+    )
     assert 0 < moved < bound < 200 * moved
 
 
@@ -193,13 +226,15 @@ def _bad_reply(kind: str, rng, good: list[Message]) -> Message:
     node, cid = 9, "mallory"
     s = _state(rng)
     if kind.startswith("num-examples="):
-        value = {"nan": float("nan"), "inf": float("inf"), "huge": 1e12, "zero": 0, "negative": -5,
-                 "fraction": 12.5}[kind.split("=")[1]]
+        value = {"nan": float("nan"), "inf": float("inf"), "huge": 1e12, "zero": 0, "negative": -5, "fraction": 12.5}[
+            kind.split("=")[1]
+        ]
         return _reply(node, s, cid, n=value)
     if kind.startswith("dtype="):
         dtype = kind.split("=")[1]
-        return _reply(node, {k: v.astype(dtype) if dtype != "str" else np.full(v.shape, "x")
-                             for k, v in s.items()}, cid)
+        return _reply(
+            node, {k: v.astype(dtype) if dtype != "str" else np.full(v.shape, "x") for k, v in s.items()}, cid
+        )
     if kind == "huge-values":
         return _reply(node, {**s, "head.weight": np.full((4, 8), 3e38, np.float32)}, cid)
     if kind == "nan-values":
@@ -217,13 +252,39 @@ def _bad_reply(kind: str, rng, good: list[Message]) -> Message:
     raise AssertionError(kind)
 
 
-FAULTS = ["num-examples=nan", "num-examples=inf", "num-examples=huge", "num-examples=zero",
-          "num-examples=negative", "num-examples=fraction", "dtype=float16", "dtype=float64", "dtype=int64",
-          "dtype=bool", "dtype=uint8", "dtype=complex64", "dtype=str", "huge-values", "nan-values",
-          "wrong-shape", "duplicate-client", "duplicate-node", "replayed-update", "bad-mechanism"]
-EXPECTED_REASON = {"num-examples": "num-examples", "dtype": "dtype", "huge-values": "above the bound",
-                   "nan-values": "non-finite", "wrong-shape": "shape", "duplicate-client": "duplicate",
-                   "duplicate-node": "duplicate", "replayed-update": "replay", "bad-mechanism": "sample-rate"}
+FAULTS = [
+    "num-examples=nan",
+    "num-examples=inf",
+    "num-examples=huge",
+    "num-examples=zero",
+    "num-examples=negative",
+    "num-examples=fraction",
+    "dtype=float16",
+    "dtype=float64",
+    "dtype=int64",
+    "dtype=bool",
+    "dtype=uint8",
+    "dtype=complex64",
+    "dtype=str",
+    "huge-values",
+    "nan-values",
+    "wrong-shape",
+    "duplicate-client",
+    "duplicate-node",
+    "replayed-update",
+    "bad-mechanism",
+]
+EXPECTED_REASON = {
+    "num-examples": "num-examples",
+    "dtype": "dtype",
+    "huge-values": "above the bound",
+    "nan-values": "non-finite",
+    "wrong-shape": "shape",
+    "duplicate-client": "duplicate",
+    "duplicate-node": "duplicate",
+    "replayed-update": "replay",
+    "bad-mechanism": "sample-rate",
+}
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -303,7 +364,7 @@ def test_rejected_update_still_records_its_spend(tmp_path):
     rng = np.random.default_rng(5)
     strategy = _strategy(tmp_path)
     good = _good(rng, 2)
-    bad = _reply(9, {k: v.astype(np.float64) for k, v in _state(rng).items()}, "site-x", **{"epsilon": 2.75})
+    bad = _reply(9, {k: v.astype(np.float64) for k, v in _state(rng).items()}, "site-x", epsilon=2.75)
     strategy.aggregate_train(1, [*good, bad])
     row = [r.report for r in strategy.ledger.reports("run-1") if r.report.client_id == "site-x"][0]
     assert row.status == "dropped" and row.epsilon_reported == 2.75 and row.noise_multiplier == 1.0
@@ -369,8 +430,9 @@ def test_he_duplicate_and_replayed_ciphertexts_are_rejected(he_keys):
     acc = he.HEAccumulator(public, D)
     for m in good:
         acc.add(arrayrecord_to_update(m.content["arrays"]))
-    assert arrays == ArrayRecord(dict(__import__("privatune.common.he_records", fromlist=["x"]).state_to_arrayrecord(
-        acc.result())))
+    assert arrays == ArrayRecord(
+        dict(__import__("privatune.common.he_records", fromlist=["x"]).state_to_arrayrecord(acc.result()))
+    )
     # The same ciphertext again in round 2 is a replay too.
     fresh = [_reply(i + 1, enc(100 + i), f"site-{i}", n=100 + i) for i in range(2)]
     strategy.aggregate_train(2, [*fresh, _reply(3, good[1].content["arrays"], "site-3")])
@@ -390,11 +452,14 @@ def _distance_from_honest_mean(arrays: ArrayRecord, good: list[Message]) -> floa
     return math.sqrt(sum(float(np.sum((arrays[k].numpy() - ref[k].numpy()) ** 2)) for k in ref))
 
 
-@pytest.mark.parametrize("aggregator,flower", [
-    ("fedmedian", lambda: FedMedian()),
-    ("fedtrimmedavg", lambda: FedTrimmedAvg(beta=0.2)),
-    ("krum", lambda: Krum(num_malicious_nodes=1)),
-])
+@pytest.mark.parametrize(
+    "aggregator,flower",
+    [
+        ("fedmedian", lambda: FedMedian()),
+        ("fedtrimmedavg", lambda: FedTrimmedAvg(beta=0.2)),
+        ("krum", lambda: Krum(num_malicious_nodes=1)),
+    ],
+)
 def test_robust_aggregators_match_flower_and_resist_one_poisoned_reply(aggregator, flower):
     rng = np.random.default_rng(9)
     good, replies = _poisoned_set(rng)
@@ -417,15 +482,18 @@ def test_strategy_uses_the_configured_aggregator():
     assert _distance_from_honest_mean(arrays, good) < 1.0
 
 
-@pytest.mark.parametrize("values,key", [
-    (dict(aggregator="mean"), "aggregator"),
-    (dict(aggregator="krum", secure_aggregation="he"), "aggregator"),
-    (dict(aggregator="fedmedian", secure_aggregation="he"), "aggregator"),
-    (dict(trim_beta=0.5), "trim-beta"),
-    (dict(krum_byzantine=-1), "krum-byzantine"),
-    (dict(aggregator="krum", krum_byzantine=2, min_clients=4), "krum-byzantine"),
-    (dict(krum_select=0), "krum-select"),
-])
+@pytest.mark.parametrize(
+    "values,key",
+    [
+        (dict(aggregator="mean"), "aggregator"),
+        (dict(aggregator="krum", secure_aggregation="he"), "aggregator"),
+        (dict(aggregator="fedmedian", secure_aggregation="he"), "aggregator"),
+        (dict(trim_beta=0.5), "trim-beta"),
+        (dict(krum_byzantine=-1), "krum-byzantine"),
+        (dict(aggregator="krum", krum_byzantine=2, min_clients=4), "krum-byzantine"),
+        (dict(krum_select=0), "krum-select"),
+    ],
+)
 def test_aggregator_config_is_validated(values, key):
     with pytest.raises(ConfigError, match=f"^{key}:"):
         RunConfig.create(preset="digits", **values)
@@ -448,8 +516,24 @@ def test_robust_aggregator_federation_drops_no_honest_reply(tmp_path):
     out = tmp_path / "median"
     env = {**os.environ, "HOME": str(tmp_path / "home")}
     env.pop("FLWR_HOME", None)
-    cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "3",
-           "--rounds", "2", "--epsilon", "4", "--out", str(out), "--run-config", "aggregator=fedmedian"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "privatune.cli",
+        "simulate",
+        "--preset",
+        "digits",
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--epsilon",
+        "4",
+        "--out",
+        str(out),
+        "--run-config",
+        "aggregator=fedmedian",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -25,7 +25,7 @@ from privatune.common.protocol import (
     TRAINED_STATUS_KEYS,
     allowed_train_metric_keys,
 )
-from tests.helpers.messages import set_task_identity, digits_config, initial_state, make_context, make_message
+from tests.helpers.messages import digits_config, initial_state, make_context, make_message, set_task_identity
 
 PRIVACY_DOC = Path(__file__).resolve().parents[1] / "docs" / "privacy.md"
 HE_META_FIELDS = {"format", "kind", "fingerprint", "layout", "num_summands", "num_chunks", "digest"}
@@ -143,8 +143,10 @@ def test_no_validation_split_never_touches_training_records(tmp_path, monkeypatc
     reply = evaluate_global(_message(cfg, None, "evaluate"), make_context({"partition-id": 0, "num-partitions": 3}))
     assert set(reply.content.keys()) == {"status"}
     assert reply.content["status"]["status"] == STATUS_NO_VALIDATION
-    assert not (tmp_path / "ledgers" / "site-client-0.ledger.sqlite").exists() or \
-        SiteLedger(tmp_path / "ledgers" / "site-client-0.ledger.sqlite").entries() == []
+    assert (
+        not (tmp_path / "ledgers" / "site-client-0.ledger.sqlite").exists()
+        or SiteLedger(tmp_path / "ledgers" / "site-client-0.ledger.sqlite").entries() == []
+    )
 
 
 # ------------------------------------------------------------------------------------------------ server side
@@ -156,16 +158,24 @@ def _reply(node: int, content: dict, message_type: str = "train") -> Message:
     return Message(RecordDict(content), reply_to=request)
 
 
-MECH = {"epsilon": 1.0, "epsilon-dataset": 1.0, "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10,
-        "delta": 1e-5, "max-grad-norm": 1.0}
+MECH = {
+    "epsilon": 1.0,
+    "epsilon-dataset": 1.0,
+    "noise-multiplier": 1.0,
+    "sample-rate": 0.1,
+    "steps": 10,
+    "delta": 1e-5,
+    "max-grad-norm": 1.0,
+}
 
 
 def test_he_server_aggregates_without_any_plaintext_count(he_keys):
-    from privatune.server.strategy import PrivatuneFedAvg
     from privatune.common.config import RunConfig
+    from privatune.server.strategy import PrivatuneFedAvg
 
-    cfg = RunConfig.create(preset="digits", secure_aggregation="he", he_public_context=str(he_keys.public),
-                           min_clients=2)
+    cfg = RunConfig.create(
+        preset="digits", secure_aggregation="he", he_public_context=str(he_keys.public), min_clients=2
+    )
     shapes = {"head.weight": (3, 4), "head.bias": (3,)}
     secret = he.load_context(he_keys.secret, require_secret=True)
     public = he.load_context(he_keys.public, require_secret=False)
@@ -173,9 +183,14 @@ def test_he_server_aggregates_without_any_plaintext_count(he_keys):
     states = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(2)]
     weights = [30.0, 90.0]
     replies = [
-        _reply(i + 1, {"arrays": update_to_arrayrecord(he.encrypt_update(secret, st, weight=w)),
-                       "metrics": MetricRecord(dict(MECH)),
-                       "status": ConfigRecord({"status": "trained", "client-id": f"site-{i}", "accountant": "rdp"})})
+        _reply(
+            i + 1,
+            {
+                "arrays": update_to_arrayrecord(he.encrypt_update(secret, st, weight=w)),
+                "metrics": MetricRecord(dict(MECH)),
+                "status": ConfigRecord({"status": "trained", "client-id": f"site-{i}", "accountant": "rdp"}),
+            },
+        )
         for i, (st, w) in enumerate(zip(states, weights))
     ]
     strategy = PrivatuneFedAvg(cfg, "r", shapes, he_context=public)
@@ -197,9 +212,14 @@ def test_plaintext_equal_weighting_needs_no_count():
     cfg = RunConfig.create(preset="digits", weighting="equal", min_clients=2)
     shapes = {"w": (2,)}
     replies = [
-        _reply(i + 1, {"arrays": ArrayRecord({"w": Array(np.array(v, np.float32))}),
-                       "metrics": MetricRecord(dict(MECH)),
-                       "status": ConfigRecord({"status": "trained", "client-id": f"s{i}", "accountant": "rdp"})})
+        _reply(
+            i + 1,
+            {
+                "arrays": ArrayRecord({"w": Array(np.array(v, np.float32))}),
+                "metrics": MetricRecord(dict(MECH)),
+                "status": ConfigRecord({"status": "trained", "client-id": f"s{i}", "accountant": "rdp"}),
+            },
+        )
         for i, v in enumerate([[1.0, 2.0], [3.0, 6.0]])
     ]
     arrays, metrics = PrivatuneFedAvg(cfg, "r", shapes).aggregate_train(1, replies)
@@ -212,15 +232,26 @@ def test_server_reports_only_released_noised_metrics():
 
     strategy = PrivatuneFedAvg(RunConfig.create(preset="digits"), "r", {"w": (2,)})
     status = lambda s: ConfigRecord({"status": s, "client-id": "x"})  # noqa: E731
-    quiet = [_reply(1, {"status": status("evaluated")}, "evaluate"),
-             _reply(2, {"status": status(STATUS_NO_VALIDATION)}, "evaluate")]
+    quiet = [
+        _reply(1, {"status": status("evaluated")}, "evaluate"),
+        _reply(2, {"status": status(STATUS_NO_VALIDATION)}, "evaluate"),
+    ]
     assert strategy.aggregate_evaluate(1, quiet) is None and strategy.current.federated == {}
-    released = {"eval-correct-noised": 40.0, "eval-loss-sum-noised": 25.0, "eval-count-noised": 50.0,
-                "metrics-epsilon": 1.5, "metrics-noise-multiplier": 20.0}
-    broken = _reply(4, {"metrics": MetricRecord({**released, "eval-count-noised": float("nan")}),
-                        "status": status("evaluated")}, "evaluate")
-    out = strategy.aggregate_evaluate(1, quiet + [broken, _reply(3, {"metrics": MetricRecord(released),
-                                                                     "status": status("evaluated")}, "evaluate")])
+    released = {
+        "eval-correct-noised": 40.0,
+        "eval-loss-sum-noised": 25.0,
+        "eval-count-noised": 50.0,
+        "metrics-epsilon": 1.5,
+        "metrics-noise-multiplier": 20.0,
+    }
+    broken = _reply(
+        4,
+        {"metrics": MetricRecord({**released, "eval-count-noised": float("nan")}), "status": status("evaluated")},
+        "evaluate",
+    )
+    out = strategy.aggregate_evaluate(
+        1, quiet + [broken, _reply(3, {"metrics": MetricRecord(released), "status": status("evaluated")}, "evaluate")]
+    )
     assert out["eval-accuracy"] == pytest.approx(0.8) and out["eval-loss"] == pytest.approx(0.5)
     assert out["noised"] == 1.0 and out["max-site-epsilon"] == 1.5 and out["num-sites"] == 1.0
     assert strategy.current.federated["eval-accuracy"] == pytest.approx(0.8)

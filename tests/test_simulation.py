@@ -18,8 +18,24 @@ def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "digits"
     home = tmp_path_factory.mktemp("home")
     # Reproducible noise (simulation only), so the HE run below draws the very same noise and can be compared.
-    cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "3",
-           "--rounds", "2", "--epsilon", "4", "--run-config", "reproducible-noise=true", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "privatune.cli",
+        "simulate",
+        "--preset",
+        "digits",
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--epsilon",
+        "4",
+        "--run-config",
+        "reproducible-noise=true",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "HOME": str(home)}
     env.pop("FLWR_HOME", None)
     env.pop("MPLCONFIGDIR", None)
@@ -80,9 +96,26 @@ def test_no_process_is_left_behind(digits_run):
 @pytest.fixture(scope="module")
 def digits_he_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim-he") / "digits-he"
-    cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "3",
-           "--rounds", "2", "--epsilon", "4", "--secure-aggregation", "he", "--run-config", "reproducible-noise=true",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "privatune.cli",
+        "simulate",
+        "--preset",
+        "digits",
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--epsilon",
+        "4",
+        "--secure-aggregation",
+        "he",
+        "--run-config",
+        "reproducible-noise=true",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -104,25 +137,50 @@ def test_he_run_matches_the_plaintext_run(digits_run, digits_he_run):
 
 def test_decrypt_command_recovers_the_final_model(digits_he_run, tmp_path):
     out = tmp_path / "final.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "privatune.cli", "decrypt", "--secret-context",
-                           str(digits_he_run / "keys" / "secret.ctx"), "--checkpoint",
-                           str(digits_he_run / "global.he-checkpoint"), "--out", str(out)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "privatune.cli",
+            "decrypt",
+            "--secret-context",
+            str(digits_he_run / "keys" / "secret.ctx"),
+            "--checkpoint",
+            str(digits_he_run / "global.he-checkpoint"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     got, ref = load_file(str(out)), load_file(str(digits_he_run / "global.decrypted.safetensors"))
     assert set(got) == {"head.weight", "head.bias"}
     for k in got:
         assert (got[k] == ref[k]).all()
-    refused = subprocess.run([sys.executable, "-m", "privatune.cli", "decrypt", "--secret-context",
-                              str(digits_he_run / "keys" / "public.ctx"), "--checkpoint",
-                              str(digits_he_run / "global.he-checkpoint"), "--out", str(tmp_path / "x")],
-                             capture_output=True, text=True)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "privatune.cli",
+            "decrypt",
+            "--secret-context",
+            str(digits_he_run / "keys" / "public.ctx"),
+            "--checkpoint",
+            str(digits_he_run / "global.he-checkpoint"),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode == 2 and "public context" in refused.stdout + refused.stderr
 
 
 def test_simulation_ledgers_pass_the_audit(digits_run, digits_he_run):
     for out in (digits_run[0], digits_he_run):
-        proc = subprocess.run([sys.executable, "-m", "privatune.cli", "audit", str(out)], capture_output=True,
-                              text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "privatune.cli", "audit", str(out)], capture_output=True, text=True
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
         assert "seeded noise" in proc.stdout  # flagged, not a violation

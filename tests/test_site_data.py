@@ -54,7 +54,7 @@ def test_csv_with_names_and_indices(tmp_path: Path) -> None:
 def test_csv_custom_columns_bom_and_truncation(tmp_path: Path) -> None:
     long_text = "x" * (MAX_TEXT_CHARS + 500)
     path = tmp_path / "site.csv"
-    path.write_bytes(("\ufeffmessage,kind\n" f"{long_text},ham\n").encode("utf-8"))
+    path.write_bytes((f"\ufeffmessage,kind\n{long_text},ham\n").encode())
     data = _load_text(path, text_column="message", label_column="kind")
     assert len(data.inputs[0]) == MAX_TEXT_CHARS
 

@@ -148,8 +148,13 @@ def test_a_blind_adversary_misses_seeded_noise():
 
 
 def test_bad_settings_are_refused_with_the_option_named():
-    for kw, word in (({"plant": "typo"}, "--plant"), ({"canaries": 1}, "--canaries"), ({"epsilon": 0.0}, "--epsilon"),
-                     ({"canary_norm": 0.5}, "--canary-norm"), ({"k_plus": 0, "k_minus": 0}, "--k-plus")):
+    for kw, word in (
+        ({"plant": "typo"}, "--plant"),
+        ({"canaries": 1}, "--canaries"),
+        ({"epsilon": 0.0}, "--epsilon"),
+        ({"canary_norm": 0.5}, "--canary-norm"),
+        ({"k_plus": 0, "k_minus": 0}, "--k-plus"),
+    ):
         with pytest.raises(WhiteboxAuditError, match=word):
             run_whitebox_audit(WhiteboxSettings(**kw))
 
@@ -166,8 +171,9 @@ def test_cli_exit_codes_and_json(tmp_path):
     bad = runner.invoke(app, ["whitebox-audit", "--plant", "typo"])
     assert bad.exit_code == 2 and "--plant" in bad.output
     out = tmp_path / "wb.json"
-    caught = runner.invoke(app, ["whitebox-audit", "--epsilon", "2", "--canaries", "2000", "--plant", "no-clip",
-                                 "--json", str(out)])
+    caught = runner.invoke(
+        app, ["whitebox-audit", "--epsilon", "2", "--canaries", "2000", "--plant", "no-clip", "--json", str(out)]
+    )
     assert caught.exit_code == 1, caught.output
     assert "BUG" in caught.output and "most m allows" in caught.output
     data = json.loads(out.read_text())

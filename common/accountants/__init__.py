@@ -34,6 +34,13 @@ def independent_of(name: str) -> str:
 
 
 __all__ = [
-    "ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "PRV_MAX_GRID", "REGISTRY", "Accountant", "AccountingError", "Mechanism",
-    "get_accountant", "independent_of",
+    "ACCOUNTANTS",
+    "DEFAULT_ACCOUNTANT",
+    "PRV_MAX_GRID",
+    "REGISTRY",
+    "Accountant",
+    "AccountingError",
+    "Mechanism",
+    "get_accountant",
+    "independent_of",
 ]

@@ -56,7 +56,7 @@ _NOT_ACTIVATED = "could not be activated"
 #: Readiness bound for one process: generous because a loaded 2-core CI box took 47 s to start a
 #: SuperNode (each Flower process imports for seconds); failures still end at this bound, with logs.
 READY_TIMEOUT = 120.0
-_LIVE: set["Federation"] = set()  # strong refs: a forgotten Federation is still torn down at exit
+_LIVE: set[Federation] = set()  # strong refs: a forgotten Federation is still torn down at exit
 
 
 @atexit.register
@@ -353,18 +353,24 @@ class Federation:
         cmd = [_bin("flower-superlink")]
         if self.tls:
             cmd += [
-                "--ssl-ca-certfile", str(self.pki.ca_cert),
-                "--ssl-certfile", str(self.pki.server_cert),
-                "--ssl-keyfile", str(self.pki.server_key),
+                "--ssl-ca-certfile",
+                str(self.pki.ca_cert),
+                "--ssl-certfile",
+                str(self.pki.server_cert),
+                "--ssl-keyfile",
+                str(self.pki.server_key),
             ]
         else:
             cmd += ["--insecure"]
         if self.node_auth:
             cmd += ["--enable-supernode-auth"]
         cmd += [
-            "--host", LOOPBACK,
-            "--port", str(self.superlink_port),
-            "--database", str(home / "state.db"),
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.superlink_port),
+            "--database",
+            str(home / "state.db"),
             "--disable-runtime-dependency-installation",
         ]
         proc = self._spawn("superlink", cmd, home)
@@ -390,10 +396,15 @@ class Federation:
         prefix = self.root / "proxy"
         conf = write_nginx_conf(
             FleetProxy(
-                listen_host=LOOPBACK, listen_port=self.proxy_port,
-                superlink_host=LOOPBACK, superlink_port=self.superlink_port,
-                server_cert=self.pki.server_cert, server_key=self.pki.server_key, ca_cert=self.pki.ca_cert,
-                prefix=prefix, user="root" if os.geteuid() == 0 else None,
+                listen_host=LOOPBACK,
+                listen_port=self.proxy_port,
+                superlink_host=LOOPBACK,
+                superlink_port=self.superlink_port,
+                server_cert=self.pki.server_cert,
+                server_key=self.pki.server_key,
+                ca_cert=self.pki.ca_cert,
+                prefix=prefix,
+                user="root" if os.geteuid() == 0 else None,
             ),
             prefix / "nginx.conf",
         )
@@ -436,8 +447,7 @@ class Federation:
                 last_error = str(err)
             time.sleep(0.1)
         raise HarnessError(
-            f"SuperLink not healthy at {url} after {timeout:.0f} s ({last_error}):\n"
-            + _tail(proc.log_text())
+            f"SuperLink not healthy at {url} after {timeout:.0f} s ({last_error}):\n" + _tail(proc.log_text())
         )
 
     def _write_cli_config(self) -> Path:
@@ -456,8 +466,12 @@ class Federation:
         else:
             lines.append("insecure = true")
         if self.proxy:  # an outsider: holds the CA certificate, reaches only the public (proxy) address
-            lines += ["", "[superlink.outside]", f'address = "{self.site_address}"',
-                      f"root-certificates = '{self.pki.ca_cert}'"]
+            lines += [
+                "",
+                "[superlink.outside]",
+                f'address = "{self.site_address}"',
+                f"root-certificates = '{self.pki.ca_cert}'",
+            ]
         path = home / "config.toml"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return path
@@ -486,8 +500,7 @@ class Federation:
         result = subprocess.CompletedProcess(cmd, popen.returncode, out.decode(), err.decode())
         if check and result.returncode != 0:
             raise HarnessError(
-                f"`{' '.join(cmd)}` failed with code {result.returncode}:\n"
-                + _tail(result.stdout + result.stderr)
+                f"`{' '.join(cmd)}` failed with code {result.returncode}:\n" + _tail(result.stdout + result.stderr)
             )
         return result
 
@@ -594,8 +607,10 @@ class Federation:
         deadline = time.monotonic() + timeout
         while proc.log_text().count(text) < occurrence:
             if time.monotonic() > deadline:
-                raise HarnessError(f"{text!r} (x{occurrence}) not in supernode-{index} log after {timeout:.0f} s:\n"
-                                   + _tail(proc.log_text()))
+                raise HarnessError(
+                    f"{text!r} (x{occurrence}) not in supernode-{index} log after {timeout:.0f} s:\n"
+                    + _tail(proc.log_text())
+                )
             time.sleep(0.2)
 
     def expect_refused(self, index: int, timeout: float = READY_TIMEOUT, **start_options: object) -> ManagedProcess:
@@ -716,9 +731,7 @@ class Federation:
 
     def run_details(self, run_id: int) -> dict:
         """``flwr ls <connection> --run-id <id> --format json`` -> that run's record."""
-        data = self._json_from(
-            self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json").stdout
-        )
+        data = self._json_from(self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json").stdout)
         runs = data.get("runs", [])
         return dict(runs[0]) if runs else {}
 

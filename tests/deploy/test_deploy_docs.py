@@ -48,14 +48,14 @@ def script_blocks() -> dict[str, list[str]]:
     for i, line in enumerate(lines):
         match = re.fullmatch(r"# doc: ([\w-]+)", line)
         if match:
-            blocks[match.group(1)] = [l for l in lines[i + 1:] if not l.startswith("# doc:")]
+            blocks[match.group(1)] = [l for l in lines[i + 1 :] if not l.startswith("# doc:")]
     return blocks
 
 
 def test_every_documented_block_is_what_the_script_runs() -> None:
     docs, script = doc_blocks(), script_blocks()
     assert len(docs) >= 10, sorted(docs)
-    assert set(docs) == set(script), (sorted(set(docs) ^ set(script)))
+    assert set(docs) == set(script), sorted(set(docs) ^ set(script))
     for name, doc_lines in docs.items():
         following = script[name][: len(doc_lines)]
         for doc_line, script_line in zip(doc_lines, following, strict=True):
@@ -72,8 +72,7 @@ def test_doc_flags_exist_in_installed_flower() -> None:
         calls = [line.split(tool, 1)[1] for line in lines if tool in line]
         flags = {tok for call in calls for tok in call.split() if tok.startswith("--")}
         assert flags, f"no {tool} command in the guides"
-        help_text = subprocess.run([str(bin_dir / tool), "--help"], capture_output=True, text=True,
-                                   timeout=60).stdout
+        help_text = subprocess.run([str(bin_dir / tool), "--help"], capture_output=True, text=True, timeout=60).stdout
         for flag in flags:
             assert re.search(rf"(^|[\s\[]){re.escape(flag)}[\s\]]", help_text), f"{tool} has no {flag}"
 
@@ -86,8 +85,15 @@ def _run_script(tmp_path: Path, env_extra: dict[str, str], timeout: float) -> su
     marker = f"docs-{os.getpid()}-{tmp_path.name}"
     env["PRIVATUNE_DEPLOY_HARNESS"] = marker
     try:
-        return subprocess.run(["bash", str(SCRIPT), str(tmp_path / "work")], env=env, capture_output=True,
-                              text=True, timeout=timeout, cwd=tmp_path, start_new_session=True)
+        return subprocess.run(
+            ["bash", str(SCRIPT), str(tmp_path / "work")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
     finally:
         leftovers = marked_pids(marker)
         for pid in leftovers:

@@ -66,9 +66,9 @@ def test_stage_app_drops_legacy_federations_and_non_app_files(tmp_path: Path) ->
     (src / "runs" / "big.json").write_text("{}")
     pyproject = (
         '[project]\nname = "a"\nversion = "1"\n\n'
-        '[tool.flwr.app.config]\nk = 1\n\n'
+        "[tool.flwr.app.config]\nk = 1\n\n"
         '[tool.flwr.federations]\ndefault = "sim"\n\n'
-        '[tool.flwr.federations.sim]\noptions.num-supernodes = 2\n\n'
+        "[tool.flwr.federations.sim]\noptions.num-supernodes = 2\n\n"
         '[tool.pytest.ini_options]\naddopts = "-q"\n'
     )
     (src / "pyproject.toml").write_text(pyproject)

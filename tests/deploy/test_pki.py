@@ -88,7 +88,12 @@ def test_custom_hosts_and_overwrite_protection(tmp_path: Path) -> None:
 def test_cli_trial_and_site_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--out", str(tmp_path / "pki"), "--nodes", "3"]) == 0
     assert sorted(p.name for p in (tmp_path / "pki" / "keys").iterdir()) == [
-        "node-0", "node-0.pub", "node-1", "node-1.pub", "node-2", "node-2.pub",
+        "node-0",
+        "node-0.pub",
+        "node-1",
+        "node-1.pub",
+        "node-2",
+        "node-2.pub",
     ]
     assert main(["--out", str(tmp_path / "pki"), "--nodes", "1"]) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err

@@ -45,12 +45,21 @@ def test_rendered_conf_forwards_only_the_fleet_api(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "change, key",
-    [({"listen_port": 0}, "listen-port"), ({"superlink_port": 70000}, "superlink-port"),
-     ({"superlink_host": "a b"}, "superlink-host")],
+    [
+        ({"listen_port": 0}, "listen-port"),
+        ({"superlink_port": 70000}, "superlink-port"),
+        ({"superlink_host": "a b"}, "superlink-host"),
+    ],
 )
 def test_bad_proxy_inputs_name_the_option(tmp_path: Path, change: dict, key: str) -> None:
-    args = {"listen_host": "0.0.0.0", "listen_port": 9443, "superlink_host": "127.0.0.1",
-            "superlink_port": 9200, **_pki_files(tmp_path), **change}
+    args = {
+        "listen_host": "0.0.0.0",
+        "listen_port": 9443,
+        "superlink_host": "127.0.0.1",
+        "superlink_port": 9200,
+        **_pki_files(tmp_path),
+        **change,
+    }
     with pytest.raises(ProxyConfigError, match=key):
         FleetProxy(**args)
 
@@ -76,8 +85,9 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Federati
 
 def _post(fed: Federation, path: str) -> int:
     context = ssl.create_default_context(cafile=str(fed.pki.ca_cert))
-    request = urllib.request.Request(f"https://{fed.site_address}{path}", data=b"", method="POST",
-                                     headers={"Content-Type": "application/protobuf"})
+    request = urllib.request.Request(
+        f"https://{fed.site_address}{path}", data=b"", method="POST", headers={"Content-Type": "application/protobuf"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10, context=context) as resp:
             return resp.status
@@ -103,13 +113,20 @@ def test_sites_train_through_the_proxy_and_outsiders_are_refused(
 
     # An outsider with the CA certificate at the public address: the Control API is not there.
     _, public = fed.node_key(7)
-    for args in (("ls", "outside"), ("stop", str(result.run_id), "outside"),
-                 ("supernode", "register", str(public), "outside")):
+    for args in (
+        ("ls", "outside"),
+        ("stop", str(result.run_id), "outside"),
+        ("supernode", "register", str(public), "outside"),
+    ):
         answer = fed.flwr(*args, "--format", "json", check=False)
         text = answer.stdout + answer.stderr
         assert '"success": false' in answer.stdout and "403 Forbidden" in text, (args, text)
-    for path in ("/v1/control/list-runs", "/v1/control/stop-run", "/v1/control/register-node",
-                 "/v1/runtime/pull-messages"):
+    for path in (
+        "/v1/control/list-runs",
+        "/v1/control/stop-run",
+        "/v1/control/register-node",
+        "/v1/runtime/pull-messages",
+    ):
         assert _post(fed, path) == 403, path
     # Self-registration through the Fleet API reaches the SuperLink, which refuses it (node auth on).
     assert _post(fed, "/v1/fleet/register-node") >= 400

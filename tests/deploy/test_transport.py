@@ -53,8 +53,9 @@ def write_digits_site(folder: Path, site_id: str, rows: np.ndarray, bad_record: 
 def digits_sites(root: Path, n: int, bad_site: int | None = None) -> list[dict]:
     rows = np.random.default_rng(0).permutation(1797)[: 300 * n]
     return [
-        write_digits_site(root / f"site-{chr(97 + i)}", f"site-{chr(97 + i)}", part,
-                          BAD_RECORD if i == bad_site else None)
+        write_digits_site(
+            root / f"site-{chr(97 + i)}", f"site-{chr(97 + i)}", part, BAD_RECORD if i == bad_site else None
+        )
         for i, part in enumerate(np.array_split(rows, n))
     ]
 
@@ -115,8 +116,9 @@ def test_tls_and_auth_federation_completes(fed: Federation, sites: list[dict]) -
 
 def test_superlink_serves_only_verified_tls(fed: Federation) -> None:
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
-        urllib.request.urlopen(f"https://{fed.address}/health", timeout=5,
-                               context=ssl.create_default_context())  # system CAs do not know it
+        urllib.request.urlopen(
+            f"https://{fed.address}/health", timeout=5, context=ssl.create_default_context()
+        )  # system CAs do not know it
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(f"http://{fed.address}/health", timeout=5)  # no plaintext
 
@@ -208,8 +210,9 @@ def test_real_app_with_he_aggregation_over_tls(fed: Federation, sites: list[dict
     # No site released a metric (release-metrics is off by default): no federated figure exists.
     assert summary["federated_accuracy"] is None and summary["federated_noised"] is None
     assert (out / "global.he-checkpoint").exists() and not (out / "global.safetensors").exists()
-    decrypted = he.decrypt_checkpoint_to_safetensors(he_keys.secret, out / "global.he-checkpoint",
-                                                     fed.root / "he-final.safetensors")
+    decrypted = he.decrypt_checkpoint_to_safetensors(
+        he_keys.secret, out / "global.he-checkpoint", fed.root / "he-final.safetensors"
+    )
     from safetensors.numpy import load_file
 
     cfg = RunConfig.create(preset="digits")

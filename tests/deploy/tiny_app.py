@@ -39,7 +39,7 @@ preset = "digits"
 out-dir = ""
 """
 
-SERVER = '''\
+SERVER = """\
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -59,9 +59,9 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=int(context.run_config["num-server-rounds"]),
     )
     print("TINYAPP FINAL", result.arrays.to_numpy_ndarrays()[0].tolist(), flush=True)
-'''
+"""
 
-CLIENT = '''\
+CLIENT = """\
 import time
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -82,7 +82,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(reply, reply_to=msg)
-'''
+"""
 
 
 def write_tiny_app(dest: Path) -> Path:

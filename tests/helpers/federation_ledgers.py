@@ -5,7 +5,14 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger, SiteLedger, SpendEntry, site_ledger_filename, utc_now
+from privatune.common.ledger import (
+    SERVER_LEDGER_NAME,
+    ServerLedger,
+    SiteLedger,
+    SpendEntry,
+    site_ledger_filename,
+    utc_now,
+)
 
 DELTA = 1e-5
 MECH = (3.0, 1.0, 2)  # sigma, q, steps per round; q = 1 (one batch per epoch) keeps both accountants fast
@@ -13,9 +20,20 @@ SGD = (1.2, 0.04, 25)  # a typical mini-batch DP-SGD round
 FP = "ds-{site}"
 
 
-def federate(folder: Path, *, sites=("s1", "s2"), rounds: int = 3, run_id: str = "run-1", mech=MECH,
-             accountant: str = "rdp", max_epsilon: float | None = 50.0, skip_site: set | None = None,
-             skip_server: set | None = None, server: bool = True, aggregation: str = "plain") -> None:
+def federate(
+    folder: Path,
+    *,
+    sites=("s1", "s2"),
+    rounds: int = 3,
+    run_id: str = "run-1",
+    mech=MECH,
+    accountant: str = "rdp",
+    max_epsilon: float | None = 50.0,
+    skip_site: set | None = None,
+    skip_server: set | None = None,
+    server: bool = True,
+    aggregation: str = "plain",
+) -> None:
     """Write what a well-behaved federation writes: each site appends its spend before replying, the server
     records each reply. ``skip_site`` / ``skip_server`` hold (site, round) pairs one side fails to record."""
     skip_site, skip_server = skip_site or set(), skip_server or set()
@@ -29,16 +47,43 @@ def federate(folder: Path, *, sites=("s1", "s2"), rounds: int = 3, run_id: str =
             eps_run, eps_data = ledger.projected(run_id, fp, mech, DELTA, accountant)
             if (site, rnd) not in skip_site:
                 now = utc_now()
-                ledger.append(SpendEntry(
-                    run_id=run_id, round=rnd, site_id=site, dataset_fingerprint=fp, params_fingerprint="head-v1",
-                    noise_multiplier=mech[0], sample_rate=mech[1], steps=mech[2], max_grad_norm=1.0, delta=DELTA,
-                    accountant=accountant, epsilon_run=eps_run, epsilon_dataset=eps_data, max_epsilon=max_epsilon,
-                    started_at=now, recorded_at=utc_now()))
+                ledger.append(
+                    SpendEntry(
+                        run_id=run_id,
+                        round=rnd,
+                        site_id=site,
+                        dataset_fingerprint=fp,
+                        params_fingerprint="head-v1",
+                        noise_multiplier=mech[0],
+                        sample_rate=mech[1],
+                        steps=mech[2],
+                        max_grad_norm=1.0,
+                        delta=DELTA,
+                        accountant=accountant,
+                        epsilon_run=eps_run,
+                        epsilon_dataset=eps_data,
+                        max_epsilon=max_epsilon,
+                        started_at=now,
+                        recorded_at=utc_now(),
+                    )
+                )
             if srv and (site, rnd) not in skip_server:
-                srv.record_report(run_id, rnd, site, 1000 + node, status="trained", noise_multiplier=mech[0],
-                                  sample_rate=mech[1], steps=mech[2], max_grad_norm=1.0, delta=DELTA,
-                                  accountant=accountant, epsilon_reported=eps_run, epsilon_dataset_reported=eps_data,
-                                  dataset_fingerprint=fp)
+                srv.record_report(
+                    run_id,
+                    rnd,
+                    site,
+                    1000 + node,
+                    status="trained",
+                    noise_multiplier=mech[0],
+                    sample_rate=mech[1],
+                    steps=mech[2],
+                    max_grad_norm=1.0,
+                    delta=DELTA,
+                    accountant=accountant,
+                    epsilon_reported=eps_run,
+                    epsilon_dataset_reported=eps_data,
+                    dataset_fingerprint=fp,
+                )
 
 
 def sql(path: Path, *statements: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def set_task_identity(run_id: int = 7) -> None:
     """Flower 1.42 stamps messages with the identity of the running task; tests play the server."""
     from flwr.supercore.task_identity import TaskIdentity
