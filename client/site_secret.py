@@ -55,12 +55,19 @@ def load_site_key(path: Path, *, may_create: bool = True) -> bytes:
     return _read(path)
 
 
-def _create(path: Path) -> None:
+def write_site_key(path: Path, key: bytes) -> None:
+    """Install a given key (a reproducible simulation's, derived from its seed); an existing key is kept."""
+    if len(key) != KEY_BYTES:
+        raise SiteSecretError(f"a site key is {KEY_BYTES} bytes, got {len(key)}")
+    _create(Path(path), key)
+
+
+def _create(path: Path, key: bytes | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, os.urandom(KEY_BYTES))
+        os.write(fd, os.urandom(KEY_BYTES) if key is None else key)
         os.fsync(fd)
     finally:
         os.close(fd)

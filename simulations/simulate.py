@@ -8,6 +8,8 @@ process outlives the command.
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import logging
 import os
 import shutil
@@ -19,8 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from privatune.client.site_secret import default_key_path, write_site_key
 from privatune.common.config import DATASET_LABELS, ConfigError, RunConfig
 from privatune.common.federation_data import check_federation_size
+from privatune.common.ledger import site_ledger_filename
 from privatune.server.run_record import RoundReport, write_json_atomic
 
 log = logging.getLogger("privatune.simulate")
@@ -36,6 +40,8 @@ def prepare_config(cfg: RunConfig, num_clients: int, out_dir: Path) -> RunConfig
     check_labels(cfg)
     out_dir = Path(os.path.abspath(out_dir))
     cfg = replace(cfg, out_dir=str(out_dir))
+    if cfg.reproducible_noise:
+        write_seeded_site_keys(out_dir / "ledgers", num_clients, cfg.seed)
     if cfg.secure_aggregation == "he" and cfg.he_public_context:
         check_public_context(Path(cfg.he_public_context))
     if cfg.secure_aggregation == "he" and not cfg.he_public_context:
@@ -47,6 +53,21 @@ def prepare_config(cfg: RunConfig, num_clients: int, out_dir: Path) -> RunConfig
             public = he.write_keys(keys, he.HEParams()).public
         cfg = replace(cfg, he_public_context=str(Path(public).resolve()))
     return cfg
+
+
+def seeded_site_key(seed: int, site_id: str) -> bytes:
+    """A simulated site's key as a function of the run seed (HMAC-SHA256), for reproducible-noise runs only."""
+    return hmac.new(f"privatune-simulated-site-key:{seed}".encode(), site_id.encode(), hashlib.sha256).digest()
+
+
+def write_seeded_site_keys(ledgers: Path, num_clients: int, seed: int) -> None:
+    """With reproducible-noise=true the noise already follows the seed; the site keys (which key the record ids and
+    so the validation split) follow it too, so the same seed gives the same run, figure for figure. Like seeded
+    noise, this gives no privacy against whoever knows the seed: a simulation-only choice, recorded as such."""
+    for pid in range(num_clients):
+        site_id = f"client-{pid}"  # the simulated clients' ids (client/site_config.py)
+        key_path = default_key_path(ledgers / site_ledger_filename(site_id))
+        write_site_key(key_path, seeded_site_key(seed, site_id))
 
 
 def check_labels(cfg: RunConfig) -> None:
