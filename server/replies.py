@@ -57,6 +57,7 @@ class Identity:
 
 
 def identify(msg: Message) -> Identity:
+    """The reply's client id, status and reason, read without trusting any of them."""
     node = f"node-{msg.metadata.src_node_id}"
     if msg.has_error():
         return Identity(node, None, f"client error: {one_line(msg.error.reason)}")
@@ -103,6 +104,8 @@ class ScreeningRules:
 
 @dataclass(frozen=True)
 class Accepted:
+    """A reply to aggregate, and the spend its site reports."""
+
     client_id: str
     spend: ReportedSpend
     num_examples: int | None  # the FedAvg weight it sent, when the run weights by it
@@ -110,6 +113,8 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Dropped:
+    """A reply that is not aggregated, and why."""
+
     client_id: str
     reason: str
     budget: bool = False  # the site's privacy budget forbids the round (ledger status budget-exhausted)
