@@ -97,6 +97,7 @@ KEY_FED_ACCURACY = "eval-accuracy"
 KEY_FED_LOSS = "eval-loss"
 KEY_FED_NUM_SITES = "num-sites"
 KEY_FED_MAX_SITE_EPSILON = "max-site-epsilon"
+KEY_FED_NOISED = "noised"  # 1.0: the figures come from DP-noised site releases
 # The server's central evaluation on its own test split (server/central_eval.py), in its run records:
 KEY_CENTRAL_ACCURACY = "accuracy"
 KEY_CENTRAL_MACRO_F1 = "macro-f1"

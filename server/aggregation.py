@@ -16,7 +16,7 @@ All of them are post-processing of DP-noised updates: the privacy accounting doe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -24,9 +24,10 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from privatune.common.protocol import KEY_EVAL_COUNT, KEY_FED_ACCURACY, KEY_FED_LOSS, KEY_NUM_EXAMPLES
+from privatune.server.records import screened_arrays
+
 AGGREGATORS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
-WEIGHT_KEY = "num-examples"
-ARRAYS_KEY = "arrays"
 
 
 class UpdateRejected(ValueError):
@@ -51,8 +52,8 @@ def aggregate_plain(
 
     def mean(chosen: Sequence[RecordDict]) -> ArrayRecord:
         if weighted:
-            return aggregate_arrayrecords(list(chosen), WEIGHT_KEY)
-        avg = equal_mean([{k: v.numpy() for k, v in c[ARRAYS_KEY].items()} for c in chosen])
+            return aggregate_arrayrecords(list(chosen), KEY_NUM_EXAMPLES)
+        avg = equal_mean([{k: v.numpy() for k, v in screened_arrays(c).items()} for c in chosen])
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in avg.items()})
 
     if aggregator == "fedavg":
@@ -64,10 +65,10 @@ def aggregate_plain(
         return mean(chosen)
     if aggregator not in ("fedmedian", "fedtrimmedavg"):
         raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
-    keys = list(contents[0][ARRAYS_KEY].keys())
+    updates = [screened_arrays(c) for c in contents]
     out = ArrayRecord()
-    for key in keys:
-        layers = np.stack([c[ARRAYS_KEY][key].numpy() for c in contents])
+    for key in updates[0]:
+        layers = np.stack([u[key].numpy() for u in updates])
         if aggregator == "fedmedian":
             agg = np.median(layers, axis=0)  # FedMedian.aggregate_train's reduction
         else:
@@ -94,12 +95,12 @@ def pool_noised_eval(sums: list[tuple[float, float, float]]) -> dict[str, float]
     ranges because noise can push a ratio outside them. None when the pooled count is not positive.
     """
     correct = sum(c for c, _, _ in sums)
-    loss = sum(l for _, l, _ in sums)
+    loss = sum(loss_sum for _, loss_sum, _ in sums)
     count = sum(n for _, _, n in sums)
     if not sums or not count > 0:
         return None
     return {
-        "eval-accuracy": float(min(1.0, max(0.0, correct / count))),
-        "eval-loss": float(max(0.0, loss / count)),
-        "eval-count-noised": float(count),
+        KEY_FED_ACCURACY: float(min(1.0, max(0.0, correct / count))),
+        KEY_FED_LOSS: float(max(0.0, loss / count)),
+        KEY_EVAL_COUNT: float(count),  # the pooled noised count
     }

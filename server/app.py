@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
@@ -20,10 +20,19 @@ from flwr.serverapp import Grid, ServerApp
 from privatune.common.config import RunConfig
 from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger
 from privatune.common.models import configure_trainable, get_model_spec, trainable_state
-from privatune.common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCE_SITE
+from privatune.common.protocol import (
+    KEY_CENTRAL_ACCURACY,
+    KEY_CENTRAL_LOSS,
+    KEY_CENTRAL_MACRO_F1,
+    NOISE_SOURCE_SEEDED,
+    NOISE_SOURCE_SITE,
+)
 from privatune.server.reasons import one_line
 from privatune.server.run_record import RoundReport, RunRecorder
 from privatune.server.strategy import FederationStopped, PrivatuneFedAvg
+
+if TYPE_CHECKING:
+    from privatune.server.central_eval import CentralEvaluator
 
 log = logging.getLogger("privatune.server")
 
@@ -86,76 +95,110 @@ def run_federation(
     warn_seeded: bool = True,
     on_recorder: Callable[[RunRecorder], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every round of one federation and leave its record in ``cfg.out_dir``."""
+    """Run every round of one federation and leave its record in ``cfg.out_dir``: build, run, record."""
     cfg = resolve_out_dir(cfg, run_id)
     out = Path(cfg.out_dir)
     if cfg.reproducible_noise and warn_seeded:
         log.warning("run %s: %s", run_id, SEEDED_NOISE_WARNING)
-    recorder = RunRecorder(
-        out,
-        summary_base={
-            "run_id": run_id,
-            "preset": cfg.preset,
-            "model": cfg.model,
-            "dataset": cfg.dataset,
-            "mode": cfg.mode,
-            "dp": cfg.private,
-            "target_epsilon": cfg.target_epsilon if cfg.private else float("inf"),
-            "delta": cfg.delta if cfg.delta else "each site's own (node-config delta, default 1e-5)",
-            "secure_aggregation": cfg.secure_aggregation,
-            "num_server_rounds": cfg.num_server_rounds,
-            "noise_source": noise_source_of(cfg),
-        },
-        observer=observer,
-    )
+    recorder = RunRecorder(out, summary_base=summary_base(cfg, run_id), observer=observer)
     if on_recorder is not None:
         on_recorder(recorder)
     recorder.write_config(cfg.to_flower())
+    start = initial_weights(cfg, run_id)
+    ledger = ServerLedger(out / SERVER_LEDGER_NAME)
+    ledger.record_run(run_id, cfg.to_flower(), cfg.secure_aggregation)
+    strategy = PrivatuneFedAvg(cfg, run_id, start.expected_shapes, he_context=start.he_context, ledger=ledger)
+    evaluator = central_evaluator(cfg, out, start)
+    t0 = time.perf_counter()
+    final = run_rounds(strategy, grid, cfg, start.arrays, recorder, evaluator, t0)
+    save_global(final, cfg, out, start.he_context is not None)
+    return record_run(recorder, cfg, out, start, t0)
 
+
+def summary_base(cfg: RunConfig, run_id: str) -> dict[str, Any]:
+    """What summary.json says about the run before any round (its config, in brief)."""
+    return {
+        "run_id": run_id,
+        "preset": cfg.preset,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "mode": cfg.mode,
+        "dp": cfg.private,
+        "target_epsilon": cfg.target_epsilon if cfg.private else float("inf"),
+        "delta": cfg.delta if cfg.delta else "each site's own (node-config delta, default 1e-5)",
+        "secure_aggregation": cfg.secure_aggregation,
+        "num_server_rounds": cfg.num_server_rounds,
+        "noise_source": noise_source_of(cfg),
+    }
+
+
+@dataclass(frozen=True)
+class InitialWeights:
+    """The first global model as it travels (plaintext, or encrypted under the run's public HE context)."""
+
+    arrays: ArrayRecord
+    expected_shapes: dict[str, tuple[int, ...]]
+    num_params: int
+    he_context: Any = None  # the public TenSEAL context under secure-aggregation=he
+
+
+def initial_weights(cfg: RunConfig, run_id: str) -> InitialWeights:
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
     configure_trainable(model, cfg.mode)
-    initial_state = trainable_state(model)
-    expected = {k: tuple(v.shape) for k, v in initial_state.items()}
-    n_params = int(sum(v.size for v in initial_state.values()))
+    state = trainable_state(model)
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    n_params = int(sum(v.size for v in state.values()))
     log.info(
         "run %s: %s/%s mode=%s, %d trainable parameters travel", run_id, cfg.model, cfg.dataset, cfg.mode, n_params
     )
+    if cfg.secure_aggregation != "he":
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+        return InitialWeights(arrays, expected, n_params)
+    from privatune.common import he
+    from privatune.common.he_records import state_to_arrayrecord
 
-    he_ctx = None
-    if cfg.secure_aggregation == "he":
-        from privatune.common import he
-        from privatune.common.he_records import state_to_arrayrecord
+    if not cfg.he_public_context:
+        raise ValueError("secure-aggregation=he needs he-public-context (the public.ctx from `privatune keygen`)")
+    he_ctx = he.load_context(Path(cfg.he_public_context), require_secret=False)
+    return InitialWeights(state_to_arrayrecord(he.encrypt_state(he_ctx, state)), expected, n_params, he_ctx)
 
-        if not cfg.he_public_context:
-            raise ValueError("secure-aggregation=he needs he-public-context (the public.ctx from `privatune keygen`)")
-        he_ctx = he.load_context(Path(cfg.he_public_context), require_secret=False)
-        initial = state_to_arrayrecord(he.encrypt_state(he_ctx, initial_state))
-    else:
-        initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in initial_state.items()})
 
-    ledger = ServerLedger(out / SERVER_LEDGER_NAME)
-    ledger.record_run(run_id, cfg.to_flower(), cfg.secure_aggregation)
+def central_evaluator(cfg: RunConfig, out: Path, start: InitialWeights) -> CentralEvaluator | None:
+    """The server's own test-set evaluation (simulation only; it cannot read encrypted weights)."""
+    if not cfg.central_eval or start.he_context is not None:
+        return None
+    from privatune.server.central_eval import CentralEvaluator
 
-    strategy = PrivatuneFedAvg(cfg, run_id, expected, he_context=he_ctx, ledger=ledger)
-    evaluator = None
-    if cfg.central_eval and he_ctx is None:
-        from privatune.server.central_eval import CentralEvaluator
+    return CentralEvaluator(cfg, out / "cache")
 
-        evaluator = CentralEvaluator(cfg, out / "cache")
 
-    latest: dict[str, ArrayRecord] = {"arrays": initial}
-    t0 = time.perf_counter()
+def run_rounds(
+    strategy: PrivatuneFedAvg,
+    grid: Grid,
+    cfg: RunConfig,
+    initial: ArrayRecord,
+    recorder: RunRecorder,
+    evaluator: CentralEvaluator | None,
+    t0: float,
+) -> ArrayRecord:
+    """Let Flower drive the rounds; each round's record is closed after its evaluation. Returns the last
+    global weights (those of the last aggregated round, when the federation stopped early)."""
+    latest = [initial]
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Called by Flower after every round (and before the first): closes the round's record."""
-        latest["arrays"] = arrays
+        latest[0] = arrays
         report = strategy.current if server_round > 0 else RoundReport(round=0)
         if evaluator is not None:
             res = evaluator({k: v.numpy() for k, v in arrays.items()})
-            report.central = {"accuracy": res.accuracy, "macro-f1": res.macro_f1, "loss": res.loss}
+            report.central = {
+                KEY_CENTRAL_ACCURACY: res.accuracy,
+                KEY_CENTRAL_MACRO_F1: res.macro_f1,
+                KEY_CENTRAL_LOSS: res.loss,
+            }
         report.seconds = time.perf_counter() - t0
         recorder.finish_round(report)
-        return MetricRecord(report.central) if report.central else None
+        return MetricRecord({key: value for key, value in report.central.items()}) if report.central else None
 
     try:
         strategy.start(
@@ -172,8 +215,11 @@ def run_federation(
         # The interrupted round has no evaluation; record what it did (who was refused).
         if strategy.current.round > 0 and (not recorder.rounds or recorder.rounds[-1].round != strategy.current.round):
             recorder.finish_round(strategy.current)
+    return latest[0]
 
-    save_global(latest["arrays"], cfg, out, he_ctx is not None)
+
+def record_run(recorder: RunRecorder, cfg: RunConfig, out: Path, start: InitialWeights, t0: float) -> dict[str, Any]:
+    """The run's picture and its final summary."""
     from privatune.server.plots import plot_rounds
 
     title = f"{cfg.preset}: {cfg.mode}, " + (f"target epsilon {cfg.target_epsilon:g}" if cfg.private else "no DP")
@@ -181,12 +227,11 @@ def run_federation(
         recorder.rounds, out / "rounds.png", title=title, target_epsilon=cfg.target_epsilon if cfg.private else None
     )
     recorder.conclude()
-    summary = recorder.write_summary(
-        trainable_parameters=n_params,
+    return recorder.write_summary(
+        trainable_parameters=start.num_params,
         wall_seconds=time.perf_counter() - t0,
-        weights_file=HE_CHECKPOINT_NAME if he_ctx is not None else PLAIN_WEIGHTS_NAME,
+        weights_file=HE_CHECKPOINT_NAME if start.he_context is not None else PLAIN_WEIGHTS_NAME,
     )
-    return summary
 
 
 def save_global(arrays: ArrayRecord, cfg: RunConfig, out: Path, encrypted: bool) -> Path:

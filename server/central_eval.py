@@ -23,6 +23,9 @@ class CentralEvaluator:
         _, self.test = central_split(cfg)
         self.model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
         configure_trainable(self.model, cfg.mode)
+        # A frozen backbone: only the head runs, on cached features; else the whole model, on encoded inputs.
+        self.module: torch.nn.Module
+        self.inputs: tuple[torch.Tensor, ...]
         if backbone_is_frozen(cfg.mode):
             self.module = self.model.head
             self.inputs = (cached_features(self.model, cfg.model, self.test, cfg.max_length, cache_dir),)

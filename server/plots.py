@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from privatune.common.protocol import KEY_CENTRAL_ACCURACY, KEY_CENTRAL_MACRO_F1, KEY_EPSILON, KEY_FED_ACCURACY
 from privatune.server.run_record import RoundReport
 
 
@@ -19,13 +20,17 @@ def plot_rounds(
     fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(11, 4))
     xs_c = [r.round for r in rounds if r.central]
     if xs_c:
-        ax_acc.plot(xs_c, [r.central["accuracy"] for r in rounds if r.central], "o-", label="central test accuracy")
-        ax_acc.plot(xs_c, [r.central["macro-f1"] for r in rounds if r.central], "s--", label="central test macro-F1")
+        ax_acc.plot(
+            xs_c, [r.central[KEY_CENTRAL_ACCURACY] for r in rounds if r.central], "o-", label="central test accuracy"
+        )
+        ax_acc.plot(
+            xs_c, [r.central[KEY_CENTRAL_MACRO_F1] for r in rounds if r.central], "s--", label="central test macro-F1"
+        )
     xs_f = [r.round for r in rounds if r.federated]
     if xs_f:
         ax_acc.plot(
             xs_f,
-            [r.federated.get("eval-accuracy", float("nan")) for r in rounds if r.federated],
+            [r.federated.get(KEY_FED_ACCURACY, float("nan")) for r in rounds if r.federated],
             "^-",
             label="federated validation accuracy (DP-noised)",
         )
@@ -37,7 +42,7 @@ def plot_rounds(
     ax_acc.set_title("global model")
     clients = sorted({c for r in rounds for c in r.clients})
     for cid in clients:
-        pts = [(r.round, r.clients[cid].get("epsilon")) for r in rounds if cid in r.clients]
+        pts = [(r.round, r.clients[cid].get(KEY_EPSILON)) for r in rounds if cid in r.clients]
         pts = [(x, y) for x, y in pts if isinstance(y, float) and y != float("inf")]
         if pts:
             ax_eps.plot([p[0] for p in pts], [p[1] for p in pts], ".-", alpha=0.7, label=cid)

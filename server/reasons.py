@@ -41,9 +41,9 @@ def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
-def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    """The innermost message of ``text`` on one line (at most ``limit`` characters), without colour codes or
-    Ray's class names."""
+def one_line(text: object, limit: int = MAX_REASON_CHARS) -> str:
+    """The innermost message of ``text`` (a string, an exception, None) on one line (at most ``limit``
+    characters), without colour codes or Ray's class names."""
     text = strip_ansi(str(text or ""))
     text = _CLASS_PREFIX.sub("", text)
     text = _FLOWER_WRAPPER.sub("", text)

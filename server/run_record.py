@@ -21,12 +21,51 @@ from pathlib import Path
 from typing import Any
 
 from privatune.common.jsonsafe import jsonable
-from privatune.common.protocol import KEY_NOISE_SOURCE
+from privatune.common.mechanism import DPMechanism
+from privatune.common.protocol import (
+    KEY_CENTRAL_ACCURACY,
+    KEY_CENTRAL_LOSS,
+    KEY_CENTRAL_MACRO_F1,
+    KEY_EPSILON,
+    KEY_EPSILON_DATASET,
+    KEY_FED_ACCURACY,
+    KEY_FED_LOSS,
+    KEY_FED_MAX_SITE_EPSILON,
+    KEY_FED_NOISED,
+    KEY_NOISE_SOURCE,
+    KEY_NUM_EXAMPLES,
+)
 
 # What summary.json's "status" can say: running (in progress, or the process died), completed (at least
 # one round aggregated), failed (none did: see failure_reasons), interrupted (SIGINT/SIGTERM), stopped
 # (the federation ended early after aggregating, e.g. budgets exhausted).
 RUN_STATUSES = ("running", "completed", "failed", "interrupted", "stopped")
+
+# Keys of a client's entry in a round's record besides the wire keys it reported.
+NODE_ID = "node-id"
+NOT_REPORTED = "not reported"  # a trained client that named no known noise source
+
+
+def trained_entry(
+    mechanism: DPMechanism,
+    *,
+    epsilon: float,
+    epsilon_dataset: float | None,
+    num_examples: int | None,
+    node_id: int,
+    noise_source: str | None,
+) -> dict[str, Any]:
+    """A trained client's entry in ``RoundReport.clients``: what it reported, under the reply's metric keys
+    (numbers as floats), with its node and noise source."""
+    entry: dict[str, Any] = {KEY_EPSILON: float(epsilon)}
+    if epsilon_dataset is not None:
+        entry[KEY_EPSILON_DATASET] = float(epsilon_dataset)
+    entry.update({key: float(value) for key, value in mechanism.to_metrics().items()})
+    if num_examples is not None:
+        entry[KEY_NUM_EXAMPLES] = float(num_examples)
+    entry[NODE_ID] = int(node_id)
+    entry[KEY_NOISE_SOURCE] = noise_source or NOT_REPORTED
+    return entry
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -44,7 +83,7 @@ class RoundReport:
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)  # client id -> its training report
     # client id (or node-N; "id@node-N" for a second reply claiming an id already seen this round) -> reason
     dropped: dict[str, str] = field(default_factory=dict)
-    # client id -> {"epsilon", "node-id"} of an update that was trained (spent) but rejected by screening
+    # client id -> {KEY_EPSILON, NODE_ID} of an update that was trained (spent) but rejected by screening
     rejected_spends: dict[str, dict[str, Any]] = field(default_factory=dict)
     federated: dict[str, float] = field(default_factory=dict)  # pooled noised site releases only (release-metrics)
     released: dict[str, float] = field(default_factory=dict)  # client id -> its run epsilon after its metric release
@@ -80,7 +119,7 @@ class RunRecorder:
         self.rounds.append(report)
         # A rejected update was still trained: its spend counts like an aggregated one.
         for cid, rep in [*report.clients.items(), *report.rejected_spends.items()]:
-            eps = rep.get("epsilon")
+            eps = rep.get(KEY_EPSILON)
             if isinstance(eps, (int, float)):
                 self.per_client_epsilon[cid] = float(eps)
             if isinstance(rep.get(KEY_NOISE_SOURCE), str):
@@ -129,14 +168,14 @@ class RunRecorder:
         return {
             **self.summary_base,
             "rounds_completed": len(trained_rounds),
-            "test_accuracy": last_central.get("accuracy"),
-            "test_macro_f1": last_central.get("macro-f1"),
-            "test_loss": last_central.get("loss"),
+            "test_accuracy": last_central.get(KEY_CENTRAL_ACCURACY),
+            "test_macro_f1": last_central.get(KEY_CENTRAL_MACRO_F1),
+            "test_loss": last_central.get(KEY_CENTRAL_LOSS),
             # Federated figures exist only when the sites released them, always DP-noised:
-            "federated_accuracy": last_fed.get("eval-accuracy"),
-            "federated_loss": last_fed.get("eval-loss"),
-            "federated_noised": bool(last_fed.get("noised")) if last_fed else None,
-            "federated_max_site_epsilon": last_fed.get("max-site-epsilon"),
+            "federated_accuracy": last_fed.get(KEY_FED_ACCURACY),
+            "federated_loss": last_fed.get(KEY_FED_LOSS),
+            "federated_noised": bool(last_fed.get(KEY_FED_NOISED)) if last_fed else None,
+            "federated_max_site_epsilon": last_fed.get(KEY_FED_MAX_SITE_EPSILON),
             "per_client_epsilon": dict(sorted(self.per_client_epsilon.items())),
             "max_client_epsilon": max(self.per_client_epsilon.values(), default=None),
             "noise_sources_reported": sorted(self.noise_sources),

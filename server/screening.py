@@ -8,6 +8,8 @@ server logs and records; the strategy drops that reply and aggregates the rest.
   (checked on the declared dtype, before a byte is decoded: object or string arrays never load);
 - ``check_values``: finite, and bounded: without DP ``|w| <= MAX_ABS_WEIGHT``; with DP the L2 change
   from the round's global model is at most ``dp_change_bound`` (see its docstring);
+- ``check_mechanism``, ``check_accountant``, ``spend_of``: the whole mechanism in range, as one ``DPMechanism``
+  with the epsilons the site states (``ReportedSpend``);
 - ``update_digest`` + ``ReplyGuard``: a node or client that answers twice in a round keeps its first
   reply (the rest: "duplicate"); a reply to a message of another round, or an update byte-identical
   to one already seen in this run, is a "replay".
@@ -23,6 +25,19 @@ from typing import Any
 
 import numpy as np
 
+from privatune.common.accountants import ACCOUNTANTS
+from privatune.common.mechanism import DPMechanism, MechanismError
+from privatune.common.protocol import (
+    KEY_ACCOUNTANT,
+    KEY_DELTA,
+    KEY_EPSILON,
+    KEY_EPSILON_DATASET,
+    KEY_MAX_GRAD_NORM,
+    KEY_NOISE_MULTIPLIER,
+    KEY_NUM_EXAMPLES,
+    KEY_SAMPLE_RATE,
+    KEY_STEPS,
+)
 from privatune.server.aggregation import UpdateRejected
 
 MAX_NUM_EXAMPLES = 10**9  # more records than any site of this project holds, far below float precision
@@ -42,14 +57,14 @@ _SAFETY = 2.0
 def check_num_examples(value: Any, maximum: int = MAX_NUM_EXAMPLES) -> int:
     """The reply's ``num-examples`` as an int; refuse NaN, inf, non-integers, <= 0 and > ``maximum``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UpdateRejected(f"num-examples must be a positive integer, got {value!r}")
+        raise UpdateRejected(f"{KEY_NUM_EXAMPLES} must be a positive integer, got {value!r}")
     if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise UpdateRejected(f"num-examples must be a positive integer, got {value!r}")
+        raise UpdateRejected(f"{KEY_NUM_EXAMPLES} must be a positive integer, got {value!r}")
     n = int(value)
     if n <= 0:
-        raise UpdateRejected(f"num-examples must be a positive integer, got {value!r}")
+        raise UpdateRejected(f"{KEY_NUM_EXAMPLES} must be a positive integer, got {value!r}")
     if n > maximum:
-        raise UpdateRejected(f"num-examples {n} is above the maximum {maximum}")
+        raise UpdateRejected(f"{KEY_NUM_EXAMPLES} {n} is above the maximum {maximum}")
     return n
 
 
@@ -206,34 +221,34 @@ class ReplyGuard:
 
 # The mechanism a trained reply reports (metrics key -> ledger field), with the range the ledger accepts.
 _MECHANISM = {
-    "noise-multiplier": ("noise_multiplier", 0.0, math.inf, False),
-    "sample-rate": ("sample_rate", 0.0, 1.0, False),
-    "max-grad-norm": ("max_grad_norm", 0.0, math.inf, True),
-    "delta": ("delta", 0.0, 1.0, False),
-    "epsilon": ("epsilon_reported", 0.0, math.inf, True),
-    "epsilon-dataset": ("epsilon_dataset_reported", 0.0, math.inf, True),
+    KEY_NOISE_MULTIPLIER: ("noise_multiplier", 0.0, math.inf, False),
+    KEY_SAMPLE_RATE: ("sample_rate", 0.0, 1.0, False),
+    KEY_MAX_GRAD_NORM: ("max_grad_norm", 0.0, math.inf, True),
+    KEY_DELTA: ("delta", 0.0, 1.0, False),
+    KEY_EPSILON: ("epsilon_reported", 0.0, math.inf, True),
+    KEY_EPSILON_DATASET: ("epsilon_dataset_reported", 0.0, math.inf, True),
 }
-_REQUIRED_MECHANISM = ("noise-multiplier", "sample-rate", "steps", "max-grad-norm", "delta", "epsilon")
+_REQUIRED_MECHANISM = (KEY_NOISE_MULTIPLIER, KEY_SAMPLE_RATE, KEY_STEPS, KEY_MAX_GRAD_NORM, KEY_DELTA, KEY_EPSILON)
 
 
 def _mechanism_value(key: str, value: Any) -> float | int | None:
     """The value if it is one the ledger can hold for ``key``, else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    if key == "steps":
+    if key == KEY_STEPS:
         return int(value) if float(value).is_integer() and 0 <= value <= 10**12 else None
     _, low, high, allow_inf = _MECHANISM[key]
     v = float(value)
     if math.isnan(v) or (math.isinf(v) and not allow_inf):
         return None
-    if key in ("sample-rate", "delta"):
-        return v if low < v <= high and (key != "delta" or v < 1.0) else None
+    if key in (KEY_SAMPLE_RATE, KEY_DELTA):
+        return v if low < v <= high and (key != KEY_DELTA or v < 1.0) else None
     return v if low <= v <= high else None
 
 
 def reported_mechanism(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:
     """Ledger fields of the mechanism a reply reports, each None where absent or out of range."""
-    out: dict[str, float | int | None] = {"steps": _mechanism_value("steps", metrics.get("steps"))}
+    out: dict[str, float | int | None] = {"steps": _mechanism_value(KEY_STEPS, metrics.get(KEY_STEPS))}
     for key, (name, *_rest) in _MECHANISM.items():
         out[name] = _mechanism_value(key, metrics.get(key)) if key in metrics else None
     return out
@@ -242,11 +257,43 @@ def reported_mechanism(metrics: Mapping[str, Any]) -> dict[str, float | int | No
 def check_mechanism(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:
     """A trained reply must report its whole mechanism in range (the server ledger records it)."""
     mech = reported_mechanism(metrics)
-    names = {"steps": "steps", **{k: v[0] for k, v in _MECHANISM.items()}}
+    names = {KEY_STEPS: "steps", **{k: v[0] for k, v in _MECHANISM.items()}}
     bad = [k for k in _REQUIRED_MECHANISM if mech[names[k]] is None]
-    if "epsilon-dataset" in metrics and mech["epsilon_dataset_reported"] is None:
-        bad.append("epsilon-dataset")
+    if KEY_EPSILON_DATASET in metrics and mech["epsilon_dataset_reported"] is None:
+        bad.append(KEY_EPSILON_DATASET)
     if bad:
         shown = ", ".join(f"{k}={metrics.get(k)!r}" for k in bad[:3])
         raise UpdateRejected(f"the reported mechanism is missing or out of range: {shown}")
     return mech
+
+
+def check_accountant(status: Mapping[str, Any], default: str) -> str:
+    """The accountant a trained reply states its epsilon with (the run's own when it names none)."""
+    accountant = str(status.get(KEY_ACCOUNTANT, default))
+    if accountant not in ACCOUNTANTS:
+        raise UpdateRejected(f"accountant {accountant!r} is not one of {ACCOUNTANTS}")
+    return accountant
+
+
+@dataclass(frozen=True)
+class ReportedSpend:
+    """What a screened trained reply says its site spent: the mechanism, and the epsilons it states."""
+
+    mechanism: DPMechanism
+    epsilon: float  # the run's epsilon at the site after this round (inf for a non-private round)
+    epsilon_dataset: float | None  # the dataset's epsilon over every run, when the site reported one
+
+
+def spend_of(metrics: Mapping[str, Any], checked: Mapping[str, float | int | None], accountant: str) -> ReportedSpend:
+    """The spend of a reply whose mechanism passed ``check_mechanism`` and ``check_accountant``.
+
+    A mechanism the ledger could hold but no DP-SGD round has (a clipping bound of 0 or inf) is refused here.
+    """
+    try:
+        mechanism = DPMechanism.from_reply(metrics, {KEY_ACCOUNTANT: accountant})
+    except MechanismError as err:
+        raise UpdateRejected(f"the reported mechanism is out of range: {err}") from None
+    epsilon = checked["epsilon_reported"]
+    dataset = checked["epsilon_dataset_reported"]
+    assert epsilon is not None  # check_mechanism requires it
+    return ReportedSpend(mechanism, float(epsilon), None if dataset is None else float(dataset))

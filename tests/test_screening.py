@@ -542,3 +542,19 @@ def test_robust_aggregator_federation_drops_no_honest_reply(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads((out / "config.json").read_text())["aggregator"] == "fedmedian"
     assert summary["rounds_completed"] == 2 and summary["test_accuracy"] > rounds[0]["central"]["accuracy"] + 0.3
+
+
+def test_the_reported_spend_is_one_dp_mechanism():
+    from privatune.common.mechanism import DPMechanism
+    from privatune.server.screening import check_accountant, check_mechanism, spend_of
+
+    metrics = dict(_reply(1, _state(np.random.default_rng(0)), "a").content["metrics"])
+    spend = spend_of(metrics, check_mechanism(metrics), check_accountant({}, "rdp"))
+    assert spend.mechanism == DPMechanism(1.0, 0.25, 12, 1.0, 1e-5, "rdp")
+    assert spend.epsilon == 1.5 and spend.epsilon_dataset == 1.5
+    with pytest.raises(UpdateRejected, match="accountant"):
+        check_accountant({"accountant": "moments"}, "rdp")
+    for clip in (0.0, float("inf")):  # in the ledger's range, but no DP-SGD round clips so
+        bad = {**metrics, "max-grad-norm": clip}
+        with pytest.raises(UpdateRejected, match="max-grad-norm"):
+            spend_of(bad, check_mechanism(bad), "rdp")
