@@ -19,7 +19,7 @@ import torch
 from scipy.stats import binom
 from torch import nn
 
-from privatune.client.app import LocalRun, round_randomness
+from privatune.client.round import LocalRun, round_randomness
 from privatune.client.randomness import (
     NOISE_SOURCE_SEEDED,
     NOISE_SOURCE_SITE,
