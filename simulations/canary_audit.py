@@ -249,8 +249,8 @@ def run_canary_audit(settings: CanarySettings) -> CanaryRunResult:
 
 
 def _run(s: CanarySettings, cfg: RunConfig, kind: str, t0: float) -> CanaryRunResult:
-    from privatune.client.round import LocalRun, train_round
     from privatune.client.privacy_guard import plan_noise
+    from privatune.client.round import LocalRun, train_round
     from privatune.client.site_config import SiteConfig
     from privatune.common.federation_data import client_partition
     from privatune.common.models import configure_trainable, get_model_spec
