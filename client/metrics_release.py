@@ -178,7 +178,7 @@ def record_metrics_spend(
         epsilon_run=eps.worst_run,
         epsilon_dataset=eps.worst,
         started_at=started,
-        noise_source=NOISE_SOURCE_SITE,  # released noise comes from SiteRandomness (client/app.py)
+        noise_source=NOISE_SOURCE_SITE,  # released noise comes from SiteRandomness (client/round.py)
     )
     return MetricsSpend(True, "", eps.worst_run, eps.worst, seq)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from privatune.common.accounting import Mechanism, calibrate_noise, sample_rate, steps_per_epoch
 from privatune.common.config import RunConfig
 from privatune.common.ledger import PURPOSE_TRAIN, SiteLedger, SpendEntry
+from privatune.common.mechanism import DPMechanism
 from privatune.common.protocol import NOISE_SOURCE_SEEDED
 from privatune.common.record_budget import RecordEpsilons, Spend, record_epsilons
 
@@ -34,27 +35,37 @@ DEFAULT_SITE_DELTA = 1e-5
 ON_EXHAUSTED = ("exclude", "refuse")
 
 # Calibration is a binary search over the accountant: memoise it, the inputs repeat every round.
-_NOISE_CACHE: dict[tuple, float] = {}
+_NOISE_CACHE: dict[tuple[float, float, float, int, str], float] = {}
 
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """The spend one round will make, computed before any data is touched."""
+    """The spend one round will make, computed before any data is touched (a refusal plans zero steps)."""
 
     allowed: bool
     reason: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    delta: float
+    mechanism: DPMechanism
     epsilon_run: float  # worst training record, this run, after this round
     epsilon_dataset: float  # worst training record, every run, after this round
     train: tuple[int, ...] = ()  # indices (into the training records offered) this round trains on
     excluded: int = 0  # records left out for their budget: kept in the site log, never sent
 
+    # Shortcuts to the mechanism's fields.
     @property
-    def mechanism(self) -> Mechanism:
-        return (self.noise_multiplier, self.sample_rate, self.steps)
+    def noise_multiplier(self) -> float:
+        return self.mechanism.noise_multiplier
+
+    @property
+    def sample_rate(self) -> float:
+        return self.mechanism.sample_rate
+
+    @property
+    def steps(self) -> int:
+        return self.mechanism.steps
+
+    @property
+    def delta(self) -> float:
+        return self.mechanism.delta
 
 
 def plan_noise(cfg: RunConfig, num_records: int, delta: float) -> float:
@@ -132,13 +143,20 @@ class PrivacyGuard:
         accountant: str,
         *,
         delta: float | None = None,
-        new: Sequence[Mechanism] = (),
+        new: Sequence[Mechanism | DPMechanism] = (),
         run_id: str | None = None,
     ) -> RecordEpsilons:
         """Each record's epsilon after every recorded spend holding it (plus ``new``, applied to all of them):
         the generic budget read (training plans it; noised metric releases check it the same way)."""
+        gaussian = [m.gaussian if isinstance(m, DPMechanism) else m for m in new]
         return record_epsilons(
-            record_ids, self.ledger.cohorts(), self.spends(), delta or self.delta, accountant, new=new, run_id=run_id
+            record_ids,
+            self.ledger.cohorts(),
+            self.spends(),
+            delta or self.delta,
+            accountant,
+            new=gaussian,
+            run_id=run_id,
         )
 
     def over_budget(self, eps: RecordEpsilons) -> list[int]:
@@ -159,13 +177,21 @@ class PrivacyGuard:
                 return self._refusal(
                     "budget exhausted: every training record at this site would pass the site budget "
                     f"max-epsilon={self.max_epsilon:g} with this round",
+                    cfg,
                     delta,
                 )
             n = len(keep)
             steps = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
-            mech = (plan_noise(cfg, n, delta), sample_rate(n, cfg.batch_size), steps)
+            mech = DPMechanism(
+                plan_noise(cfg, n, delta),
+                sample_rate(n, cfg.batch_size),
+                steps,
+                cfg.max_grad_norm,
+                delta,
+                cfg.accountant,
+            )
             ids = [record_ids[i] for i in keep]
-            eps = record_epsilons(ids, cohorts, spends, delta, cfg.accountant, new=[mech], run_id=run_id)
+            eps = record_epsilons(ids, cohorts, spends, delta, cfg.accountant, new=[mech.gaussian], run_id=run_id)
             over = self.over_budget(eps)
             if not over:
                 break
@@ -174,6 +200,7 @@ class PrivacyGuard:
                     f"budget exhausted: this round would bring some records past the site budget "
                     f"max-epsilon={self.max_epsilon:g} (worst {eps.worst:.3f}); the site refuses "
                     "(on-exhausted=refuse)",
+                    cfg,
                     delta,
                 )
             dropped = set(over)
@@ -193,12 +220,10 @@ class PrivacyGuard:
                 f"run target exhausted: this round would bring this run's epsilon to {eps.worst_run:.3f}, "
                 f"above target-epsilon={cfg.target_epsilon:g}"
             )
-        return RoundPlan(
-            allowed, reason, mech[0], mech[1], mech[2], delta, eps.worst_run, eps.worst, tuple(keep), excluded
-        )
+        return RoundPlan(allowed, reason, mech, eps.worst_run, eps.worst, tuple(keep), excluded)
 
-    def _refusal(self, reason: str, delta: float) -> RoundPlan:
-        return RoundPlan(False, reason, 0.0, 1.0, 0, delta, 0.0, 0.0)
+    def _refusal(self, reason: str, cfg: RunConfig, delta: float) -> RoundPlan:
+        return RoundPlan(False, reason, DPMechanism(0.0, 1.0, 0, cfg.max_grad_norm, delta, cfg.accountant), 0.0, 0.0)
 
     # -- recording -------------------------------------------------------------------------------------------
 
@@ -260,14 +285,16 @@ class PrivacyGuard:
         started_at: datetime,
         noise_source: str = NOISE_SOURCE_SEEDED,
     ) -> int:
-        """Write-ahead record of a planned training round on the plan's cohort of ``record_ids``."""
+        """Write-ahead record of a planned training round on the plan's cohort of ``record_ids`` (the plan carries
+        the mechanism; ``cfg`` is the run it was planned for)."""
+        mech = plan.mechanism
         return self.record_spend(
             purpose=PURPOSE_TRAIN,
             record_ids=[record_ids[i] for i in plan.train],
-            mechanism=plan.mechanism,
-            delta=plan.delta,
-            accountant=cfg.accountant,
-            max_grad_norm=cfg.max_grad_norm,
+            mechanism=mech.gaussian,
+            delta=mech.delta,
+            accountant=mech.accountant,
+            max_grad_norm=mech.max_grad_norm,
             run_id=run_id,
             server_round=server_round,
             dataset_fingerprint=dataset_fingerprint,

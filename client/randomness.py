@@ -22,7 +22,7 @@ import math
 import os
 import types
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -109,7 +109,7 @@ def reproducible_seed(run_seed: int, server_round: int, site_id: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def install_noise(optimizer: torch.optim.Optimizer, randomness: Randomness) -> None:
+def install_noise(optimizer: Any, randomness: Randomness) -> None:
     """Make an Opacus ``DPOptimizer`` (plain or fast-gradient-clipping) draw its noise from ``randomness``.
 
     Replaces ``add_noise`` on this optimizer instance only, with Opacus 1.6's arithmetic (std =
@@ -118,7 +118,8 @@ def install_noise(optimizer: torch.optim.Optimizer, randomness: Randomness) -> N
     """
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    def add_noise(self: torch.optim.Optimizer) -> None:
+    # ``optimizer`` is an Opacus DPOptimizer (untyped: Opacus ships no type information).
+    def add_noise(self: Any) -> None:
         multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         std = float(multiplier) * float(self.max_grad_norm)
         for p in self.params:
@@ -132,7 +133,7 @@ def install_noise(optimizer: torch.optim.Optimizer, randomness: Randomness) -> N
             p.grad = (ref + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
 
-    optimizer.add_noise = types.MethodType(add_noise, optimizer)  # type: ignore[method-assign]
+    optimizer.add_noise = types.MethodType(add_noise, optimizer)
 
 
 class PoissonBatchSampler:

@@ -1,6 +1,6 @@
 """Local training and evaluation, with or without DP-SGD (Opacus).
 
-Framework-free: tensors in, tensors out. The Flower glue in :mod:`privatune.client.app` decides what the
+Framework-free: tensors in, tensors out. The round at a site (:mod:`privatune.client.round`) decides what the
 module is (the head alone on cached features, or the whole classifier) and what the privacy
 parameters are; this module only runs the loop so it can be tested and benchmarked directly.
 """
@@ -10,17 +10,20 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from privatune.client.privacy_guard import DEFAULT_SITE_DELTA
 from privatune.client.randomness import PoissonBatchSampler, Randomness, install_noise
+from privatune.common.accountants import DEFAULT_ACCOUNTANT
 from privatune.common.accounting import sample_rate as dp_sample_rate
 from privatune.common.accounting import steps_per_epoch
 from privatune.common.evaluation import EvalResult, evaluate  # noqa: F401  (re-exported for the client glue)
+from privatune.common.mechanism import DPMechanism
 
 # Opacus warns that its own secure RNG is off: its noise is not used (client.randomness.install_noise
 # draws it from the site's source). The hook warning is Opacus' per-sample-gradient hooks on a module
@@ -45,19 +48,30 @@ class TrainHooks:
 
 @dataclass(frozen=True)
 class LocalTrainResult:
-    """What one local training pass did; the mechanism fields feed the accountant and the ledger."""
+    """What one local training pass did; its mechanism feeds the accountant and the reply."""
 
     loss: float
-    steps: int
-    sample_rate: float
-    noise_multiplier: float  # 0.0 when DP is off
+    mechanism: DPMechanism  # noise multiplier 0.0 when DP is off
     seconds: float
     num_examples: int
 
+    @property
+    def steps(self) -> int:
+        return self.mechanism.steps
 
-def param_groups(module: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict]:
+    @property
+    def sample_rate(self) -> float:
+        return self.mechanism.sample_rate
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.mechanism.noise_multiplier
+
+
+def param_groups(module: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict[str, Any]]:
     """Transfer learning's 'early layers trained more slowly': the backbone gets a scaled rate."""
-    head, body = [], []
+    head: list[nn.Parameter] = []
+    body: list[nn.Parameter] = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
@@ -84,6 +98,8 @@ def train_local(
     momentum: float = 0.0,
     device: torch.device | str = "cpu",
     hooks: TrainHooks | None = None,
+    delta: float = DEFAULT_SITE_DELTA,
+    accountant: str = DEFAULT_ACCOUNTANT,
 ) -> LocalTrainResult:
     """Train ``module`` in place for ``epochs`` passes.
 
@@ -91,6 +107,8 @@ def train_local(
     exactly ``ceil(n/B)`` steps per epoch (:class:`privatune.client.randomness.PoissonBatchSampler`), what
     :func:`privatune.common.accounting.steps_per_epoch` predicts and the ledger records before training starts.
     Sampling, noise and (without DP) shuffling all draw from ``randomness``, the site's own source.
+    ``delta`` and ``accountant`` only state the result's mechanism (how its epsilon is computed; the round at
+    a site passes the run's, benchmarks and tests may leave the defaults).
     """
     n = int(labels.shape[0])
     if n == 0:
@@ -125,14 +143,17 @@ def train_local(
     train_module: nn.Module = module
     steps_expected = per_epoch * epochs
     q = dp_sample_rate(n, batch_size) if dp else min(1.0, batch_size / n)
-    engine = None
+    # Built (and so validated) before the first step; the step count is the one the loop ran.
+    planned = DPMechanism(noise_multiplier if dp else 0.0, q, steps_expected, max_grad_norm, delta, accountant)
+    engine: Any = None  # Opacus ships no type information: its engine and GradSampleModule are untyped
+    private_module: Any = None
     if dp:
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant="rdp")  # only its history is read: the release check below
         # poisson_sampling=False: the loader above already samples (Poisson, exact step count) from the
         # site's randomness; Opacus then takes sample_rate = 1 / len(loader) = q, as recorded.
-        train_module, optimizer, loader = engine.make_private(
+        private_module, optimizer, loader = engine.make_private(
             module=module,
             optimizer=optimizer,
             data_loader=loader,
@@ -140,7 +161,8 @@ def train_local(
             max_grad_norm=max_grad_norm,
             poisson_sampling=False,
         )
-        train_module.forbid_grad_accumulation()
+        private_module.forbid_grad_accumulation()
+        train_module = private_module
         install_noise(optimizer, randomness)
         if hooks.after_make_private:
             hooks.after_make_private(optimizer)
@@ -176,14 +198,12 @@ def train_local(
                 f"{steps_expected}) before training: refusing to release an update whose privacy "
                 "cost differs from its record"
             )
-        if hasattr(train_module, "remove_hooks"):
-            train_module.remove_hooks()  # the module may be trained again in this process
+        if hasattr(private_module, "remove_hooks"):
+            private_module.remove_hooks()  # the module may be trained again in this process
         _strip_opacus(module)
     return LocalTrainResult(
         loss=total_loss / max(total_seen, 1),
-        steps=steps,
-        sample_rate=q,
-        noise_multiplier=noise_multiplier if dp else 0.0,
+        mechanism=replace(planned, steps=steps),
         seconds=seconds,
         num_examples=n,
     )

@@ -262,7 +262,7 @@ class RunResult:
 def seed_feature_cache(case: Case, cache_dir: Path, log: Log) -> list[int]:
     """Compute every client's features through the client's own data path; returns the clients'
     training-set sizes (their FedAvg weights). Digits in ``full`` mode caches nothing."""
-    from privatune.client.app import load_local_data
+    from privatune.client.round import load_local_data
     from privatune.client.site_config import SiteConfig
     from privatune.common.features import cached_features
     from privatune.common.models import backbone_is_frozen, get_model_spec

@@ -11,8 +11,8 @@ What runs, in order:
 2. ``m`` canaries the data never contains: out-of-distribution inputs (random sparse pixel patterns for images,
    strings of random letters for text), each with a fixed random label; each canary joins the training set
    independently with probability 1/2;
-3. one local training pass through :func:`privatune.client.app.train_round` (what the ClientApp runs) with the module it picks for
-   the fine-tuning mode (:func:`privatune.client.app.module_and_inputs`: the head on cached backbone features in ``head``
+3. one local training pass through :func:`privatune.client.round.train_round` (what the ClientApp runs) with the module it picks for
+   the fine-tuning mode (:func:`privatune.client.round.module_and_inputs`: the head on cached backbone features in ``head``
    mode, the whole classifier otherwise), the noise the client would plan (:func:`privatune.client.privacy_guard.plan_noise`
    for a one-round run at ``--epsilon``), the client's delta and seed formula;
 4. membership scores (minus the loss of each canary's label under the trained model), guesses for the ``k``
@@ -249,8 +249,8 @@ def run_canary_audit(settings: CanarySettings) -> CanaryRunResult:
 
 
 def _run(s: CanarySettings, cfg: RunConfig, kind: str, t0: float) -> CanaryRunResult:
-    from privatune.client.app import LocalRun, train_round
     from privatune.client.privacy_guard import plan_noise
+    from privatune.client.round import LocalRun, train_round
     from privatune.client.site_config import SiteConfig
     from privatune.common.federation_data import client_partition
     from privatune.common.models import configure_trainable, get_model_spec
@@ -333,7 +333,7 @@ def _run(s: CanarySettings, cfg: RunConfig, kind: str, t0: float) -> CanaryRunRe
 @torch.no_grad()
 def canary_losses(run: Any, canaries: LabelledData, device: str) -> np.ndarray:
     """Cross-entropy of each canary's own label under the trained model (eval mode, the client's module)."""
-    from privatune.client.app import module_and_inputs
+    from privatune.client.round import module_and_inputs
 
     module, inputs = module_and_inputs(run, canaries)
     was_training = module.training

@@ -190,12 +190,12 @@ def test_real_site_refuses_reproducible_noise_unless_allowed(tmp_path, message_f
 
 
 def test_round_failing_before_training_writes_no_spend(tmp_path, message_factory, context_factory, monkeypatch):
-    import privatune.client.app as client_app
+    import privatune.client.round as client_round
 
     def cache_fails(*a, **k):
         raise OSError("No space left on device: the feature cache")
 
-    monkeypatch.setattr(client_app, "cached_features", cache_fails)
+    monkeypatch.setattr(client_round, "cached_features", cache_fails)
     cfg = _digits_cfg(tmp_path)
     reply = train(message_factory(cfg, initial_state(cfg)), context_factory({"partition-id": 0, "num-partitions": 3}))
     assert reply.content["status"]["status"] == "refused"
@@ -205,10 +205,11 @@ def test_round_failing_before_training_writes_no_spend(tmp_path, message_factory
 
 def test_round_refusing_to_release_after_training_still_counts(tmp_path, message_factory, context_factory, monkeypatch):
     import privatune.client.app as client_app
+    import privatune.client.round as client_round
     from privatune.common.he import HEError
 
     trained = []
-    real_train_round = client_app.train_round
+    real_train_round = client_round.train_round
 
     def spy(*a, **k):
         trained.append(True)
@@ -217,7 +218,7 @@ def test_round_refusing_to_release_after_training_still_counts(tmp_path, message
     def refuse(*a, **k):
         raise HEError("update has a non-finite weight")
 
-    monkeypatch.setattr(client_app, "train_round", spy)
+    monkeypatch.setattr(client_round, "train_round", spy)
     monkeypatch.setattr(client_app, "encode_update", refuse)
     cfg = _digits_cfg(tmp_path)
     reply = train(message_factory(cfg, initial_state(cfg)), context_factory({"partition-id": 0, "num-partitions": 3}))
@@ -227,16 +228,16 @@ def test_round_refusing_to_release_after_training_still_counts(tmp_path, message
 
 
 def test_spend_is_on_disk_before_the_first_gradient(tmp_path, message_factory, context_factory, monkeypatch):
-    import privatune.client.app as client_app
+    import privatune.client.round as client_round
 
     seen = []
-    real_train_local = client_app.train_local
+    real_train_local = client_round.train_local
 
     def check_ledger_first(*a, **k):
         seen.append(len(SiteLedger(tmp_path / "ledgers" / "site-client-0.ledger.sqlite").entries()))
         return real_train_local(*a, **k)
 
-    monkeypatch.setattr(client_app, "train_local", check_ledger_first)
+    monkeypatch.setattr(client_round, "train_local", check_ledger_first)
     cfg = _digits_cfg(tmp_path)
     train(message_factory(cfg, initial_state(cfg)), context_factory({"partition-id": 0, "num-partitions": 3}))
     assert seen == [1]

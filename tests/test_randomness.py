@@ -19,7 +19,6 @@ import torch
 from scipy.stats import binom
 from torch import nn
 
-from privatune.client.app import LocalRun, round_randomness
 from privatune.client.randomness import (
     NOISE_SOURCE_SEEDED,
     NOISE_SOURCE_SITE,
@@ -29,6 +28,7 @@ from privatune.client.randomness import (
     install_noise,
     reproducible_seed,
 )
+from privatune.client.round import LocalRun, round_randomness
 from privatune.client.site_config import SiteConfig
 from privatune.client.training import train_local
 from privatune.common.accounting import calibrate_noise, epsilon_of, sample_rate, steps_per_epoch

@@ -92,12 +92,12 @@ def test_equal_weighting_sends_no_count(tmp_path):
 
 
 def test_released_metrics_are_noised_and_paid_for_before_they_exist(tmp_path, monkeypatch):
-    import privatune.client.app as client_app
+    import privatune.client.round as client_round
 
     cfg = _cfg(tmp_path, release_metrics=True)
     ledger_path = tmp_path / "ledgers" / "site-client-0.ledger.sqlite"
     seen_at_noise: list[int] = []
-    real = client_app.noised_sums
+    real = client_round.noised_sums
 
     def spy(sums, noise, randomness):
         # The spend must already be on disk when the noised numbers are made.
@@ -105,7 +105,7 @@ def test_released_metrics_are_noised_and_paid_for_before_they_exist(tmp_path, mo
         assert type(randomness).__name__ == "SiteRandomness"
         return real(sums, noise, randomness)
 
-    monkeypatch.setattr(client_app, "noised_sums", spy)
+    monkeypatch.setattr(client_round, "noised_sums", spy)
     ctx = make_context({"partition-id": 0, "num-partitions": 3})
     first = evaluate_global(_message(cfg, None, "evaluate", 1), ctx).content
     second = evaluate_global(_message(cfg, None, "evaluate", 1), ctx).content
@@ -132,13 +132,13 @@ def test_release_is_withheld_when_the_budget_cannot_pay_for_it(tmp_path):
 
 
 def test_no_validation_split_never_touches_training_records(tmp_path, monkeypatch):
-    import privatune.client.app as client_app
+    import privatune.client.round as client_round
 
     def forbidden(*a, **k):
         raise AssertionError("evaluation ran a model on this site's records")
 
-    monkeypatch.setattr(client_app, "per_record_outcomes", forbidden)
-    monkeypatch.setattr(client_app, "module_and_inputs", forbidden)
+    monkeypatch.setattr(client_round, "per_record_outcomes", forbidden)
+    monkeypatch.setattr(client_round, "module_and_inputs", forbidden)
     cfg = _cfg(tmp_path, val_fraction=0.0, release_metrics=True)
     reply = evaluate_global(_message(cfg, None, "evaluate"), make_context({"partition-id": 0, "num-partitions": 3}))
     assert set(reply.content.keys()) == {"status"}
