@@ -1,0 +1,9 @@
+"""`python -m privatune.cli`: the same command line as the `privatune` entry point."""
+
+from __future__ import annotations
+
+import sys
+
+from privatune.cli import main
+
+sys.exit(main())
