@@ -62,6 +62,9 @@ def new_head(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Accept an Opacus GradSampleModule around a Classifier (its names gain a ``_module.`` prefix)."""
-    while not isinstance(model, Classifier) and isinstance(getattr(model, "_module", None), nn.Module):
-        model = model._module
+    while not isinstance(model, Classifier):
+        inner = getattr(model, "_module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
     return model

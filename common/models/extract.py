@@ -4,6 +4,8 @@ inference, batched and length-sorted, not model definition.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from privatune.common.models.classifier import Classifier, unwrap
@@ -12,7 +14,7 @@ from privatune.common.models.classifier import Classifier, unwrap
 @torch.no_grad()
 def compute_features(model: Classifier, encoded: tuple[torch.Tensor, ...], batch_size: int = 128) -> torch.Tensor:
     """Backbone features ``[N, D]`` (float32, CPU) in eval mode, batch by batch; restores the mode after."""
-    model = unwrap(model)
+    model = cast(Classifier, unwrap(model))  # a wrapped Classifier: its inner module
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not encoded:

@@ -22,15 +22,15 @@ from privatune.common.models.modes import backbone_is_frozen, check_mode
 def configure_trainable(model: Classifier, mode: str) -> list[str]:
     """Set ``requires_grad`` for ``mode``; return the trainable names in ``named_parameters()`` order."""
     check_mode(mode)
-    model = unwrap(model)
-    if not isinstance(model, Classifier):
-        raise TypeError(f"configure_trainable expects a Classifier, got {type(model).__name__}")
+    inner = unwrap(model)
+    if not isinstance(inner, Classifier):
+        raise TypeError(f"configure_trainable expects a Classifier, got {type(inner).__name__}")
     names: list[str] = []
-    for name, param in model.named_parameters():
+    for name, param in inner.named_parameters():
         if mode == "full":
             trainable = True
         elif mode == "partial":
-            trainable = name.startswith("head.") or any(name.startswith(p) for p in model.partial_prefixes)
+            trainable = name.startswith("head.") or any(name.startswith(p) for p in inner.partial_prefixes)
         else:
             trainable = name.startswith("head.")
         param.requires_grad_(trainable)
