@@ -25,7 +25,7 @@ from privatune.common.models.modes import FINE_TUNING_MODES, backbone_is_frozen,
 if TYPE_CHECKING:
     from privatune.common.models.classifier import Classifier, new_head
     from privatune.common.models.extract import compute_features
-    from privatune.common.models.image import build_digits_cnn, encode_images
+    from privatune.common.models.image import DIGITS_IMAGE_SIZE, DigitsBackbone, build_digits_cnn, encode_images
     from privatune.common.models.registry import (
         MODELS,
         Encoder,
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
         load_pretrained_cached,
         register_model,
     )
-    from privatune.common.models.text import build_minilm, encode_texts
+    from privatune.common.models.text import MINILM_DEFAULT_MAX_LENGTH, MeanPooledEncoder, build_minilm, encode_texts
     from privatune.common.models.trainable import (
         configure_trainable,
         frozen_state_fingerprint,
@@ -47,12 +47,16 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "DIGITS_IMAGE_SIZE",
     "FINE_TUNING_MODES",
+    "MINILM_DEFAULT_MAX_LENGTH",
     "MNIST_MEAN",
     "MNIST_STD",
     "MODELS",
     "Classifier",
+    "DigitsBackbone",
     "Encoder",
+    "MeanPooledEncoder",
     "ModelSpec",
     "PretrainedAssets",
     "backbone_is_frozen",
@@ -90,6 +94,10 @@ _HOME = {
     "load_pretrained_cached": "registry",
     "register_model": "registry",
     "build_minilm": "text",
+    "MINILM_DEFAULT_MAX_LENGTH": "text",
+    "MeanPooledEncoder": "text",
+    "DIGITS_IMAGE_SIZE": "image",
+    "DigitsBackbone": "image",
     "encode_texts": "text",
     "configure_trainable": "trainable",
     "frozen_state_fingerprint": "trainable",
