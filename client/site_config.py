@@ -85,7 +85,9 @@ class SiteConfig:
         if on_exhausted not in ON_EXHAUSTED:
             raise SiteConfigError(f"on-exhausted must be one of {', '.join(ON_EXHAUSTED)}, got '{on_exhausted}'")
         key = node_config.get("site-key-path")
-        budget = dict(on_exhausted=on_exhausted, site_key_path=Path(str(key)).expanduser() if key else None)
+        budget: dict[str, Any] = dict(
+            on_exhausted=on_exhausted, site_key_path=Path(str(key)).expanduser() if key else None
+        )
         if "data-path" in node_config:
             budget["delta"] = _site_delta(node_config.get("delta", DEFAULT_SITE_DELTA))
         real_site = "data-path" in node_config

@@ -18,6 +18,7 @@ from typing import Any
 
 from privatune.common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from privatune.common.accounting import TARGET_EPSILON_MAX, TARGET_EPSILON_MIN
+from privatune.common.models.modes import FINE_TUNING_MODES
 
 # Label sets of the preset datasets, so a site (which has no copy of them) knows the index order.
 DATASET_LABELS: dict[str, tuple[str, ...]] = {
@@ -26,7 +27,6 @@ DATASET_LABELS: dict[str, tuple[str, ...]] = {
     "digits": tuple(str(i) for i in range(10)),
 }
 
-FINE_TUNING_MODES = ("head", "partial", "full")
 PARTITION_SCHEMES = ("iid", "dirichlet")
 SECURE_AGGREGATION = ("none", "he")
 WEIGHTINGS = ("examples", "equal")

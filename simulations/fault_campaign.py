@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from privatune.common.offline import OFFLINE_ENV
+
 TRACEBACK_SIGNS = re.compile(
     r"Traceback \(most recent call last\)|RayTaskError|ClientAppException|\x1b\[|╭─+ Traceback"
 )
@@ -229,8 +231,7 @@ def run_case(case: Case, tmp: Path, timeout: float, root: Path) -> Outcome:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
+        **OFFLINE_ENV,
         "COLUMNS": "200",
         "TERM": "dumb",
     }

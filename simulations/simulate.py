@@ -25,6 +25,7 @@ from privatune.client.site_secret import default_key_path, write_site_key
 from privatune.common.config import DATASET_LABELS, ConfigError, RunConfig
 from privatune.common.federation_data import check_federation_size
 from privatune.common.ledger import site_ledger_filename
+from privatune.common.offline import set_offline_env
 from privatune.server.run_record import RoundReport, write_json_atomic
 
 log = logging.getLogger("privatune.simulate")
@@ -143,8 +144,7 @@ def run_simulation(
 
     if cfg.reproducible_noise:
         print(f"warning: {SEEDED_NOISE_WARNING}", file=sys.stderr, flush=True)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    set_offline_env()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

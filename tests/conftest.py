@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
+from privatune.common.offline import set_offline_env
 from tests.helpers.messages import make_context, make_message
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+set_offline_env()
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from privatune.cli import app
 from privatune.common.config import ConfigError, RunConfig
+from privatune.common.offline import OFFLINE_ENV
 from privatune.server.reasons import one_line
 from privatune.server.run_record import RoundReport, RunRecorder
 
@@ -419,8 +420,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
         "HOME": str(tmp_path / "home"),
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
+        **OFFLINE_ENV,
     }
     env.pop("FLWR_HOME", None)
     env.pop("MPLCONFIGDIR", None)

@@ -1,0 +1,70 @@
+"""The model shape every backbone shares: a pretrained backbone and a fresh, seeded linear head.
+
+Separate so the model builders, the trainable-state code and the feature pass depend on one small class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class Classifier(nn.Module):
+    """Pretrained backbone + linear head.
+
+    ``partial_prefixes`` names the parameter prefixes (relative to this module, e.g.
+    ``"backbone.bert.encoder.layer.5."``) that train besides the head in ``partial`` mode; each model
+    builder sets them, so a new model only has to say which block is "last".
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, partial_prefixes: Sequence[str]) -> None:
+        super().__init__()
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
+        self.backbone = backbone
+        self.head = head
+        self.partial_prefixes: tuple[str, ...] = tuple(partial_prefixes)
+        names = [n for n, _ in self.named_parameters()]
+        for prefix in self.partial_prefixes:
+            if not prefix.startswith("backbone.") or not any(n.startswith(prefix) for n in names):
+                raise ValueError(
+                    f"partial prefix {prefix!r} matches no backbone parameter; "
+                    "give a prefix such as 'backbone.<block>.'"
+                )
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.head.in_features)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.head.out_features)
+
+    def forward(self, *encoded: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(*encoded))
+
+
+def new_head(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
+    """A Linear head initialised like ``nn.Linear`` but from its own generator (global RNG untouched)."""
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    head = torch.nn.utils.skip_init(nn.Linear, feature_dim, int(num_classes))  # no global RNG draw
+    gen = torch.Generator().manual_seed(int(seed))
+    bound = 1.0 / math.sqrt(feature_dim)  # what kaiming_uniform_(a=sqrt(5)) gives nn.Linear
+    with torch.no_grad():
+        head.weight.copy_(torch.empty_like(head.weight).uniform_(-bound, bound, generator=gen))
+        head.bias.copy_(torch.empty_like(head.bias).uniform_(-bound, bound, generator=gen))
+    return head
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Accept an Opacus GradSampleModule around a Classifier (its names gain a ``_module.`` prefix)."""
+    while not isinstance(model, Classifier):
+        inner = getattr(model, "_module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model

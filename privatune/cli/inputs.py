@@ -1,0 +1,106 @@
+"""Checking command-line input before any work starts: the usage error, key=value strings, numbers,
+resources and output files. Separate so every command group checks its options the same way."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message names the option and the fix."""
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a file error: the path and why (a symlink loop or a folder named as a file spelled out)."""
+    import errno
+
+    what = err.filename if err.filename is not None else ""
+    why = "symlink loop" if err.errno == errno.ELOOP else (err.strerror or str(err))
+    if isinstance(err, IsADirectoryError):
+        return f"{what} is a folder; give a file path"
+    return f"{what}: {why}" if what else why
+
+
+def parse_kv(text: str, option: str = "--run-config") -> dict[str, str]:
+    """`"k=v k2='a b'"` -> dict, the syntax of Flower's --run-config / --node-config."""
+    import shlex
+
+    try:
+        tokens = shlex.split(text or "")
+    except ValueError:
+        raise UsageError(_quote_problem(text, option)) from None
+    out: dict[str, str] = {}
+    for tok in tokens:
+        if "=" not in tok:
+            raise UsageError(f"{option}: '{tok}' is not key=value; write e.g. {option} \"lr=0.5 batch-size=32\"")
+        k, v = tok.split("=", 1)
+        if not k.strip():
+            raise UsageError(f"{option}: '{tok}' has no key before '='")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _quote_problem(text: str, option: str) -> str:
+    """Which key opened a quote that never closes, and how to quote it."""
+    import re
+
+    quote, key = None, "?"
+    for m in re.finditer(r"(?:^|\s)([\w.-]+)=|['\"]", text):
+        if m.group(1) is not None and quote is None:
+            key = m.group(1)
+        elif m.group(1) is None:
+            ch = m.group(0)
+            if quote is None:
+                quote = ch
+            elif quote == ch:
+                quote = None
+    q = quote or "'"
+    return (
+        f"{option}: the value of '{key}' opens a {q} quote that is never closed; close it "
+        f"({key}={q}...{q}) or drop it: numbers need no quotes (lr=0.5), text with spaces takes one pair "
+        f"(text-column='my column')"
+    )
+
+
+def finite(value: float, option: str, minimum: float, strict: bool = False, maximum: float | None = None) -> float:
+    ok = math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if maximum is not None:
+        ok = ok and value <= maximum
+    if not ok:
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        if maximum is not None:
+            bound += f" and <= {maximum:g}"
+        raise UsageError(f"{option} must be a finite number {bound}, got {value:g}")
+    return value
+
+
+def check_resources(client_cpus: float, client_gpus: float) -> None:
+    """Ray makes no client actor (and the run waits forever) when one client asks for more than the machine has."""
+    cpus = os.cpu_count() or 1
+    finite(client_cpus, "--client-cpus", 0.0, strict=True, maximum=float(cpus))
+    finite(client_gpus, "--client-gpus", 0.0)
+    if client_gpus > 0:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus == 0:
+            raise UsageError("--client-gpus > 0 but this machine has no CUDA GPU; Flower would start no clients")
+        if client_gpus > gpus:
+            raise UsageError(f"--client-gpus {client_gpus:g} is more than the {gpus} GPU(s) this machine has")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Before the work: the file's folder exists (or can be made) and takes a new file."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".privatune-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(
+            f"{option} {path}: cannot write in {path.parent} ({err.strerror or err}); choose a writable path"
+        ) from None

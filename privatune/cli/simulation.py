@@ -1,0 +1,92 @@
+"""`privatune simulate`: a whole federation on this machine. Separate because it alone drives Ray and the
+round printer."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+
+from privatune.cli.inputs import UsageError, check_resources, parse_kv
+from privatune.cli.terminal import console
+from privatune.common.models import FINE_TUNING_MODES
+
+
+def simulate(
+    preset: str = typer.Option("sms-spam", help="sms-spam | trec6 | digits"),
+    clients: int = typer.Option(10, help="number of simulated clients"),
+    rounds: int = typer.Option(0, help="server rounds (0 = the preset's)"),
+    epsilon: str = typer.Option("8", help="target epsilon per client over the whole run; 'inf' = no DP"),
+    no_dp: bool = typer.Option(False, "--no-dp", help="train without DP (a baseline)"),
+    mode: str = typer.Option("", help=f"{' | '.join(FINE_TUNING_MODES)} (default: the preset's)"),
+    partition: str = typer.Option("dirichlet", help="iid | dirichlet"),
+    alpha: float = typer.Option(1.0, help="Dirichlet concentration (smaller = more label skew)"),
+    seed: int = typer.Option(42, help="simulation seed (>= 0)"),
+    secure_aggregation: str = typer.Option("none", "--secure-aggregation", help="none | he"),
+    out: Path = typer.Option(Path("runs/latest"), help="output folder (one run per folder)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="delete the run already in --out first"),
+    run_config: str = typer.Option("", "--run-config", help='extra overrides, e.g. "lr=0.5 batch-size=32"'),
+    client_cpus: float = typer.Option(1.0, "--client-cpus", help="CPU cores per simulated client"),
+    client_gpus: float = typer.Option(0.0, "--client-gpus", help="GPU share per simulated client (0.5 = two per GPU)"),
+    verbose: bool = typer.Option(False, "--verbose", help="show Flower's and Ray's logs"),
+) -> None:
+    """Run a simulated federation on this machine and report accuracy against epsilon.
+
+    Exit codes: 0 completed (or stopped early after training), 1 failed (no round aggregated: the
+    reasons are printed), 2 bad input, 130/143 interrupted by SIGINT/SIGTERM.
+    """
+    from privatune.common.config import RunConfig
+
+    try:
+        eps = math.inf if epsilon.strip().lower() in ("inf", "infinity") else float(epsilon)
+    except ValueError:
+        raise UsageError(f"--epsilon must be a number or 'inf', got {epsilon!r}") from None
+    if clients < 1:
+        raise UsageError(f"--clients must be at least 1, got {clients}")
+    if rounds < 0:
+        raise UsageError(f"--rounds must be >= 1 (or 0 for the preset's), got {rounds}")
+    if seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {seed}")
+    check_resources(client_cpus, client_gpus)
+    values: dict[str, object] = {
+        "preset": preset,
+        "target-epsilon": eps,
+        "dp": not no_dp and not math.isinf(eps),
+        "partition": partition,
+        "alpha": alpha,
+        "seed": seed,
+        "secure-aggregation": secure_aggregation,
+        "out-dir": str(out),
+    }
+    if rounds:
+        values["num-server-rounds"] = rounds
+    if mode:
+        values["mode"] = mode
+    values.update(parse_kv(run_config))
+    cfg = RunConfig.from_flower(values)
+    from privatune.simulations.run_folder import claim
+    from privatune.simulations.simulate import confine_writes, prepare_config
+
+    out = claim(out, overwrite)  # one run per folder; a probe file proves it is writable
+    confine_writes(out)
+    cfg = prepare_config(cfg, clients, out)  # refuse bad sizes and missing keys before Ray starts
+
+    from privatune.simulations.progress import RoundPrinter
+    from privatune.simulations.simulate import run_simulation
+
+    printer = RoundPrinter(console, cfg, clients)
+    printer.header()
+    summary = run_simulation(
+        cfg,
+        clients,
+        out,
+        observer=printer,
+        verbose=verbose,
+        client_gpus=client_gpus,
+        client_cpus=client_cpus,
+        stop_on_signal=True,
+    )
+    printer.final(summary, out)
+    if summary.get("status") == "failed":
+        raise typer.Exit(1)
