@@ -312,7 +312,7 @@ def _wal_append(path: Path, checkpoint: bool, i: int) -> None:
     """The same transaction as SiteLedger.append, on a WAL-mode connection (for the timing comparison only)."""
     from dataclasses import asdict
 
-    from privatune.common.ledger import _insert_row
+    from privatune.common.ledger.storage import _insert_row
 
     conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     try:
