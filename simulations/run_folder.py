@@ -18,8 +18,8 @@ from privatune.common.ledger import SERVER_LEDGER_NAME, SQLITE_SIDE_SUFFIXES
 # Files and folders a privatune run leaves (server/run_record.py, server/app.py, simulations/simulate.py).
 RUN_MARKERS = ("summary.json", "config.json", "metrics.jsonl", "ledgers", SERVER_LEDGER_NAME)
 RUN_ENTRIES = frozenset(
-    RUN_MARKERS
-    + (
+    (
+        *RUN_MARKERS,
         "rounds.png",
         "global.safetensors",
         "global.he-checkpoint",

@@ -61,6 +61,9 @@ from privatune.common.ledger.schema import (
 from privatune.common.ledger.verify import verify_chain
 from privatune.common.record_budget import cohort_id_of, pack_ids, unpack_ids
 
+# ----------------------------------------------------------------------------------------------------------------
+# Writing a row
+
 
 def _insert_sql(table: str, names: Sequence[str]) -> str:
     """The INSERT of one whole row of a chained table: seq, its data columns ``names``, prev_hash and hash."""

@@ -263,7 +263,9 @@ def _row_malformation(row: dict[str, Any], columns: Sequence[tuple[str, str]]) -
 def _rows_pass(
     conn: sqlite3.Connection, found: Findings, table: str, columns: Sequence[tuple[str, str]]
 ) -> tuple[list[dict[str, Any]], set[int]] | None:
-    """The well-formed rows of ``table`` in storage order, and the seqs of malformed ones (None: unreadable)."""
+    """The well-formed rows of ``table`` in storage order, and the seqs of malformed ones (None: unreadable).
+    Catches an unreadable table, a seq that is not a positive integer, two rows stored as one seq, and a value
+    that does not fit its column (NULL where forbidden, wrong type, text that is not UTF-8)."""
     if table in found.unusable:
         return None
     names = ["seq", *(n for n, _ in columns), "prev_hash", "hash"]
@@ -300,7 +302,8 @@ def _rows_pass(
 
 
 def _meta_pass(found: Findings, verified: dict[str, list[dict[str, Any]]]) -> None:
-    """The meta table holds each required key once (schema and version were read in pass 1)."""
+    """The meta table holds each required key once (schema and version were read in pass 1). Catches a missing
+    or repeated key and a creation time that is not an ISO-8601 timestamp."""
     if found.version == "1":  # meta is not a chain there: only check what it must hold
         for key in META_REQUIRED:
             if key not in found.meta:
