@@ -19,6 +19,7 @@ from privatune.client.privacy_guard import DEFAULT_SITE_DELTA, ON_EXHAUSTED
 from privatune.client.site_data import SiteDataSpec
 from privatune.client.site_secret import default_key_path
 from privatune.common.config import RunConfig
+from privatune.common.ledger import LEDGER_SUFFIX, SITE_LEDGER_PREFIX
 
 SITE_KEYS = (
     "site-id",
@@ -153,7 +154,7 @@ class SiteConfig:
             )
         return cls(
             site_id=site_id,
-            ledger_path=out / "ledgers" / f"site-{site_id}.ledger.sqlite",
+            ledger_path=out / "ledgers" / f"{SITE_LEDGER_PREFIX}{site_id}{LEDGER_SUFFIX}",
             cache_dir=out / "cache",
             max_epsilon=max_epsilon,
             he_secret_context=secret,

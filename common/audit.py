@@ -3,7 +3,7 @@
 For every ledger file given (or found under a folder: ``*.ledger.sqlite``, i.e. ``site-<id>.ledger.sqlite`` and
 ``server.ledger.sqlite``) the audit
 
-1. verifies the file (``privatune.common.ledger_verify``): a file that is not a ledger or whose pages or structure are
+1. verifies the file (``privatune.common.ledger.verify``): a file that is not a ledger or whose pages or structure are
    damaged is ``unreadable``; a malformed row (wrong type, invalid text, NULL) is ``chain-malformed``; an edited,
    deleted, inserted or moved row of any chained table is a violation naming the table and row. A bad ledger
    never stops the audit: the other files are audited, and only well-formed rows are accounted;
@@ -51,14 +51,14 @@ from privatune.common.accounting import (
 from privatune.common.jsonsafe import jsonable
 from privatune.common.ledger import (
     LEDGER_GLOB,
-    LEDGER_SUFFIX,
     PURPOSE_TRAIN,
     SITE_SCHEMA,
     STATUS_BUDGET_EXHAUSTED,
     STATUS_DROPPED,
     STATUS_TRAINED,
+    inspect_ledger,
+    site_id_from_ledger_name,
 )
-from privatune.common.ledger_verify import inspect_ledger
 from privatune.common.protocol import NOISE_SOURCE_SEEDED
 from privatune.common.record_budget import CohortError, Spend, cohort_id_of, record_epsilons, unpack_ids
 
@@ -231,10 +231,7 @@ def find_ledgers(paths: Sequence[Path]) -> list[Path]:
 
 
 def _site_id_from_name(path: Path) -> str | None:
-    name = path.name
-    if name.startswith("site-") and name.endswith(LEDGER_SUFFIX):
-        return name[len("site-") : -len(LEDGER_SUFFIX)]
-    return None
+    return site_id_from_ledger_name(path.name)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privatune.common.ledger import LedgerError, ServerLedger, SiteLedger, SpendEntry, verify_chain
+from privatune.common.ledger import (
+    LEDGER_SUFFIX,
+    SERVER_LEDGER_NAME,
+    LedgerError,
+    ServerLedger,
+    SiteLedger,
+    SpendEntry,
+    site_ledger_filename,
+    verify_chain,
+)
 
 OUTCOMES = ("detected", "benign", "undetected", "exception")
 
@@ -207,7 +216,7 @@ def lost_journal_campaign(cases: int, workdir: Path, seed: int) -> CampaignResul
     for case in range(cases):
         folder = workdir / f"journal-{case}"
         folder.mkdir()
-        path = folder / "site-s1.ledger.sqlite"
+        path = folder / site_ledger_filename("s1")
         ledger = SiteLedger(path)
         holder = sqlite3.connect(path)  # an open reader/writer, as a second process would be
         holder.execute("SELECT count(*) FROM spend").fetchone()
@@ -256,8 +265,8 @@ def run_campaign(
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="privatune-ledger-campaign-")) if own else Path(workdir)
     try:
-        site = build_site_ledger(work / "site-s1.ledger.sqlite")
-        server = build_server_ledger(work / "server.ledger.sqlite")
+        site = build_site_ledger(work / site_ledger_filename("s1"))
+        server = build_server_ledger(work / SERVER_LEDGER_NAME)
         parts = {
             "flips": CampaignResult(),
             "truncations": CampaignResult(),
@@ -287,8 +296,8 @@ def bench_appends(n: int, workdir: Path) -> dict[str, float]:
     synchronous=FULL: what privatune does), and the same transaction in WAL mode with and without a checkpoint
     after every commit. The three designs take turns append by append, so drifting load on a shared machine
     (other processes' fsyncs) hits them alike."""
-    ledger = SiteLedger(workdir / "bench-delete.ledger.sqlite")
-    wal = {checkpoint: workdir / f"bench-wal-{checkpoint}.ledger.sqlite" for checkpoint in (True, False)}
+    ledger = SiteLedger(workdir / f"bench-delete{LEDGER_SUFFIX}")
+    wal = {checkpoint: workdir / f"bench-wal-{checkpoint}{LEDGER_SUFFIX}" for checkpoint in (True, False)}
     for path in wal.values():
         SiteLedger(path)
     labels = {
@@ -312,7 +321,7 @@ def _wal_append(path: Path, checkpoint: bool, i: int) -> None:
     """The same transaction as SiteLedger.append, on a WAL-mode connection (for the timing comparison only)."""
     from dataclasses import asdict
 
-    from privatune.common.ledger import _insert_row
+    from privatune.common.ledger.storage import _insert_row
 
     conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     try:

@@ -13,11 +13,13 @@ import os
 import shutil
 from pathlib import Path
 
+from privatune.common.ledger import SERVER_LEDGER_NAME, SQLITE_SIDE_SUFFIXES
+
 # Files and folders a privatune run leaves (server/run_record.py, server/app.py, simulations/simulate.py).
-RUN_MARKERS = ("summary.json", "config.json", "metrics.jsonl", "ledgers", "server.ledger.sqlite")
+RUN_MARKERS = ("summary.json", "config.json", "metrics.jsonl", "ledgers", SERVER_LEDGER_NAME)
 RUN_ENTRIES = frozenset(
-    RUN_MARKERS
-    + (
+    (
+        *RUN_MARKERS,
         "rounds.png",
         "global.safetensors",
         "global.he-checkpoint",
@@ -26,9 +28,7 @@ RUN_ENTRIES = frozenset(
         "cache",
         ".flwr",
         ".cache",
-        "server.ledger.sqlite-journal",
-        "server.ledger.sqlite-wal",
-        "server.ledger.sqlite-shm",
+        *(SERVER_LEDGER_NAME + suffix for suffix in SQLITE_SIDE_SUFFIXES),
     )
 )
 
@@ -64,7 +64,7 @@ def check_writable(out: Path) -> Path:
 
 
 def holds_run(out: Path) -> bool:
-    return out.is_dir() and any((out / m).exists() for m in ("summary.json", "ledgers", "server.ledger.sqlite"))
+    return out.is_dir() and any((out / m).exists() for m in ("summary.json", "ledgers", SERVER_LEDGER_NAME))
 
 
 def claim(out: Path, overwrite: bool) -> Path:

@@ -84,7 +84,7 @@ def rehash(path: Path, seq: int) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
     row = dict(conn.execute("SELECT * FROM spend WHERE seq=?", (seq,)).fetchone())
-    from privatune.common.ledger import (  # private; the tamperer reads our code
+    from privatune.common.ledger.schema import (  # private; the tamperer reads our code
         _SPEND_COLUMNS,
         _real_columns,
         hashed_fields,

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 import privatune.common.ledger as ledger_mod
+import privatune.common.ledger.schema as schema_mod
+import privatune.common.ledger.storage as storage_mod
 from privatune.common.ledger import (
     LedgerError,
     LedgerIntegrityError,
@@ -23,7 +25,7 @@ from privatune.common.ledger import (
     site_ledger_filename,
     verify_chain,
 )
-from privatune.common.ledger_verify import _expected_master
+from privatune.common.ledger.verify import _expected_master
 from privatune.simulations.ledger_campaign import (
     build_server_ledger,
     build_site_ledger,
@@ -79,7 +81,7 @@ def test_only_a_missing_path_creates_a_ledger_and_a_crash_mid_create_leaves_none
     def crash(*_args, **_kwargs):
         raise KeyboardInterrupt("killed between building the ledger and linking it into place")
 
-    monkeypatch.setattr(ledger_mod.os, "link", crash)
+    monkeypatch.setattr(storage_mod.os, "link", crash)
     with pytest.raises(KeyboardInterrupt):
         SiteLedger(path)
     assert not path.exists() and list(path.parent.iterdir()) == []  # no half ledger at the real path
@@ -251,8 +253,8 @@ def test_a_renumbered_row_is_detected(tmp_path: Path) -> None:
 def test_a_new_declared_table_is_chained_and_verified_with_no_verifier_code(tmp_path: Path, monkeypatch) -> None:
     """What adding a table (as record cohorts were) takes: its entry in _SCHEMAS, nothing in the verifier."""
     site = ledger_mod.SITE_SCHEMA
-    tables = dict(ledger_mod._SCHEMAS[site], extra=(("cohort", "TEXT NOT NULL"), ("records", "INTEGER NOT NULL")))
-    monkeypatch.setitem(ledger_mod._SCHEMAS, site, tables)
+    tables = dict(schema_mod._SCHEMAS[site], extra=(("cohort", "TEXT NOT NULL"), ("records", "INTEGER NOT NULL")))
+    monkeypatch.setitem(schema_mod._SCHEMAS, site, tables)
     _expected_master.cache_clear()
     try:
         ledger = SiteLedger(tmp_path / "site-s1.ledger.sqlite")

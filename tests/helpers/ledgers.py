@@ -9,6 +9,7 @@ from pathlib import Path
 
 import privatune.common.ledger as ledger_mod
 from privatune.common.ledger import SpendEntry
+from privatune.common.ledger.storage import _insert_row
 
 
 def write_v1_site_ledger(path: Path, entries: Iterable[SpendEntry]) -> Path:
@@ -22,6 +23,6 @@ def write_v1_site_ledger(path: Path, entries: Iterable[SpendEntry]) -> Path:
     for key, value in (("schema", site), ("version", "1"), ("created_at", "2026-01-01T00:00:00+00:00")):
         conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
     for entry in entries:
-        ledger_mod._insert_row(conn, path, site, "spend", asdict(entry), version="1")
+        _insert_row(conn, path, site, "spend", asdict(entry), version="1")
     conn.close()
     return path
