@@ -124,7 +124,7 @@ def run_federation(
     he_ctx = None
     if cfg.secure_aggregation == "he":
         from privatune.common import he
-        from privatune.common.he_records import state_to_arrayrecord
+        from privatune.common.he.records import state_to_arrayrecord
 
         if not cfg.he_public_context:
             raise ValueError("secure-aggregation=he needs he-public-context (the public.ctx from `privatune keygen`)")
@@ -192,7 +192,7 @@ def run_federation(
 def save_global(arrays: ArrayRecord, cfg: RunConfig, out: Path, encrypted: bool) -> Path:
     if encrypted:
         from privatune.common import he
-        from privatune.common.he_records import arrayrecord_to_state
+        from privatune.common.he.records import arrayrecord_to_state
 
         path = out / HE_CHECKPOINT_NAME
         he.save_checkpoint(path, arrayrecord_to_state(arrays))

@@ -180,7 +180,7 @@ class PrivatuneFedAvg(FedAvg):
             return None, None
         contents = [m.content for _, m in accepted]
         if self.he_context is not None:
-            from privatune.common.he_records import state_to_arrayrecord
+            from privatune.common.he.records import state_to_arrayrecord
 
             arrays = state_to_arrayrecord(self._accumulator.result())
         else:
@@ -256,7 +256,7 @@ class PrivatuneFedAvg(FedAvg):
             raise UpdateRejected(f"accountant {accountant!r} is not one of {ACCOUNTANTS}")
         if self.he_context is not None:
             from privatune.common import he
-            from privatune.common.he_records import arrayrecord_to_update
+            from privatune.common.he.records import arrayrecord_to_update
 
             try:
                 self._accumulator.add(arrayrecord_to_update(content["arrays"]))
