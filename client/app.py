@@ -93,7 +93,7 @@ def decode_global_state(msg: Message, cfg: RunConfig, site: SiteConfig) -> dict[
     if cfg.secure_aggregation != "he":
         return {k: v.numpy() for k, v in arrays.items()}
     from privatune.common import he
-    from privatune.common.he_records import arrayrecord_to_state
+    from privatune.common.he.records import arrayrecord_to_state
 
     ctx = he.load_context(site_secret_path(site), require_secret=True)
     return he.decrypt_state(ctx, arrayrecord_to_state(arrays))
@@ -136,7 +136,7 @@ def encode_update(
     if cfg.secure_aggregation != "he":
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
     from privatune.common import he
-    from privatune.common.he_records import update_to_arrayrecord
+    from privatune.common.he.records import update_to_arrayrecord
 
     if he_ctx is None:
         he_ctx = load_encryption_context(cfg, site)

@@ -155,7 +155,7 @@ def initial_weights(cfg: RunConfig, run_id: str) -> InitialWeights:
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
         return InitialWeights(arrays, expected, n_params)
     from privatune.common import he
-    from privatune.common.he_records import state_to_arrayrecord
+    from privatune.common.he.records import state_to_arrayrecord
 
     if not cfg.he_public_context:
         raise ValueError("secure-aggregation=he needs he-public-context (the public.ctx from `privatune keygen`)")
@@ -237,7 +237,7 @@ def record_run(recorder: RunRecorder, cfg: RunConfig, out: Path, start: InitialW
 def save_global(arrays: ArrayRecord, cfg: RunConfig, out: Path, encrypted: bool) -> Path:
     if encrypted:
         from privatune.common import he
-        from privatune.common.he_records import arrayrecord_to_state
+        from privatune.common.he.records import arrayrecord_to_state
 
         path = out / HE_CHECKPOINT_NAME
         he.save_checkpoint(path, arrayrecord_to_state(arrays))

@@ -197,7 +197,7 @@ def check_update(
 
 def _add_encrypted(accumulator: HEAccumulator, record: Any) -> None:
     from privatune.common import he
-    from privatune.common.he_records import arrayrecord_to_update
+    from privatune.common.he.records import arrayrecord_to_update
 
     try:
         accumulator.add(arrayrecord_to_update(record))

@@ -160,7 +160,7 @@ class PrivatuneFedAvg(FedAvg):
 
     def _aggregate(self, contents: list[RecordDict], accumulator: HEAccumulator | None) -> ArrayRecord:
         if accumulator is not None:
-            from privatune.common.he_records import state_to_arrayrecord
+            from privatune.common.he.records import state_to_arrayrecord
 
             return state_to_arrayrecord(accumulator.result())
         return aggregate_plain(

@@ -380,7 +380,7 @@ def measure_records(
     from privatune.client.app import encode_update
     from privatune.client.site_config import SiteConfig
     from privatune.common import he
-    from privatune.common.he_records import arrayrecord_to_state, arrayrecord_to_update, state_to_arrayrecord
+    from privatune.common.he.records import arrayrecord_to_state, arrayrecord_to_update, state_to_arrayrecord
 
     cfg_he = RunConfig.from_flower(json.loads((he_run_dir / "config.json").read_text()))
     cfg_plain = replace(cfg_he, secure_aggregation="none", he_public_context="")
@@ -462,7 +462,7 @@ def measure_records(
 def he_records_update(ctx: Any, state: Mapping[str, np.ndarray], weight: float) -> Any:
     """The client's encryption step alone (``encode_update`` without its per-message key load)."""
     from privatune.common import he
-    from privatune.common.he_records import update_to_arrayrecord
+    from privatune.common.he.records import update_to_arrayrecord
 
     return update_to_arrayrecord(he.encrypt_update(ctx, state, weight=float(weight)))
 
@@ -470,7 +470,7 @@ def he_records_update(ctx: Any, state: Mapping[str, np.ndarray], weight: float) 
 def parameter_alternatives(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[int]) -> list[dict[str, Any]]:
     """Bytes and aggregation error of the same updates under other CKKS parameters (not what runs)."""
     from privatune.common import he
-    from privatune.common.he_records import state_to_arrayrecord, update_to_arrayrecord
+    from privatune.common.he.records import state_to_arrayrecord, update_to_arrayrecord
 
     options = {
         "default (N=8192, 60/60/60)": lambda: he.HEParams(),

@@ -1,4 +1,4 @@
-"""Micro benchmark of the CKKS aggregation core (common/he.py): bytes, seconds and error per parameter.
+"""Micro benchmark of the CKKS aggregation core (common/he/): bytes, seconds and error per parameter.
 
     python -m privatune.simulations.bench_he_micro                      # 1M and 390k values, all configs
     python -m privatune.simulations.bench_he_micro --sizes 390000 --configs default

@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from safetensors.numpy import load_file
 
 from privatune.common import he
-from privatune.common.he_records import (
+from privatune.common.he.records import (
     META_KEY,
     arrayrecord_to_state,
     records_to_update,

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from privatune.common import he
 from privatune.common.config import RunConfig
-from privatune.common.he_records import arrayrecord_to_state, update_to_arrayrecord
+from privatune.common.he.records import arrayrecord_to_state, update_to_arrayrecord
 from privatune.server.strategy import PrivatuneFedAvg
 from tests.helpers.messages import make_context, make_message, set_task_identity
 
@@ -123,7 +123,7 @@ def test_client_given_the_public_context_refuses_and_says_so(keys, tmp_path):
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
     configure_trainable(model, cfg.mode)
     msg = make_message(cfg, {})
-    msg.content["arrays"] = __import__("privatune.common.he_records", fromlist=["x"]).state_to_arrayrecord(
+    msg.content["arrays"] = __import__("privatune.common.he.records", fromlist=["x"]).state_to_arrayrecord(
         he.encrypt_state(public, trainable_state(model))
     )
     ctx = make_context({"partition-id": 0, "num-partitions": 2})

@@ -408,7 +408,7 @@ def he_keys(tmp_path_factory):
 
 def test_he_duplicate_and_replayed_ciphertexts_are_rejected(he_keys):
     from privatune.common import he
-    from privatune.common.he_records import arrayrecord_to_update, update_to_arrayrecord
+    from privatune.common.he.records import arrayrecord_to_update, update_to_arrayrecord
 
     secret = he.load_context(he_keys.secret, require_secret=True)
     public = he.load_context(he_keys.public, require_secret=False)
@@ -431,7 +431,7 @@ def test_he_duplicate_and_replayed_ciphertexts_are_rejected(he_keys):
     for m in good:
         acc.add(arrayrecord_to_update(m.content["arrays"]))
     assert arrays == ArrayRecord(
-        dict(__import__("privatune.common.he_records", fromlist=["x"]).state_to_arrayrecord(acc.result()))
+        dict(__import__("privatune.common.he.records", fromlist=["x"]).state_to_arrayrecord(acc.result()))
     )
     # The same ciphertext again in round 2 is a replay too.
     fresh = [_reply(i + 1, enc(100 + i), f"site-{i}", n=100 + i) for i in range(2)]

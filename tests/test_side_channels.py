@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from privatune.client.app import evaluate_global, train
 from privatune.common import he
-from privatune.common.he_records import META_KEY, arrayrecord_to_state, state_to_arrayrecord, update_to_arrayrecord
+from privatune.common.he.records import META_KEY, arrayrecord_to_state, state_to_arrayrecord, update_to_arrayrecord
 from privatune.common.ledger import PURPOSE_METRICS, SiteLedger
 from privatune.common.protocol import (
     EVAL_RELEASE_KEYS,

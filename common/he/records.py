@@ -1,4 +1,6 @@
-"""Flower record conversion for HE payloads (``privatune.common.he``): ciphertext bytes <-> one ArrayRecord.
+"""Flower record conversion for HE payloads: ciphertext bytes <-> one ArrayRecord.
+
+Separate from the rest of ``privatune.common.he`` because it is the only part that imports Flower.
 
 Everything travels in ONE ArrayRecord, because Flower's strategy loop passes exactly one ArrayRecord
 between rounds and its reply check wants one ArrayRecord (+ one MetricRecord, + an optional ConfigRecord):
@@ -20,19 +22,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from privatune.common.he import (
-    FORMAT_VERSION,
-    EncryptedState,
-    EncryptedUpdate,
-    HEFormatError,
-    HEReplyError,
-    Layout,
-)
+from privatune.common.he.errors import HEFormatError, HEReplyError
+from privatune.common.he.framing import FORMAT_VERSION
+from privatune.common.he.packing import Layout
+from privatune.common.he.payloads import EncryptedState, EncryptedUpdate
 
 __all__ = [
     "CHUNK_PREFIX",
@@ -51,6 +49,8 @@ META_KEY = "he.meta"
 CHUNK_PREFIX = "he.ct."
 DEFAULT_RECORD_KEY = "arrays"  # the key Flower's strategies look up for the ArrayRecord
 _MAX_META_BYTES = 64 * 1024 * 1024
+
+P = TypeVar("P", bound=EncryptedUpdate)
 
 
 def _chunk_key(i: int) -> str:
@@ -89,7 +89,8 @@ def _array_bytes(record: Mapping[str, Any], key: str, err: type[HEFormatError], 
         raise err(f"{what}: entry {key!r} does not load: {exc}") from exc
 
 
-def _from_arrayrecord(record: Any, want_kind: str, err: type[HEFormatError], what: str) -> tuple[dict, list, Layout]:
+def _from_arrayrecord(record: Any, cls: type[P], want_kind: str, err: type[HEFormatError], what: str) -> P:
+    """Parse and check one HE ArrayRecord of ``want_kind`` into ``cls``; ``err`` carries the reason."""
     if not isinstance(record, Mapping):
         raise err(f"{what}: expected an ArrayRecord, got {type(record).__name__}")
     if META_KEY not in record:
@@ -126,7 +127,7 @@ def _from_arrayrecord(record: Any, want_kind: str, err: type[HEFormatError], wha
             + (f" (unexpected entries {extra})" if extra else "")
         )
     chunks = [_array_bytes(record, _chunk_key(i), err, what) for i in range(n_chunks)]
-    return meta, chunks, layout
+    return cls(meta["fingerprint"], layout, chunks, digest=meta["digest"], num_summands=int(meta["num_summands"]))
 
 
 def update_to_arrayrecord(update: EncryptedUpdate) -> ArrayRecord:
@@ -136,10 +137,7 @@ def update_to_arrayrecord(update: EncryptedUpdate) -> ArrayRecord:
 
 def arrayrecord_to_update(record: Any) -> EncryptedUpdate:
     """Server side; raises ``HEReplyError`` with a loggable reason. Run ``he.check_update`` after it."""
-    meta, chunks, layout = _from_arrayrecord(record, "update", HEReplyError, "client reply")
-    return EncryptedUpdate(
-        meta["fingerprint"], layout, chunks, digest=meta["digest"], num_summands=int(meta["num_summands"])
-    )
+    return _from_arrayrecord(record, EncryptedUpdate, "update", HEReplyError, "client reply")
 
 
 def update_to_records(update: EncryptedUpdate, *, key: str = DEFAULT_RECORD_KEY) -> dict[str, ArrayRecord]:
@@ -165,10 +163,7 @@ def state_to_arrayrecord(state: EncryptedState) -> ArrayRecord:
 
 def arrayrecord_to_state(record: Any) -> EncryptedState:
     """Client side (or ``privatune decrypt`` on a saved record); raises ``HEFormatError``."""
-    meta, chunks, layout = _from_arrayrecord(record, "state", HEFormatError, "encrypted global state")
-    return EncryptedState(
-        meta["fingerprint"], layout, chunks, digest=meta["digest"], num_summands=int(meta["num_summands"])
-    )
+    return _from_arrayrecord(record, EncryptedState, "state", HEFormatError, "encrypted global state")
 
 
 def is_he_arrayrecord(record: Any) -> bool:
