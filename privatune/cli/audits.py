@@ -19,9 +19,7 @@ def audit(
     entries: bool = typer.Option(False, "--entries", help="print every ledger row (wide) instead of the summary"),
 ) -> None:
     """Verify ledgers, recompute every epsilon, cross-check server against sites; exit 1 on any violation."""
-    import json
-
-    from privatune.common.audit import audit_paths, render_table, render_violations, report_to_json, write_report
+    from privatune.common.audit import audit_paths, json_text, render_table, render_violations, write_report
 
     if json_out:
         check_output_file(json_out, "--json")
@@ -29,7 +27,7 @@ def audit(
     console.print(render_table(rep, entries=entries))
     if json_out:
         try:
-            json_out.write_text(json.dumps(report_to_json(rep), indent=2, default=str))
+            json_out.write_text(json_text(rep, sort_keys=False))
         except OSError as err:
             raise UsageError(f"--json {json_out}: cannot write ({describe_os_error(err)})") from None
     if report:
