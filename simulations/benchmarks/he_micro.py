@@ -19,6 +19,7 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -27,6 +28,8 @@ from privatune.simulations.benchmarks.report import prog
 
 WEIGHTS = [120.0, 340.0, 75.0, 500.0, 260.0]
 SMALL_WEIGHTS = [0.1, 0.3, 0.05, 0.35, 0.2]
+T = TypeVar("T")
+RunT = TypeVar("RunT", bound=tuple[Any, ...])
 
 
 @dataclass
@@ -51,22 +54,22 @@ def _workload(rng: np.random.Generator, n: int, k: int, small: bool) -> list[np.
 
 
 def _fedavg(vs: list[np.ndarray], ws: list[float]) -> np.ndarray:
-    return sum(w * v for v, w in zip(vs, ws, strict=False)) / sum(ws)
+    return np.asarray(sum(w * v for v, w in zip(vs, ws, strict=False)) / sum(ws))
 
 
 CLOCK: Callable[[], float] = time.process_time
 
 
-def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
     t = CLOCK()
     out = fn()
     return out, CLOCK() - t
 
 
-def _best(runs: list[tuple]) -> tuple:
+def _best(runs: list[RunT]) -> RunT:
     """Keep the first run's outputs and the fastest time of each timed step (shared machine)."""
     first = runs[0]
-    return tuple(min(r[i] for r in runs) if isinstance(v, float) else v for i, v in enumerate(first))
+    return cast(RunT, tuple(min(r[i] for r in runs) if isinstance(v, float) else v for i, v in enumerate(first)))
 
 
 def bench_privatune(name: str, params: he.HEParams, n: int, k: int, rng: np.random.Generator, repeat: int = 1) -> Row:
@@ -83,7 +86,12 @@ def bench_privatune(name: str, params: he.HEParams, n: int, k: int, rng: np.rand
     def run(vs: list[np.ndarray], ws: list[float]) -> tuple[np.ndarray, float, float, float, float, int, int]:
         ups, t_enc = _timed(lambda: [he.encrypt_update(sctx, {"p": v}, w) for v, w in zip(vs, ws, strict=False)])
         layout = ups[0].layout
-        _, t_chk = _timed(lambda: [he.check_update(pctx, u, layout) for u in ups])
+
+        def check_all() -> None:
+            for u in ups:
+                he.check_update(pctx, u, layout)
+
+        _, t_chk = _timed(check_all)
         state, t_sum = _timed(lambda: server(ups))
         out, t_dec = _timed(lambda: he.decrypt_state(sctx, state))
         return out["p"], t_enc / len(vs), t_chk, t_sum, t_dec, ups[0].num_bytes, state.num_bytes

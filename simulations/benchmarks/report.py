@@ -1,7 +1,8 @@
 """What every benchmark shares: the run header, tables, number formats, JSON output and the common flags.
 
 Separate from the benchmarks so that each of them holds only its plan and its measurements, and so that a
-figure is written, formatted and reproduced the same way by all of them.
+figure is written, formatted and reproduced the same way by all of them (the audits write their ``--json``
+through :func:`write_json` too).
 """
 
 from __future__ import annotations
@@ -192,6 +193,13 @@ def json_safe(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [json_safe(v) for v in x]
     return x
+
+
+def write_json(path: Path, data: Any, *, make_parent: bool = True) -> None:
+    """A result as written to a ``--json`` path: indented, as given (no key sorting), newline-terminated."""
+    if make_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def write_results(path: Path, result: Mapping[str, Any]) -> None:

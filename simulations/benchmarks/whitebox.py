@@ -11,13 +11,12 @@ bound exceeds the claim; "most m allows" is the bound perfect guessing would giv
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from privatune.simulations.benchmarks.report import prog
+from privatune.simulations.benchmarks.report import prog, write_json
 from privatune.simulations.whitebox_audit import PLANTS, WhiteboxResult, WhiteboxSettings, run_whitebox_audit
 
 
@@ -76,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(results))
     print(f"\n{len(results)} runs in {time.perf_counter() - t0:.0f} s")
     if a.json:
-        a.json.write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
+        write_json(a.json, [r.to_json() for r in results], make_parent=False)
     return 0
 
 

@@ -74,7 +74,7 @@ def run_case(case: Case, plan: BenchPlan, out: Path, log: Log) -> dict[str, Any]
 
     steady = {arm: [s for x in ok[arm] for s in x.steady] for arm in ok}
     first = {arm: [x.rounds.get(1, math.nan) for x in ok[arm]] for arm in ok}
-    rounds = {
+    rounds: dict[str, dict[str, Any]] = {
         arm: {
             "steady_median_s": finite_median(steady[arm]),
             "steady_samples": len(steady[arm]),

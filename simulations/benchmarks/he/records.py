@@ -52,7 +52,7 @@ def relative_error(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray])
 def fedavg(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
     total = float(sum(weights))
     return {
-        k: sum(np.asarray(s[k], np.float64) * w for s, w in zip(states, weights, strict=False)) / total
+        k: np.asarray(sum(np.asarray(s[k], np.float64) * w for s, w in zip(states, weights, strict=False)) / total)
         for k in states[0]
     }
 
