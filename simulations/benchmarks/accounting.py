@@ -15,7 +15,6 @@ alone; it is what the tiny test exercises. Results go to ``DIR/bench_accounting.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Sequence
@@ -33,18 +32,18 @@ from privatune.simulations.benchmarks.dp.plan import (
     ACCURACY_PRESETS,
     FED_EPSILONS,
     BenchPlan,
-    base_config,
+    checked_plan,
     parse_overrides,
 )
 from privatune.simulations.benchmarks.report import (
     Log,
-    add_common_flags,
+    bench_parser,
     default_out,
     fmt_eps,
     fmt_pct,
     markdown_table,
+    plan_or_exit,
     print_flush,
-    prog,
     results_folder,
     run_header,
     write_results,
@@ -278,22 +277,17 @@ def run(plan: BenchPlan, out: Path, log: Log = print) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog(NAME),
-        description="RDP vs PRV calibration: noise, epsilon (and PLD), accuracy.",
-    )
-    add_common_flags(parser, NAME)
+    parser = bench_parser(NAME, "RDP vs PRV calibration: noise, epsilon (and PLD), accuracy.")
     parser.add_argument("--run-config", default="", help='overrides for every run, e.g. "lr=1.0"')
     args = parser.parse_args(argv)
-    try:
+
+    def checked() -> BenchPlan:
         overrides = parse_overrides(args.run_config)
         if "accountant" in overrides:
             raise ValueError("--run-config: the benchmark sets accountant itself; remove it from the overrides")
-        plan = BenchPlan.make(args.quick, overrides)
-        for preset in ACCURACY_PRESETS:
-            base_config(preset, plan)
-    except ValueError as err:
-        parser.error(str(err))
+        return checked_plan(args.quick, overrides)
+
+    plan = plan_or_exit(parser, checked)
     run(plan, args.out, log=print_flush)
     return 0
 

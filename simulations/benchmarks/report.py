@@ -21,10 +21,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 PACKAGE = "privatune.simulations.benchmarks"
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,6 +87,21 @@ def print_flush(line: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # Command-line flags
 # --------------------------------------------------------------------------------------------------
+
+
+def bench_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: its ``python -m`` name, its description and the common flags."""
+    parser = argparse.ArgumentParser(prog=prog(name), description=description)
+    add_common_flags(parser, name)
+    return parser
+
+
+def plan_or_exit(parser: argparse.ArgumentParser, build: Callable[[], T]) -> T:
+    """``build()`` the plan before anything runs; a ValueError becomes argparse's usage error (exit status 2)."""
+    try:
+        return build()
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def add_common_flags(parser: argparse.ArgumentParser, name: str) -> None:

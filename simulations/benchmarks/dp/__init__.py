@@ -38,6 +38,7 @@ from privatune.simulations.benchmarks.dp.plan import (
     GOAL_PRESET,
     BenchPlan,
     base_config,
+    checked_plan,
     parse_overrides,
 )
 from privatune.simulations.benchmarks.dp.tables import accuracy_table, goal_line, timing_table
@@ -59,6 +60,7 @@ __all__ = [
     "accuracy_table",
     "base_config",
     "central_head",
+    "checked_plan",
     "federated_run",
     "gap_points",
     "goal_line",

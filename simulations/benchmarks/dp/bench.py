@@ -5,7 +5,6 @@ Apart from the parts so that the order of a run, and what it writes, read in one
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Sequence
@@ -17,16 +16,16 @@ import torch
 
 from privatune.simulations.benchmarks.dp.accuracy import AccuracyRow, accuracy_rows
 from privatune.simulations.benchmarks.dp.data import prepare_data
-from privatune.simulations.benchmarks.dp.plan import ACCURACY_PRESETS, BenchPlan, base_config, parse_overrides
+from privatune.simulations.benchmarks.dp.plan import ACCURACY_PRESETS, BenchPlan, checked_plan, parse_overrides
 from privatune.simulations.benchmarks.dp.tables import accuracy_table, goal_line, timing_table
 from privatune.simulations.benchmarks.dp.timing import timing_cases
 from privatune.simulations.benchmarks.report import (
     Log,
-    add_common_flags,
+    bench_parser,
     environment,
     load_average,
+    plan_or_exit,
     print_flush,
-    prog,
     results_folder,
     run_header,
     write_results,
@@ -84,11 +83,7 @@ def run(plan: BenchPlan, out: Path, log: Log = print) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog(NAME),
-        description="DP vs non-DP training time, and federated DP accuracy vs a centralised head.",
-    )
-    add_common_flags(parser, NAME)
+    parser = bench_parser(NAME, "DP vs non-DP training time, and federated DP accuracy vs a centralised head.")
     parser.add_argument("--run-config", default="", help='overrides for every run, e.g. "lr=1.0 local-epochs=3"')
     parser.add_argument(
         "--threads",
@@ -97,11 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="torch threads for the timing part (default 1, what a simulated client gets)",
     )
     args = parser.parse_args(argv)
-    try:
-        plan = BenchPlan.make(args.quick, parse_overrides(args.run_config), args.threads)
-        for preset in ACCURACY_PRESETS:  # refuse a bad override before any model loads
-            base_config(preset, plan)
-    except ValueError as err:
-        parser.error(str(err))
+    plan = plan_or_exit(parser, lambda: checked_plan(args.quick, parse_overrides(args.run_config), args.threads))
     run(plan, args.out, log=print_flush)
     return 0

@@ -85,3 +85,11 @@ def base_config(preset: str, plan: BenchPlan, overrides: bool = True) -> RunConf
     if plan.max_records:
         values["max-records"] = plan.max_records
     return RunConfig.from_flower(values)
+
+
+def checked_plan(quick: bool, overrides: Mapping[str, str], threads: int = 1) -> BenchPlan:
+    """The plan, with every preset's run config built once so that a bad override is refused before any model loads."""
+    plan = BenchPlan.make(quick, overrides, threads)
+    for preset in ACCURACY_PRESETS:
+        base_config(preset, plan)
+    return plan

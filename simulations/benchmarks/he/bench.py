@@ -5,7 +5,6 @@ Apart from the parts so that the order of a run, and what it writes, read in one
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -26,12 +25,12 @@ from privatune.simulations.benchmarks.he.runs import RunResult, federated_run, s
 from privatune.simulations.benchmarks.he.tables import render
 from privatune.simulations.benchmarks.report import (
     Log,
-    add_common_flags,
+    bench_parser,
     environment,
     finite_median,
     load_average,
+    plan_or_exit,
     print_flush,
-    prog,
     ratio,
     results_folder,
     run_header,
@@ -162,11 +161,9 @@ def run(plan: BenchPlan, out: Path, log: Log = print) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog(NAME),
-        description="HE vs plaintext aggregation: round time, bytes on the wire, HE seconds per million parameters.",
+    parser = bench_parser(
+        NAME, "HE vs plaintext aggregation: round time, bytes on the wire, HE seconds per million parameters."
     )
-    add_common_flags(parser, NAME)
     parser.add_argument(
         "--repeats", type=int, default=None, help="plaintext/HE run pairs per config (default: 2 text, 3 digits)"
     )
@@ -174,11 +171,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--op-repeats", type=int, default=None, help="repetitions of each timed HE operation (default 5)"
     )
     args = parser.parse_args(argv)
-    try:
-        plan = BenchPlan.make(args.quick, args.repeats, args.op_repeats)
-        for case in plan.cases:
-            case.config()  # refuse a bad configuration before anything runs
-    except ValueError as err:
-        parser.error(str(err))
+    plan = plan_or_exit(parser, lambda: BenchPlan.make(args.quick, args.repeats, args.op_repeats).checked())
     run(plan, args.out, log=print_flush)
     return 0

@@ -81,3 +81,9 @@ class BenchPlan:
         if any(c.repeats < 1 for c in plan.cases) or plan.op_repeats < 1:
             raise ValueError("--repeats and --op-repeats must be at least 1")
         return plan
+
+    def checked(self) -> BenchPlan:
+        """This plan, once every case's run config is built: a bad configuration is refused before anything runs."""
+        for case in self.cases:
+            case.config()
+        return self
