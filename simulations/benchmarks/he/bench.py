@@ -14,12 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from privatune.simulations.benchmarks.he.plan import (
-    ACCURACY_GOAL_POINTS,
-    BYTES_RATIO_GOAL,
-    BenchPlan,
-    Case,
-)
+from privatune.simulations.benchmarks.he.plan import ACCURACY_GOAL_POINTS, BYTES_RATIO_GOAL, BenchPlan, Case
 from privatune.simulations.benchmarks.he.records import measure_records, modelled_he_extra, parameter_alternatives
 from privatune.simulations.benchmarks.he.runs import RunResult, federated_run, seed_feature_cache
 from privatune.simulations.benchmarks.he.tables import render

@@ -9,9 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from privatune.common.config import RunConfig
-from privatune.simulations.benchmarks.report import (
-    default_out,
-)
+from privatune.simulations.benchmarks.report import default_out
 
 DEFAULT_OUT = default_out("he")
 ROUND_RATIO_GOAL = 1.25  # the issue: HE round time at most 1.25x plaintext for the default config

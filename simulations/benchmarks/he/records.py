@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 
 from privatune.common.config import RunConfig
-from privatune.simulations.benchmarks.he.plan import (
-    Case,
-)
+from privatune.simulations.benchmarks.he.plan import Case
 
 
 def per_million(seconds: float, num_params: int) -> float:

@@ -14,12 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from privatune.simulations.benchmarks.he.plan import (
-    Case,
-)
-from privatune.simulations.benchmarks.report import (
-    Log,
-)
+from privatune.simulations.benchmarks.he.plan import Case
+from privatune.simulations.benchmarks.report import Log
 
 
 def round_durations(metrics_lines: Sequence[Mapping[str, Any]]) -> dict[int, float]:

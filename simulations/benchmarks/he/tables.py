@@ -6,11 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from privatune.simulations.benchmarks.he.records import per_million
-from privatune.simulations.benchmarks.report import (
-    aligned_table,
-    fmt_bytes,
-    fmt_num,
-)
+from privatune.simulations.benchmarks.report import aligned_table, fmt_bytes, fmt_num
 
 
 def render(result: Mapping[str, Any]) -> str:
