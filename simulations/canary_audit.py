@@ -32,7 +32,6 @@ labels, half of the random labels agree with what the model predicts anyway.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import string
 import sys
@@ -51,6 +50,7 @@ from privatune.common.canary import CanaryAuditResult, audit_from_scores, draw_i
 from privatune.common.config import PRESETS, RunConfig
 from privatune.common.datasets import IMAGE_SIDE, LabelledData, pixels_to_model_input
 from privatune.common.jsonsafe import jsonable
+from privatune.simulations.benchmarks.report import write_json
 
 # (epochs, lr, batch size) per (data kind, fine-tuning mode), found by measurement (digits for images, trec6 for
 # text; docs/benchmarks.md). Text models train the head only here: DP-SGD through MiniLM on 2 CPU cores is too slow
@@ -423,8 +423,7 @@ def report(res: CanaryRunResult, json_path: Path | None = None, console: Any = N
     """Print the result, write its JSON, and return the exit status: 1 when the bound exceeds a claim, else 0."""
     print_result(res, console)
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(res.to_json(), indent=2) + "\n")
+        write_json(json_path, res.to_json())
     return 1 if res.violation else 0
 
 

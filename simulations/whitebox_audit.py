@@ -36,7 +36,6 @@ noise draw scaled by 0.5), ``noise-seeded`` (the site's noise from ``SeededRando
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -51,6 +50,7 @@ import torch
 from torch import nn
 
 from privatune.common.jsonsafe import jsonable
+from privatune.simulations.benchmarks.report import write_json
 
 PLANTS = ("none", "noise-half", "noise-seeded", "no-clip")
 ADVERSARIES = ("informed", "blind")
@@ -472,8 +472,7 @@ def report(res: WhiteboxResult, json_path: Path | None = None, console: Any = No
     console.print(table)
     console.print(f"[bold white on red]{verdict(res)}[/]" if res.violation else f"[green]{verdict(res)}[/]")
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(res.to_json(), indent=2) + "\n")
+        write_json(json_path, res.to_json())
     return 1 if res.violation else 0
 
 

@@ -1,4 +1,4 @@
-"""Pure parts of simulations.bench_accounting: the calibration plan and its arithmetic, ledger reading, tables."""
+"""Pure parts of simulations.benchmarks.accounting: the calibration plan and its arithmetic, ledger reading, tables."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from privatune.common.accounting import epsilon_of
 from privatune.common.config import RunConfig
 from privatune.common.ledger import SiteLedger, SpendEntry, site_ledger_filename, utc_now
-from privatune.simulations import bench_accounting as b
+from privatune.simulations.benchmarks import accounting as b
 
 
 def tiny_config(**kw) -> RunConfig:

@@ -1,4 +1,4 @@
-"""Pure parts of simulations.bench_dp: override parsing, plan, gaps, tables, the goal verdict."""
+"""Pure parts of simulations.benchmarks.dp: override parsing, plan, gaps, tables, the goal verdict."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 import pytest
 
 from privatune.common.config import RunConfig
-from privatune.simulations import bench_dp as b
+from privatune.simulations.benchmarks import dp as b
+from privatune.simulations.benchmarks.report import json_safe
 
 
 def test_parse_overrides_reads_kv_and_refuses_what_the_benchmark_sets():
@@ -72,5 +73,5 @@ def test_tables_and_json_are_well_formed():
     lines = text.splitlines()
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
     assert "federated, DP eps=8" in text and "-1.00" in text and "98.00" in text
-    safe = b._json_safe({"a": math.inf, "b": [math.nan, 1.0]})
+    safe = json_safe({"a": math.inf, "b": [math.nan, 1.0]})
     assert json.loads(json.dumps(safe)) == {"a": "inf", "b": ["nan", 1.0]}

@@ -184,7 +184,7 @@ def test_cli_exit_codes_and_json(tmp_path):
 
 
 def test_bench_table_has_a_row_per_claim_and_a_column_per_plant():
-    from privatune.simulations.bench_whitebox import bench, table
+    from privatune.simulations.benchmarks.whitebox import bench, table
 
     results = bench([1.0], [200])
     assert [r.settings["plant"] for r in results] == ["none", "noise-half", "noise-seeded", "no-clip"]

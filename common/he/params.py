@@ -3,7 +3,7 @@
 Separate because every other module reads the parameters but none of them needs to know why they are what
 they are; that reasoning lives here, next to the defaults.
 
-Parameter choice (measured with ``simulations/bench_he_micro.py``)
+Parameter choice (measured with ``simulations/benchmarks/he_micro.py``)
 -----------------------------------------------------------------
 Only additions happen, so no multiplicative depth, relinearisation or rotation keys are needed. The
 ciphertext size per packed value is fixed by the number ``L`` of *data* primes (all coefficient moduli but

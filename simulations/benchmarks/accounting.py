@@ -1,10 +1,10 @@
 """Accounting benchmark: what calibrating with a tight accountant (PRV) instead of RDP buys, measured side by side.
 
-    python -m privatune.simulations.bench_accounting             # TREC-6 and SMS Spam, eps 1 and 8, rdp vs prv (~20 min)
-    python -m privatune.simulations.bench_accounting --quick     # smoke run of the same pipeline (not for figures)
+    python -m privatune.simulations.benchmarks.accounting             # TREC-6 and SMS Spam, eps 1 and 8, rdp vs prv (~20 min)
+    python -m privatune.simulations.benchmarks.accounting --quick     # smoke run of the same pipeline (not for figures)
 
 For each preset (head mode, 10 clients, Dirichlet 1.0: the default simulation) and each target epsilon, two
-federations run through the real ServerApp/ClientApp (:func:`privatune.simulations.bench_dp.federated_run`): one whose
+federations run through the real ServerApp/ClientApp (:func:`privatune.simulations.benchmarks.dp.federated_run`): one whose
 clients calibrate their noise and report with the RDP accountant (the old default), one with PRV (the new one).
 Each row gives the clients' noise multipliers, the largest epsilon any client reported, that client's epsilon
 recomputed from its ledger with dp-accounting's PLD (independent of Opacus), and test accuracy / macro-F1.
@@ -15,40 +15,43 @@ alone; it is what the tiny test exercises. Results go to ``DIR/bench_accounting.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import shlex
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from privatune.common.accounting import calibrate_noise, default_delta, epsilon_of, sample_rate, steps_per_epoch
 from privatune.common.config import RunConfig
 from privatune.common.ledger import LEDGER_GLOB, SITE_SCHEMA, ledger_schema, read_rows
-from privatune.simulations.bench_dp import (
+from privatune.simulations.benchmarks.dp.accuracy import federated_run
+from privatune.simulations.benchmarks.dp.bench import dp_environment
+from privatune.simulations.benchmarks.dp.data import PreparedData, prepare_data
+from privatune.simulations.benchmarks.dp.plan import (
     ACCURACY_PRESETS,
     FED_EPSILONS,
     BenchPlan,
-    PreparedData,
-    _environment,
-    _eps,
-    _json_safe,
-    _pct,
-    base_config,
-    federated_run,
-    format_table,
+    checked_plan,
     parse_overrides,
-    prepare_data,
+)
+from privatune.simulations.benchmarks.report import (
+    Log,
+    bench_parser,
+    default_out,
+    fmt_eps,
+    fmt_pct,
+    markdown_table,
+    plan_or_exit,
+    print_flush,
+    results_folder,
+    run_header,
+    write_results,
 )
 
+NAME = "accounting"
 OLD, NEW, INDEPENDENT = "rdp", "prv", "pld"
-DEFAULT_OUT = Path(tempfile.gettempdir()) / "privatune-bench-accounting"
+DEFAULT_OUT = default_out(NAME)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,7 +160,7 @@ class AccountingRow:
 
 
 def federated_row(
-    data: PreparedData, plan: BenchPlan, runs_dir: Path, accountant: str, epsilon: float, log: Callable[[str], None]
+    data: PreparedData, plan: BenchPlan, runs_dir: Path, accountant: str, epsilon: float, log: Log
 ) -> AccountingRow:
     """One federation with ``accountant`` for calibration and reporting, and what its ledgers say."""
     data = replace(data, cfg=replace(data.cfg, accountant=accountant))
@@ -187,7 +190,7 @@ def _sigma(lo: float | None, hi: float | None) -> str:
 
 
 def accounting_table(rows: Sequence[AccountingRow]) -> str:
-    return format_table(
+    return markdown_table(
         [
             "preset",
             "target eps",
@@ -205,11 +208,11 @@ def accounting_table(rows: Sequence[AccountingRow]) -> str:
                 f"{r.target_epsilon:g}",
                 r.accountant,
                 _sigma(r.noise_min, r.noise_max),
-                _eps(r.epsilon_reported),
-                _eps(r.epsilon_pld),
+                fmt_eps(r.epsilon_reported),
+                fmt_eps(r.epsilon_pld),
                 f"{r.epsilon_reported / r.epsilon_pld:.3f}" if r.epsilon_reported and r.epsilon_pld else "-",
-                _pct(r.accuracy) + (" FAILED" if r.error else ""),
-                _pct(r.macro_f1),
+                fmt_pct(r.accuracy) + (" FAILED" if r.error else ""),
+                fmt_pct(r.macro_f1),
             ]
             for r in rows
         ],
@@ -217,7 +220,7 @@ def accounting_table(rows: Sequence[AccountingRow]) -> str:
 
 
 def calibration_table(rows: Sequence[CalibrationRow]) -> str:
-    return format_table(
+    return markdown_table(
         ["records", "target eps", "accountant", "noise multiplier", "eps (own)", "eps PLD", "own / PLD"],
         [
             [
@@ -234,16 +237,10 @@ def calibration_table(rows: Sequence[CalibrationRow]) -> str:
     )
 
 
-def run(plan: BenchPlan, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+def run(plan: BenchPlan, out: Path, log: Log = print) -> dict[str, Any]:
+    out = results_folder(out)
     t_start = time.perf_counter()
-    result: dict[str, Any] = {
-        "command": "python -m privatune.simulations.bench_accounting " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "plan": asdict(plan),
-        "environment": _environment(),
-    }
+    result = run_header(NAME, plan, dp_environment())
     prepared = {p: prepare_data(p, plan, out / "feature-cache" / p, log) for p in ACCURACY_PRESETS}
     calib: list[CalibrationRow] = []
     fed: list[AccountingRow] = []
@@ -263,8 +260,8 @@ def run(plan: BenchPlan, out: Path, log: Callable[[str], None] = print) -> dict[
             for acc in (OLD, NEW):
                 row = federated_row(data, plan, out / "runs", acc, eps, log)
                 log(
-                    f"  -> {preset} eps={eps:g} {acc}: accuracy {_pct(row.accuracy)} %, reported eps "
-                    f"{_eps(row.epsilon_reported)}, PLD {_eps(row.epsilon_pld)}"
+                    f"  -> {preset} eps={eps:g} {acc}: accuracy {fmt_pct(row.accuracy)} %, reported eps "
+                    f"{fmt_eps(row.epsilon_reported)}, PLD {fmt_eps(row.epsilon_pld)}"
                 )
                 fed.append(row)
     result["calibration"] = [asdict(r) for r in calib]
@@ -274,30 +271,24 @@ def run(plan: BenchPlan, out: Path, log: Callable[[str], None] = print) -> dict[
     log("\n" + calibration_table(calib) + "\n")
     log(accounting_table(fed))
     path = out / "bench_accounting.json"
-    path.write_text(json.dumps(_json_safe(result), indent=2, sort_keys=True) + "\n")
+    write_results(path, result)
     log(f"\nresults in {path}; total {result['total_seconds']:.0f} s")
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m privatune.simulations.bench_accounting",
-        description="RDP vs PRV calibration: noise, epsilon (and PLD), accuracy.",
-    )
-    parser.add_argument("--quick", action="store_true", help="small smoke run of the same pipeline (not for figures)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    parser = bench_parser(NAME, "RDP vs PRV calibration: noise, epsilon (and PLD), accuracy.")
     parser.add_argument("--run-config", default="", help='overrides for every run, e.g. "lr=1.0"')
     args = parser.parse_args(argv)
-    try:
+
+    def checked() -> BenchPlan:
         overrides = parse_overrides(args.run_config)
         if "accountant" in overrides:
             raise ValueError("--run-config: the benchmark sets accountant itself; remove it from the overrides")
-        plan = BenchPlan.make(args.quick, overrides)
-        for preset in ACCURACY_PRESETS:
-            base_config(preset, plan)
-    except ValueError as err:
-        parser.error(str(err))
-    run(plan, args.out, log=lambda s: print(s, flush=True))
+        return checked_plan(args.quick, overrides)
+
+    plan = plan_or_exit(parser, checked)
+    run(plan, args.out, log=print_flush)
     return 0
 
 

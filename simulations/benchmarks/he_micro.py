@@ -1,7 +1,7 @@
-"""Micro benchmark of the CKKS aggregation core (common/he/): bytes, seconds and error per parameter.
+"""Micro benchmark of the CKKS aggregation core (``privatune.common.he``): bytes, seconds and error per parameter.
 
-    python -m privatune.simulations.bench_he_micro                      # 1M and 390k values, all configs
-    python -m privatune.simulations.bench_he_micro --sizes 390000 --configs default
+    python -m privatune.simulations.benchmarks.he_micro                      # 1M and 390k values, all configs
+    python -m privatune.simulations.benchmarks.he_micro --sizes 390000 --configs default
 
 For each parameter set and vector size it runs K clients (unequal weights 120/340/75/500/260, values
 with element magnitudes log-uniform in 1e-4..1, float64 so the float32 cast does not hide the HE error):
@@ -19,13 +19,17 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
 from privatune.common import he
+from privatune.simulations.benchmarks.report import prog
 
 WEIGHTS = [120.0, 340.0, 75.0, 500.0, 260.0]
 SMALL_WEIGHTS = [0.1, 0.3, 0.05, 0.35, 0.2]
+T = TypeVar("T")
+RunT = TypeVar("RunT", bound=tuple[Any, ...])
 
 
 @dataclass
@@ -50,22 +54,22 @@ def _workload(rng: np.random.Generator, n: int, k: int, small: bool) -> list[np.
 
 
 def _fedavg(vs: list[np.ndarray], ws: list[float]) -> np.ndarray:
-    return sum(w * v for v, w in zip(vs, ws)) / sum(ws)
+    return np.asarray(sum(w * v for v, w in zip(vs, ws, strict=False)) / sum(ws))
 
 
 CLOCK: Callable[[], float] = time.process_time
 
 
-def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
     t = CLOCK()
     out = fn()
     return out, CLOCK() - t
 
 
-def _best(runs: list[tuple]) -> tuple:
+def _best(runs: list[RunT]) -> RunT:
     """Keep the first run's outputs and the fastest time of each timed step (shared machine)."""
     first = runs[0]
-    return tuple(min(r[i] for r in runs) if isinstance(v, float) else v for i, v in enumerate(first))
+    return cast(RunT, tuple(min(r[i] for r in runs) if isinstance(v, float) else v for i, v in enumerate(first)))
 
 
 def bench_privatune(name: str, params: he.HEParams, n: int, k: int, rng: np.random.Generator, repeat: int = 1) -> Row:
@@ -80,9 +84,14 @@ def bench_privatune(name: str, params: he.HEParams, n: int, k: int, rng: np.rand
         return acc.result()
 
     def run(vs: list[np.ndarray], ws: list[float]) -> tuple[np.ndarray, float, float, float, float, int, int]:
-        ups, t_enc = _timed(lambda: [he.encrypt_update(sctx, {"p": v}, w) for v, w in zip(vs, ws)])
+        ups, t_enc = _timed(lambda: [he.encrypt_update(sctx, {"p": v}, w) for v, w in zip(vs, ws, strict=False)])
         layout = ups[0].layout
-        _, t_chk = _timed(lambda: [he.check_update(pctx, u, layout) for u in ups])
+
+        def check_all() -> None:
+            for u in ups:
+                he.check_update(pctx, u, layout)
+
+        _, t_chk = _timed(check_all)
         state, t_sum = _timed(lambda: server(ups))
         out, t_dec = _timed(lambda: he.decrypt_state(sctx, state))
         return out["p"], t_enc / len(vs), t_chk, t_sum, t_dec, ups[0].num_bytes, state.num_bytes
@@ -138,7 +147,7 @@ def bench_tenseal_flare(n: int, k: int, rng: np.random.Generator, repeat: int = 
         return x[:-1] / x[-1]
 
     def run(vs: list[np.ndarray], ws: list[float]) -> tuple[np.ndarray, float, float, float, int, int]:
-        ups, t_enc = _timed(lambda: [enc(v, w) for v, w in zip(vs, ws)])
+        ups, t_enc = _timed(lambda: [enc(v, w) for v, w in zip(vs, ws, strict=False)])
         state, t_sum = _timed(lambda: summ(ups))
         out, t_dec = _timed(lambda: dec(state))
         return out, t_enc / len(vs), t_sum, t_dec, sum(map(len, ups[0])), sum(map(len, state))
@@ -174,7 +183,7 @@ CONFIGS: dict[str, he.HEParams | None] = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=prog("he_micro"), description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 390_000])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--clients", type=int, default=5)

@@ -1,6 +1,6 @@
 """Benchmark of the white-box audit: lower bound against claim for the real code and every planted bug.
 
-    python -m privatune.simulations.bench_whitebox --epsilons 1 2 4 8 --canaries 10000 --json bench.json
+    python -m privatune.simulations.benchmarks.whitebox --epsilons 1 2 4 8 --canaries 10000 --json bench.json
 
 One run per (epsilon, canary count, plant), the site's own CSPRNG for the real code and ``noise-half``, the
 informed adversary and the default sizes of :class:`privatune.simulations.whitebox_audit.WhiteboxSettings`. Prints a
@@ -11,12 +11,12 @@ bound exceeds the claim; "most m allows" is the bound perfect guessing would giv
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from privatune.simulations.benchmarks.report import prog, write_json
 from privatune.simulations.whitebox_audit import PLANTS, WhiteboxResult, WhiteboxSettings, run_whitebox_audit
 
 
@@ -64,9 +64,7 @@ def table(results: Sequence[WhiteboxResult]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m privatune.simulations.bench_whitebox", description=__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog=prog("whitebox"), description=__doc__.split("\n\n")[0])
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     p.add_argument("--canaries", type=int, nargs="+", default=[10_000])
     p.add_argument("--auditor-seed", type=int, default=0)
@@ -77,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(results))
     print(f"\n{len(results)} runs in {time.perf_counter() - t0:.0f} s")
     if a.json:
-        a.json.write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
+        write_json(a.json, [r.to_json() for r in results], make_parent=False)
     return 0
 
 
