@@ -16,8 +16,8 @@ from pathlib import Path
 # Files and folders a privatune run leaves (server/run_record.py, server/app.py, simulations/simulate.py).
 RUN_MARKERS = ("summary.json", "config.json", "metrics.jsonl", "ledgers", "server.ledger.sqlite")
 RUN_ENTRIES = frozenset(
-    RUN_MARKERS
-    + (
+    (
+        *RUN_MARKERS,
         "rounds.png",
         "global.safetensors",
         "global.he-checkpoint",
