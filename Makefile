@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # Flower's SuperLink/SuperNode start flwr-serverapp / flwr-clientapp by name: the venv's must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup simulate test test-fast bench clean
+.PHONY: setup simulate test test-fast lint bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,12 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# ruff (lint, then format) and mypy, configured in pyproject.toml; .pre-commit-config.yaml runs the same three.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf runs .pytest_cache

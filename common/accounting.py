@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from privatune.common.accountants import (
     ACCOUNTANTS,
@@ -87,8 +88,9 @@ def _check_count(value: int, name: str, minimum: int) -> int:
     return value
 
 
-def check_mechanism(mechanism: Sequence, where: str = "mechanism") -> Mechanism:
-    """Validate one ``(noise_multiplier, sample_rate, steps)`` triple and return it with exact Python types."""
+def check_mechanism(mechanism: Sequence[Any], where: str = "mechanism") -> Mechanism:
+    """Validate one ``(noise_multiplier, sample_rate, steps)`` triple (of any types: it may come from JSON or a
+    ledger) and return it with exact Python types."""
     try:
         noise, rate, steps = mechanism
     except (TypeError, ValueError):
@@ -106,7 +108,7 @@ def check_mechanism(mechanism: Sequence, where: str = "mechanism") -> Mechanism:
     return (float(noise), rate, steps)
 
 
-def normalise(history: Sequence[Sequence]) -> list[Mechanism]:
+def normalise(history: Sequence[Sequence[Any]]) -> list[Mechanism]:
     """Merge every mechanism with equal (noise, rate) into one entry and drop zero-step entries.
 
     Composition is commutative, so this changes no epsilon in theory; in practice it makes "R rounds of k steps"
@@ -121,7 +123,7 @@ def normalise(history: Sequence[Sequence]) -> list[Mechanism]:
     return [(noise, rate, steps) for (noise, rate), steps in merged.items()]
 
 
-def compose(history: Sequence[Sequence], new: Sequence) -> list[Mechanism]:
+def compose(history: Sequence[Sequence[Any]], new: Sequence[Any]) -> list[Mechanism]:
     """Append ``new`` to a copy of ``history``, merging it into the last entry when (noise, rate) are equal.
 
     This is what Opacus' accountants do step by step, so a history built round by round looks like the one an
@@ -136,7 +138,7 @@ def compose(history: Sequence[Sequence], new: Sequence) -> list[Mechanism]:
     return out
 
 
-def epsilon_of(history: Sequence[Sequence], delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
+def epsilon_of(history: Sequence[Sequence[Any]], delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
     """Epsilon (at ``delta``) of the composition of every mechanism in ``history``, an upper bound.
 
     0.0 for an empty history (nothing spent); ``inf`` when any mechanism that took steps had no noise. The PRV value

@@ -81,7 +81,7 @@ def _dirichlet_once(y: np.ndarray, num_partitions: int, alpha: float, rng: np.ra
         members = rng.permutation(np.flatnonzero(y == cls))
         shares = rng.dirichlet(np.full(num_partitions, alpha))
         cuts = np.minimum((np.cumsum(shares)[:-1] * len(members)).astype(np.int64), len(members))
-        for bucket, piece in zip(buckets, np.split(members, cuts)):
+        for bucket, piece in zip(buckets, np.split(members, cuts), strict=True):
             bucket.append(piece)
     return [np.sort(np.concatenate(b)).astype(np.int64) for b in buckets]
 

@@ -126,7 +126,7 @@ def record_epsilons(
     ``record_ids``); ``run`` composes only the spends of ``run_id`` (plus ``new``)."""
     spent = [0.0] * len(record_ids)
     run = [0.0] * len(record_ids)
-    cache: dict[tuple, float] = {}
+    cache: dict[tuple[Mechanism, ...], float] = {}
 
     def cached(history: list[Mechanism]) -> float:
         key = tuple(sorted(history))  # composition does not depend on order: groups with equal multisets share

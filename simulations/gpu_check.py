@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    report: dict = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(), "steps": {}}
+    report: dict[str, Any] = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(), "steps": {}}
     if not torch.cuda.is_available():
         print("no CUDA device visible to torch: nothing to check on this host")
         return 2

@@ -25,6 +25,7 @@ Bit positions are drawn (seeded) half uniformly over the whole file and half ove
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -224,10 +225,8 @@ def lost_journal_campaign(cases: int, workdir: Path, seed: int) -> CampaignResul
         for i in range(1, n + 1):
             ledger.append(spend("run-a", i, 0.5 * i))
         for suffix in ("-wal", "-shm", "-journal"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(str(path) + suffix)
-            except FileNotFoundError:
-                pass
         holder.close()
         try:
             problems = verify_chain(path)
@@ -251,10 +250,8 @@ def lost_journal_campaign(cases: int, workdir: Path, seed: int) -> CampaignResul
 
 def _write_fresh(target: Path, content: bytes) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(str(target) + suffix)
-        except FileNotFoundError:
-            pass
     target.write_bytes(content)
 
 
@@ -263,7 +260,7 @@ def run_campaign(
 ) -> dict[str, CampaignResult]:
     """The whole campaign: results per part ("flips", "truncations", "lost journal") and "total"."""
     own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="privatune-ledger-campaign-")) if own else Path(workdir)
+    work = Path(tempfile.mkdtemp(prefix="privatune-ledger-campaign-")) if workdir is None else Path(workdir)
     try:
         site = build_site_ledger(work / site_ledger_filename("s1"))
         server = build_server_ledger(work / SERVER_LEDGER_NAME)
@@ -300,19 +297,19 @@ def bench_appends(n: int, workdir: Path) -> dict[str, float]:
     wal = {checkpoint: workdir / f"bench-wal-{checkpoint}{LEDGER_SUFFIX}" for checkpoint in (True, False)}
     for path in wal.values():
         SiteLedger(path)
-    labels = {
+    labels: dict[str | bool, str] = {  # "delete", or a WAL design: checkpoint after each append or not
         "delete": "rollback journal (privatune)",
         True: "WAL, checkpoint after each append",
         False: "WAL, no checkpoint (before)",
     }
-    times: dict[Any, list[float]] = {key: [] for key in labels}
+    times: dict[str | bool, list[float]] = {key: [] for key in labels}
     for i in range(1, n + 1):
         for key in labels:
             t = time.perf_counter()
-            if key == "delete":
-                ledger.append(spend("run-a", i, 0.5 * i))
-            else:
+            if isinstance(key, bool):
                 _wal_append(wal[key], key, i)
+            else:
+                ledger.append(spend("run-a", i, 0.5 * i))
             times[key].append(time.perf_counter() - t)
     return {labels[key]: 1000 * statistics.median(ts) for key, ts in times.items()}
 

@@ -50,7 +50,7 @@ class RoundPrinter:
         self.console.print("[dim]loading models and computing features on the first round...[/]")
 
     def __call__(self, report: RoundReport) -> None:
-        eps = [r.get("epsilon") for r in report.clients.values() if isinstance(r.get("epsilon"), float)]
+        eps = [e for e in (r.get("epsilon") for r in report.clients.values()) if isinstance(e, float)]
         parts = [f"round {report.round}/{self.cfg.num_server_rounds}"]  # kept under 80 columns
         if report.round > 0:
             parts.append(f"{len(report.clients)} trained")

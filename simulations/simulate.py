@@ -7,6 +7,7 @@ process outlives the command.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from privatune.client.site_secret import default_key_path, write_site_key
 from privatune.common.config import DATASET_LABELS, ConfigError, RunConfig
@@ -27,6 +28,9 @@ from privatune.common.federation_data import check_federation_size
 from privatune.common.ledger import site_ledger_filename
 from privatune.common.offline import set_offline_env
 from privatune.server.run_record import RoundReport, write_json_atomic
+
+if TYPE_CHECKING:
+    from flwr.app import ConfigRecordValues
 
 log = logging.getLogger("privatune.simulate")
 
@@ -157,7 +161,7 @@ def run_simulation(
         logging.getLogger("flwr").setLevel(logging.CRITICAL)
     ray_tmp = tempfile.mkdtemp(prefix="pt-ray-")
     cpus = os.cpu_count() or 1
-    backend_config = {
+    backend_config: dict[str, dict[str, ConfigRecordValues]] = {  # Flower's BackendConfig
         # A GPU share per client (e.g. 0.5 = two clients per GPU); 0 without a GPU, or Ray makes no actors.
         "client_resources": {"num_cpus": float(client_cpus), "num_gpus": float(client_gpus)},
         "init_args": {
@@ -177,7 +181,7 @@ def run_simulation(
             raise ValueError("--client-gpus > 0 but this machine has no CUDA GPU; Flower would start no clients")
         backend_config["init_args"]["num_gpus"] = torch.cuda.device_count()
     stopper = None
-    undo_patch: Callable[[], None] = lambda: None
+    undo_patch: Callable[[], None] = _nothing_to_undo
     if stop_on_signal:
         from privatune.simulations.stopping import StopOnSignal
 
@@ -236,10 +240,12 @@ def mark_failed(out: Path, err: BaseException) -> None:
         summary = {}
     summary["status"] = "failed"
     summary["failure_reasons"] = {"server": one_line(str(innermost(err)))}
-    try:
+    with contextlib.suppress(OSError):
         write_json_atomic(path, summary)
-    except OSError:
-        pass
+
+
+def _nothing_to_undo() -> None:
+    """The undo of a patch that was not made (no stop on signal)."""
 
 
 def _reinstall_after_ray_init(install: Callable[[], None]) -> Callable[[], None]:

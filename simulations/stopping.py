@@ -14,6 +14,7 @@ threads) never wakes to run it. So the signal's number also goes to a wakeup pip
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -67,19 +68,15 @@ def alive(pid: int) -> bool:
 def end_processes(pids: list[int], grace: float = 2.0) -> None:
     """SIGTERM, then SIGKILL whatever is still there after ``grace`` seconds."""
     for pid in pids:
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.05)
     for pid in pids:
         if alive(pid):
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
 
 
 class StopOnSignal:
@@ -123,7 +120,7 @@ class StopOnSignal:
         self.previous.clear()
         if self._pipe is not None:
             signal.set_wakeup_fd(self._previous_wakeup_fd if self._previous_wakeup_fd is not None else -1)
-            r, w = self._pipe
+            _, w = self._pipe
             self._pipe = None
             os.close(w)  # the watcher reads EOF and ends
 

@@ -3,6 +3,7 @@ an independent one (dp-accounting's PLD for Opacus', Opacus' PRV for PLD)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -65,9 +66,9 @@ def test_prv_composes_like_one_run() -> None:
 def test_epsilon_grows_with_rounds_and_prv_is_tighter() -> None:
     rdp = [epsilon_of([ROUND] * r, DELTA, "rdp") for r in (1, 2, 4, 8)]
     prv = [epsilon_of([ROUND] * r, DELTA, "prv") for r in (1, 2, 4, 8)]
-    assert all(a < b for a, b in zip(rdp, rdp[1:]))
-    assert all(a < b for a, b in zip(prv, prv[1:]))
-    assert all(p <= r * 1.01 for p, r in zip(prv, rdp))
+    assert all(a < b for a, b in itertools.pairwise(rdp))
+    assert all(a < b for a, b in itertools.pairwise(prv))
+    assert all(p <= r * 1.01 for p, r in zip(prv, rdp, strict=True))
 
 
 def test_heterogeneous_history_is_order_free() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -56,14 +57,14 @@ def test_perfect_guesses_without_delta_have_a_closed_form(r: int) -> None:
 def test_perfect_guesses_give_a_bound_that_grows_with_r() -> None:
     bounds = [epsilon_lower_bound(1000, r, r, 1e-5) for r in (5, 10, 20, 50, 100, 200)]
     assert bounds[0] > 0
-    assert all(b2 > b1 + 0.3 for b1, b2 in zip(bounds, bounds[1:]))
+    assert all(b2 > b1 + 0.3 for b1, b2 in itertools.pairwise(bounds))
     assert 3.3 < bounds[4] < 3.6  # 100 of 100 right, m = 1000, delta 1e-5: about 3.47
 
 
 def test_bound_is_monotonic_in_the_number_of_correct_guesses() -> None:
     r = 100
     bounds = [epsilon_lower_bound(1000, r, v, 1e-5) for v in range(r + 1)]
-    assert all(b2 >= b1 for b1, b2 in zip(bounds, bounds[1:]))
+    assert all(b2 >= b1 for b1, b2 in itertools.pairwise(bounds))
     assert all(b == 0.0 for b in bounds[: r // 2 + 1])  # no better than chance: no evidence
     assert bounds[-1] > bounds[90] > bounds[75] > 0
 

@@ -353,7 +353,7 @@ def test_node_config_errors_name_the_key():
         SiteConfig.from_node_config({**base, "max-epsilon": "abc"}, cfg)
     with pytest.raises(SiteConfigError, match="max-epsilon"):
         SiteConfig.from_node_config({**base, "max-epsilon": "nan"}, cfg)
-    with pytest.raises(SiteConfigError, match="he-secret-context: .* is a folder"):
+    with pytest.raises(SiteConfigError, match=r"he-secret-context: .* is a folder"):
         SiteConfig.from_node_config({**base, "he-secret-context": "/tmp"}, cfg)
 
 

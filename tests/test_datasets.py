@@ -227,7 +227,7 @@ def test_holdout_split_keeps_both_sides_non_empty() -> None:
 
 def test_holdout_on_a_preset_keeps_class_balance() -> None:
     data = load_dataset("trec6")
-    train, test = holdout_split(data, 0.2, seed=42)
+    _train, test = holdout_split(data, 0.2, seed=42)
     overall = data.label_counts() / len(data)
     assert np.abs(test.label_counts() / len(test) - overall).max() < 0.002
     assert len(test) == round(0.2 * len(data))

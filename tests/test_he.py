@@ -59,7 +59,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _fedavg(states: list[dict[str, np.ndarray]], weights: list[float]) -> np.ndarray:
-    return sum(w * _flat(s) for s, w in zip(states, weights)) / sum(weights)
+    return sum(w * _flat(s) for s, w in zip(states, weights, strict=True)) / sum(weights)
 
 
 # ------------------------------------------------------------------------------------------ precision
@@ -70,7 +70,7 @@ def test_he_fedavg_matches_plaintext_within_1e6(sctx, pctx, scale) -> None:
     rng = np.random.default_rng(7)
     weights = [1.0, 3.0, 0.5, 120.0, 7.25]  # K=5, unequal, spanning 2.4 decades
     states = [_state(rng, scale) for _ in weights]
-    ups = [he.encrypt_update(sctx, s, w) for s, w in zip(states, weights)]
+    ups = [he.encrypt_update(sctx, s, w) for s, w in zip(states, weights, strict=True)]
     layout = ups[0].layout
     for u in ups:
         he.check_update(pctx, u, layout)
@@ -84,7 +84,7 @@ def test_he_error_itself_is_far_below_target_in_float64(sctx, pctx) -> None:
     rng = np.random.default_rng(1)
     weights = [0.05, 0.2, 0.1, 0.4, 0.25]  # fractions: the small-weight corner
     states = [{"w": rng.normal(size=30_000) * 1e-4} for _ in weights]
-    ups = [he.encrypt_update(sctx, s, w) for s, w in zip(states, weights)]
+    ups = [he.encrypt_update(sctx, s, w) for s, w in zip(states, weights, strict=True)]
     out = he.decrypt_state(sctx, he.sum_updates(pctx, ups))
     assert out["w"].dtype == np.float64
     assert _rel(out["w"], _fedavg(states, weights)) < 1e-7
@@ -126,7 +126,7 @@ def test_keys_round_trip_and_fingerprint(keys, sctx, pctx) -> None:
 
 
 def test_server_refuses_secret_context(keys) -> None:
-    with pytest.raises(he.HEKeyError, match="holds a secret key; the server must get public.ctx"):
+    with pytest.raises(he.HEKeyError, match=r"holds a secret key; the server must get public.ctx"):
         he.load_context(keys.secret, require_secret=False)
 
 
@@ -217,7 +217,7 @@ def test_corrupted_ciphertext_is_refused(pctx, good_update, where) -> None:
 def test_random_bytes_and_oversized_chunks_are_refused(pctx, good_update) -> None:
     rng = np.random.default_rng(4)
     for blob in (rng.bytes(len(good_update.chunks[0])), rng.bytes(pctx.max_chunk_bytes() + 1), b""):
-        chunks = [blob] + list(good_update.chunks[1:])
+        chunks = [blob, *good_update.chunks[1:]]
         assert "ciphertext 0" in _reason(
             pctx, dataclasses.replace(good_update, chunks=chunks, digest=""), good_update.layout
         )
@@ -249,13 +249,13 @@ def test_ciphertext_at_wrong_scale_or_summed_is_refused(pctx, sctx) -> None:
 
 def test_non_finite_update_is_refused(sctx) -> None:
     state = {"a": np.ones(5, np.float32), "layer.bias": np.array([0.0, np.nan, np.inf], np.float32)}
-    with pytest.raises(he.HEInputError, match="'layer.bias' has 2 non-finite"):
+    with pytest.raises(he.HEInputError, match=r"'layer.bias' has 2 non-finite"):
         he.encrypt_update(sctx, state, 1.0)
     with pytest.raises(he.HEInputError, match="weight"):
         he.encrypt_update(sctx, {"a": np.ones(3)}, float("nan"))
     with pytest.raises(he.HEInputError, match="weight"):
         he.encrypt_update(sctx, {"a": np.ones(3)}, 0.0)
-    with pytest.raises(he.HEInputError, match="'big'.*overflow"):
+    with pytest.raises(he.HEInputError, match=r"'big'.*overflow"):
         he.encrypt_update(sctx, {"big": np.full(3, 1e12)}, 1e4)
     with pytest.raises(he.HEInputError, match="dtype int64"):
         he.encrypt_update(sctx, {"steps": np.arange(3)}, 1.0)
@@ -294,7 +294,7 @@ def test_flatten_unflatten_round_trip() -> None:
 def test_checkpoint_round_trip_and_decrypt_to_safetensors(keys, sctx, pctx, tmp_path) -> None:
     rng = np.random.default_rng(5)
     states = [_state(rng, None, n=5_000) for _ in range(3)]
-    summed = he.sum_updates(pctx, [he.encrypt_update(sctx, s, w) for s, w in zip(states, [1, 2, 3])])
+    summed = he.sum_updates(pctx, [he.encrypt_update(sctx, s, w) for s, w in zip(states, [1, 2, 3], strict=True)])
     path = he.save_checkpoint(tmp_path / "ckpt" / "global.he", summed)
     loaded = he.load_checkpoint(path)
     assert loaded.chunks == summed.chunks and loaded.layout == summed.layout and loaded.num_summands == 3
@@ -365,7 +365,7 @@ def test_accumulator_drops_bad_reply_and_keeps_the_rest(sctx, pctx) -> None:
     rng = np.random.default_rng(6)
     weights = [2.0, 5.0, 1.0]
     states = [_state(rng, None, n=10_000) for _ in weights]
-    ups = [he.encrypt_update(sctx, s, w) for s, w in zip(states, weights)]
+    ups = [he.encrypt_update(sctx, s, w) for s, w in zip(states, weights, strict=True)]
     broken = dataclasses.replace(ups[1], chunks=ups[1].chunks[:-1], digest="")
     acc = he.HEAccumulator(pctx, ups[0].layout)
     acc.add(ups[0])

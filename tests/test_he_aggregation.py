@@ -150,5 +150,5 @@ def test_client_refuses_to_encrypt_a_non_finite_update(keys, tmp_path):
     )
     site = SiteConfig.from_node_config({"partition-id": 0, "num-partitions": 2}, cfg)
     bad = {"head.weight": np.full((4, 8), np.nan, np.float32), "head.bias": np.zeros(4, np.float32)}
-    with pytest.raises(he.HEInputError, match="head.weight"):
+    with pytest.raises(he.HEInputError, match=r"head.weight"):
         encode_update(bad, 10, cfg, site)

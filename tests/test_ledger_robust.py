@@ -386,7 +386,7 @@ def _v1_site_ledger(path: Path, rows: int) -> Path:
 def test_a_version_1_ledger_is_verified_and_audited_but_not_written(tmp_path: Path) -> None:
     path = _v1_site_ledger(tmp_path / "site-s1.ledger.sqlite", rows=3)
     assert verify_chain(path) == []
-    with pytest.raises(ledger_mod.LedgerVersionError, match="version 1 ledger.*migrate-ledger") as info:
+    with pytest.raises(ledger_mod.LedgerVersionError, match=r"version 1 ledger.*migrate-ledger") as info:
         SiteLedger(path)
     assert "backup" not in str(info.value)  # nothing to restore: it only needs migrating
     from privatune.common.audit import audit_paths

@@ -55,7 +55,7 @@ def test_registry_lists_both_models_with_their_specs():
 
 
 def test_unknown_model_error_lists_known_names():
-    with pytest.raises(ValueError, match="unknown model 'bert-huge'.*digits-cnn.*minilm"):
+    with pytest.raises(ValueError, match=r"unknown model 'bert-huge'.*digits-cnn.*minilm"):
         M.get_model_spec("bert-huge")
     with pytest.raises(ValueError, match="no pretrained loader"):
         M.load_pretrained_cached("bert-huge")
@@ -145,7 +145,7 @@ def test_minilm_modes_give_the_right_trainable_sets():
 def test_unknown_mode_is_rejected():
     model = M.build_digits_cnn(2, seed=0)
     for call in (lambda: M.configure_trainable(model, "lora"), lambda: M.backbone_is_frozen("lora")):
-        with pytest.raises(ValueError, match="unknown fine-tuning mode 'lora'.*head, partial, full"):
+        with pytest.raises(ValueError, match=r"unknown fine-tuning mode 'lora'.*head, partial, full"):
             call()
     assert M.backbone_is_frozen("head") and not M.backbone_is_frozen("partial") and not M.backbone_is_frozen("full")
     assert M.module_to_train(model, "head") is model.head and M.module_to_train(model, "full") is model
@@ -199,7 +199,7 @@ def test_encode_rejects_bad_inputs():
         M.encode_texts(["ok", 3])
     with pytest.raises(ValueError, match="max_length"):
         M.encode_texts(["ok"], max_length=1000)
-    ids, mask = M.encode_texts([], max_length=8)
+    ids, _mask = M.encode_texts([], max_length=8)
     assert ids.shape == (0, 8)
     with pytest.raises(ValueError, match=r"\[N, 28, 28\]"):
         M.encode_images(np.zeros((3, 8, 8)))
@@ -253,7 +253,7 @@ def test_load_trainable_state_is_strict():
             "head.bias": np.zeros(7, np.float32),
         },
     )
-    with pytest.raises(ValueError, match="head.bias"):
+    with pytest.raises(ValueError, match=r"head.bias"):
         M.load_trainable_state(model, bad_late)
     assert all(np.array_equal(before[k], v) for k, v in M.trainable_state(model).items())
 

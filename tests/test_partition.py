@@ -44,8 +44,8 @@ def test_same_seed_same_partitions(scheme: str) -> None:
     a = partition_indices(LABELS, 8, scheme=scheme, alpha=0.3, seed=5)  # type: ignore[arg-type]
     b = partition_indices(LABELS, 8, scheme=scheme, alpha=0.3, seed=5)  # type: ignore[arg-type]
     c = partition_indices(LABELS, 8, scheme=scheme, alpha=0.3, seed=6)  # type: ignore[arg-type]
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_dirichlet_small_alpha_is_more_skewed_than_iid() -> None:

@@ -104,7 +104,7 @@ def test_install_noise_keeps_opacus_arithmetic(monkeypatch):
     reference_noise = SeededRandomness(seed)
     noise = [reference_noise.gaussian(tuple(p.shape), sigma * C, device="cpu", dtype=p.dtype) for p in params]
     ours.step()
-    for p, s, z in zip(params, clipped_sum, noise):
+    for p, s, z in zip(params, clipped_sum, noise, strict=True):
         assert torch.allclose(p.grad, (s + z) / B, atol=1e-6)
 
     # Opacus' own add_noise, fed the same noise tensors in the same order.
@@ -115,7 +115,7 @@ def test_install_noise_keeps_opacus_arithmetic(monkeypatch):
     ref_model, ref = make()
     backward(ref_model)
     ref.step()
-    for p, q in zip(ours_model.parameters(), ref_model.parameters()):
+    for p, q in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
         assert torch.equal(p.detach(), q.detach())
 
 

@@ -366,7 +366,7 @@ def test_rejected_update_still_records_its_spend(tmp_path):
     good = _good(rng, 2)
     bad = _reply(9, {k: v.astype(np.float64) for k, v in _state(rng).items()}, "site-x", epsilon=2.75)
     strategy.aggregate_train(1, [*good, bad])
-    row = [r.report for r in strategy.ledger.reports("run-1") if r.report.client_id == "site-x"][0]
+    row = next(r.report for r in strategy.ledger.reports("run-1") if r.report.client_id == "site-x")
     assert row.status == "dropped" and row.epsilon_reported == 2.75 and row.noise_multiplier == 1.0
     assert row.steps == 12 and row.sample_rate == 0.25 and row.accountant == "rdp"
     assert row.dataset_fingerprint == "fp-site-x" and "dtype float64" in row.reason
@@ -394,7 +394,7 @@ def test_client_error_reasons_are_stored_on_one_line(tmp_path):
     err = Message(Error(code=0, reason=RAY_REASON), reply_to=_request(5))
     strategy.aggregate_train(1, [*_good(rng, 2), err])
     assert strategy.current.dropped == {"node-5": "client error: disk full"}
-    row = [r.report for r in strategy.ledger.reports("run-1") if r.report.status == "dropped"][0]
+    row = next(r.report for r in strategy.ledger.reports("run-1") if r.report.status == "dropped")
     assert row.reason == "client error: disk full"
 
 

@@ -70,7 +70,7 @@ def test_by_default_only_allow_listed_keys_leave_a_site(tmp_path, he_keys, aggre
     if aggregation == "he":
         assert KEY_NUM_EXAMPLES not in metric_keys
         arrays = content["arrays"]
-        assert all(k == META_KEY or k.startswith("he.ct.") for k in arrays.keys())
+        assert all(k == META_KEY or k.startswith("he.ct.") for k in arrays)
         meta = json.loads(arrays[META_KEY].numpy().tobytes())
         assert set(meta) == HE_META_FIELDS and meta["num_summands"] == 1  # no count in the clear
     else:
@@ -112,7 +112,7 @@ def test_released_metrics_are_noised_and_paid_for_before_they_exist(tmp_path, mo
     assert seen_at_noise == [1, 2]
     m1, m2 = first["metrics"], second["metrics"]
     assert set(m1.keys()) == set(EVAL_RELEASE_KEYS)
-    assert all(_documented(k) for k in m1.keys())
+    assert all(_documented(k) for k in m1)
     assert any(m1[k] != m2[k] for k in EVAL_RELEASE_KEYS[:3]), "two releases of the same model must differ"
     metrics_rows = [r.entry for r in SiteLedger(ledger_path).entries() if r.entry.purpose == PURPOSE_METRICS]
     assert [(e.noise_multiplier, e.sample_rate, e.steps) for e in metrics_rows] == [(20.0, 1.0, 3)] * 2
@@ -191,7 +191,7 @@ def test_he_server_aggregates_without_any_plaintext_count(he_keys):
                 "status": ConfigRecord({"status": "trained", "client-id": f"site-{i}", "accountant": "rdp"}),
             },
         )
-        for i, (st, w) in enumerate(zip(states, weights))
+        for i, (st, w) in enumerate(zip(states, weights, strict=True))
     ]
     strategy = PrivatuneFedAvg(cfg, "r", shapes, he_context=public)
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -250,7 +250,7 @@ def test_server_reports_only_released_noised_metrics():
         "evaluate",
     )
     out = strategy.aggregate_evaluate(
-        1, quiet + [broken, _reply(3, {"metrics": MetricRecord(released), "status": status("evaluated")}, "evaluate")]
+        1, [*quiet, broken, _reply(3, {"metrics": MetricRecord(released), "status": status("evaluated")}, "evaluate")]
     )
     assert out["eval-accuracy"] == pytest.approx(0.8) and out["eval-loss"] == pytest.approx(0.5)
     assert out["noised"] == 1.0 and out["max-site-epsilon"] == 1.5 and out["num-sites"] == 1.0

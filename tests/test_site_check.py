@@ -12,7 +12,7 @@ from privatune.client.site_check import check_site
 
 
 def _csv(path, rows):
-    path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
+    path.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
     return path
 
 

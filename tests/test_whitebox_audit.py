@@ -3,6 +3,7 @@ DP-SGD step code it must clear (simulations/whitebox_audit.py, `privatune whiteb
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_perfect_guess_bound_is_the_bound_for_all_correct():
 @pytest.mark.parametrize("fraction", [0.02, 0.1])
 def test_perfect_guess_cap_is_monotone_in_m(fraction):
     caps = [perfect_guess_bound(m, max(int(m * fraction), 1), 1e-5) for m in (100, 300, 1000, 3000, 10_000, 30_000)]
-    assert all(b > a for a, b in zip(caps, caps[1:])), caps
+    assert all(b > a for a, b in itertools.pairwise(caps)), caps
     assert caps[0] < 2.0 < caps[-1]
 
 

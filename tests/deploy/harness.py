@@ -25,6 +25,7 @@ Facts about flwr 1.42 this relies on (checked against the installed source):
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -41,14 +42,14 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Union
+from typing import IO
 
 from privatune.pki import PkiPaths, make_trial_pki, write_node_keypair
 
 LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MARKER_ENV = "PRIVATUNE_DEPLOY_HARNESS"
-ConfigValue = Union[str, int, float, bool]
+ConfigValue = str | int | float | bool
 
 _NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
 _RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
@@ -176,10 +177,8 @@ class ManagedProcess:
             return ""
 
     def signal_group(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def wait(self, timeout: float) -> int | None:
         try:
@@ -782,10 +781,8 @@ class Federation:
             if not survivors:
                 return []
             for pid in survivors:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.2)
         return self.leftover_pids()
 

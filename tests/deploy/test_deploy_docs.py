@@ -48,7 +48,7 @@ def script_blocks() -> dict[str, list[str]]:
     for i, line in enumerate(lines):
         match = re.fullmatch(r"# doc: ([\w-]+)", line)
         if match:
-            blocks[match.group(1)] = [l for l in lines[i + 1 :] if not l.startswith("# doc:")]
+            blocks[match.group(1)] = [line for line in lines[i + 1 :] if not line.startswith("# doc:")]
     return blocks
 
 

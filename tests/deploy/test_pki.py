@@ -57,7 +57,7 @@ def test_server_certificate_chains_to_ca_with_loopback_names(pki) -> None:
 
 
 def test_node_keys_are_p384_openssh_pairs(pki) -> None:
-    for private_path, public_path in zip(pki.node_keys, pki.node_public_keys):
+    for private_path, public_path in zip(pki.node_keys, pki.node_public_keys, strict=True):
         private = load_ssh_private_key(private_path.read_bytes(), None)  # as flower-supernode reads it
         public = load_ssh_public_key(public_path.read_bytes())  # as `flwr supernode register` reads it
         assert isinstance(private, ec.EllipticCurvePrivateKey)
@@ -74,7 +74,7 @@ def test_custom_hosts_and_overwrite_protection(tmp_path: Path) -> None:
     assert san.get_values_for_type(x509.DNSName) == ["link.example.org"]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
     before = paths.server_key.read_bytes()
-    with pytest.raises(FileExistsError, match="server.key|ca.crt"):
+    with pytest.raises(FileExistsError, match=r"server.key|ca.crt"):
         make_trial_pki(tmp_path, 0)
     assert paths.server_key.read_bytes() == before
     make_trial_pki(tmp_path, 1, overwrite=True)
