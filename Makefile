@@ -1,10 +1,10 @@
-# The two commands of the README. Both set up .venv first (idempotent, quick once done).
+# The README's commands: simulate and test (what a user runs), lint (what CI runs first). Each sets up .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Flower's SuperLink/SuperNode start flwr-serverapp / flwr-clientapp by name: the venv's must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup simulate test test-fast lint bench clean
+.PHONY: setup simulate test test-fast lint clean
 
 setup:
 	@bash scripts/setup.sh
