@@ -240,11 +240,11 @@ def test_bad_entries_are_refused_with_the_field_named(change: dict, match: str) 
 def test_wrong_kind_of_file_is_refused(tmp_path: Path) -> None:
     server_path = tmp_path / SERVER_LEDGER_NAME
     ServerLedger(server_path)
-    with pytest.raises(LedgerError, match="not a privatune.site-ledger"):
+    with pytest.raises(LedgerError, match=r"not a privatune.site-ledger"):
         SiteLedger(server_path)
     junk = tmp_path / "junk.ledger.sqlite"
     junk.write_bytes(b"this is not sqlite at all, not even close" * 10)
-    with pytest.raises(LedgerError, match="junk.ledger.sqlite"):
+    with pytest.raises(LedgerError, match=r"junk.ledger.sqlite"):
         SiteLedger(junk)
     other = tmp_path / "other.sqlite"
     sql(other, "CREATE TABLE t (x)")

@@ -88,14 +88,14 @@ def _assert_refused_for_budget(tmp_path, reply):
 
 
 def test_one_record_added_does_not_restart_the_budget(tmp_path, trained_site):
-    data, node, _ = trained_site
+    _data, node, _ = trained_site
     x, y = _digits(N + 1)
     _write(tmp_path, x, y)  # the same file with one record appended
     _assert_refused_for_budget(tmp_path, _train(_cfg(tmp_path), node, run_id=2))
 
 
 def test_shuffled_file_does_not_restart_the_budget(tmp_path, trained_site):
-    data, node, _ = trained_site
+    _data, node, _ = trained_site
     x, y = _digits()
     order = np.random.default_rng(0).permutation(N)
     _write(tmp_path, x[order], y[order])
@@ -158,7 +158,7 @@ def test_new_records_train_on_their_own_budget_and_exhausted_ones_are_left_out(t
     eps = record_epsilons(sorted(old | new), cohorts, spends, 1e-5, first.entry.accountant)
     assert eps.worst <= MAX_EPS + 1e-9
     assert reply["metrics"]["epsilon-dataset"] == pytest.approx(
-        max(e for rid, e in zip(sorted(old | new), eps.spent) if rid in new)
+        max(e for rid, e in zip(sorted(old | new), eps.spent, strict=False) if rid in new)
     )
 
 
@@ -209,7 +209,7 @@ def _now():
 
 
 def test_the_server_cannot_test_candidates_for_the_last_record(tmp_path, trained_site):
-    data, node, reply = trained_site
+    data, _node, reply = trained_site
     sent = {str(v) for rec in ("status", "metrics") for v in reply[rec].values()}
     from privatune.client.site_data import SiteDataSpec, load_site_data
 
@@ -292,7 +292,7 @@ def test_record_ids_are_stable_under_appends_shuffles_and_relabelling():
     texts = [f"note {i}" for i in range(50)] + ["same", "same"]
     ids = record_ids(key, _toy(texts))
     assert len(set(ids)) == len(ids)  # identical inputs get distinct ids by occurrence
-    assert record_ids(key, _toy(texts + ["new"]))[:-1] == ids
+    assert record_ids(key, _toy([*texts, "new"]))[:-1] == ids
     perm = np.random.default_rng(1).permutation(len(texts))
     assert sorted(record_ids(key, _toy([texts[i] for i in perm]))) == sorted(ids)
     assert record_ids(key, _toy(texts, [1] * len(texts), ("x", "y"))) == ids  # labels are not part of the id

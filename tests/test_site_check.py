@@ -13,7 +13,7 @@ from privatune.common.mechanism import DPMechanism
 
 
 def _csv(path, rows):
-    path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
+    path.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
     return path
 
 
