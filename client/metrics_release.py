@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from privatune.common.accounting import Mechanism
+from privatune.common.mechanism import DPMechanism
 from privatune.common.protocol import KEY_EVAL_CORRECT, KEY_EVAL_COUNT, KEY_EVAL_LOSS_SUM
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -164,13 +165,12 @@ def record_metrics_spend(
             eps.worst,
             None,
         )
+    # The clip bound of this release is the loss bound (counts have sensitivity 1).
+    release = DPMechanism(*mech, max_grad_norm=LOSS_BOUND, delta=delta, accountant=cfg.accountant)
     seq = guard.record_spend(
         purpose=PURPOSE_METRICS,
         record_ids=list(validation_ids),
-        mechanism=mech,
-        delta=delta,
-        accountant=cfg.accountant,
-        max_grad_norm=LOSS_BOUND,  # the clip bound of this release (the loss; counts have sensitivity 1)
+        mechanism=release,
         run_id=run_id,
         server_round=max(1, int(server_round)),
         dataset_fingerprint=dataset_fingerprint,

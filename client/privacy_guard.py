@@ -232,10 +232,7 @@ class PrivacyGuard:
         *,
         purpose: str,
         record_ids: Sequence[bytes],
-        mechanism: Mechanism,
-        delta: float,
-        accountant: str,
-        max_grad_norm: float,
+        mechanism: DPMechanism,
         run_id: str,
         server_round: int,
         dataset_fingerprint: str,
@@ -249,19 +246,13 @@ class PrivacyGuard:
         number. Any release that costs privacy at this site goes through here (``purpose`` says which kind,
         ``noise_source`` where its noise comes from: ``privatune.client.randomness``)."""
         cohort = self.ledger.add_cohort(record_ids, self.key_check)
-        noise, q, steps = mechanism
-        entry = SpendEntry(
+        entry = SpendEntry.from_mechanism(
+            mechanism,
             run_id=run_id,
             round=server_round,
             site_id=self.site_id,
             dataset_fingerprint=dataset_fingerprint,
             params_fingerprint=params_fingerprint,
-            noise_multiplier=noise,
-            sample_rate=q,
-            steps=steps,
-            max_grad_norm=max_grad_norm,
-            delta=delta,
-            accountant=accountant,
             epsilon_run=epsilon_run,
             epsilon_dataset=epsilon_dataset,
             max_epsilon=self.max_epsilon,
@@ -287,14 +278,10 @@ class PrivacyGuard:
     ) -> int:
         """Write-ahead record of a planned training round on the plan's cohort of ``record_ids`` (the plan carries
         the mechanism; ``cfg`` is the run it was planned for)."""
-        mech = plan.mechanism
         return self.record_spend(
             purpose=PURPOSE_TRAIN,
             record_ids=[record_ids[i] for i in plan.train],
-            mechanism=mech.gaussian,
-            delta=mech.delta,
-            accountant=mech.accountant,
-            max_grad_norm=mech.max_grad_norm,
+            mechanism=plan.mechanism,
             run_id=run_id,
             server_round=server_round,
             dataset_fingerprint=dataset_fingerprint,

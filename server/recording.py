@@ -45,18 +45,12 @@ def trained_row(
     run_id: str, server_round: int, node_id: int, verdict: Accepted, status: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The server-ledger row of an aggregated reply (``ServerLedger.record_report`` arguments)."""
-    mech = verdict.spend.mechanism
     return dict(
         run_id=run_id,
         round=server_round,
         client_id=verdict.client_id,
         node_id=node_id,
-        noise_multiplier=mech.noise_multiplier,
-        sample_rate=mech.sample_rate,
-        steps=mech.steps,
-        max_grad_norm=mech.max_grad_norm,
-        delta=mech.delta,
-        accountant=mech.accountant,
+        mechanism=verdict.spend.mechanism,
         epsilon_reported=verdict.spend.epsilon,
         epsilon_dataset_reported=verdict.spend.epsilon_dataset,
         dataset_fingerprint=str(status.get(KEY_DATASET_FINGERPRINT, "")) or None,

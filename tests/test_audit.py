@@ -27,6 +27,7 @@ from privatune.common.ledger import (
     site_ledger_filename,
     utc_now,
 )
+from privatune.common.mechanism import DPMechanism
 from tests.helpers.federation_ledgers import DELTA, MECH, SGD, federate, sql
 
 
@@ -307,10 +308,7 @@ def _spend_on(guard, ids, run_id, rnd, mech=MECH):
     guard.record_spend(
         purpose="train",
         record_ids=ids,
-        mechanism=mech,
-        delta=DELTA,
-        accountant="rdp",
-        max_grad_norm=1.0,
+        mechanism=DPMechanism(*mech, max_grad_norm=1.0, delta=DELTA, accountant="rdp"),
         run_id=run_id,
         server_round=rnd,
         dataset_fingerprint=f"fp-{run_id}",

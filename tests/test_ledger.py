@@ -28,6 +28,7 @@ from privatune.common.ledger import (
     utc_now,
     verify_chain,
 )
+from privatune.common.mechanism import DPMechanism
 
 DELTA = 1e-5
 MECH = (1.1, 0.05, 20)
@@ -207,7 +208,7 @@ def test_projected_composes_the_new_round_onto_the_ledger(tmp_path: Path) -> Non
     ledger = SiteLedger(tmp_path / "l.ledger.sqlite")
     ledger.append(make_entry("run-a", 1, mech=MECH))
     ledger.append(make_entry("run-b", 1, mech=MECH))
-    run_eps, data_eps = ledger.projected("run-b", "ds-1", MECH, DELTA, "rdp")
+    run_eps, data_eps = ledger.projected("run-b", "ds-1", DPMechanism(*MECH, 1.0, DELTA, "rdp"))
     assert run_eps == pytest.approx(epsilon_of([MECH, MECH], DELTA, "rdp"), abs=1e-12)
     assert data_eps == pytest.approx(epsilon_of(compose([MECH, MECH], MECH), DELTA, "rdp"), abs=1e-12)
     assert data_eps > run_eps

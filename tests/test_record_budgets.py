@@ -22,6 +22,7 @@ from privatune.client.site_secret import SiteSecretError, default_key_path, load
 from privatune.common.config import RunConfig
 from privatune.common.datasets import LabelledData
 from privatune.common.ledger import SiteLedger, read_rows
+from privatune.common.mechanism import DPMechanism
 from privatune.common.record_budget import record_epsilons
 from tests.helpers.messages import initial_state, make_context, make_message
 
@@ -183,10 +184,7 @@ def test_generic_spend_api_records_a_metrics_release_on_validation_records(tmp_p
     guard.record_spend(
         purpose="metrics",
         record_ids=ids[:10],
-        mechanism=(5.0, 1.0, 1),
-        delta=1e-5,
-        accountant="rdp",
-        max_grad_norm=1.0,
+        mechanism=DPMechanism(5.0, 1.0, 1, max_grad_norm=1.0, delta=1e-5, accountant="rdp"),
         run_id="r",
         server_round=1,
         dataset_fingerprint="fp",

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from privatune.cli import app
 from privatune.client.site_check import check_site
+from privatune.common.mechanism import DPMechanism
 
 
 def _csv(path, rows):
@@ -96,10 +97,7 @@ def test_site_check_counts_exhausted_records_and_the_worst_spend(tmp_path):
     guard.record_spend(
         purpose="train",
         record_ids=ids[:50],
-        mechanism=(1.0, 0.5, 10),
-        delta=1e-5,
-        accountant="rdp",
-        max_grad_norm=1.0,
+        mechanism=DPMechanism(1.0, 0.5, 10, max_grad_norm=1.0, delta=1e-5, accountant="rdp"),
         run_id="old",
         server_round=1,
         dataset_fingerprint="fp",

@@ -15,9 +15,12 @@ from privatune.common.accountants.pld import PLDAccountant
 from privatune.common.accountants.prv import PRV_MAX_GRID, PRVAccountant
 from privatune.common.accountants.rdp import RDPAccountant
 
-DEFAULT_ACCOUNTANT = "prv"
+PRV = PRVAccountant.name
+RDP = RDPAccountant.name
+PLD = PLDAccountant.name
+DEFAULT_ACCOUNTANT = PRV
 REGISTRY: dict[str, Accountant] = {a.name: a for a in (PRVAccountant(), RDPAccountant(), PLDAccountant())}
-ACCOUNTANTS: tuple[str, ...] = tuple(REGISTRY)  # ("prv", "rdp", "pld")
+ACCOUNTANTS: tuple[str, ...] = tuple(REGISTRY)  # (PRV, RDP, PLD)
 
 
 def get_accountant(name: str) -> Accountant:
@@ -30,13 +33,16 @@ def get_accountant(name: str) -> Accountant:
 
 def independent_of(name: str) -> str:
     """The accountant the audit recomputes with: dp-accounting's PLD for Opacus' accountants, Opacus' PRV for PLD."""
-    return "prv" if get_accountant(name).library == "dp-accounting" else "pld"
+    return PRV if get_accountant(name).library == "dp-accounting" else PLD
 
 
 __all__ = [
     "ACCOUNTANTS",
     "DEFAULT_ACCOUNTANT",
+    "PLD",
+    "PRV",
     "PRV_MAX_GRID",
+    "RDP",
     "REGISTRY",
     "Accountant",
     "AccountingError",

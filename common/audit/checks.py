@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from privatune.common.accountants import PLD, PRV
 from privatune.common.accounting import INDEPENDENT_REL_TOLERANCE, Mechanism
 from privatune.common.audit.findings import Findings
 from privatune.common.audit.inputs import open_ledger, site_id_from_name
@@ -164,8 +165,8 @@ def check_site_rows(
             continue
         delta, acc = float(row["delta"]), row["accountant"]
         done = histories.add(entry, mech, cohort, delta, acc)
-        prv_err, pld_err = done.errors.get("prv"), done.errors.get("pld")
-        if prv_err and acc != "prv":
+        prv_err, pld_err = done.errors.get(PRV), done.errors.get(PLD)
+        if prv_err and acc != PRV:
             audit.notes.append(f"{path.name} row {seq}: no PRV value ({prv_err})")
         recomputed = entry.epsilon_recomputed
         if recomputed is None or entry.epsilon_dataset is None:
@@ -174,7 +175,7 @@ def check_site_rows(
                 path,
                 seq,
                 f"row {seq}: the {acc} accountant cannot recompute its "
-                f"epsilon: {(pld_err if acc == 'pld' else prv_err) or done.errors.get('dataset')}",
+                f"epsilon: {(pld_err if acc == PLD else prv_err) or done.errors.get('dataset')}",
                 "spend",
                 site,
             )
@@ -267,7 +268,7 @@ def check_server_rows(audit: Findings, path: Path, runs: list[dict[str, Any]], r
                 path,
                 seq,
                 f"report row {seq}: the {acc} accountant cannot recompute its "
-                f"epsilon: {errors.get('pld') if acc == 'pld' else errors.get('prv')}",
+                f"epsilon: {errors.get(PLD) if acc == PLD else errors.get(PRV)}",
                 "reports",
                 client,
             )

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from privatune.common.accountants import PLD, PRV, RDP
 from privatune.common.accounting import (
     ACCOUNTANTS,
     AccountingError,
@@ -65,10 +66,10 @@ def mechanism_of(row: dict[str, Any]) -> tuple[Mechanism | None, str | None]:
 def run_epsilons(eps: Recomputer, entry: AuditEntry, history: Sequence[Mechanism], delta: float) -> dict[str, str]:
     """Set the entry's run epsilon with each of RDP, PRV and PLD; return the PRV and PLD errors by name."""
     errors: dict[str, str] = {}
-    entry.epsilon_rdp, _ = eps(history, delta, "rdp")
-    entry.epsilon_prv, prv_err = eps(history, delta, "prv")
-    entry.epsilon_pld, pld_err = eps(history, delta, "pld")
-    for name, err in (("prv", prv_err), ("pld", pld_err)):
+    entry.epsilon_rdp, _ = eps(history, delta, RDP)
+    entry.epsilon_prv, prv_err = eps(history, delta, PRV)
+    entry.epsilon_pld, pld_err = eps(history, delta, PLD)
+    for name, err in ((PRV, prv_err), (PLD, pld_err)):
         if err is not None:
             errors[name] = err
     return errors
@@ -109,12 +110,12 @@ class SiteHistories:
             return SiteRecomputation(errors, self.data_hist[run_key[1]], None, what)
         worst: dict[str, tuple[float | None, float | None]] = {}
         errors = {}
-        for name in ("rdp", "prv", "pld"):
+        for name in (RDP, PRV, PLD):
             try:
                 worst[name] = self._record_eps(self.cohorts[cohort], delta, name, entry.run_id)
             except AccountingError as exc:
                 worst[name], errors[name] = (None, None), str(exc)
-        entry.epsilon_rdp, entry.epsilon_prv, entry.epsilon_pld = (worst[n][0] for n in ("rdp", "prv", "pld"))
+        entry.epsilon_rdp, entry.epsilon_prv, entry.epsilon_pld = (worst[n][0] for n in (RDP, PRV, PLD))
         entry.epsilon_dataset = worst[acc][1] if acc in worst else None
         if acc in errors:
             errors["dataset"] = errors[acc]
@@ -150,7 +151,7 @@ def independent_epsilons(
     """
     ind = independent_of(str(entry.accountant))
     entry.independent_accountant = ind
-    entry.epsilon_independent = entry.epsilon_pld if ind == "pld" else entry.epsilon_prv
+    entry.epsilon_independent = entry.epsilon_pld if ind == PLD else entry.epsilon_prv
     if data_history is not None:
         entry.epsilon_dataset_independent, _ = eps(data_history, delta, ind)
     elif dataset_independent is not None:

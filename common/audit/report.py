@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from privatune.common.accountants import PLD, PRV
 from privatune.common.audit.values import num
 from privatune.common.mechanism import DPMechanism
 
@@ -84,7 +85,7 @@ class AuditEntry:
     @property
     def epsilon_recomputed(self) -> float | None:
         """The recomputed run epsilon with the accountant this row names."""
-        return {"prv": self.epsilon_prv, "pld": self.epsilon_pld}.get(str(self.accountant), self.epsilon_rdp)
+        return {PRV: self.epsilon_prv, PLD: self.epsilon_pld}.get(str(self.accountant), self.epsilon_rdp)
 
     @property
     def independent_ratio(self) -> float | None:

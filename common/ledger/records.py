@@ -15,6 +15,7 @@ from typing import Any
 from privatune.common import protocol as wire
 from privatune.common.accounting import ACCOUNTANTS, Mechanism
 from privatune.common.ledger.errors import LedgerError
+from privatune.common.mechanism import DPMechanism, MechanismError
 from privatune.common.protocol import NOISE_SOURCE_SEEDED, NOISE_SOURCES
 
 STATUS_TRAINED = wire.STATUS_TRAINED
@@ -159,9 +160,21 @@ class SpendEntry:
         for name, value in norm.items():  # store ints given for float fields as floats (stable hashes)
             object.__setattr__(self, name, value)
 
+    @classmethod
+    def from_mechanism(cls, mechanism: DPMechanism, **rest: Any) -> SpendEntry:
+        """The spend of ``mechanism``; ``rest`` holds every other field (run, round, site, epsilons, times ...)."""
+        return cls(**mechanism.columns(), **rest)
+
     @property
     def mechanism(self) -> Mechanism:
+        """The accountants' history entry ``(noise_multiplier, sample_rate, steps)``."""
         return (self.noise_multiplier, self.sample_rate, self.steps)
+
+    @property
+    def dp_mechanism(self) -> DPMechanism:
+        """The whole mechanism as one value. A row the ledger accepts may still fall outside DPMechanism's ranges
+        (a zero or infinite clip bound): that raises MechanismError."""
+        return DPMechanism.from_columns(vars(self))
 
 
 @dataclass(frozen=True)
@@ -241,9 +254,19 @@ class ClientReport:
 
     @property
     def mechanism(self) -> Mechanism | None:
+        """The accountants' history entry, when the report holds one."""
         if self.noise_multiplier is None or self.sample_rate is None or self.steps is None:
             return None
         return (self.noise_multiplier, self.sample_rate, self.steps)
+
+    @property
+    def dp_mechanism(self) -> DPMechanism | None:
+        """The whole mechanism as one value; None when the report holds only part of one (a dropped reply) or one
+        out of DPMechanism's ranges."""
+        try:
+            return DPMechanism.from_columns(vars(self))
+        except MechanismError:  # a None field fails DPMechanism's checks too
+            return None
 
 
 @dataclass(frozen=True)

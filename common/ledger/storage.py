@@ -17,7 +17,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, cast
 
-from privatune.common.accounting import DEFAULT_ACCOUNTANT, Mechanism, compose, epsilon_of
+from privatune.common.accounting import Mechanism, compose, epsilon_of
 from privatune.common.ledger.connection import (
     _fsync_dir,
     _open,
@@ -59,6 +59,7 @@ from privatune.common.ledger.schema import (
     schema_ddl,
 )
 from privatune.common.ledger.verify import verify_chain
+from privatune.common.mechanism import DPMechanism
 from privatune.common.record_budget import cohort_id_of, pack_ids, unpack_ids
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,13 +300,12 @@ class SiteLedger(_ChainedLedger):
             row = conn.execute("SELECT max(round) FROM spend WHERE run_id=?", (run_id,)).fetchone()
         return row[0]
 
-    def projected(
-        self, run_id: str, dataset_fingerprint: str, new: Mechanism, delta: float, accountant: str = DEFAULT_ACCOUNTANT
-    ) -> tuple[float, float]:
-        """(epsilon_run, epsilon_dataset) this site would reach if it applied ``new`` now: the budget check to make
-        before training, and the values to record in the SpendEntry."""
-        run = epsilon_of(compose(self.run_history(run_id, dataset_fingerprint), new), delta, accountant)
-        data = epsilon_of(compose(self.history(dataset_fingerprint), new), delta, accountant)
+    def projected(self, run_id: str, dataset_fingerprint: str, new: DPMechanism) -> tuple[float, float]:
+        """(epsilon_run, epsilon_dataset) this site would reach if it applied ``new`` now (at its delta, with its
+        accountant): the budget check to make before training, and the values to record in the SpendEntry."""
+        delta, accountant = new.delta, new.accountant
+        run = epsilon_of(compose(self.run_history(run_id, dataset_fingerprint), new.gaussian), delta, accountant)
+        data = epsilon_of(compose(self.history(dataset_fingerprint), new.gaussian), delta, accountant)
         return run, data
 
 
@@ -336,6 +336,7 @@ class ServerLedger(_ChainedLedger):
         *,
         status: str,
         reason: str = "",
+        mechanism: DPMechanism | None = None,
         noise_multiplier: float | None = None,
         sample_rate: float | None = None,
         steps: int | None = None,
@@ -350,7 +351,14 @@ class ServerLedger(_ChainedLedger):
     ) -> int:
         """Record what a client reported for a round. ``status`` 'trained' needs every mechanism field and
         ``epsilon_reported``; record 'dropped' for every sampled client whose reply never arrived, so the audit can
-        tell a lost reply from an unreported spend."""
+        tell a lost reply from an unreported spend. A whole mechanism comes as ``mechanism``; the loose fields are
+        for the part of one a dropped reply held, and must stay None when ``mechanism`` is given."""
+        if mechanism is not None:
+            loose = (noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant)
+            if any(value is not None for value in loose):
+                raise LedgerError("record_report: give the mechanism either whole or as fields, not both")
+            noise_multiplier, sample_rate, steps = mechanism.gaussian
+            max_grad_norm, delta, accountant = mechanism.max_grad_norm, mechanism.delta, mechanism.accountant
         report = ClientReport(
             run_id=run_id,
             round=round,

@@ -13,6 +13,7 @@ from privatune.common.ledger import (
     site_ledger_filename,
     utc_now,
 )
+from privatune.common.mechanism import DPMechanism
 
 DELTA = 1e-5
 MECH = (3.0, 1.0, 2)  # sigma, q, steps per round; q = 1 (one batch per epoch) keeps both accountants fast
@@ -38,28 +39,24 @@ def federate(
     records each reply. ``skip_site`` / ``skip_server`` hold (site, round) pairs one side fails to record."""
     skip_site, skip_server = skip_site or set(), skip_server or set()
     srv = ServerLedger(folder / SERVER_LEDGER_NAME) if server else None
+    dp_mech = DPMechanism(*mech, max_grad_norm=1.0, delta=DELTA, accountant=accountant)
     if srv:
         srv.record_run(run_id, {"num-server-rounds": rounds, "accountant": accountant}, aggregation)
     for rnd in range(1, rounds + 1):
         for node, site in enumerate(sites, start=1):
             ledger = SiteLedger(folder / site_ledger_filename(site))
             fp = FP.format(site=site)
-            eps_run, eps_data = ledger.projected(run_id, fp, mech, DELTA, accountant)
+            eps_run, eps_data = ledger.projected(run_id, fp, dp_mech)
             if (site, rnd) not in skip_site:
                 now = utc_now()
                 ledger.append(
-                    SpendEntry(
+                    SpendEntry.from_mechanism(
+                        dp_mech,
                         run_id=run_id,
                         round=rnd,
                         site_id=site,
                         dataset_fingerprint=fp,
                         params_fingerprint="head-v1",
-                        noise_multiplier=mech[0],
-                        sample_rate=mech[1],
-                        steps=mech[2],
-                        max_grad_norm=1.0,
-                        delta=DELTA,
-                        accountant=accountant,
                         epsilon_run=eps_run,
                         epsilon_dataset=eps_data,
                         max_epsilon=max_epsilon,
@@ -74,12 +71,7 @@ def federate(
                     site,
                     1000 + node,
                     status="trained",
-                    noise_multiplier=mech[0],
-                    sample_rate=mech[1],
-                    steps=mech[2],
-                    max_grad_norm=1.0,
-                    delta=DELTA,
-                    accountant=accountant,
+                    mechanism=dp_mech,
                     epsilon_reported=eps_run,
                     epsilon_dataset_reported=eps_data,
                     dataset_fingerprint=fp,
