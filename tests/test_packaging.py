@@ -181,3 +181,27 @@ def test_an_installed_copy_runs_a_simulation_outside_the_checkout(wheel, tmp_pat
     )
     assert sim.returncode == 0, sim.stdout[-3000:] + sim.stderr[-3000:]
     assert (out / "summary.json").is_file() and (out / "ledgers").is_dir()
+
+
+def test_a_flower_app_bundle_imports_its_own_copy(tmp_path):
+    """`flwr run .` ships the files Flower collects (it skips symlinks, so privatune/common is not among them);
+    the bundle's ClientApp and ServerApp must still import, from the bundle, not from any other copy."""
+    from flwr.cli.utils import collect_files, filter_paths_for_publish
+
+    files = filter_paths_for_publish(collect_files(ROOT))
+    assert "privatune/__init__.py" in files and not any(p.startswith("privatune/common/") for p in files)
+    fab = tmp_path / "fab"
+    for rel, src in files.items():
+        if rel.endswith(".py") or rel == "pyproject.toml":
+            dest = fab / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(src.read_bytes() if isinstance(src, Path) else src)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "import privatune.server.app as s, privatune.client.app as c; print(s.__file__); print(c.__file__)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(fab)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(Path(f).resolve().is_relative_to(fab.resolve()) for f in proc.stdout.split()), proc.stdout
