@@ -93,6 +93,7 @@ class StopOnSignal:
         self.announce = announce or (lambda text: print(text, file=sys.stderr, flush=True))
         self.recorder: Any = None
         self.previous: dict[int, Any] = {}
+        self._requested: dict[int, Any] = {}
         self.stopping = False
         self._lock = threading.Lock()
         self._pipe: tuple[int, int] | None = None
@@ -122,10 +123,11 @@ class StopOnSignal:
     def _guarded_signal(self, signum: Any, handler: Any) -> Any:
         """``signal.signal`` while a simulation runs: a library that sets its own SIGINT/SIGTERM handler (Ray on
         init, Flower's exit handlers) would leave a signal to a KeyboardInterrupt that exits with summary.json
-        still 'running'. Its handler is kept as the one to restore, and ours stays in place."""
+        still 'running'. Ours stays in place, and restore() reinstates the handlers from before the run, whatever
+        was requested meanwhile (a SIG_IGN left behind would be inherited by every later child process)."""
         if signum in STOP_SIGNALS and not self.stopping:
-            previous = self.previous.get(signum, signal.SIG_DFL)
-            self.previous[signum] = handler
+            previous = self._requested.get(signum, self.previous.get(signum, signal.SIG_DFL))
+            self._requested[signum] = handler  # never installed: restore() puts back the pre-run handlers
             return previous
         return _original_signal(signum, handler)
 
@@ -135,6 +137,7 @@ class StopOnSignal:
         for sig, handler in self.previous.items():
             _original_signal(sig, handler)
         self.previous.clear()
+        self._requested.clear()
         if self._pipe is not None:
             signal.set_wakeup_fd(self._previous_wakeup_fd if self._previous_wakeup_fd is not None else -1)
             _, w = self._pipe
