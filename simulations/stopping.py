@@ -10,8 +10,6 @@ Python runs signal handlers in the main thread only, and only between bytecodes.
 delivers the signal to one of Ray's native threads, the main thread (blocked joining Flower's worker
 threads) never wakes to run it. So the signal's number also goes to a wakeup pipe
 (``signal.set_wakeup_fd``) that a watcher thread reads: whichever sees the signal first stops the run.
-While the run lasts, ``signal.signal`` is guarded so that a library setting its own SIGINT/SIGTERM handler
-(Ray, Flower) cannot take the signal away from this handler (that race left summary.json 'running').
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_original_signal = signal.signal  # StopOnSignal guards it while a simulation runs (see _guarded_signal)
 
 
 def descendants(pid: int) -> list[int]:
@@ -93,7 +90,6 @@ class StopOnSignal:
         self.announce = announce or (lambda text: print(text, file=sys.stderr, flush=True))
         self.recorder: Any = None
         self.previous: dict[int, Any] = {}
-        self._requested: dict[int, Any] = {}
         self.stopping = False
         self._lock = threading.Lock()
         self._pipe: tuple[int, int] | None = None
@@ -110,9 +106,7 @@ class StopOnSignal:
             handler = signal.getsignal(sig)
             if handler != self.handle:
                 self.previous.setdefault(sig, handler)
-                _original_signal(sig, self.handle)
-        if signal.signal is _original_signal:
-            signal.signal = self._guarded_signal  # type: ignore[assignment]
+                signal.signal(sig, self.handle)
         if self._pipe is None:
             r, w = os.pipe()
             os.set_blocking(w, False)
@@ -120,24 +114,10 @@ class StopOnSignal:
             self._previous_wakeup_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
             threading.Thread(target=self._watch, args=(r,), name="privatune-stop-watcher", daemon=True).start()
 
-    def _guarded_signal(self, signum: Any, handler: Any) -> Any:
-        """``signal.signal`` while a simulation runs: a library that sets its own SIGINT/SIGTERM handler (Ray on
-        init, Flower's exit handlers) would leave a signal to a KeyboardInterrupt that exits with summary.json
-        still 'running'. Ours stays in place, and restore() reinstates the handlers from before the run, whatever
-        was requested meanwhile (a SIG_IGN left behind would be inherited by every later child process)."""
-        if signum in STOP_SIGNALS and not self.stopping:
-            previous = self._requested.get(signum, self.previous.get(signum, signal.SIG_DFL))
-            self._requested[signum] = handler  # never installed: restore() puts back the pre-run handlers
-            return previous
-        return _original_signal(signum, handler)
-
     def restore(self) -> None:
-        if signal.signal == self._guarded_signal:
-            signal.signal = _original_signal
         for sig, handler in self.previous.items():
-            _original_signal(sig, handler)
+            signal.signal(sig, handler)
         self.previous.clear()
-        self._requested.clear()
         if self._pipe is not None:
             signal.set_wakeup_fd(self._previous_wakeup_fd if self._previous_wakeup_fd is not None else -1)
             _, w = self._pipe
