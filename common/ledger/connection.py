@@ -189,6 +189,6 @@ def _fsync_dir(folder: Path) -> None:
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        pass  # some filesystems refuse fsync on a folder; the file itself was fsynced before the rename
     finally:
         os.close(fd)
