@@ -34,6 +34,10 @@ def _env(home: Path, marker: str, **extra: str) -> dict[str, str]:
     return {**env, "HOME": str(home), MARKER_ENV: marker, "NUM_SUPERNODES": str(CLIENTS), **extra}
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(out: Path, run_config: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as fh:
         return subprocess.Popen(
@@ -44,6 +48,9 @@ def _start(out: Path, run_config: str, env: dict[str, str], log: Path) -> subpro
             cwd=REPO_ROOT,
             env=env,
             start_new_session=True,  # a timeout below can stop the script and its children as a group
+            # A shell that starts with SIGINT ignored can never trap it, and an earlier in-process test can leave
+            # this process ignoring SIGINT: start the script as a terminal would, with the default disposition.
+            preexec_fn=_default_sigint,
         )
 
 
