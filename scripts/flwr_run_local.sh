@@ -36,6 +36,21 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Use the project's virtualenv when there is one (Flower starts flwr-serverapp/flwr-clientapp by name).
 [ -x "$REPO/.venv/bin/python" ] && case ":$PATH:" in *":$REPO/.venv/bin:"*) ;; *) PATH="$REPO/.venv/bin:$PATH";; esac
 export PATH
+# Become a child subreaper (Linux prctl; kept across exec, same PID): any process this run starts
+# that loses its parent (Ray daemons, a SuperExec) is re-parented to this script instead of init,
+# so the teardown can find every one of them by walking the process tree down from here.
+if [ "${_PRIVATUNE_SUBREAPER:-}" != "$$" ]; then
+  export _PRIVATUNE_SUBREAPER=$$
+  exec python -c '
+import ctypes, os, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+except (AttributeError, OSError):
+    pass  # not Linux: the marker sweep alone does the teardown
+os.execv("/bin/bash", ["/bin/bash", *sys.argv[1:]])
+' "${BASH_SOURCE[0]}" "$@"
+fi
+unset _PRIVATUNE_SUBREAPER
 APP_DIR=$(realpath "${APP_DIR:-$REPO}")
 OUT_DIR=$(realpath -m "$1")
 EXTRA_CONFIG=${2:-}
@@ -160,18 +175,62 @@ marked_pids() {
   return 0
 }
 
+# Live descendants of this script (zombies excluded), by walking /proc once with builtins only.
+# As a subreaper, the script is an ancestor of everything the run started, whatever re-parenting
+# or environment rewriting happened (Ray's DashboardAgent overwrites its environment with its title).
+# The subshells and tools of this very query (the child of $$ above $BASHPID) are left out.
+descendant_pids() {
+  local file line rest pid ppid state helper=$BASHPID
+  local -A parent=()
+  for file in /proc/[0-9]*/stat; do
+    read -r line <"$file" 2>/dev/null || continue
+    rest=${line##*) }
+    pid=${file#/proc/}
+    pid=${pid%/stat}
+    read -r state ppid _ <<<"$rest"
+    [ "$state" = Z ] || [ "$state" = X ] || parent[$pid]=$ppid
+  done
+  while [ -n "${parent[$helper]:-}" ] && [ "${parent[$helper]}" != "$$" ]; do
+    helper=${parent[$helper]}
+  done
+  local -A inside=([$$]=1)
+  local grew=1
+  while [ "$grew" = 1 ]; do
+    grew=0
+    for pid in "${!parent[@]}"; do
+      if [ "$pid" != "$helper" ] && [ -z "${inside[$pid]:-}" ] && [ -n "${inside[${parent[$pid]}]:-}" ]; then
+        inside[$pid]=1
+        grew=1
+        echo "$pid"
+      fi
+    done
+  done
+  return 0
+}
+
+# Everything of this run still alive: by marker, and by descent from this script.
+# (Builtins only: a tool started here would carry the marker and count as left over.)
+run_pids() {
+  local pid
+  local -A all=()
+  for pid in $(marked_pids) $(descendant_pids); do
+    all[$pid]=1
+  done
+  echo "${!all[@]}"
+}
+
 stop_all() {
   # The CLI and the SuperLink's group first (SIGTERM: the SuperLink also stops its SuperExec);
   # then everything still carrying the marker (flwr-simulation and Ray live in other sessions):
   # SIGTERM after 3 s, SIGKILL after 8 s, give up after 15 s.
   [ -n "$CLI_PID" ] && kill -TERM "$CLI_PID" 2>/dev/null
   local before
-  before=$(marked_pids)
+  before=$(run_pids)
   [ -n "$SL_PID" ] && kill -TERM -- "-$SL_PID" 2>/dev/null
   local left start=$SECONDS termed=0 quiet=0 seen="$before"
   # Done only after two empty sweeps 1 s apart: Ray can still fork a worker while its parent dies.
   while [ "$quiet" -lt 2 ]; do
-    left=$(marked_pids)
+    left=$(run_pids)
     seen="$seen $left"
     if [ -z "$left" ]; then
       quiet=$((quiet + 1))
