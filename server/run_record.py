@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,9 @@ class RunRecorder:
     status: str = "running"
     failure_reasons: dict[str, str] = field(default_factory=dict)  # client -> why it did not train
     warnings: list[str] = field(default_factory=list)
+    # One summary write at a time: a signal handler's "interrupted" must not be overwritten by a write the
+    # ServerApp's thread had already begun with "running" (re-entrant: the handler may run in a writing thread).
+    _write_lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +190,14 @@ class RunRecorder:
         }
 
     def write_summary(self, **extra: Any) -> dict[str, Any]:
-        data = {**self.summary(), **extra}
-        write_json_atomic(self.out_dir / "summary.json", data)
+        with self._write_lock:
+            data = {**self.summary(), **extra}
+            write_json_atomic(self.out_dir / "summary.json", data)
         return data
+
+    def mark_ended(self, status: str, reason: str) -> None:
+        """Set the final status and write the summary, after any write in progress and before any later one."""
+        with self._write_lock:
+            self.status = status
+            self.stopped_reason = reason
+            self.write_summary()

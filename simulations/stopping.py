@@ -161,9 +161,7 @@ class StopOnSignal:
         rec = self.recorder
         try:
             if rec is not None:
-                rec.status = "interrupted"
-                rec.stopped_reason = reason
-                rec.write_summary()
+                rec.mark_ended("interrupted", reason)
                 return
             from privatune.server.run_record import write_json_atomic
 

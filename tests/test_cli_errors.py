@@ -92,6 +92,38 @@ def recorder(tmp_path: Path) -> RunRecorder:
     return RunRecorder(tmp_path, summary_base={"run_id": "r-7"})
 
 
+def test_an_interrupt_is_not_overwritten_by_a_summary_write_already_under_way(tmp_path, monkeypatch):
+    """The race behind a flaky `status: running` after SIGINT: the ServerApp's thread had built its summary
+    ("running") and was writing it when the signal handler wrote "interrupted"; its rename came last."""
+    import threading
+
+    from privatune.server import run_record
+
+    rec = recorder(tmp_path)
+    writing, release = threading.Event(), threading.Event()
+    real_write = run_record.write_json_atomic
+
+    def slow_first_write(path, data):
+        if data["status"] == "running" and not writing.is_set():
+            writing.set()
+            release.wait(5)
+        real_write(path, data)
+
+    monkeypatch.setattr(run_record, "write_json_atomic", slow_first_write)
+    server_thread = threading.Thread(target=rec.write_summary)
+    server_thread.start()
+    assert writing.wait(5)
+    marker = threading.Thread(target=rec.mark_ended, args=("interrupted", "stopped by SIGINT"))
+    marker.start()
+    marker.join(0.3)
+    assert marker.is_alive()  # it waits for the write in progress instead of racing it
+    release.set()
+    server_thread.join(5)
+    marker.join(5)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stopped_reason"] == "stopped by SIGINT"
+
+
 def test_a_run_where_no_round_aggregated_is_failed_with_each_reason(tmp_path):
     rec = recorder(tmp_path)
     rec.finish_round(RoundReport(round=0))
