@@ -221,7 +221,8 @@ run_pids() {
 
 stop_all() {
   # The CLI and the SuperLink's group first (SIGTERM: the SuperLink also stops its SuperExec);
-  # then everything still carrying the marker (flwr-simulation and Ray live in other sessions):
+  # then everything of the run still alive (run_pids: by marker and by descent; flwr-simulation and Ray
+  # live in other sessions):
   # SIGTERM after 3 s, SIGKILL after 8 s, give up after 15 s.
   [ -n "$CLI_PID" ] && kill -TERM "$CLI_PID" 2>/dev/null
   local before

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,8 +96,6 @@ def recorder(tmp_path: Path) -> RunRecorder:
 def test_an_interrupt_is_not_overwritten_by_a_summary_write_already_under_way(tmp_path, monkeypatch):
     """The race behind a flaky `status: running` after SIGINT: the ServerApp's thread had built its summary
     ("running") and was writing it when the signal handler wrote "interrupted"; its rename came last."""
-    import threading
-
     from privatune.server import run_record
 
     rec = recorder(tmp_path)
