@@ -123,7 +123,7 @@ def open_run(cfg: RunConfig, site: SiteConfig, run_id: str, server_round: int) -
     local = load_local_data(cfg, site)
     check_site_delta(site.delta, local.num_records)
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
-    names = configure_trainable(model, cfg.mode)
+    names = configure_trainable(model, cfg.fine_tuning)
     return LocalRun(
         cfg,
         site,
@@ -245,6 +245,9 @@ def train_round(
         device=run.site.device,
         delta=delta,
         accountant=cfg.accountant,
+        optimizer_name=cfg.optimizer,
+        max_physical_batch_size=cfg.max_physical_batch_size,
+        ghost_clipping=cfg.ghost_clipping,
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from privatune.client.privacy_guard import DEFAULT_SITE_DELTA, ON_EXHAUSTED
-from privatune.client.site_data import SiteDataSpec
+from privatune.client.site_data import SiteDataSpec, guess_format
 from privatune.client.site_secret import default_key_path
 from privatune.common.config import RunConfig
 from privatune.common.ledger import LEDGER_SUFFIX, SITE_LEDGER_PREFIX
@@ -103,7 +103,7 @@ class SiteConfig:
             site_id = str(node_config.get("site-id", "")).strip()
             if not site_id:
                 raise SiteConfigError("site-id is required with data-path: a short name such as 'hospital-a'")
-            fmt = str(node_config.get("data-format", "")).strip() or _guess_format(str(node_config["data-path"]))
+            fmt = str(node_config.get("data-format", "")).strip() or guess_format(str(node_config["data-path"]))
             spec = SiteDataSpec(
                 path=Path(str(node_config["data-path"])).expanduser(),
                 format=fmt,  # type: ignore[arg-type]
@@ -234,11 +234,3 @@ def resolve_device(requested: str) -> str:
                 raise SiteConfigError(f"device={requested} but only {torch.cuda.device_count()} GPU(s) are visible")
         return requested
     raise SiteConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{requested}'")
-
-
-def _guess_format(path: str) -> str:
-    p = path.lower()
-    for ext, fmt in ((".csv", "csv"), (".jsonl", "jsonl"), (".npz", "npz")):
-        if p.endswith(ext):
-            return fmt
-    return "image-folder"

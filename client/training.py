@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from privatune.client.dp_options import build_optimizer, grad_sample_mode, physical_batches
 from privatune.client.privacy_guard import DEFAULT_SITE_DELTA
 from privatune.client.randomness import PoissonBatchSampler, Randomness, install_noise
 from privatune.common.accountants import DEFAULT_ACCOUNTANT
@@ -24,6 +25,7 @@ from privatune.common.accounting import sample_rate as dp_sample_rate
 from privatune.common.accounting import steps_per_epoch
 from privatune.common.evaluation import EvalResult, evaluate  # noqa: F401  (re-exported for the client glue)
 from privatune.common.mechanism import DPMechanism
+from privatune.common.optimizers import OPTIMIZER_SGD
 
 # Opacus warns that its own secure RNG is off: its noise is not used (client.randomness.install_noise
 # draws it from the site's source). The hook warning is Opacus' per-sample-gradient hooks on a module
@@ -54,6 +56,8 @@ class LocalTrainResult:
     mechanism: DPMechanism  # noise multiplier 0.0 when DP is off
     seconds: float
     num_examples: int
+    optimizer: str = OPTIMIZER_SGD  # what post-processed the (noised) gradient; no effect on epsilon
+    grad_sample_mode: str = ""  # DP only: Opacus' "hooks" (per-sample gradients) or "ghost" (ghost clipping)
 
     @property
     def steps(self) -> int:
@@ -100,6 +104,9 @@ def train_local(
     hooks: TrainHooks | None = None,
     delta: float = DEFAULT_SITE_DELTA,
     accountant: str = DEFAULT_ACCOUNTANT,
+    optimizer_name: str = OPTIMIZER_SGD,
+    max_physical_batch_size: int = 0,
+    ghost_clipping: bool = False,
 ) -> LocalTrainResult:
     """Train ``module`` in place for ``epochs`` passes.
 
@@ -109,6 +116,9 @@ def train_local(
     Sampling, noise and (without DP) shuffling all draw from ``randomness``, the site's own source.
     ``delta`` and ``accountant`` only state the result's mechanism (how its epsilon is computed; the round at
     a site passes the run's, benchmarks and tests may leave the defaults).
+
+    ``optimizer_name``, ``max_physical_batch_size`` and ``ghost_clipping`` (:mod:`privatune.client.dp_options`)
+    change how a step is computed, not the mechanism: same batches, steps, clipping and noise.
     """
     n = int(labels.shape[0])
     if n == 0:
@@ -138,8 +148,8 @@ def train_local(
         loader = DataLoader(
             dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(order_seed)
         )
-    optimizer = torch.optim.SGD(param_groups(module, lr, backbone_lr_scale), lr=lr, momentum=momentum)
-    loss_fn = nn.CrossEntropyLoss()
+    optimizer = build_optimizer(optimizer_name, param_groups(module, lr, backbone_lr_scale), lr=lr, momentum=momentum)
+    loss_fn: Any = nn.CrossEntropyLoss()  # under ghost clipping, Opacus' wrapper around it
     train_module: nn.Module = module
     steps_expected = per_epoch * epochs
     q = dp_sample_rate(n, batch_size) if dp else min(1.0, batch_size / n)
@@ -147,20 +157,28 @@ def train_local(
     planned = DPMechanism(noise_multiplier if dp else 0.0, q, steps_expected, max_grad_norm, delta, accountant)
     engine: Any = None  # Opacus ships no type information: its engine and GradSampleModule are untyped
     private_module: Any = None
+    mode = ""
     if dp:
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant="rdp")  # only its history is read: the release check below
+        mode = grad_sample_mode(module, ghost_clipping)
         # poisson_sampling=False: the loader above already samples (Poisson, exact step count) from the
         # site's randomness; Opacus then takes sample_rate = 1 / len(loader) = q, as recorded.
-        private_module, optimizer, loader = engine.make_private(
+        private = engine.make_private(
             module=module,
             optimizer=optimizer,
+            criterion=loss_fn,
             data_loader=loader,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             poisson_sampling=False,
+            grad_sample_mode=mode,
         )
+        if len(private) == 4:  # ghost clipping: the criterion runs both backward passes
+            private_module, optimizer, loss_fn, loader = private
+        else:
+            private_module, optimizer, loader = private
         private_module.forbid_grad_accumulation()
         train_module = private_module
         install_noise(optimizer, randomness)
@@ -169,22 +187,24 @@ def train_local(
     start = time.perf_counter()
     total_loss, total_seen, steps = 0.0, 0, 0
     for _ in range(epochs):
-        for batch in loader:
-            *xs, y = batch
-            xs = [x.to(device) for x in xs]
-            y = y.to(device)
-            optimizer.zero_grad(set_to_none=True)
+        for batch in physical_batches(loader, max_physical_batch_size, optimizer, dp=dp):
+            xs = [x.to(device) for x in batch.inputs]
+            y = batch.labels.to(device)
+            if batch.zero_grad:
+                optimizer.zero_grad(set_to_none=True)
             out = train_module(*xs)
             # Poisson sampling can draw an empty batch: it is still a step of the mechanism
             # (noise only), so it runs through the optimiser like any other.
             loss = loss_fn(out, y) if y.numel() else out.sum() * 0.0
-            loss.backward()
-            if hooks.before_step:
+            (loss * batch.weight if batch.weight != 1.0 else loss).backward()
+            if batch.steps and hooks.before_step:
                 hooks.before_step(steps, train_module, optimizer)
-            optimizer.step()
-            if hooks.after_step:
-                hooks.after_step(steps, train_module)
-            steps += 1
+            if dp or batch.steps:  # DP, a chunk before a logical batch's last: Opacus only clips and accumulates
+                optimizer.step()
+            if batch.steps:
+                if hooks.after_step:
+                    hooks.after_step(steps, train_module)
+                steps += 1
             total_loss += float(loss.detach()) * int(y.numel())
             total_seen += int(y.numel())
     seconds = time.perf_counter() - start
@@ -206,6 +226,8 @@ def train_local(
         mechanism=replace(planned, steps=steps),
         seconds=seconds,
         num_examples=n,
+        optimizer=optimizer_name,
+        grad_sample_mode=mode,
     )
 
 

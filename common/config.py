@@ -18,7 +18,8 @@ from typing import Any
 
 from privatune.common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from privatune.common.accounting import TARGET_EPSILON_MAX, TARGET_EPSILON_MIN
-from privatune.common.models.modes import FINE_TUNING_MODES
+from privatune.common.models.modes import ACCEPTED_MODES, MODE_ALIASES, FineTuning
+from privatune.common.optimizers import OPTIMIZER_SGD, OPTIMIZERS
 
 # Label sets of the preset datasets, so a site (which has no copy of them) knows the index order.
 DATASET_LABELS: dict[str, tuple[str, ...]] = {
@@ -26,6 +27,9 @@ DATASET_LABELS: dict[str, tuple[str, ...]] = {
     "trec6": ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
     "digits": tuple(str(i) for i in range(10)),
 }
+
+#: The dataset name of a run on the user's own data (run config `sim-data`, common/sim_data.py).
+SIM_DATASET = "sim-data"
 
 PARTITION_SCHEMES = ("iid", "dirichlet")
 SECURE_AGGREGATION = ("none", "he")
@@ -115,7 +119,15 @@ class RunConfig:
     test_fraction: float = 0.2
     max_records: int = 0  # 0 = the whole dataset; >0 subsamples (fast tests)
     labels: str = ""  # comma-separated label set; "" = the preset dataset's labels
-    backbone_lr_scale: float = 0.1  # partial/full: backbone learns at lr x this ("trained more slowly")
+    backbone_lr_scale: float = 0.1  # last-k/full: backbone learns at lr x this ("trained more slowly")
+    # Fine-tuning mode settings (common/models/modes.py FineTuning; docs/fine-tuning.md)
+    last_k: int = 1  # last-k: how many of the backbone's last blocks train besides the head
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""  # comma-separated module names; "" = the model's defaults (MiniLM: query,value)
+    lora_freeze_a: bool = False  # FFA-LoRA (Sun et al. 2024): A frozen at its seeded init, only B trains
+    layer_lr_decay: float = 1.0  # <1: each block below the top learns at this factor x the one above
     central_eval: bool = True  # the server evaluates on the held-out set (simulation only)
     sim_max_epsilon: float = 0.0  # simulation only: every simulated site's budget (0 = none); real sites set max-epsilon in their node config
     round_timeout: float = 900.0  # seconds the server waits for a round's replies
@@ -131,6 +143,13 @@ class RunConfig:
     weighting: str = "examples"  # FedAvg weight: "examples" (plaintext: the count leaves the site) or "equal"
     release_metrics: bool = False  # sites release Gaussian-noised validation sums (cost in their ledger)
     metrics_noise_multiplier: float = 20.0  # noise std / sensitivity of each released sum (see docs/privacy.md)
+    # Your own data in simulation: the canonical copy `privatune simulate --data FILE` writes (RUN/data/sim-data.npz);
+    # "" = the preset's dataset. With it, dataset resolves to "sim-data" and labels must name the file's label set.
+    sim_data: str = ""
+    # DP training options (how a step is computed; none changes the mechanism or epsilon): docs/training.md
+    optimizer: str = OPTIMIZER_SGD  # sgd | adam (DP-Adam under DP); the server bounds updates for the one named
+    max_physical_batch_size: int = 0  # 0 = off; >0: each logical batch in chunks of at most this many records
+    ghost_clipping: bool = False  # DP: Opacus' ghost clipping where the model allows it (else per-sample, logged)
     out_dir: str = ""
     run_name: str = ""
 
@@ -164,11 +183,16 @@ class RunConfig:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset '{self.preset}'; choose one of: {', '.join(PRESETS)}")
         p = PRESETS[self.preset]
+        mode = self.mode or p.mode
+        if mode in MODE_ALIASES:  # partial = last-k with k = 1
+            if self.last_k != 1:
+                raise ConfigError(f"mode: 'partial' means last-k with k=1, got last-k={self.last_k}; use mode=last-k")
+            mode = MODE_ALIASES[mode]
         cfg = replace(
             self,
             model=self.model or p.model,
-            dataset=self.dataset or p.dataset,
-            mode=self.mode or p.mode,
+            dataset=self.dataset or (SIM_DATASET if self.sim_data.strip() else p.dataset),
+            mode=mode,
             num_server_rounds=self.num_server_rounds or p.num_server_rounds,
             local_epochs=self.local_epochs or p.local_epochs,
             batch_size=self.batch_size or p.batch_size,
@@ -177,6 +201,21 @@ class RunConfig:
         )
         cfg.validate()
         return cfg
+
+    @property
+    def fine_tuning(self) -> FineTuning:
+        """What trains and how (:class:`FineTuning`), with the run's seed for the LoRA A matrices."""
+        return FineTuning(
+            mode=self.mode,
+            last_k=self.last_k,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            lora_targets=tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()),
+            lora_freeze_a=self.lora_freeze_a,
+            layer_lr_decay=self.layer_lr_decay,
+            seed=self.seed,
+        )
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -200,6 +239,24 @@ class RunConfig:
             if not cond:
                 raise ConfigError(f"{key}: {msg}")
 
+        if self.sim_data.strip():
+            need(
+                self.dataset == SIM_DATASET,
+                "dataset",
+                f"sim-data brings the run's own data, so dataset must be empty (or '{SIM_DATASET}'), "
+                f"not '{self.dataset}'; drop sim-data to train on the preset dataset '{self.dataset}'",
+            )
+            need(
+                bool(self.labels.strip()),
+                "labels",
+                f'sim-data={self.sim_data} needs its label set in index order: give labels="a,b,..." as in '
+                "the run's config.json (privatune simulate --data fills it in)",
+            )
+        need(
+            self.dataset != SIM_DATASET or bool(self.sim_data.strip()),
+            "dataset",
+            f"'{SIM_DATASET}' means data from a file: give sim-data=PATH (privatune simulate --data FILE writes it)",
+        )
         need(
             bool(self.labels.strip()) or self.dataset in DATASET_LABELS,
             "labels",
@@ -210,7 +267,22 @@ class RunConfig:
         need(self.sim_max_epsilon >= 0, "sim-max-epsilon", "must be >= 0 (0 = no site budget)")
         need(self.round_timeout > 0, "round-timeout", "must be > 0 seconds")
         need(self.backbone_lr_scale >= 0, "backbone-lr-scale", "must be >= 0")
-        need(self.mode in FINE_TUNING_MODES, "mode", f"'{self.mode}' is not one of {FINE_TUNING_MODES}")
+        need(self.mode in ACCEPTED_MODES, "mode", f"'{self.mode}' is not one of {ACCEPTED_MODES}")
+        need(
+            self.last_k >= 1, "last-k", f"must be at least 1 (the number of last blocks that train), got {self.last_k}"
+        )
+        need(self.lora_rank >= 1, "lora-rank", f"must be at least 1, got {self.lora_rank}")
+        need(
+            self.lora_alpha > 0 and math.isfinite(self.lora_alpha),
+            "lora-alpha",
+            f"must be a finite number > 0 (the adapter's scale is alpha / rank), got {self.lora_alpha:g}",
+        )
+        need(0 <= self.lora_dropout < 1, "lora-dropout", f"must be in [0, 1), got {self.lora_dropout:g}")
+        need(
+            0 < self.layer_lr_decay <= 1,
+            "layer-lr-decay",
+            f"must be in (0, 1] (1 = every block at the same rate), got {self.layer_lr_decay:g}",
+        )
         need(self.num_server_rounds >= 1, "num-server-rounds", "must be at least 1")
         need(self.local_epochs >= 1, "local-epochs", "must be at least 1")
         need(self.batch_size >= 1, "batch-size", "must be at least 1")
@@ -264,6 +336,16 @@ class RunConfig:
             self.metrics_noise_multiplier > 0 and math.isfinite(self.metrics_noise_multiplier),
             "metrics-noise-multiplier",
             "must be a finite number > 0 (released metrics are always noised; release-metrics=false sends none)",
+        )
+        need(
+            self.optimizer in OPTIMIZERS,
+            "optimizer",
+            f"'{self.optimizer}' is not one of {OPTIMIZERS} (adam runs DP-Adam under DP)",
+        )
+        need(
+            self.max_physical_batch_size >= 0,
+            "max-physical-batch-size",
+            f"must be >= 0 records (0 = no splitting), got {self.max_physical_batch_size}",
         )
         need(
             self.secure_aggregation in SECURE_AGGREGATION,

@@ -248,11 +248,15 @@ def load_dataset(name: str, max_records: int | None = None, seed: int = 0) -> La
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
     if max_records is not None and max_records < 0:
         raise ValueError(f"max_records must be >= 0 (0 or None = all records), got {max_records}")
-    raw = _load_raw(name)
-    if not max_records or max_records >= len(raw):
-        return raw.subset(np.arange(len(raw)))
-    keep, _ = _stratified_take(raw.labels, max_records, np.random.default_rng([seed, 0x5EED]))
-    return raw.subset(keep)
+    return subsample(_load_raw(name), max_records, seed)
+
+
+def subsample(data: LabelledData, max_records: int | None, seed: int) -> LabelledData:
+    """A copy of ``data``; with ``max_records`` (None or 0 = all) a stratified, seeded subsample of that size."""
+    if not max_records or max_records >= len(data):
+        return data.subset(np.arange(len(data)))
+    keep, _ = _stratified_take(data.labels, max_records, np.random.default_rng([seed, 0x5EED]))
+    return data.subset(keep)
 
 
 # ----------------------------------------------------------------------------------------------- splits

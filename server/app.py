@@ -144,7 +144,7 @@ class InitialWeights:
 
 def initial_weights(cfg: RunConfig, run_id: str) -> InitialWeights:
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
-    configure_trainable(model, cfg.mode)
+    configure_trainable(model, cfg.fine_tuning)
     state = trainable_state(model)
     expected = {k: tuple(v.shape) for k, v in state.items()}
     n_params = int(sum(v.size for v in state.values()))

@@ -22,7 +22,7 @@ class CentralEvaluator:
         self.cfg = cfg
         _, self.test = central_split(cfg)
         self.model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
-        configure_trainable(self.model, cfg.mode)
+        configure_trainable(self.model, cfg.fine_tuning)
         # A frozen backbone: only the head runs, on cached features; else the whole model, on encoded inputs.
         self.module: torch.nn.Module
         self.inputs: tuple[torch.Tensor, ...]

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from privatune.common.config import RunConfig
+from privatune.common.optimizers import OPTIMIZER_SGD
 from privatune.common.protocol import (
     KEY_CLIENT_ID,
     KEY_NUM_EXAMPLES,
@@ -81,6 +82,7 @@ class ScreeningRules:
     max_lr: float  # the largest group learning rate (lr x max(1, backbone scale))
     max_grad_norm: float
     accountant: str  # the run's accountant: a reply that names none uses it
+    optimizer: str = OPTIMIZER_SGD  # the run's optimiser (run config): it sets how far an honest update moves
 
     @classmethod
     def for_run(
@@ -95,6 +97,7 @@ class ScreeningRules:
             max_lr=cfg.lr * max(1.0, cfg.backbone_lr_scale),
             max_grad_norm=cfg.max_grad_norm,
             accountant=cfg.accountant,
+            optimizer=cfg.optimizer,
         )
 
     @property
@@ -188,6 +191,7 @@ def check_update(
             max_grad_norm=rules.max_grad_norm,
             noise_multiplier=spend.mechanism.noise_multiplier,
             num_params=rules.expected_length,
+            optimizer=rules.optimizer,
         )
         check_values(state, reference=global_state, max_change_l2=bound)
     else:

@@ -27,6 +27,7 @@ import numpy as np
 
 from privatune.common.accountants import ACCOUNTANTS
 from privatune.common.mechanism import DPMechanism, MechanismError
+from privatune.common.optimizers import OPTIMIZER_ADAM, OPTIMIZER_SGD, adam_max_coordinate_move, check_optimizer
 from privatune.common.protocol import (
     KEY_ACCOUNTANT,
     KEY_DELTA,
@@ -94,8 +95,9 @@ def dp_change_bound(
     noise_multiplier: float,
     num_params: int,
     momentum: float = 0.0,
+    optimizer: str = OPTIMIZER_SGD,
 ) -> float:
-    """An L2 bound on how far one round of DP-SGD (client.training) can move the trainable weights.
+    """An L2 bound on how far one round of DP-SGD or DP-Adam (client.training) can move the trainable weights.
 
     Per step Opacus sets the gradient to (sum of per-sample gradients clipped to C + N(0, sigma^2 C^2 I_d)) / E,
     E = floor(n / steps-per-epoch) its expected batch size, so its norm is at most
@@ -104,11 +106,19 @@ def dp_change_bound(
     step, over epochs x ceil(n / batch) steps; ``lr`` is the largest group rate (lr x max(1, backbone scale)).
     The result is doubled. It is generous by design: it stops absurd values, the robust aggregators deal
     with plausible-looking poison.
+
+    ``optimizer="adam"``: Adam normalises each coordinate's step by its gradient history, so the gradient's size
+    (and the noise) drop out: step t moves a coordinate by at most lr x ``adam_step_factor(t)`` (Cauchy-Schwarz
+    on Adam's two moment averages; 1 at t = 1, below 7.3 for torch's betas; common.optimizers), and the round's
+    d coordinates by sqrt(d) times that in L2. The bound is the sum over the round's steps (Adam starts fresh
+    every round), doubled.
     """
     if num_examples <= 0 or batch_size <= 0 or epochs <= 0:
         raise ValueError("num_examples, batch_size and epochs must be positive")
     per_epoch = math.ceil(num_examples / batch_size)
     steps = epochs * per_epoch
+    if check_optimizer(optimizer) == OPTIMIZER_ADAM:
+        return _SAFETY * lr * adam_max_coordinate_move(steps) * math.sqrt(max(num_params, 1))
     e = max(1.0, float(num_examples // per_epoch))
     batch_max = min(float(num_examples), e + _BATCH_SIGMAS * math.sqrt(e) + _BATCH_SLACK)
     noise_max = noise_multiplier * max_grad_norm * (2.0 * math.sqrt(max(num_params, 1)) + 10.0)

@@ -281,7 +281,7 @@ def _run(s: CanarySettings, cfg: RunConfig, kind: str, t0: float) -> CanaryRunRe
         num_partitions=s.clients,
     )
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
-    names = configure_trainable(model, cfg.mode)
+    names = configure_trainable(model, cfg.fine_tuning)
     run = LocalRun(
         cfg=cfg,
         site=site,

@@ -144,8 +144,8 @@ def test_minilm_modes_give_the_right_trainable_sets():
 
 def test_unknown_mode_is_rejected():
     model = M.build_digits_cnn(2, seed=0)
-    for call in (lambda: M.configure_trainable(model, "lora"), lambda: M.backbone_is_frozen("lora")):
-        with pytest.raises(ValueError, match=r"unknown fine-tuning mode 'lora'.*head, partial, full"):
+    for call in (lambda: M.configure_trainable(model, "adapter"), lambda: M.backbone_is_frozen("adapter")):
+        with pytest.raises(ValueError, match=r"unknown fine-tuning mode 'adapter'.*head, last-k, lora, full"):
             call()
     assert M.backbone_is_frozen("head") and not M.backbone_is_frozen("partial") and not M.backbone_is_frozen("full")
     assert M.module_to_train(model, "head") is model.head and M.module_to_train(model, "full") is model

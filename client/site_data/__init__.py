@@ -19,7 +19,15 @@ from __future__ import annotations
 from privatune.client.site_data.describe import FEW_RECORDS_WARNING, describe_site_data
 from privatune.client.site_data.images import IMAGE_SUFFIXES
 from privatune.client.site_data.load import load_site_data
-from privatune.client.site_data.spec import FORMATS, IMAGE_FORMATS, TEXT_FORMATS, Format, SiteDataError, SiteDataSpec
+from privatune.client.site_data.spec import (
+    FORMATS,
+    IMAGE_FORMATS,
+    TEXT_FORMATS,
+    Format,
+    SiteDataError,
+    SiteDataSpec,
+    guess_format,
+)
 
 __all__ = [
     "FEW_RECORDS_WARNING",
@@ -31,5 +39,6 @@ __all__ = [
     "SiteDataError",
     "SiteDataSpec",
     "describe_site_data",
+    "guess_format",
     "load_site_data",
 ]

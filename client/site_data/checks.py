@@ -51,6 +51,46 @@ class LabelParser:
         )
 
 
+class LabelCollector(LabelParser):
+    """Finds the label set instead of checking against one: every distinct label value becomes a label name
+    (integers as their decimal text). ``sorted_labels`` then gives the names sorted (numerically when all are
+    integers) and the records' labels as indices into them."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__((), path)
+
+    def allowed(self) -> str:
+        return "labels found so far: " + (", ".join(self.names) or "none")
+
+    def parse(self, value: object, record: int, line: int | None = None) -> int:
+        if isinstance(value, str):
+            text = value.strip()
+        elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            text = str(int(value))
+        else:
+            text = ""
+        if not text:
+            raise SiteDataError(
+                self.path,
+                f"label {value!r} is not a label name",
+                "Give every record a label: a name or an integer.",
+                record=record,
+                line=line,
+            )
+        if text not in self.index:
+            self.index[text] = len(self.names)
+            self.names = (*self.names, text)
+        return self.index[text]
+
+    def sorted_labels(self, found: Sequence[int]) -> tuple[tuple[str, ...], list[int]]:
+        """(label names sorted, each record's label as an index into them)."""
+        numeric = all(re.fullmatch(r"-?[0-9]+", name) for name in self.names)
+        order = sorted(self.names, key=int) if numeric else sorted(self.names)
+        new_index = {name: i for i, name in enumerate(order)}
+        remap = [new_index[name] for name in self.names]
+        return tuple(order), [remap[y] for y in found]
+
+
 def require_file(path: Path) -> None:
     if not path.exists():
         raise SiteDataError(path, missing_reason(path), "Check the data path in the site's configuration.")

@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from privatune.client.site_data.checks import LabelParser
+from privatune.client.site_data.checks import LabelCollector, LabelParser
 from privatune.client.site_data.images import load_image_folder, load_npz
 from privatune.client.site_data.spec import FORMATS, IMAGE_FORMATS, TEXT_FORMATS, SiteDataError, SiteDataSpec
 from privatune.client.site_data.texts import load_csv, load_jsonl
@@ -18,9 +18,13 @@ from privatune.common.datasets import LabelledData, pixels_to_model_input
 
 
 def load_site_data(
-    spec: SiteDataSpec, label_names: Sequence[str], kind: Literal["text", "image"], name: str = "site"
+    spec: SiteDataSpec, label_names: Sequence[str] | None, kind: Literal["text", "image"], name: str = "site"
 ) -> LabelledData:
-    """Read a site's files into LabelledData with the preset's label names; raises SiteDataError."""
+    """Read a site's files into LabelledData with the preset's label names; raises SiteDataError.
+
+    ``label_names=None`` finds the label set in the data instead: every distinct label becomes a name, sorted
+    (numerically when all are integers), as ``privatune simulate --data`` does when no ``--labels`` is given.
+    """
     path = Path(spec.path)
     spec = SiteDataSpec(path, spec.format, spec.text_column, spec.label_column)
     if spec.format not in FORMATS:
@@ -34,12 +38,16 @@ def load_site_data(
             f"format {spec.format!r} does not hold {kind} data, which this model needs",
             f"Provide the data as one of: {', '.join(wanted)}.",
         )
-    if not label_names:
+    if label_names is not None and not label_names:
         raise ValueError("label_names is empty")
-    parser = LabelParser(label_names, path)
-    names = tuple(label_names)
+    parser = LabelParser(label_names, path) if label_names is not None else LabelCollector(path)
+    inputs: list[str] | np.ndarray
     if kind == "text":
-        texts, ys = (load_csv if spec.format == "csv" else load_jsonl)(spec, parser)
-        return LabelledData(name, "text", texts, np.asarray(ys, dtype=np.int64), names)
-    pixels, ys = (load_npz if spec.format == "npz" else load_image_folder)(spec, parser)
-    return LabelledData(name, "image", pixels_to_model_input(pixels), np.asarray(ys, dtype=np.int64), names)
+        inputs, ys = (load_csv if spec.format == "csv" else load_jsonl)(spec, parser)
+    else:
+        pixels, ys = (load_npz if spec.format == "npz" else load_image_folder)(spec, parser)
+        inputs = pixels_to_model_input(pixels)
+    names = tuple(parser.names)
+    if isinstance(parser, LabelCollector):
+        names, ys = parser.sorted_labels(ys)
+    return LabelledData(name, kind, inputs, np.asarray(ys, dtype=np.int64), names)

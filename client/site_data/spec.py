@@ -14,6 +14,15 @@ TEXT_FORMATS = ("csv", "jsonl")
 IMAGE_FORMATS = ("npz", "image-folder")
 
 
+def guess_format(path: str | Path) -> str:
+    """The format a data path's name suggests: .csv, .jsonl (or .ndjson), .npz, else an image folder."""
+    p = str(path).lower()
+    for ext, fmt in ((".csv", "csv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".npz", "npz")):
+        if p.endswith(ext):
+            return fmt
+    return "image-folder"
+
+
 @dataclass(frozen=True)
 class SiteDataSpec:
     """Where a site's data lies and how to read it (columns apply to csv/jsonl only)."""

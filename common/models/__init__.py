@@ -6,7 +6,8 @@ clients and server. The parts, one module each:
 
 * ``classifier``: the Classifier and its seeded head;  ``registry``: MODELS and the pretrained-weights cache;
 * ``text``: MiniLM (``minilm``);  ``image``: the MNIST CNN (``digits-cnn``);  ``builtin``: registers both;
-* ``modes``: FINE_TUNING_MODES (torch-free);  ``trainable``: what trains per mode and the state that travels;
+* ``modes``: FINE_TUNING_MODES, FineTuning, recommended hyperparameters (torch-free);  ``lora``: PEFT adapters;
+* ``trainable``: what trains per mode and the state that travels;
 * ``extract``: the frozen-backbone feature pass.
 
 The fine-tuning modes and the image constants load eagerly and without torch (the command line names the
@@ -20,12 +21,23 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from privatune.common.imaging import MNIST_MEAN, MNIST_STD
-from privatune.common.models.modes import FINE_TUNING_MODES, backbone_is_frozen, check_mode
+from privatune.common.models.modes import (
+    ACCEPTED_MODES,
+    FINE_TUNING_MODES,
+    RECOMMENDED_HYPERPARAMETERS,
+    FineTuning,
+    ModeDefaults,
+    as_fine_tuning,
+    backbone_is_frozen,
+    check_mode,
+    recommended_hyperparameters,
+)
 
 if TYPE_CHECKING:
     from privatune.common.models.classifier import Classifier, new_head
     from privatune.common.models.extract import compute_features
     from privatune.common.models.image import DIGITS_IMAGE_SIZE, DigitsBackbone, build_digits_cnn, encode_images
+    from privatune.common.models.lora import apply_lora
     from privatune.common.models.registry import (
         MODELS,
         Encoder,
@@ -47,18 +59,24 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "ACCEPTED_MODES",
     "DIGITS_IMAGE_SIZE",
     "FINE_TUNING_MODES",
     "MINILM_DEFAULT_MAX_LENGTH",
     "MNIST_MEAN",
     "MNIST_STD",
     "MODELS",
+    "RECOMMENDED_HYPERPARAMETERS",
     "Classifier",
     "DigitsBackbone",
     "Encoder",
+    "FineTuning",
     "MeanPooledEncoder",
+    "ModeDefaults",
     "ModelSpec",
     "PretrainedAssets",
+    "apply_lora",
+    "as_fine_tuning",
     "backbone_is_frozen",
     "build_digits_cnn",
     "build_minilm",
@@ -73,6 +91,7 @@ __all__ = [
     "load_trainable_state",
     "module_to_train",
     "new_head",
+    "recommended_hyperparameters",
     "register_model",
     "trainable_fingerprint",
     "trainable_names_and_shapes",
@@ -84,6 +103,7 @@ _HOME = {
     "Classifier": "classifier",
     "new_head": "classifier",
     "compute_features": "extract",
+    "apply_lora": "lora",
     "build_digits_cnn": "image",
     "encode_images": "image",
     "MODELS": "registry",

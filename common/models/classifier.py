@@ -15,25 +15,43 @@ from torch import nn
 class Classifier(nn.Module):
     """Pretrained backbone + linear head.
 
-    ``partial_prefixes`` names the parameter prefixes (relative to this module, e.g.
-    ``"backbone.bert.encoder.layer.5."``) that train besides the head in ``partial`` mode; each model
-    builder sets them, so a new model only has to say which block is "last".
+    ``block_prefixes`` names the backbone's blocks, first to last, as parameter prefixes relative to this
+    module (e.g. ``"backbone.bert.encoder.layer.5."``): ``last-k`` trains the last ``k`` of them besides the
+    head, and layer-wise learning-rate decay counts depth in them. ``lora_targets`` are the module names (or
+    name suffixes, PEFT's ``target_modules``) that ``lora`` adapts by default. Each model builder sets both, so
+    a new model only has to say what its blocks are. ``partial_prefixes`` (the older name) is taken as the
+    blocks when ``block_prefixes`` is not given, and reads back as the last block.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear, partial_prefixes: Sequence[str]) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Linear,
+        partial_prefixes: Sequence[str] = (),
+        *,
+        block_prefixes: Sequence[str] | None = None,
+        lora_targets: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         if not isinstance(head, nn.Linear):
             raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
         self.backbone = backbone
         self.head = head
-        self.partial_prefixes: tuple[str, ...] = tuple(partial_prefixes)
+        blocks = tuple(partial_prefixes if block_prefixes is None else block_prefixes)
+        self.block_prefixes: tuple[str, ...] = blocks
+        self.lora_targets: tuple[str, ...] = tuple(lora_targets)
+        self.lora_applied: tuple[object, ...] | None = None  # set by common.models.lora.apply_lora
         names = [n for n, _ in self.named_parameters()]
-        for prefix in self.partial_prefixes:
+        for prefix in blocks:
             if not prefix.startswith("backbone.") or not any(n.startswith(prefix) for n in names):
                 raise ValueError(
-                    f"partial prefix {prefix!r} matches no backbone parameter; "
-                    "give a prefix such as 'backbone.<block>.'"
+                    f"block prefix {prefix!r} matches no backbone parameter; give a prefix such as 'backbone.<block>.'"
                 )
+
+    @property
+    def partial_prefixes(self) -> tuple[str, ...]:
+        """The last block: what ``partial`` (= ``last-k`` with k = 1) trains besides the head."""
+        return self.block_prefixes[-1:]
 
     @property
     def feature_dim(self) -> int:

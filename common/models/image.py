@@ -20,6 +20,13 @@ from privatune.common.models.classifier import Classifier, new_head
 from privatune.common.models.registry import PretrainedAssets, load_pretrained_cached
 
 DIGITS_IMAGE_SIZE = IMAGE_SIDE
+# The CNN's blocks, first to last: its three convolutions and its hidden linear layer.
+DIGITS_BLOCKS = (
+    "backbone.conv_layers.0.",
+    "backbone.conv_layers.3.",
+    "backbone.conv_layers.6.",
+    "backbone.fc_layers.0.",
+)
 
 
 class DigitsBackbone(nn.Module):
@@ -86,7 +93,12 @@ def build_digits_cnn(num_classes: int, seed: int, init_head_from_pretrained: boo
         if int(num_classes) != 10:
             raise ValueError(f"init_head_from_pretrained needs num_classes=10 (the MNIST head), got {num_classes}")
         head.load_state_dict(assets.extra["head_state"])
-    model = Classifier(copy.deepcopy(assets.backbone), head, partial_prefixes=("backbone.fc_layers.",))
+    model = Classifier(
+        copy.deepcopy(assets.backbone),
+        head,
+        block_prefixes=DIGITS_BLOCKS,
+        lora_targets=("fc_layers.0",),  # the backbone's linear layer (the head trains in full)
+    )
     for p in model.parameters():
         p.requires_grad_(True)
     return model.train()

@@ -19,6 +19,7 @@ from privatune.common.models.registry import PretrainedAssets, load_pretrained_c
 from privatune.common.offline import set_offline_env
 
 MINILM_DEFAULT_MAX_LENGTH = 64
+MINILM_LORA_TARGETS = ("query", "value")  # LoRA's usual choice for BERT-family attention (Hu et al. 2021)
 
 
 class MeanPooledEncoder(nn.Module):
@@ -91,11 +92,11 @@ def load_minilm() -> PretrainedAssets:
 def build_minilm(num_classes: int, seed: int) -> Classifier:
     assets = load_pretrained_cached("minilm")
     backbone = copy.deepcopy(assets.backbone)
-    last = assets.extra["num_layers"] - 1
     model = Classifier(
         backbone,
         new_head(384, num_classes, seed),
-        partial_prefixes=(f"backbone.bert.encoder.layer.{last}.",),
+        block_prefixes=tuple(f"backbone.bert.encoder.layer.{i}." for i in range(assets.extra["num_layers"])),
+        lora_targets=MINILM_LORA_TARGETS,
     )
     for p in model.parameters():
         p.requires_grad_(True)

@@ -1,5 +1,6 @@
-"""Which parameters train in each fine-tuning mode, and the trainable state that travels: float32 export and
-import, and the fingerprints that prove frozen weights never changed and that both sides agree on what travels.
+"""Which parameters train in each fine-tuning mode (head, last-k, lora, full), and the trainable state that
+travels: float32 export and import, and the fingerprints that prove frozen weights never changed and that both
+sides agree on what travels.
 
 Separate from the backbones: it works on any Classifier.
 """
@@ -16,30 +17,49 @@ import torch
 from torch import nn
 
 from privatune.common.models.classifier import Classifier, unwrap
-from privatune.common.models.modes import backbone_is_frozen, check_mode
+from privatune.common.models.lora import apply_lora, is_lora_a, is_lora_param
+from privatune.common.models.modes import FineTuning, as_fine_tuning, backbone_is_frozen
 
 
-def configure_trainable(model: Classifier, mode: str) -> list[str]:
-    """Set ``requires_grad`` for ``mode``; return the trainable names in ``named_parameters()`` order."""
-    check_mode(mode)
+def configure_trainable(model: Classifier, mode: str | FineTuning) -> list[str]:
+    """Set ``requires_grad`` for ``mode``; return the trainable names in ``named_parameters()`` order.
+
+    ``mode`` is a run's :class:`FineTuning` (``RunConfig.fine_tuning``) or a bare mode name (default settings,
+    seed 0). ``lora`` first puts adapters on the backbone (once; see :mod:`privatune.common.models.lora`).
+    """
+    settings = as_fine_tuning(mode)
     inner = unwrap(model)
     if not isinstance(inner, Classifier):
         raise TypeError(f"configure_trainable expects a Classifier, got {type(inner).__name__}")
+    prefixes: tuple[str, ...] = ()
+    if settings.mode == "last-k":
+        blocks = inner.block_prefixes
+        if settings.last_k > len(blocks):
+            raise ValueError(
+                f"last-k={settings.last_k}, but this model has {len(blocks)} block(s) "
+                f"({', '.join(b.removesuffix('.') for b in blocks) or 'none named'}); "
+                f"use last-k between 1 and {len(blocks)}, or mode=full"
+            )
+        prefixes = blocks[len(blocks) - settings.last_k :]
+    elif settings.mode == "lora":
+        apply_lora(inner, settings)
     names: list[str] = []
     for name, param in inner.named_parameters():
-        if mode == "full":
+        if settings.mode == "full" or name.startswith("head."):
             trainable = True
-        elif mode == "partial":
-            trainable = name.startswith("head.") or any(name.startswith(p) for p in inner.partial_prefixes)
+        elif settings.mode == "last-k":
+            trainable = any(name.startswith(p) for p in prefixes)
+        elif settings.mode == "lora":
+            trainable = is_lora_param(name) and not (settings.lora_freeze_a and is_lora_a(name))
         else:
-            trainable = name.startswith("head.")
+            trainable = False
         param.requires_grad_(trainable)
         if trainable:
             names.append(name)
     return names
 
 
-def module_to_train(model: Classifier, mode: str) -> nn.Module:
+def module_to_train(model: Classifier, mode: str | FineTuning) -> nn.Module:
     """What the optimiser (and Opacus) wraps: the head alone in ``head`` mode, else the whole model."""
     return model.head if backbone_is_frozen(mode) else model
 
