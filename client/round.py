@@ -248,6 +248,8 @@ def train_round(
         optimizer_name=cfg.optimizer,
         max_physical_batch_size=cfg.max_physical_batch_size,
         ghost_clipping=cfg.ghost_clipping,
+        layer_lr_decay=cfg.fine_tuning.layer_lr_decay,
+        block_prefixes=run.model.block_prefixes,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +25,7 @@ from privatune.common.accounting import sample_rate as dp_sample_rate
 from privatune.common.accounting import steps_per_epoch
 from privatune.common.evaluation import EvalResult, evaluate  # noqa: F401  (re-exported for the client glue)
 from privatune.common.mechanism import DPMechanism
+from privatune.common.models.classifier import unwrap
 from privatune.common.optimizers import OPTIMIZER_SGD
 
 # Opacus warns that its own secure RNG is off: its noise is not used (client.randomness.install_noise
@@ -72,18 +73,75 @@ class LocalTrainResult:
         return self.mechanism.noise_multiplier
 
 
-def param_groups(module: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict[str, Any]]:
-    """Transfer learning's 'early layers trained more slowly': the backbone gets a scaled rate."""
-    head: list[nn.Parameter] = []
-    body: list[nn.Parameter] = []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (head if name.startswith("head.") or "." not in name else body).append(p)
-    groups = [{"params": head, "lr": lr}]
-    if body:
-        groups.append({"params": body, "lr": lr * backbone_lr_scale})
-    return groups
+OPACUS_PREFIX = "_module."  # what Opacus' GradSampleModule puts before its inner module's parameter names
+
+
+def _bare_name(name: str) -> str:
+    """A parameter name without the ``_module.`` prefixes Opacus' wrappers add."""
+    while name.startswith(OPACUS_PREFIX):
+        name = name[len(OPACUS_PREFIX) :]
+    return name
+
+
+def _is_head(name: str) -> bool:
+    # "weight"/"bias" with no dot: the module is the head alone (head mode trains it on cached features)
+    return name.startswith("head.") or "." not in name
+
+
+def layer_lr_scales(
+    names: Sequence[str], block_prefixes: Sequence[str], backbone_lr_scale: float, layer_lr_decay: float = 1.0
+) -> dict[str, float]:
+    """Each trainable parameter's factor on ``lr``: transfer learning's "early layers trained more slowly".
+
+    The head gets 1. With ``layer_lr_decay`` = 1 every backbone parameter gets ``backbone_lr_scale``. With
+    ``d < 1`` the topmost block holding a trainable parameter gets ``backbone_lr_scale`` and each block below
+    it a further factor ``d`` (blocks are ``block_prefixes``, first to last, as ``Classifier.block_prefixes``
+    names them); parameters in no block (embeddings) sit below the first block: one factor ``d`` below it.
+    Names may carry Opacus' ``_module.`` prefix.
+    """
+    if not 0 < layer_lr_decay <= 1:
+        raise ValueError(f"layer-lr-decay must be in (0, 1], got {layer_lr_decay:g}")
+    blocks = tuple(block_prefixes)
+
+    def block_of(name: str) -> int | None:
+        bare = _bare_name(name)
+        hits = [i for i, prefix in enumerate(blocks) if bare.startswith(prefix)]
+        return max(hits) if hits else None  # nested prefixes: the innermost (longest-listed last) block
+
+    body = [n for n in names if not _is_head(_bare_name(n))]
+    in_blocks = [b for b in map(block_of, body) if b is not None]
+    top = max(in_blocks) if in_blocks else -1
+    scales: dict[str, float] = {}
+    for name in names:
+        if _is_head(_bare_name(name)):
+            scales[name] = 1.0
+        elif layer_lr_decay == 1.0:
+            scales[name] = backbone_lr_scale
+        else:
+            block = block_of(name)
+            depth = top - block if block is not None else top + 1
+            scales[name] = backbone_lr_scale * layer_lr_decay**depth
+    return scales
+
+
+def param_groups(
+    module: nn.Module,
+    lr: float,
+    backbone_lr_scale: float,
+    *,
+    layer_lr_decay: float = 1.0,
+    block_prefixes: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """The optimiser's groups: one per learning rate (:func:`layer_lr_scales`), the head's first."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    scales = layer_lr_scales([n for n, _ in named], block_prefixes, backbone_lr_scale, layer_lr_decay)
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for name, p in named:
+        by_scale.setdefault(scales[name], []).append(p)
+    if 1.0 not in by_scale:
+        by_scale[1.0] = []  # keep the head's group first and present, as before
+    order = [1.0, *sorted((s for s in by_scale if s != 1.0), reverse=True)]
+    return [{"params": by_scale[s], "lr": lr * s} for s in order if s == 1.0 or by_scale[s]]
 
 
 def train_local(
@@ -107,6 +165,8 @@ def train_local(
     optimizer_name: str = OPTIMIZER_SGD,
     max_physical_batch_size: int = 0,
     ghost_clipping: bool = False,
+    layer_lr_decay: float = 1.0,
+    block_prefixes: Sequence[str] | None = None,
 ) -> LocalTrainResult:
     """Train ``module`` in place for ``epochs`` passes.
 
@@ -119,6 +179,8 @@ def train_local(
 
     ``optimizer_name``, ``max_physical_batch_size`` and ``ghost_clipping`` (:mod:`privatune.client.dp_options`)
     change how a step is computed, not the mechanism: same batches, steps, clipping and noise.
+    ``layer_lr_decay`` < 1 slows each block below the topmost trainable one by a further factor
+    (:func:`layer_lr_scales`); ``block_prefixes`` default to the module's own (``Classifier.block_prefixes``).
     """
     n = int(labels.shape[0])
     if n == 0:
@@ -148,7 +210,10 @@ def train_local(
         loader = DataLoader(
             dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(order_seed)
         )
-    optimizer = build_optimizer(optimizer_name, param_groups(module, lr, backbone_lr_scale), lr=lr, momentum=momentum)
+    if block_prefixes is None:
+        block_prefixes = tuple(getattr(unwrap(module), "block_prefixes", ()))
+    groups = param_groups(module, lr, backbone_lr_scale, layer_lr_decay=layer_lr_decay, block_prefixes=block_prefixes)
+    optimizer = build_optimizer(optimizer_name, groups, lr=lr, momentum=momentum)
     loss_fn: Any = nn.CrossEntropyLoss()  # under ghost clipping, Opacus' wrapper around it
     train_module: nn.Module = module
     steps_expected = per_epoch * epochs

@@ -18,7 +18,14 @@ from typing import Any
 
 from privatune.common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from privatune.common.accounting import TARGET_EPSILON_MAX, TARGET_EPSILON_MIN
-from privatune.common.models.modes import ACCEPTED_MODES, MODE_ALIASES, FineTuning
+from privatune.common.models.modes import (
+    ACCEPTED_MODES,
+    MODE_ALIASES,
+    FineTuning,
+    ModeDefaults,
+    recommended_hyperparameters,
+)
+from privatune.common.models.names import model_kind
 from privatune.common.optimizers import OPTIMIZER_SGD, OPTIMIZERS
 
 # Label sets of the preset datasets, so a site (which has no copy of them) knows the index order.
@@ -27,6 +34,10 @@ DATASET_LABELS: dict[str, tuple[str, ...]] = {
     "trec6": ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
     "digits": tuple(str(i) for i in range(10)),
 }
+
+# The kind of each bundled model (its ModelSpec.kind; tests check they agree), so the config can pick a mode's
+# recommended hyperparameters without loading torch. hf: models are text, torch: ones images (models/names.py).
+MODEL_KINDS: dict[str, str] = {"minilm": "text", "digits-cnn": "image"}
 
 #: The dataset name of a run on the user's own data (run config `sim-data`, common/sim_data.py).
 SIM_DATASET = "sim-data"
@@ -188,15 +199,22 @@ class RunConfig:
             if self.last_k != 1:
                 raise ConfigError(f"mode: 'partial' means last-k with k=1, got last-k={self.last_k}; use mode=last-k")
             mode = MODE_ALIASES[mode]
+        model = self.model or p.model
+        # The preset's lr, batch size and epochs were tuned for its mode; another mode gets its own recommended
+        # ones (common/models/modes.py) where the run leaves them at 0 and the model's kind is known.
+        defaults: Preset | ModeDefaults = p
+        kind = MODEL_KINDS.get(model) or model_kind(model)
+        if mode in ACCEPTED_MODES and mode != MODE_ALIASES.get(p.mode, p.mode) and kind is not None:
+            defaults = recommended_hyperparameters(mode, kind)
         cfg = replace(
             self,
-            model=self.model or p.model,
+            model=model,
             dataset=self.dataset or (SIM_DATASET if self.sim_data.strip() else p.dataset),
             mode=mode,
             num_server_rounds=self.num_server_rounds or p.num_server_rounds,
-            local_epochs=self.local_epochs or p.local_epochs,
-            batch_size=self.batch_size or p.batch_size,
-            lr=self.lr or p.lr,
+            local_epochs=self.local_epochs or defaults.local_epochs,
+            batch_size=self.batch_size or defaults.batch_size,
+            lr=self.lr or defaults.lr,
             max_length=self.max_length or p.max_length,
         )
         cfg.validate()
