@@ -1,0 +1,131 @@
+"""Every fine-tuning mode is correct under DP-SGD (Opacus issue 820: LoRA weights that never moved while the loss
+fell and an epsilon was reported): each trainable weight gets a per-sample gradient and moves, each frozen one
+stays bit-identical, FFA-LoRA's A never trains, and what travels is exactly the trainable set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from privatune.client.randomness import SeededRandomness
+from privatune.client.training import TrainHooks, train_local
+from privatune.common.models import (
+    FineTuning,
+    build_digits_cnn,
+    build_minilm,
+    configure_trainable,
+    encode_texts,
+    frozen_state_fingerprint,
+    trainable_fingerprint,
+    trainable_names_and_shapes,
+    trainable_state,
+)
+from privatune.common.models.lora import is_lora_a
+
+TEXTS = ["win a prize now", "lunch tomorrow?", "how far is the moon", "who wrote it", "cash reward", "ok later"]
+LABELS = torch.tensor([1, 0, 0, 0, 1, 0])
+
+MODES = {
+    "last-k-1": FineTuning(mode="last-k", last_k=1),
+    "last-k-2": FineTuning(mode="last-k", last_k=2),
+    "lora": FineTuning(mode="lora", lora_rank=2),
+    "lora-ffa": FineTuning(mode="lora", lora_rank=2, lora_freeze_a=True),
+    "full": FineTuning(mode="full"),
+}
+
+
+def _inputs(name: str) -> tuple[torch.Tensor, ...]:
+    if name == "minilm":
+        return encode_texts(TEXTS, max_length=8)
+    return (torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)),)
+
+
+def _train(name: str, settings: FineTuning, dp: bool) -> None:
+    model = build_minilm(2, 0) if name == "minilm" else build_digits_cnn(2, 0)
+    names = configure_trainable(model, settings)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(names) and "head.weight" in trainable
+    frozen = frozen_state_fingerprint(model)
+    before = trainable_state(model)
+    seen: list[set[str]] = []
+
+    def before_step(step: int, module: torch.nn.Module, optimizer: object) -> None:
+        got = set()
+        for n, p in module.named_parameters():
+            bare = n.removeprefix("_module.")
+            sample = getattr(p, "grad_sample", None)
+            if bare in trainable:
+                assert sample is not None, f"{bare}: no per-sample gradient"
+                assert tuple(sample.shape[1:]) == tuple(p.shape) and sample.shape[0] >= 0, bare
+                got.add(bare)
+            else:
+                assert sample is None and p.grad is None, f"frozen {bare} got a gradient"
+        seen.append(got)
+
+    result = train_local(
+        model,
+        _inputs(name),
+        LABELS,
+        epochs=1,
+        batch_size=2,
+        lr=0.5,
+        dp=dp,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        randomness=SeededRandomness(7),
+        backbone_lr_scale=1.0,
+        hooks=TrainHooks(before_step=before_step) if dp else None,
+    )
+    assert result.steps == 3
+    if dp:
+        assert seen and all(got == trainable for got in seen)
+        assert result.mechanism.noise_multiplier == 1.0
+    after = trainable_state(model)
+    assert list(after) == names  # what travels is exactly the trainable set, in order
+    assert frozen_state_fingerprint(model) == frozen  # frozen weights bit-identical
+    unmoved = [n for n in names if np.array_equal(before[n], after[n])]
+    if not dp and settings.mode == "lora" and not settings.lora_freeze_a:
+        # without noise A can move only once B has: B starts at zero, so A's first gradients are zero
+        unmoved = [n for n in unmoved if not is_lora_a(n)]
+    assert unmoved == [], f"trainable weights that never moved: {unmoved[:5]}"
+    if settings.lora_freeze_a:
+        assert not any(is_lora_a(n) for n in names)
+        assert any(is_lora_a(n) for n, _ in model.named_parameters())
+
+
+FAST_TEXT = ["last-k-1", "last-k-2", "lora", "lora-ffa"]
+
+
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
+@pytest.mark.parametrize("mode", [*FAST_TEXT, pytest.param("full", marks=pytest.mark.slow)])
+def test_minilm_modes_train_what_they_should(mode, dp):
+    _train("minilm", MODES[mode], dp)
+
+
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_digits_cnn_modes_train_what_they_should(mode, dp):
+    _train("digits-cnn", MODES[mode], dp)
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+def test_server_and_site_build_identical_lora_adapters(freeze_a):
+    def build(seed: int) -> torch.nn.Module:
+        model = build_digits_cnn(2, 0)
+        configure_trainable(model, FineTuning(mode="lora", lora_rank=4, lora_freeze_a=freeze_a, seed=seed))
+        return model
+
+    def a_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in model.named_parameters() if is_lora_a(n)}
+
+    server, site, other = build(3), build(3), build(4)
+    assert trainable_fingerprint(trainable_names_and_shapes(server)) == trainable_fingerprint(
+        trainable_names_and_shapes(site)
+    )
+    same, diff = a_values(server), a_values(other)
+    assert same and all(torch.equal(same[n], v) for n, v in a_values(site).items())
+    assert all(not torch.equal(same[n], v) for n, v in diff.items())
+    assert frozen_state_fingerprint(server) == frozen_state_fingerprint(site)
+    if freeze_a:  # the frozen A never travels, so both sides must derive it: the fingerprints say they do
+        assert frozen_state_fingerprint(server) != frozen_state_fingerprint(other)
