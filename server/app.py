@@ -115,6 +115,28 @@ def run_federation(
     return record_run(recorder, cfg, out, start, t0)
 
 
+def fine_tuning_metadata(cfg: RunConfig) -> dict[str, str]:
+    """The settings that say what a saved model is beyond its mode (docs/fine-tuning.md): last-k's k, LoRA's."""
+    ft = cfg.fine_tuning
+    meta: dict[str, str] = {}
+    if ft.mode == "last-k":
+        meta["last-k"] = str(ft.last_k)
+    if ft.mode == "lora":
+        meta.update(
+            {
+                "lora-rank": str(ft.lora_rank),
+                "lora-alpha": f"{ft.lora_alpha:g}",
+                "lora-dropout": f"{ft.lora_dropout:g}",
+                "lora-targets": ",".join(ft.lora_targets) or "the model's defaults",
+                "lora-freeze-a": str(ft.lora_freeze_a).lower(),
+                "seed": str(ft.seed),  # the LoRA A matrices are drawn from it
+            }
+        )
+    if ft.mode != "head" and ft.layer_lr_decay != 1.0:
+        meta["layer-lr-decay"] = f"{ft.layer_lr_decay:g}"
+    return meta
+
+
 def summary_base(cfg: RunConfig, run_id: str) -> dict[str, Any]:
     """What summary.json says about the run before any round (its config, in brief)."""
     return {
@@ -123,6 +145,7 @@ def summary_base(cfg: RunConfig, run_id: str) -> dict[str, Any]:
         "model": cfg.model,
         "dataset": cfg.dataset,
         "mode": cfg.mode,
+        "fine_tuning": fine_tuning_metadata(cfg),
         "dp": cfg.private,
         "target_epsilon": cfg.target_epsilon if cfg.private else float("inf"),
         "delta": cfg.delta if cfg.delta else "each site's own (node-config delta, default 1e-5)",
@@ -248,6 +271,11 @@ def save_global(arrays: ArrayRecord, cfg: RunConfig, out: Path, encrypted: bool)
     save_file(
         {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()},
         str(path),
-        metadata={"model": cfg.model, "mode": cfg.mode, "labels": ",".join(cfg.label_names)},
+        metadata={
+            "model": cfg.model,
+            "mode": cfg.mode,
+            **fine_tuning_metadata(cfg),
+            "labels": ",".join(cfg.label_names),
+        },
     )
     return path

@@ -436,7 +436,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--canaries", type=int, default=d.canaries, help="m, the number of canaries")
     p.add_argument("--no-dp", action="store_true", help="train without DP (the control: the bound should be high)")
     p.add_argument("--epsilon", type=float, default=d.epsilon, help="target epsilon of the one training run")
-    p.add_argument("--mode", default=d.mode, help="head | partial | full (default: partial for images)")
+    p.add_argument(
+        "--mode",
+        default=d.mode,
+        help="head | partial | full, the modes this audit has tuned settings for (partial = last-k with k=1; default: partial for images)",
+    )
     p.add_argument("--epochs", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=0)

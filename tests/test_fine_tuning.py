@@ -106,3 +106,15 @@ def test_partial_takes_last_k_defaults_and_own_models_their_kind():
     assert RunConfig.create(preset="trec6", mode="partial").lr == recommended_hyperparameters("last-k", "text").lr
     cfg = RunConfig.create(preset="trec6", model="torch:pkg.mod:fn", mode="lora")
     assert cfg.batch_size == recommended_hyperparameters("lora", "image").batch_size
+
+
+def test_a_saved_model_says_its_fine_tuning_settings():
+    from privatune.server.app import fine_tuning_metadata
+
+    meta = fine_tuning_metadata(RunConfig.create(preset="trec6", mode="lora", lora_rank=4, lora_freeze_a=True))
+    assert meta["lora-rank"] == "4" and meta["lora-freeze-a"] == "true" and meta["seed"] == "42"
+    assert fine_tuning_metadata(RunConfig.create(preset="trec6", mode="last-k", last_k=2, layer_lr_decay=0.8)) == {
+        "last-k": "2",
+        "layer-lr-decay": "0.8",
+    }
+    assert fine_tuning_metadata(RunConfig.create(preset="trec6")) == {}

@@ -45,7 +45,10 @@ def canary_audit(
     canaries: int = typer.Option(1000, help="m: canaries, each included with probability 1/2"),
     epsilon: float = typer.Option(8.0, help="target epsilon of the one training run"),
     no_dp: bool = typer.Option(False, "--no-dp", help="train without DP (the control: the bound should be high)"),
-    mode: str = typer.Option("", help=f"{' | '.join(FINE_TUNING_MODES)} (default: partial for images, head for text)"),
+    mode: str = typer.Option(
+        "",
+        help=f"{' | '.join(FINE_TUNING_MODES)}; tuned here: head, partial (= last-k, k=1), full (default: partial for images, head for text)",
+    ),
     epochs: int = typer.Option(0, help="local epochs (0 = the audit's default for the mode)"),
     lr: float = typer.Option(0.0, help="learning rate (0 = the audit's default for the mode)"),
     batch_size: int = typer.Option(0, "--batch-size", help="batch size (0 = the audit's default)"),
