@@ -48,9 +48,10 @@ def ghost_clipping_refusal(module: nn.Module) -> str | None:
     """Why Opacus 1.6's ghost clipping cannot train ``module``, or None where it can.
 
     Opacus refuses parameter tying (one trainable weight in two layers) only when the forward pass reaches the
-    second layer, after training began; this finds it before. Layers without a ghost norm sampler (Opacus has
-    them for Linear, Embedding and a few more) are clipped from their per-sample gradients (its "fast gradient
-    clipping"), which gives the same clipped update.
+    second layer, after training began; this finds it before. Layers without a ghost norm sampler (Opacus 1.6
+    has them for Linear and Embedding) but with a grad sampler (Conv, LayerNorm, GroupNorm, ...) are clipped
+    from their own per-sample gradients (its "fast gradient clipping"), which gives the same clipped update; a
+    trainable layer with neither (Opacus would fall back to functorch) is refused, named.
     """
     owners: dict[int, str] = {}
     for mod_name, sub in module.named_modules():
@@ -61,6 +62,13 @@ def ghost_clipping_refusal(module: nn.Module) -> str | None:
             if id(p) in owners:
                 return f"the trainable weight {owners[id(p)]} is tied to {here} (Opacus' ghost clipping refuses tying)"
             owners[id(p)] = here
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping as Ghost
+    from opacus.utils.module_utils import trainable_modules
+
+    supported = set(Ghost.NORM_SAMPLERS) | set(Ghost.GRAD_SAMPLERS)
+    for mod_name, sub in trainable_modules(module):
+        if type(sub) not in supported:
+            return f"the layer {mod_name or '<root>'} ({type(sub).__name__}) has no Opacus norm or grad sampler"
     return None
 
 

@@ -41,7 +41,8 @@ class TrainHooks:
 
     ``after_make_private(optimizer)``: once, after Opacus wrapped the optimizer (a test may plant a fault);
     ``before_step(step, module, optimizer)``: after backward, per-sample gradients in ``p.grad_sample``,
-    before clipping and noise; ``after_step(step, module)``: after the optimizer step.
+    before clipping and noise (with physical batches: the logical batch's last chunk only; under ghost clipping
+    there is no ``p.grad_sample``); ``after_step(step, module)``: after the optimizer step.
     """
 
     after_make_private: Callable[[Any], None] | None = None
@@ -277,7 +278,7 @@ def train_local(
         assert engine is not None
         history = engine.accountant.history
         recorded = sum(s for _, _, s in history)
-        if recorded != steps_expected or any(abs(r - q) > 1e-12 for _, r, _ in history):
+        if steps != steps_expected or recorded != steps_expected or any(abs(r - q) > 1e-12 for _, r, _ in history):
             raise RuntimeError(
                 f"Opacus accounted {history}, but the ledger recorded ({noise_multiplier}, {q}, "
                 f"{steps_expected}) before training: refusing to release an update whose privacy "
