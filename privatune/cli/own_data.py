@@ -94,7 +94,7 @@ def load_own_data(
             )
         spec = SiteDataSpec(path, f, text_column, label_column)  # type: ignore[arg-type]
         try:
-            loaded = load_site_data(spec, names, kind=want, name=path.name)
+            loaded = load_site_data(spec, names, kind=want, name=path.name)  # type: ignore[arg-type]
         except SiteDataError as err:
             fix = err.fix
             for site_words, cli_words in _FIX_FOR_CLI.items():
