@@ -14,6 +14,7 @@ The file is a plain .npz without pickles: texts as UTF-8 bytes with end offsets,
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -161,3 +162,55 @@ def _read(path: str, _mtime_ns: int, _size: int) -> tuple[dict[str, Any], Labell
             if isinstance(part.inputs, np.ndarray):
                 part.inputs.setflags(write=False)
     return meta, data, test
+
+
+def model_kind_of(model: str) -> str:
+    """``text`` or ``image``: what the run's model reads (own models by their prefix, presets by their spec)."""
+    from privatune.common.models.names import model_kind
+
+    kind = model_kind(model)
+    if kind is not None:
+        return kind
+    from privatune.common.models import get_model_spec
+
+    return get_model_spec(model).kind
+
+
+def check_kind(path: str | Path, model: str, data_kind: str | None = None) -> None:
+    """Refuse text data with an image model (and the reverse) before any training, naming the keys."""
+    kind = data_kind or sim_data_info(path)["kind"]
+    want = model_kind_of(model)
+    if kind != want:
+        hint = (
+            "a text model (model=minilm, preset sms-spam or trec6, or model=hf:FOLDER)"
+            if kind == "text"
+            else ("an image model (model=digits-cnn, preset digits, or model=torch:module:function)")
+        )
+        raise ConfigError(
+            f"model: {path} holds {kind} data but model '{model}' reads {want} data; {kind} data needs {hint}"
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of the canonical copy's bytes: names the exact records a run trained and was scored on."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def summary_entry(path: str | Path, train_records: int, test_records: int) -> dict[str, Any]:
+    """summary.json's ``data``: where the records came from, how many trained and were scored, the label set and
+    the canonical copy's sha256 (simulation only: the data is the user's own, on their machine)."""
+    meta = sim_data_info(path)
+    source, test_source = meta.get("source") or {}, meta.get("test_source")
+    return {
+        "source": source.get("file"),
+        "format": source.get("format"),
+        "test_source": test_source.get("file") if test_source else None,
+        "test_split": "the test file" if test_source else "held out of the source (test-fraction, stratified)",
+        "records": {"train": int(train_records), "test": int(test_records)},
+        "labels": list(meta["label_names"]),
+        "sha256": file_sha256(path),
+    }

@@ -152,7 +152,19 @@ def summary_base(cfg: RunConfig, run_id: str) -> dict[str, Any]:
         "secure_aggregation": cfg.secure_aggregation,
         "num_server_rounds": cfg.num_server_rounds,
         "noise_source": noise_source_of(cfg),
+        **({"data": sim_data_entry(cfg)} if cfg.sim_data else {}),
     }
+
+
+def sim_data_entry(cfg: RunConfig) -> dict[str, Any]:
+    """A run on the user's own data (sim-data): refuse a model of the other kind, and say in summary.json which
+    records trained and which were scored (central evaluation never falls back to a preset's test split)."""
+    from privatune.common.federation_data import central_split
+    from privatune.common.sim_data import check_kind, summary_entry
+
+    check_kind(cfg.sim_data, cfg.model)
+    pool, test = central_split(cfg)
+    return summary_entry(cfg.sim_data, len(pool), len(test))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ RUN_ENTRIES = frozenset(
         "global.decrypted.safetensors",
         "keys",
         "cache",
+        "data",  # privatune simulate --data: the canonical copy of the user's records (common/sim_data.py)
         ".flwr",
         ".cache",
         *(SERVER_LEDGER_NAME + suffix for suffix in SQLITE_SIDE_SUFFIXES),

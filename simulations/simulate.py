@@ -41,6 +41,10 @@ def prepare_config(cfg: RunConfig, num_clients: int, out_dir: Path) -> RunConfig
         raise ValueError("--clients must be at least 1")
     if cfg.min_clients > num_clients:
         cfg = replace(cfg, min_clients=num_clients)
+    if cfg.sim_data:
+        from privatune.common.sim_data import check_kind
+
+        check_kind(cfg.sim_data, cfg.model)  # text data needs a text model, images an image model
     check_federation_size(cfg, num_clients)
     check_labels(cfg)
     out_dir = Path(os.path.abspath(out_dir))

@@ -30,6 +30,18 @@ def simulate(
     client_cpus: float = typer.Option(1.0, "--client-cpus", help="CPU cores per simulated client"),
     client_gpus: float = typer.Option(0.0, "--client-gpus", help="GPU share per simulated client (0.5 = two per GPU)"),
     verbose: bool = typer.Option(False, "--verbose", help="show Flower's and Ray's logs"),
+    data: Path | None = typer.Option(None, "--data", help="your own data: csv, jsonl, npz or an image folder"),
+    test_data: Path | None = typer.Option(
+        None, "--test-data", help="your own test file (default: hold out test-fraction of --data)"
+    ),
+    data_format: str = typer.Option(
+        "", "--data-format", help="csv | jsonl | npz | image-folder (default: from the name)"
+    ),
+    text_column: str = typer.Option("text", "--text-column", help="csv/jsonl: the column holding the text"),
+    label_column: str = typer.Option("label", "--label-column", help="csv/jsonl: the column holding the label"),
+    labels: str = typer.Option(
+        "", "--labels", help='the label set in index order, e.g. "neg,pos" (default: the sorted labels found)'
+    ),
 ) -> None:
     """Run a simulated federation on this machine and report accuracy against epsilon.
 
@@ -65,11 +77,34 @@ def simulate(
         values["mode"] = mode
     values.update(parse_kv(run_config))
     cfg = RunConfig.from_flower(values)
+    own = None
+    if data is not None:
+        from privatune.cli.own_data import load_own_data
+
+        model_option = "--run-config model" if "model" in values else f"--preset {preset}"
+        own = load_own_data(
+            data,
+            test_data,
+            fmt=data_format,
+            text_column=text_column,
+            label_column=label_column,
+            labels=labels,
+            model=cfg.model,
+            model_option=model_option,
+        )  # read and checked before --out is claimed: bad data leaves the old run in place
+    elif test_data is not None or labels or data_format:
+        raise UsageError("--test-data, --labels and --data-format go with --data FILE (your own data)")
     from privatune.simulations.run_folder import claim
     from privatune.simulations.simulate import confine_writes, prepare_config
 
     out = claim(out, overwrite)  # one run per folder; a probe file proves it is writable
     confine_writes(out)
+    if own is not None:
+        from privatune.cli.own_data import describe, write_copy
+
+        values.update({"sim-data": str(write_copy(own, out)), "labels": ",".join(own.data.label_names)})
+        cfg = RunConfig.from_flower(values)
+        console.print(describe(own), highlight=False, soft_wrap=True)
     cfg = prepare_config(cfg, clients, out)  # refuse bad sizes and missing keys before Ray starts
 
     from privatune.simulations.progress import RoundPrinter
