@@ -18,6 +18,7 @@ import torch
 from privatune.client.privacy_guard import DEFAULT_SITE_DELTA, ON_EXHAUSTED
 from privatune.client.site_data import SiteDataSpec, guess_format
 from privatune.client.site_secret import default_key_path
+from privatune.common.cache import CACHE_OFF, resolve_cache_dir
 from privatune.common.config import RunConfig
 from privatune.common.ledger import LEDGER_SUFFIX, SITE_LEDGER_PREFIX
 
@@ -123,7 +124,7 @@ class SiteConfig:
             return cls(
                 site_id=site_id,
                 ledger_path=Path(str(ledger)).expanduser(),
-                cache_dir=Path(str(cache)).expanduser() if cache else Path(str(ledger)).expanduser().parent / "cache",
+                cache_dir=site_cache_dir(cache, Path(str(ledger)).expanduser()),
                 max_epsilon=max_epsilon,
                 he_secret_context=Path(str(secret)).expanduser() if secret else None,
                 device=device,
@@ -155,7 +156,7 @@ class SiteConfig:
         return cls(
             site_id=site_id,
             ledger_path=out / "ledgers" / f"{SITE_LEDGER_PREFIX}{site_id}{LEDGER_SUFFIX}",
-            cache_dir=out / "cache",
+            cache_dir=resolve_cache_dir(cfg.cache_dir),  # the run's: simulations on the same data share it
             max_epsilon=max_epsilon,
             he_secret_context=secret,
             device=device,
@@ -165,6 +166,16 @@ class SiteConfig:
             **budget,
             allow_reproducible_noise=allow_seeded,
         )
+
+
+def site_cache_dir(raw: Any, ledger: Path) -> Path | None:
+    """A real site's feature cache: its node-config ``cache-dir`` (``off``/``none`` = none), by default next to its
+    ledger. Never the run config's ``cache-dir``: the cache holds features of the site's private records, so where
+    they are written is the site's decision, not the coordinator's."""
+    text = "" if raw is None else str(raw).strip()
+    if text.lower() in CACHE_OFF:
+        return None
+    return Path(text).expanduser() if text else ledger.parent / "cache"
 
 
 def _site_delta(raw: Any) -> float:

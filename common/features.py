@@ -1,25 +1,47 @@
-"""Backbone features, computed once per (model, data) and reused across rounds.
+"""Backbone features, computed once per (backbone, data) and reused across rounds and across runs.
 
-In `head` mode nothing changes the backbone, so its output for a client's records is the same in
-every round: computing it once turns a MiniLM forward pass per step into a matrix product. The cache
-is in-process (simulation actors live across rounds) and on disk (a deployed ClientApp runs in a
-fresh process per message), keyed by the model, the tokenised length and the data's fingerprint.
+In `head` mode nothing changes the backbone, so its output for a client's records is the same in every round
+and in every run on the same data and backbone: computing it once turns a MiniLM forward pass per step into a
+matrix product. The cache is in-process (simulation actors live across rounds) and on disk (a deployed ClientApp
+runs in a fresh process per message; a second simulation reads what the first computed). An entry is named
+after everything its content depends on (common/cache.py): the model's name, a fingerprint of the frozen
+backbone's weights, the tokenizer and tokenised length (text models), and the records' inputs in order; so a
+changed model or dataset misses and computes afresh, never reading a stale file.
+
+Where the disk cache is: a simulation's run-config ``cache-dir`` (default the user's cache folder), a site's
+node-config ``cache-dir`` (default next to its ledger); see docs/datasets-and-cache.md.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
+import json
+import logging
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from privatune.common.cache import (
+    atomic_write,
+    cache_key,
+    inputs_fingerprint,
+    private_dir,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
 from privatune.common.datasets import LabelledData
 from privatune.common.models import Classifier, compute_features, get_model_spec
 
+log = logging.getLogger("privatune.cache")
+
+#: A features entry's file name: ``features-<key>.npz`` in the cache folder.
+FEATURES_PREFIX = "features-"
+FEATURES_SUFFIX = ".npz"
+
 _MEMORY: dict[str, torch.Tensor] = {}
+_TOKENIZER_FP: dict[int, str] = {}  # id(tokenizer) -> fingerprint (a model's tokenizer is loaded once per process)
 
 
 def encode(model_name: str, data: LabelledData, max_length: int | None) -> tuple[torch.Tensor, ...]:
@@ -28,9 +50,86 @@ def encode(model_name: str, data: LabelledData, max_length: int | None) -> tuple
     return spec.encode(data.inputs, max_length=max_length)
 
 
-def features_key(model_name: str, data: LabelledData, max_length: int | None) -> str:
-    h = hashlib.sha256(f"{model_name}|{max_length}|{data.fingerprint()}".encode()).hexdigest()
-    return h[:32]
+def _tokenizer_identity(model_name: str) -> str:
+    """The fingerprint of the tokenizer ``model_name`` loads with, or "" for a model without one."""
+    from privatune.common.models import load_pretrained_cached
+
+    try:
+        tokenizer = load_pretrained_cached(model_name).tokenizer
+    except ValueError:  # no pretrained loader: the model's encoder is its own business (still keyed by name)
+        return ""
+    if tokenizer is None:
+        return ""
+    key = id(tokenizer)
+    if key not in _TOKENIZER_FP:
+        _TOKENIZER_FP[key] = tokenizer_fingerprint(tokenizer)
+    return _TOKENIZER_FP[key]
+
+
+def features_parts(model: Classifier, model_name: str, data: LabelledData, max_length: int | None) -> dict[str, Any]:
+    """What a features entry depends on: the backbone (name, weights, tokenizer, length) and the inputs."""
+    from privatune.common.models.classifier import unwrap
+
+    spec = get_model_spec(model_name)
+    text = spec.kind == "text"
+    backbone = getattr(unwrap(model), "backbone", model)
+    return {
+        "model": model_name,
+        "frozen": "backbone",  # head mode: the whole backbone is frozen and the feature is its output
+        "weights": weights_fingerprint(backbone),
+        "tokenizer": _tokenizer_identity(model_name) if text else "",
+        "max_length": (max_length or spec.default_max_length) if text else None,  # images ignore it
+        "inputs": inputs_fingerprint(data.inputs),
+        "records": len(data),
+    }
+
+
+def features_key(model: Classifier, model_name: str, data: LabelledData, max_length: int | None) -> str:
+    return cache_key("features", features_parts(model, model_name, data, max_length))
+
+
+def features_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / f"{FEATURES_PREFIX}{key}{FEATURES_SUFFIX}"
+
+
+def clear_memory_cache() -> None:
+    """Forget the in-process features (what a fresh process sees): tests, and callers that bound memory."""
+    _MEMORY.clear()
+
+
+def _read_entry(path: Path, key: str, rows: int, dim: int) -> torch.Tensor | None:
+    """The features in ``path``, or None (with a warning) when the file is unreadable or not what ``key`` names.
+
+    The entry is an uncompressed npz: zip's CRC-32 catches a file damaged on disk, and the key stored inside
+    catches a file renamed or copied over another."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(str(npz["meta"]))
+            feats = np.asarray(npz["features"])
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        log.warning("feature cache entry %s is unreadable (%s): computing the features again", path, err)
+        return None
+    problem = ""
+    if meta.get("key") != key:
+        problem = "it was written for other inputs or another backbone"
+    elif feats.dtype != np.float32 or feats.shape != (rows, dim):
+        problem = f"it holds {feats.dtype} {list(feats.shape)}, expected float32 [{rows}, {dim}]"
+    elif not np.isfinite(feats).all():
+        problem = "it holds NaN or infinite values"
+    if problem:
+        log.warning("feature cache entry %s is not usable (%s): computing the features again", path, problem)
+        return None
+    return torch.from_numpy(feats)
+
+
+def _write_entry(path: Path, key: str, model_name: str, feats: torch.Tensor) -> None:
+    """Write the entry atomically (tmp + rename, mode 0600); a cache that cannot be written only warns."""
+    meta = json.dumps({"key": key, "model": model_name, "shape": list(feats.shape)})
+    try:
+        private_dir(path.parent)
+        atomic_write(path, lambda fh: np.savez(fh, features=feats.numpy(), meta=np.array(meta)))
+    except OSError as err:
+        log.warning("feature cache: could not write %s (%s); the run goes on without it", path, err)
 
 
 def cached_features(
@@ -40,21 +139,20 @@ def cached_features(
     max_length: int | None,
     cache_dir: str | Path | None,
 ) -> torch.Tensor:
-    """Features of ``data`` under the (frozen) backbone of ``model``; memoised and cached on disk."""
-    key = features_key(model_name, data, max_length)
+    """Features of ``data`` under the (frozen) backbone of ``model``; memoised, and cached on disk in
+    ``cache_dir`` (None: in memory only)."""
+    key = features_key(model, model_name, data, max_length)
     if key in _MEMORY:
         return _MEMORY[key]
-    path = Path(cache_dir) / f"features-{key}.npy" if cache_dir else None
+    path = features_path(Path(cache_dir), key) if cache_dir else None
+    feats = None
     if path is not None and path.exists():
-        feats = torch.from_numpy(np.load(path))
-    else:
+        feats = _read_entry(path, key, len(data), model.feature_dim)
+        if feats is not None:
+            log.debug("features of %d records from the cache (%s)", len(data), path.name)
+    if feats is None:
         feats = compute_features(model, encode(model_name, data, max_length))
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename: a crash mid-write never leaves a truncated cache behind.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, feats.numpy())
-            os.replace(tmp, path)
+            _write_entry(path, key, model_name, feats)
     _MEMORY[key] = feats
     return feats

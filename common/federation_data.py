@@ -18,7 +18,15 @@ from typing import NamedTuple
 import numpy as np
 
 from privatune.common.config import RunConfig
-from privatune.common.datasets import LabelledData, holdout_split, load_dataset, subsample, train_val_split
+from privatune.common.datasets import (
+    OFFICIAL_TEST_SPLITS,
+    LabelledData,
+    holdout_split,
+    load_dataset,
+    load_official_test,
+    subsample,
+    train_val_split,
+)
 from privatune.common.partition import partition_indices
 
 
@@ -61,6 +69,9 @@ def _central_split(key: DataKey) -> tuple[LabelledData, LabelledData]:
             return data, test.subset(np.arange(len(test)))
     else:
         data = load_dataset(key.dataset, max_records=key.max_records or None, seed=key.seed)
+        if key.dataset in OFFICIAL_TEST_SPLITS:  # the preset's own test split (max-records: x test-fraction of it)
+            n_test = round(key.max_records * key.test_fraction) if key.max_records else None
+            return data, load_official_test(key.dataset, max_records=n_test, seed=key.seed)
     return holdout_split(data, key.test_fraction, seed=key.seed)
 
 

@@ -202,9 +202,10 @@ def central_evaluator(cfg: RunConfig, out: Path, start: InitialWeights) -> Centr
     """The server's own test-set evaluation (simulation only; it cannot read encrypted weights)."""
     if not cfg.central_eval or start.he_context is not None:
         return None
+    from privatune.common.cache import resolve_cache_dir
     from privatune.server.central_eval import CentralEvaluator
 
-    return CentralEvaluator(cfg, out / "cache")
+    return CentralEvaluator(cfg, resolve_cache_dir(cfg.cache_dir))
 
 
 def run_rounds(

@@ -283,7 +283,9 @@ def he_central_evaluation(cfg: RunConfig, out: Path) -> dict[str, Any]:
     he.decrypt_checkpoint_to_safetensors(secret, out / HE_CHECKPOINT_NAME, decrypted)
     from safetensors.numpy import load_file
 
-    res = CentralEvaluator(cfg, out / "cache")(load_file(str(decrypted)))
+    from privatune.common.cache import resolve_cache_dir
+
+    res = CentralEvaluator(cfg, resolve_cache_dir(cfg.cache_dir))(load_file(str(decrypted)))
     return {
         "test_accuracy": res.accuracy,
         "test_macro_f1": res.macro_f1,

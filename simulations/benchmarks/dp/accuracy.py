@@ -98,8 +98,12 @@ def federated_run(
     out = runs_dir / f"{data.cfg.preset}-{tag}"
     if out.exists():
         shutil.rmtree(out)  # a fresh ledger: an old run's spend must not block this one
-    shutil.copytree(data.cache_dir, out / "cache")
-    cfg = replace(data.cfg, dp=dp, target_epsilon=epsilon if dp else data.cfg.target_epsilon)
+    cfg = replace(
+        data.cfg,
+        dp=dp,
+        target_epsilon=epsilon if dp else data.cfg.target_epsilon,
+        cache_dir=str(data.cache_dir.resolve()),
+    )
     cfg = cfg.resolved()
 
     def observer(report: Any) -> None:

@@ -102,7 +102,7 @@ def federated_run(
     if cache_dir.exists():
         shutil.copytree(cache_dir, out / "cache")
     cached_before = len(list((out / "cache").glob("*"))) if (out / "cache").exists() else 0
-    cfg = case.config("he" if arm == "he" else "none")
+    cfg = replace(case.config("he" if arm == "he" else "none"), cache_dir=str((out / "cache").resolve()))
     res = RunResult(case.name, arm, repeat, out_dir=str(out))
     t0 = time.perf_counter()
     try:
