@@ -367,7 +367,7 @@ def train_at_site(run: LocalRun) -> TrainedRound | Refusal:
 def log_trained(run: LocalRun, trained: TrainedRound) -> None:
     """The round's line in the site's log: the loss and the timing are not DP-noised, so they never leave."""
     log.info(
-        "[%s] round %d: %d records, train loss %.4f, epsilon %.3f, noise %s, %.1f s",
+        "[%s] round %d: %d records, train loss %.4f, epsilon %.3f, noise %s, %.3f s",
         run.site.site_id,
         run.server_round,
         trained.num_examples,

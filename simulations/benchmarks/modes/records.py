@@ -31,7 +31,7 @@ class SiteRound:
     client: str
     round: int
     records: int
-    seconds: float  # every local epoch of the round together (the log's resolution: 0.1 s)
+    seconds: float  # every local epoch of the round together (the log's resolution: 1 ms)
 
 
 def site_rounds(log_text: str) -> list[SiteRound]:
@@ -76,3 +76,43 @@ def central_curve(rows: Sequence[Mapping[str, Any]]) -> list[float]:
         acc = (r.get("central") or {}).get("accuracy")
         out.append(float(acc) if isinstance(acc, (int, float)) else math.nan)
     return out
+
+
+def client_peak_kib(peak_kib_by_title: Mapping[str, int]) -> int | None:
+    """The simulated clients' peak resident memory (KiB): the highest ``VmHWM`` among the Ray client actors, whose
+    process title is ``ray::ClientAppActor`` or ``ray::ClientAppActor.<method>`` while a call runs."""
+    peaks = [int(v) for k, v in peak_kib_by_title.items() if k.startswith("ray::ClientAppActor")]
+    return max(peaks) if peaks else None
+
+
+def epoch_seconds_per_round(rounds: Iterable[SiteRound], local_epochs: int) -> dict[int, float]:
+    """The federation's training time per local epoch in each round: every site's seconds summed, over the epochs
+    (the same records in a DP and a non-DP run of one seed, so the two are comparable)."""
+    if local_epochs < 1:
+        raise ValueError(f"local_epochs must be at least 1, got {local_epochs}")
+    out: dict[int, float] = {}
+    for r in rounds:
+        out[r.round] = out.get(r.round, 0.0) + r.seconds / local_epochs
+    return dict(sorted(out.items()))
+
+
+def cell_result(
+    summary: Mapping[str, Any], child: Mapping[str, Any], log_text: str, local_epochs: int
+) -> dict[str, Any]:
+    """One cell's figures from its run folder's ``summary.json``, the child's ``child.json`` and its output."""
+    rounds = site_rounds(log_text)
+    per_round = epoch_seconds_per_round(rounds, local_epochs)
+    steady = [s for r, s in per_round.items() if r >= 2] or list(per_round.values())
+    eps = summary.get("per_client_epsilon") or {}
+    return {
+        "status": summary.get("status", child.get("status")),
+        "accuracy": summary.get("test_accuracy"),
+        "macro_f1": summary.get("test_macro_f1"),
+        "per_client_epsilon": dict(eps),
+        "max_client_epsilon": summary.get("max_client_epsilon"),
+        "wall_seconds": child.get("seconds"),
+        "site_rounds": len(rounds),
+        "epoch_seconds_by_round": per_round,
+        "epoch_seconds": sorted(steady)[len(steady) // 2] if steady else math.nan,
+        "client_peak_kib": client_peak_kib(child.get("peak_kib_by_title") or {}),
+    }
