@@ -25,6 +25,16 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     echo "setup: note: nginx is not installed (apt-get install nginx-light); tests/deploy/test_proxy.py needs it"
   fi
 fi
+# Fashion-MNIST for the fashion-mnist preset (common/fashion_mnist.py): Debian's dataset-fashion-mnist.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${PRIVATUNE_FASHION_MNIST_DIR:-}" ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "setup: installing dataset-fashion-mnist (Debian) for the fashion-mnist preset"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 \
+      || echo "setup: note: could not install dataset-fashion-mnist; the fashion-mnist preset says how to get it"
+  else
+    echo "setup: note: the fashion-mnist preset needs dataset-fashion-mnist (apt-get) or PRIVATUNE_FASHION_MNIST_DIR"
+  fi
+fi
 want_stamp=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ]; then
   exit 0
