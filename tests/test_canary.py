@@ -199,7 +199,7 @@ def test_default_partial_mode_without_and_with_dp() -> None:
     """The default mode (the CNN's last block + head) with a few epochs: about 5 s off, 10 s on."""
     off = _audit(preset="digits", canaries=200, epochs=5, dp=False)
     on = _audit(preset="digits", canaries=200, epochs=5, dp=True, epsilon=8.0)
-    assert off.mode == on.mode == "partial"
+    assert off.mode == on.mode == "last-k"  # partial is last-k with k=1 (RunConfig canonicalises it)
     assert off.epsilon_lower_bound > 2.0
     assert on.epsilon_lower_bound <= on.epsilon_claimed and not on.violation
     assert off.epsilon_lower_bound > on.epsilon_lower_bound + 1.5
