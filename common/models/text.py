@@ -9,6 +9,7 @@ import copy
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,8 +112,16 @@ def encode_texts(
     assets = load_pretrained_cached("minilm")
     if not 2 <= length <= assets.extra["max_positions"]:
         raise ValueError(f"max_length must be in [2, {assets.extra['max_positions']}], got {max_length}")
+    return tokenize_texts(assets.tokenizer, inputs, length, caller="encode_texts")
+
+
+def tokenize_texts(
+    tokenizer: Any, inputs: Sequence[str] | np.ndarray, length: int, *, caller: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokenizer`` over ``inputs``, padded and truncated to ``length``: what every text encoder's ``encode``
+    does once it has checked its own length limit (``caller`` names it in the error for a bare string)."""
     if isinstance(inputs, str):
-        raise TypeError("encode_texts expects a sequence of strings, got one string; wrap it in a list")
+        raise TypeError(f"{caller} expects a sequence of strings, got one string; wrap it in a list")
     texts = list(inputs.tolist() if isinstance(inputs, np.ndarray) else inputs)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
@@ -120,5 +129,5 @@ def encode_texts(
     if not texts:
         empty = torch.zeros((0, length), dtype=torch.long)
         return empty, empty.clone()
-    batch = assets.tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     return batch["input_ids"].long(), batch["attention_mask"].long()
