@@ -108,7 +108,7 @@ def run_federation(
     ledger = ServerLedger(out / SERVER_LEDGER_NAME)
     ledger.record_run(run_id, cfg.to_flower(), cfg.secure_aggregation)
     strategy = PrivatuneFedAvg(cfg, run_id, start.expected_shapes, he_context=start.he_context, ledger=ledger)
-    evaluator = central_evaluator(cfg, out, start)
+    evaluator = central_evaluator(cfg, start)
     t0 = time.perf_counter()
     final = run_rounds(strategy, grid, cfg, start.arrays, recorder, evaluator, t0)
     save_global(final, cfg, out, start.he_context is not None)
@@ -198,7 +198,7 @@ def initial_weights(cfg: RunConfig, run_id: str) -> InitialWeights:
     return InitialWeights(state_to_arrayrecord(he.encrypt_state(he_ctx, state)), expected, n_params, he_ctx)
 
 
-def central_evaluator(cfg: RunConfig, out: Path, start: InitialWeights) -> CentralEvaluator | None:
+def central_evaluator(cfg: RunConfig, start: InitialWeights) -> CentralEvaluator | None:
     """The server's own test-set evaluation (simulation only; it cannot read encrypted weights)."""
     if not cfg.central_eval or start.he_context is not None:
         return None
