@@ -10,6 +10,8 @@ Python runs signal handlers in the main thread only, and only between bytecodes.
 delivers the signal to one of Ray's native threads, the main thread (blocked joining Flower's worker
 threads) never wakes to run it. So the signal's number also goes to a wakeup pipe
 (``signal.set_wakeup_fd``) that a watcher thread reads: whichever sees the signal first stops the run.
+One signal therefore usually reaches both paths; only a second signal (a path seeing its second one) skips
+the clean stop, and never before summary.json says ``interrupted``.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ class StopOnSignal:
         self._lock = threading.Lock()
         self._pipe: tuple[int, int] | None = None
         self._previous_wakeup_fd: int | None = None
+        self.marked = False  # summary.json says "interrupted" (or could not be written)
+        self._seen = {"handler": 0, "pipe": 0}  # signals each path saw: the same signal reaches both
 
     def attach(self, recorder: Any) -> None:
         """The ServerApp hands over its RunRecorder (server.app.make_server_app(on_recorder=...))."""
@@ -138,9 +142,12 @@ class StopOnSignal:
                     self.handle(signum, None)
 
     def handle(self, signum: int, frame: object) -> None:
+        path = "pipe" if frame is None else "handler"
+        self._seen[path] += 1
         if not self._lock.acquire(blocking=False):
-            # The other path (handler or watcher) is already stopping; a second signal means: go now.
-            if self.stopping and frame is not None:
+            # The other path is already stopping. The same signal seen here is no reason to hurry; a second
+            # one means "go now", but only once the summary is marked.
+            if self._seen[path] >= 2 and self.marked:
                 os._exit(128 + signum)
             return
         self.stopping = True
@@ -148,6 +155,7 @@ class StopOnSignal:
         self.announce(f"{name} received: stopping the simulation")
         procs = descendants(os.getpid())
         self._mark_interrupted(name)
+        self.marked = True
         end_processes(procs)
         for d in self.cleanup_dirs:
             shutil.rmtree(d, ignore_errors=True)
