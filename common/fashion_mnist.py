@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -55,7 +56,7 @@ def read_idx(path: Path) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:  # zlib.error: a damaged deflate stream
             raise IdxFormatError(f"{path}: not a readable gzip file ({err}); download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise IdxFormatError(f"{path}: not an idx file (bad magic number)")
