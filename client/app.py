@@ -29,6 +29,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from privatune.client.backbone_check import backbone_refusal, site_run_config
 from privatune.client.round import (
     Evaluation,
     LocalRun,
@@ -48,6 +49,7 @@ from privatune.common.config import RunConfig
 from privatune.common.he import HEError
 from privatune.common.models import load_trainable_state
 from privatune.common.protocol import (
+    KEY_BACKBONE_FINGERPRINT,
     KEY_CLIENT_ID,
     KEY_REASON,
     KEY_SERVER_ROUND,
@@ -99,10 +101,15 @@ def decode_global_state(msg: Message, cfg: RunConfig, site: SiteConfig) -> dict[
     return he.decrypt_state(ctx, arrayrecord_to_state(arrays))
 
 
-def prepare(msg: Message, context: Context) -> LocalRun:
-    """The round's run config, the site, its records and the model holding the global weights."""
-    cfg, server_round = read_run_config(msg)
-    site = SiteConfig.from_node_config(dict(context.node_config), cfg)
+def prepare(msg: Message, context: Context) -> LocalRun | Refusal:
+    """The round's run config, the site, its records and the model holding the global weights; a Refusal,
+    before any record is read, when this site's backbone is not the coordinator's."""
+    sent, server_round = read_run_config(msg)
+    site = SiteConfig.from_node_config(dict(context.node_config), sent)
+    cfg = site_run_config(sent, site)
+    refusal = backbone_refusal(cfg, site, msg.content[RECORD_CONFIG].get(KEY_BACKBONE_FINGERPRINT), sent.model)
+    if refusal is not None:
+        return refusal
     run = open_run(cfg, site, str(context.run_id), server_round)
     load_trainable_state(run.model, decode_global_state(msg, cfg, site))
     return run
@@ -111,13 +118,17 @@ def prepare(msg: Message, context: Context) -> LocalRun:
 def _open(msg: Message, context: Context, data_refused: str, refused: str) -> LocalRun | Message:
     """The run, or the reply refusing the message (the two strings: how the site log names the refusal)."""
     try:
-        return prepare(msg, context)
+        run = prepare(msg, context)
     except SiteDataError as err:
         log.error("%s: %s", data_refused, err)
         return _reply_without_update(msg, context, STATUS_DATA_ERROR, data_error_for_server(err))
     except (ValueError, HEError) as err:
         log.error("%s: %s", refused, err)
         return _reply_without_update(msg, context, STATUS_REFUSED, str(err))
+    if isinstance(run, Refusal):
+        log.error("%s: %s", refused, run.reason)
+        return _refusal_reply(msg, context, run)
+    return run
 
 
 # -- encoding --------------------------------------------------------------------------------------------------

@@ -60,8 +60,15 @@ def check_site(
         return rep
     rep.add("node config", True, f"site-id {site.site_id}, device {site.device}")
 
-    from privatune.common.models import get_model_spec
+    from privatune.client.backbone_check import site_run_config
+    from privatune.common.models import backbone_fingerprint, get_model_spec
 
+    cfg = site_run_config(cfg, site)
+    try:
+        rep.add("model", True, f"{cfg.model}: backbone fingerprint {backbone_fingerprint(cfg.model)}")
+    except (ValueError, OSError, RuntimeError) as err:
+        rep.add("model", False, str(err))
+        return rep
     assert site.data is not None
     try:
         data = load_site_data(site.data, cfg.label_names, kind=get_model_spec(cfg.model).kind, name=site.site_id)

@@ -39,6 +39,7 @@ SITE_KEYS = (
     "on-exhausted",
     "site-key-path",
     "allow-reproducible-noise",
+    "model-path",
 )
 ALLOW_REPRODUCIBLE_NOISE = "allow-reproducible-noise"
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
@@ -62,6 +63,9 @@ class SiteConfig:
     delta: float = DEFAULT_SITE_DELTA  # the site's own: every budget epsilon is computed at it
     on_exhausted: str = "exclude"  # records over budget: leave them out ("exclude") or refuse the round
     site_key_path: Path | None = None  # None: beside the ledger (client/site_secret.py)
+    # This site's copy of an hf: model's folder (or the folder a torch: backbone is imported from); None: the
+    # run config's path (docs/own-model.md). Presets ignore it.
+    model_path: Path | None = None
 
     @property
     def key_path(self) -> Path:
@@ -87,8 +91,11 @@ class SiteConfig:
         if on_exhausted not in ON_EXHAUSTED:
             raise SiteConfigError(f"on-exhausted must be one of {', '.join(ON_EXHAUSTED)}, got '{on_exhausted}'")
         key = node_config.get("site-key-path")
+        model_path = str(node_config.get("model-path", "")).strip()
         budget: dict[str, Any] = dict(
-            on_exhausted=on_exhausted, site_key_path=Path(str(key)).expanduser() if key else None
+            on_exhausted=on_exhausted,
+            site_key_path=Path(str(key)).expanduser() if key else None,
+            model_path=Path(model_path).expanduser() if model_path else None,
         )
         if "data-path" in node_config:
             budget["delta"] = _site_delta(node_config.get("delta", DEFAULT_SITE_DELTA))

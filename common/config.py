@@ -28,7 +28,7 @@ from privatune.common.models.modes import (
     ModeDefaults,
     recommended_hyperparameters,
 )
-from privatune.common.models.names import model_kind
+from privatune.common.models.names import model_kind, run_model_name
 from privatune.common.optimizers import OPTIMIZER_SGD, OPTIMIZERS
 
 # Label sets of the preset datasets, so a site (which has no copy of them) knows the index order.
@@ -121,7 +121,8 @@ class RunConfig:
     """Everything a run needs, resolved against its preset and validated."""
 
     preset: str = "sms-spam"
-    model: str = ""
+    model: str = ""  # a preset's model, hf:FOLDER (a Hugging Face encoder) or torch:module:function (docs/own-model.md)
+    pooling: str = ""  # hf: models: mean (the default) or cls
     dataset: str = ""
     mode: str = ""
     num_server_rounds: int = 0
@@ -216,7 +217,10 @@ class RunConfig:
             if self.last_k != 1:
                 raise ConfigError(f"mode: 'partial' means last-k with k=1, got last-k={self.last_k}; use mode=last-k")
             mode = MODE_ALIASES[mode]
-        model = self.model or p.model
+        try:
+            model = run_model_name(self.model or p.model, self.pooling)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         # The preset's lr, batch size and epochs were tuned for its mode; another mode gets its own recommended
         # ones (common/models/modes.py) where the run leaves them at 0 and the model's kind is known.
         defaults: Preset | ModeDefaults = p

@@ -25,7 +25,9 @@ RECORD_STATUS = "status"
 # Keys the server adds to the run config it sends; they are not part of RunConfig.
 KEY_SERVER_ROUND = "server-round"
 KEY_RUN_ID = "run-id"
-PROTOCOL_KEYS = frozenset({KEY_SERVER_ROUND, KEY_RUN_ID})
+# sha256 of the coordinator's pretrained backbone (common/models/fingerprint.py): a site whose own differs refuses.
+KEY_BACKBONE_FINGERPRINT = "backbone-fingerprint"
+PROTOCOL_KEYS = frozenset({KEY_SERVER_ROUND, KEY_RUN_ID, KEY_BACKBONE_FINGERPRINT})
 
 # "status" record of every reply.
 KEY_STATUS = "status"

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from privatune.common.config import RunConfig
 from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger
-from privatune.common.models import configure_trainable, get_model_spec, trainable_state
+from privatune.common.models import backbone_fingerprint, configure_trainable, get_model_spec, trainable_state
 from privatune.common.protocol import (
     KEY_CENTRAL_ACCURACY,
     KEY_CENTRAL_LOSS,
@@ -107,7 +107,14 @@ def run_federation(
     start = initial_weights(cfg, run_id)
     ledger = ServerLedger(out / SERVER_LEDGER_NAME)
     ledger.record_run(run_id, cfg.to_flower(), cfg.secure_aggregation)
-    strategy = PrivatuneFedAvg(cfg, run_id, start.expected_shapes, he_context=start.he_context, ledger=ledger)
+    strategy = PrivatuneFedAvg(
+        cfg,
+        run_id,
+        start.expected_shapes,
+        he_context=start.he_context,
+        ledger=ledger,
+        backbone_fingerprint=start.backbone_fingerprint,
+    )
     evaluator = central_evaluator(cfg, start)
     t0 = time.perf_counter()
     final = run_rounds(strategy, grid, cfg, start.arrays, recorder, evaluator, t0)
@@ -175,6 +182,7 @@ class InitialWeights:
     expected_shapes: dict[str, tuple[int, ...]]
     num_params: int
     he_context: Any = None  # the public TenSEAL context under secure-aggregation=he
+    backbone_fingerprint: str = ""  # of the pretrained backbone; sites refuse a round if theirs differs
 
 
 def initial_weights(cfg: RunConfig, run_id: str) -> InitialWeights:
@@ -183,19 +191,22 @@ def initial_weights(cfg: RunConfig, run_id: str) -> InitialWeights:
     state = trainable_state(model)
     expected = {k: tuple(v.shape) for k, v in state.items()}
     n_params = int(sum(v.size for v in state.values()))
+    fingerprint = backbone_fingerprint(cfg.model)
     log.info(
         "run %s: %s/%s mode=%s, %d trainable parameters travel", run_id, cfg.model, cfg.dataset, cfg.mode, n_params
     )
     if cfg.secure_aggregation != "he":
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
-        return InitialWeights(arrays, expected, n_params)
+        return InitialWeights(arrays, expected, n_params, backbone_fingerprint=fingerprint)
     from privatune.common import he
     from privatune.common.he.records import state_to_arrayrecord
 
     if not cfg.he_public_context:
         raise ValueError("secure-aggregation=he needs he-public-context (the public.ctx from `privatune keygen`)")
     he_ctx = he.load_context(Path(cfg.he_public_context), require_secret=False)
-    return InitialWeights(state_to_arrayrecord(he.encrypt_state(he_ctx, state)), expected, n_params, he_ctx)
+    return InitialWeights(
+        state_to_arrayrecord(he.encrypt_state(he_ctx, state)), expected, n_params, he_ctx, fingerprint
+    )
 
 
 def central_evaluator(cfg: RunConfig, start: InitialWeights) -> CentralEvaluator | None:

@@ -31,7 +31,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from privatune.common.config import RunConfig
 from privatune.common.ledger import ServerLedger
-from privatune.common.protocol import KEY_NUM_CLIENTS, KEY_NUM_EXAMPLES, KEY_RUN_ID, allowed_train_metric_keys
+from privatune.common.protocol import (
+    KEY_BACKBONE_FINGERPRINT,
+    KEY_NUM_CLIENTS,
+    KEY_NUM_EXAMPLES,
+    KEY_RUN_ID,
+    allowed_train_metric_keys,
+)
 from privatune.server.aggregation import aggregate_plain
 from privatune.server.recording import record_dropped, record_trained
 from privatune.server.releases import federated_figures, read_release
@@ -56,6 +62,7 @@ class PrivatuneFedAvg(FedAvg):
         expected_shapes: dict[str, tuple[int, ...]],
         he_context: Any = None,
         ledger: ServerLedger | None = None,
+        backbone_fingerprint: str = "",
     ) -> None:
         super().__init__(
             fraction_train=cfg.fraction_train,
@@ -69,6 +76,7 @@ class PrivatuneFedAvg(FedAvg):
         self.expected_shapes = expected_shapes
         self.he_context = he_context
         self.ledger = ledger
+        self.backbone_fingerprint = backbone_fingerprint  # sent with every instruction; sites compare their own
         self.report_keys = allowed_train_metric_keys(cfg.secure_aggregation, cfg.weighting)
         self.weights_by_count = KEY_NUM_EXAMPLES in self.report_keys
         self.rules = ScreeningRules.for_run(cfg, expected_shapes, self.weights_by_count)
@@ -84,6 +92,8 @@ class PrivatuneFedAvg(FedAvg):
     def _run_config_record(self) -> ConfigRecord:
         values = dict(self.cfg.to_flower())
         values[KEY_RUN_ID] = self.run_id
+        if self.backbone_fingerprint:
+            values[KEY_BACKBONE_FINGERPRINT] = self.backbone_fingerprint
         return ConfigRecord(values)
 
     def configure_train(

@@ -8,7 +8,8 @@ clients and server. The parts, one module each:
 * ``text``: MiniLM (``minilm``);  ``image``: the MNIST CNN (``digits-cnn``);  ``builtin``: registers both;
 * ``modes``: FINE_TUNING_MODES, FineTuning, recommended hyperparameters (torch-free);  ``lora``: PEFT adapters;
 * ``trainable``: what trains per mode and the state that travels;
-* ``extract``: the frozen-backbone feature pass.
+* ``extract``: the frozen-backbone feature pass;  ``fingerprint``: the backbone's hash sites compare;
+* ``names``, ``own``, ``hf``, ``torch_backbone``: your own models (``hf:FOLDER``, ``torch:module:function``).
 
 The fine-tuning modes and the image constants load eagerly and without torch (the command line names the
 modes in its help); everything else loads on first use, after the built-in models are registered, exactly as
@@ -36,6 +37,7 @@ from privatune.common.models.modes import (
 if TYPE_CHECKING:
     from privatune.common.models.classifier import Classifier, new_head
     from privatune.common.models.extract import compute_features
+    from privatune.common.models.fingerprint import backbone_fingerprint
     from privatune.common.models.image import DIGITS_IMAGE_SIZE, DigitsBackbone, build_digits_cnn, encode_images
     from privatune.common.models.lora import apply_lora
     from privatune.common.models.registry import (
@@ -77,6 +79,7 @@ __all__ = [
     "PretrainedAssets",
     "apply_lora",
     "as_fine_tuning",
+    "backbone_fingerprint",
     "backbone_is_frozen",
     "build_digits_cnn",
     "build_minilm",
@@ -103,6 +106,7 @@ _HOME = {
     "Classifier": "classifier",
     "new_head": "classifier",
     "compute_features": "extract",
+    "backbone_fingerprint": "fingerprint",
     "apply_lora": "lora",
     "build_digits_cnn": "image",
     "encode_images": "image",

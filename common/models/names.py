@@ -122,3 +122,41 @@ def parse_registry_name(name: str) -> OwnModel:
     if error:
         raise ValueError(f"model: {error}")
     return OwnModel("torch", body, import_path=options.get("path", ""))
+
+
+def run_model_name(model: str, pooling: str = "") -> str:
+    """The run config's ``model`` as its registry name (an hf: folder made absolute, a ``pooling`` other than
+    mean folded in); a ValueError names the key (``model:`` or ``pooling:``) and the fix. Idempotent: a site
+    reads back the name the coordinator sent, with the same ``pooling``."""
+    pooling = pooling.strip()
+    source = model_source(model)
+    if source != "hf" and pooling:
+        raise ValueError(
+            f"pooling: '{pooling}' applies to hf: models only; '{model}' pools as it was built (leave pooling empty)"
+        )
+    if source == "preset":
+        return model
+    error = model_name_error(model)
+    if error:
+        raise ValueError(f"model: {error}")
+    if pooling and pooling not in POOLINGS:
+        raise ValueError(f"pooling: '{pooling}' is not one of {', '.join(POOLINGS)} (mean is the default)")
+    own = parse_registry_name(model)
+    if source == "hf":
+        named = f"{_SEP}pooling=" in model
+        if pooling and named and own.pooling != pooling:
+            raise ValueError(f"pooling: '{pooling}' contradicts the model name '{model}'; give pooling once")
+        own = OwnModel("hf", own.target, pooling or own.pooling)
+    return own.registry_name
+
+
+def relocate(name: str, local_path: str | Path | None) -> str:
+    """A registry name as a site loads it: its own folder (node-config ``model-path``) for an hf: model, or the
+    folder a torch: target is imported from; presets and an empty path are unchanged."""
+    if model_source(name) == "preset" or not local_path:
+        return name
+    own = parse_registry_name(name)
+    local = os.path.abspath(os.path.expanduser(str(local_path)))
+    if own.source == "hf":
+        return OwnModel("hf", local, own.pooling).registry_name
+    return OwnModel("torch", own.target, import_path=local).registry_name

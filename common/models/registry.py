@@ -61,11 +61,32 @@ def register_model(
             _CACHE.pop(spec.name, None)
 
 
+def register_loader(name: str, loader: Callable[[], PretrainedAssets]) -> None:
+    """Set the loader of a model whose spec needs its weights to be built (a ``torch:`` backbone's feature size)."""
+    with _CACHE_LOCK:
+        _LOADERS[name] = loader
+        _CACHE.pop(name, None)
+
+
+_RESOLVE_LOCK = threading.RLock()
+
+
 def get_model_spec(name: str) -> ModelSpec:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+    """A registered model, or an ``hf:FOLDER`` / ``torch:module:function`` name, registered on first use."""
+    spec = MODELS.get(name)
+    if spec is not None:
+        return spec
+    from privatune.common.models.names import model_source
+
+    if model_source(name) != "preset":
+        from privatune.common.models.own import register_own_model
+
+        with _RESOLVE_LOCK:
+            return MODELS.get(name) or register_own_model(name)
+    raise ValueError(
+        f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}, or hf:FOLDER (a Hugging Face encoder "
+        "checkpoint) or torch:package.module:function (an image backbone)"
+    )
 
 
 @dataclass(frozen=True)

@@ -85,9 +85,9 @@ def load_own_data(
         f = data_format(path, fmt, option)
         kind = "text" if f in TEXT_FORMATS else "image"
         if kind != want:
-            other = "a text model (--preset sms-spam or trec6)"
+            other = "a text model (--preset sms-spam or trec6, or --run-config model=hf:FOLDER)"
             if kind == "image":
-                other = "an image model (--preset digits or fashion-mnist)"
+                other = "an image model (--preset digits or fashion-mnist, or --run-config model=torch:module:function)"
             raise ConfigError(
                 f"{option} {path} holds {kind} data ({f}) but the model '{model}' ({model_option}) reads {want} "
                 f"data; choose {other}"
