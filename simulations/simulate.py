@@ -45,6 +45,11 @@ def prepare_config(cfg: RunConfig, num_clients: int, out_dir: Path) -> RunConfig
         from privatune.common.sim_data import check_kind
 
         check_kind(cfg.sim_data, cfg.model)  # text data needs a text model, images an image model
+    elif not cfg.dataset:
+        raise ConfigError(
+            f"dataset: a run without a preset (model={cfg.model}) has no dataset to simulate on; pass --data FILE "
+            "(your own data), or give a preset"
+        )
     check_federation_size(cfg, num_clients)
     check_labels(cfg)
     out_dir = Path(os.path.abspath(out_dir))
