@@ -4,6 +4,7 @@ evaluation only on the task's own test data (never on a preset's split), and err
 import json
 import logging
 import tomllib
+from pathlib import Path
 
 import pytest
 from flwr.app import ArrayRecord
@@ -28,6 +29,7 @@ from privatune.server.central_plan import central_eval_plan
 from privatune.server.run_record import RunRecorder
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -259,3 +261,95 @@ def test_simulate_errors_name_its_options(tmp_path):
     assert own.data.label_names == ("pos", "neg")
     with pytest.raises(ConfigError, match=r"^--labels: "):
         load(_csv(tmp_path), text_column="review", labels="pos,,neg")
+
+
+# ------------------------------------------------------------------------------------ the docs say what runs
+def _table(doc: str, heading: str) -> list[list[str]]:
+    """The rows of the first table under ``heading`` in docs/DOC (cells stripped, backticks dropped)."""
+    lines = (REPO / "docs" / doc).read_text().split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2 :]:  # after the header and its rule
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().replace("`", "") for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_the_presets_table_is_the_presets():
+    rows = _table("fine-tuning.md", "## Presets and their defaults")
+    assert [r[0].split()[0] for r in rows] == list(PRESETS)
+    for name, model, dataset, mode, lr, batch, epochs, rounds in rows:
+        p = PRESETS[name.split()[0]]
+        assert (model, dataset.split()[0], mode) == (p.model, p.dataset, p.mode)
+        assert (float(lr), int(batch), int(epochs), int(rounds)) == (
+            p.lr,
+            p.batch_size,
+            p.local_epochs,
+            p.num_server_rounds,
+        )
+        assert f"({len(DATASET_LABELS[p.dataset])}" in dataset
+
+
+def test_the_recommendations_table_is_the_code():
+    from privatune.common.models.modes import RECOMMENDED_HYPERPARAMETERS
+
+    rows = _table("fine-tuning.md", "## Recommended hyperparameters")
+    assert len(rows) == sum(len(v) for v in RECOMMENDED_HYPERPARAMETERS.values())
+    for kind, mode, lr, batch, epochs in rows:
+        rec = RECOMMENDED_HYPERPARAMETERS[kind][mode]
+        assert (float(lr), int(batch), int(epochs)) == (rec.lr, rec.batch_size, rec.local_epochs)
+
+
+def _documented_run_configs() -> list[str]:
+    """The custom-task run configs the docs give to `flwr run`, as Flower's --run-config receives them."""
+    found = []
+    for doc in ("deploy-coordinator.md", "fine-tuning.md"):
+        for line in (REPO / "docs" / doc).read_text().splitlines():
+            if 'preset=""' in line and ("RUN_CONFIG='" in line or "flwr run" in line):
+                found.append(line.split("'")[1])
+    return found
+
+
+def test_the_documented_custom_task_run_configs_resolve_without_a_preset():
+    configs = _documented_run_configs()
+    assert len(configs) == 2
+    for text in configs:
+        cfg = RunConfig.from_flower(parse_config_args([text]))  # exactly as `flwr run --run-config` parses it
+        assert (cfg.preset, cfg.model, cfg.dataset, cfg.label_names) == ("", "minilm", "", ("neg", "pos"))
+        rec = recommended_hyperparameters("head", "text")
+        assert (cfg.mode, cfg.lr, cfg.batch_size) == ("head", rec.lr, rec.batch_size)
+        plan = central_eval_plan(cfg)
+        assert not plan.on and "no dataset" in plan.reason
+
+
+@pytest.mark.slow
+def test_simulate_model_on_an_npz_the_test_writes(tmp_path):
+    """The docs' `privatune simulate --model digits-cnn --data scans.npz ...`: no preset, the run's own test split."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = digits.target < 2
+    names = np.array(["zero", "one"])[digits.target[keep]]
+    np.savez(tmp_path / "scans.npz", x=digits.images[keep], y=names)  # raw 8x8 digits, labels as names
+    out = tmp_path / "runs" / "scans"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("FLWR_HOME", "MPLCONFIGDIR")} | {"HOME": str(home)}
+    cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--model", "digits-cnn", "--data"]
+    cmd += [str(tmp_path / "scans.npz"), "--clients", "2", "--rounds", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "labels one,zero found in the data" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["preset"] == "" and summary["model"] == "digits-cnn"
+    assert summary["central_eval"]["on"] and "sim-data" in summary["central_eval"]["test_data"]
+    assert summary["test_accuracy"] is not None and summary["test_accuracy"] >= 0.8
+    config = json.loads((out / "config.json").read_text())
+    rec = recommended_hyperparameters("head", "image")
+    assert (config["lr"], config["batch-size"], config["local-epochs"]) == (rec.lr, rec.batch_size, rec.local_epochs)
