@@ -120,7 +120,7 @@ PRESETS: dict[str, Preset] = {
 class RunConfig:
     """Everything a run needs, resolved against its preset and validated."""
 
-    preset: str = "sms-spam"  # "" = no preset: the run names its model (MODEL_ONLY_RULE)
+    preset: str = "sms-spam"  # "" = no preset: the run names its model (model_only_preset)
     model: str = ""  # a preset's model, hf:FOLDER (a Hugging Face encoder) or torch:module:function (docs/own-model.md)
     pooling: str = ""  # hf: models: mean (the default) or cls
     dataset: str = ""
@@ -424,7 +424,7 @@ class RunConfig:
             )
 
 
-#: How a run without a preset is filled in (docs/fine-tuning.md "Choosing a model"): the model's kind (text or
+#: How a run without a preset is filled in (docs/fine-tuning.md "A model without a preset"): the model's kind (text or
 #: image) picks the mode's recommended lr, batch size and local epochs (common/models/modes.py); the mode defaults
 #: to head, the rounds to MODEL_ONLY_ROUNDS and max-length to 64 tokens; there is no dataset, so labels is required.
 MODEL_ONLY_MODE = "head"
@@ -459,7 +459,8 @@ def parse_labels(value: Any, key: str = "labels") -> tuple[str, ...]:
     ["neg", "pos"]) or the list form as text ('["neg","pos"]', [neg,pos]: what a shell leaves of it); () for
     "". Errors name ``key``."""
     example = f'write {key}="neg,pos" or {key}=["neg","pos"]'
-    if isinstance(value, (list, tuple)):
+    listed = isinstance(value, (list, tuple))
+    if listed:
         items = [str(v).strip() for v in value]
         with_comma = [v for v in items if "," in v]
         if with_comma:
@@ -468,9 +469,12 @@ def parse_labels(value: Any, key: str = "labels") -> tuple[str, ...]:
         text = str(value).strip()
         if text.startswith("[") != text.endswith("]"):
             raise ConfigError(f"{key}: {value!r} opens or closes a list without the other bracket; {example}")
-        if text.startswith("["):
+        listed = text.startswith("[")
+        if listed:
             text = text[1:-1].strip()
         items = [_unquote(x.strip()) for x in text.split(",")] if text else []
+    if listed and not items:
+        raise ConfigError(f"{key}: the list is empty; {example} (or leave {key} out for the preset's labels)")
     if any(not item for item in items):
         raise ConfigError(f"{key}: {value!r} has an empty label name (two commas, or one at an end); {example}")
     return tuple(items)

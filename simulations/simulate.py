@@ -217,8 +217,15 @@ def run_simulation(
     import json
 
     summary = json.loads(summary_path.read_text())
-    if cfg.secure_aggregation == "he" and cfg.central_eval and summary.get("status") != "failed":
-        summary.update(he_central_evaluation(cfg, out))
+    if cfg.secure_aggregation == "he" and summary.get("status") != "failed":
+        from privatune.server.central_plan import central_eval_plan
+
+        # The server cannot read the encrypted model, but the simulation holds the sites' key: the same rule on
+        # the task's own test data, applied to the decrypted final model.
+        plan = central_eval_plan(replace(cfg, secure_aggregation="none"))
+        if plan.on:
+            summary.update(he_central_evaluation(cfg, out))
+            summary["central_eval"] = {"on": True, "test_data": f"{plan.test_data}, on the decrypted final model"}
     summary["num_clients"] = num_clients
     summary["noise_source"] = noise_source_of(cfg)
     summary["ray_temp_dir"] = ray_tmp  # removed; named so a check can prove no Ray process still uses it

@@ -74,6 +74,8 @@ def test_labels_through_flower_and_privatune_run_config_parsers():
         ("neg,,pos", "empty label name"),
         ("neg,pos,", "empty label name"),
         ("[neg,pos", "bracket"),
+        ([], "the list is empty"),
+        ("[]", "the list is empty"),
         (["neg", "p,os"], "contains a comma"),
         ("neg,neg", "unique"),
         ("neg", "at least 2"),

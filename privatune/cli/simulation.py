@@ -89,8 +89,9 @@ def simulate(
         values["model"] = model
     values.update(extra)
     if not values["preset"] and data is None and not {"dataset", "sim-data"} & set(extra):
+        who = f"--model {model} without --preset" if model else 'preset="" (no preset)'
         raise UsageError(
-            f"--model {model} without --preset is a task of your own: pass --data FILE (and --test-data FILE), "
+            f"{who} is a task of your own: pass --data FILE (and --test-data FILE), "
             "or add --preset NAME to train on that preset's dataset"
         )
     # With --data the label set comes from the file: a stand-in one lets the rest be checked before it is read.
