@@ -120,7 +120,7 @@ PRESETS: dict[str, Preset] = {
 class RunConfig:
     """Everything a run needs, resolved against its preset and validated."""
 
-    preset: str = "sms-spam"
+    preset: str = "sms-spam"  # "" = no preset: the run names its model (model_only_preset)
     model: str = ""  # a preset's model, hf:FOLDER (a Hugging Face encoder) or torch:module:function (docs/own-model.md)
     pooling: str = ""  # hf: models: mean (the default) or cls
     dataset: str = ""
@@ -144,7 +144,7 @@ class RunConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     max_records: int = 0  # 0 = the whole dataset; >0 subsamples (fast tests)
-    labels: str = ""  # comma-separated label set; "" = the preset dataset's labels
+    labels: str = ""  # "neg,pos" or ["neg", "pos"] (parse_labels); "" = the preset dataset's labels
     backbone_lr_scale: float = 0.1  # last-k/full: backbone learns at lr x this ("trained more slowly")
     # Fine-tuning mode settings (common/models/modes.py FineTuning; docs/fine-tuning.md)
     last_k: int = 1  # last-k: how many of the backbone's last blocks train besides the head
@@ -154,7 +154,7 @@ class RunConfig:
     lora_targets: str = ""  # comma-separated module names; "" = the model's defaults (MiniLM: query,value)
     lora_freeze_a: bool = False  # FFA-LoRA (Sun et al. 2024): A frozen at its seeded init, only B trains
     layer_lr_decay: float = 1.0  # <1: each block below the top learns at this factor x the one above
-    central_eval: bool = True  # the server evaluates on the held-out set (simulation only)
+    central_eval: bool = True  # only where the server holds the task's own test data (server/central_plan.py)
     sim_max_epsilon: float = 0.0  # simulation only: every simulated site's budget (0 = none); real sites set max-epsilon in their node config
     round_timeout: float = 900.0  # seconds the server waits for a round's replies
     secure_aggregation: str = "none"
@@ -201,6 +201,8 @@ class RunConfig:
     @classmethod
     def create(cls, **values: Any) -> RunConfig:
         """Coerce types, fill preset defaults and validate."""
+        if isinstance(values.get("labels"), (list, tuple)):  # the list form, as TOML or Python gives it
+            values = {**values, "labels": ",".join(parse_labels(values["labels"]))}
         typed: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in values:
@@ -209,9 +211,12 @@ class RunConfig:
         return cfg.resolved()
 
     def resolved(self) -> RunConfig:
-        if self.preset not in PRESETS:
-            raise ConfigError(f"unknown preset '{self.preset}'; choose one of: {', '.join(PRESETS)}")
-        p = PRESETS[self.preset]
+        p = model_only_preset(self.model, self.mode) if not self.preset.strip() else PRESETS.get(self.preset)
+        if p is None:
+            raise ConfigError(
+                f"preset: unknown preset '{self.preset}'; choose one of: {', '.join(PRESETS)}, or preset=\"\" with "
+                "model=NAME for a task of your own"
+            )
         mode = self.mode or p.mode
         if mode in MODE_ALIASES:  # partial = last-k with k = 1
             if self.last_k != 1:
@@ -229,6 +234,8 @@ class RunConfig:
             defaults = recommended_hyperparameters(mode, kind)
         cfg = replace(
             self,
+            preset=self.preset.strip(),
+            labels=",".join(parse_labels(self.labels)),
             model=model,
             dataset=self.dataset or (SIM_DATASET if self.sim_data.strip() else p.dataset),
             mode=mode,
@@ -259,9 +266,7 @@ class RunConfig:
     @property
     def label_names(self) -> tuple[str, ...]:
         """The label set every site must use, in index order."""
-        if self.labels.strip():
-            return tuple(x.strip() for x in self.labels.split(",") if x.strip())
-        return DATASET_LABELS[self.dataset]
+        return parse_labels(self.labels) or DATASET_LABELS[self.dataset]
 
     def to_flower(self) -> dict[str, Any]:
         """Kebab-case dict for ``--run-config`` / ``ConfigRecord`` (floats stay floats)."""
@@ -299,7 +304,10 @@ class RunConfig:
         need(
             bool(self.labels.strip()) or self.dataset in DATASET_LABELS,
             "labels",
-            f"dataset '{self.dataset}' has no built-in label set; give labels=\"a,b,...\"",
+            f"dataset '{self.dataset}' has no built-in label set; give labels=\"a,b,...\""
+            if self.dataset
+            else f"a run without a preset (model={self.model}) trains on the sites' own data: give its label set "
+            'in index order, labels="neg,pos" or labels=["neg","pos"]',
         )
         need(len(self.label_names) >= 2, "labels", "a classifier needs at least 2 labels")
         need(len(set(self.label_names)) == len(self.label_names), "labels", "labels must be unique")
@@ -414,6 +422,68 @@ class RunConfig:
                 f"Krum tolerates f={self.krum_byzantine} faulty clients only with at least 2f+3 = "
                 f"{2 * self.krum_byzantine + 3} replies; raise min-clients or lower krum-byzantine",
             )
+
+
+#: How a run without a preset is filled in (docs/fine-tuning.md "A model without a preset"): the model's kind (text or
+#: image) picks the mode's recommended lr, batch size and local epochs (common/models/modes.py); the mode defaults
+#: to head, the rounds to MODEL_ONLY_ROUNDS and max-length to 64 tokens; there is no dataset, so labels is required.
+MODEL_ONLY_MODE = "head"
+MODEL_ONLY_ROUNDS = 5
+MODEL_NAMES_HINT = f"{', '.join(MODEL_KINDS)}, hf:FOLDER (docs/own-model.md) or torch:package.module:function"
+
+
+def model_only_preset(model: str, mode: str) -> Preset:
+    """The defaults of a run that names its model and no preset (``preset=""``, ``model=minilm``)."""
+    name = model.strip()
+    if not name:
+        raise ConfigError(f'preset: preset="" (a task of your own) needs model=NAME: one of {MODEL_NAMES_HINT}')
+    kind = MODEL_KINDS.get(name) or model_kind(name)
+    if kind is None:
+        raise ConfigError(f"model: '{name}' is not a model; give one of {MODEL_NAMES_HINT}")
+    chosen = MODE_ALIASES.get(mode, mode) or MODEL_ONLY_MODE
+    rec = recommended_hyperparameters(chosen if chosen in ACCEPTED_MODES else MODEL_ONLY_MODE, kind)
+    return Preset(
+        model=name,
+        dataset="",
+        mode=chosen,
+        lr=rec.lr,
+        batch_size=rec.batch_size,
+        local_epochs=rec.local_epochs,
+        num_server_rounds=MODEL_ONLY_ROUNDS,
+        description=f"your own task on a {kind} model",
+    )
+
+
+def parse_labels(value: Any, key: str = "labels") -> tuple[str, ...]:
+    """A label set in index order, as a user writes it: a comma string ("neg,pos"), a list (TOML's or Python's
+    ["neg", "pos"]) or the list form as text ('["neg","pos"]', [neg,pos]: what a shell leaves of it); () for
+    "". Errors name ``key``."""
+    example = f'write {key}="neg,pos" or {key}=["neg","pos"]'
+    listed = isinstance(value, (list, tuple))
+    if listed:
+        items = [str(v).strip() for v in value]
+        with_comma = [v for v in items if "," in v]
+        if with_comma:
+            raise ConfigError(f"{key}: label {with_comma[0]!r} contains a comma, which separates labels; rename it")
+    else:
+        text = str(value).strip()
+        if text.startswith("[") != text.endswith("]"):
+            raise ConfigError(f"{key}: {value!r} opens or closes a list without the other bracket; {example}")
+        listed = text.startswith("[")
+        if listed:
+            text = text[1:-1].strip()
+        items = [_unquote(x.strip()) for x in text.split(",")] if text else []
+    if listed and not items:
+        raise ConfigError(f"{key}: the list is empty; {example} (or leave {key} out for the preset's labels)")
+    if any(not item for item in items):
+        raise ConfigError(f"{key}: {value!r} has an empty label name (two commas, or one at an end); {example}")
+    return tuple(items)
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1].strip()
+    return text
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:

@@ -27,6 +27,7 @@ from privatune.common.protocol import (
     NOISE_SOURCE_SEEDED,
     NOISE_SOURCE_SITE,
 )
+from privatune.server.central_plan import central_eval_plan
 from privatune.server.reasons import one_line
 from privatune.server.run_record import RoundReport, RunRecorder
 from privatune.server.strategy import FederationStopped, PrivatuneFedAvg
@@ -115,7 +116,7 @@ def run_federation(
         ledger=ledger,
         backbone_fingerprint=start.backbone_fingerprint,
     )
-    evaluator = central_evaluator(cfg, start)
+    evaluator = central_evaluator(cfg, start, recorder.warnings)
     t0 = time.perf_counter()
     final = run_rounds(strategy, grid, cfg, start.arrays, recorder, evaluator, t0)
     save_global(final, cfg, out, start.he_context is not None)
@@ -159,6 +160,7 @@ def summary_base(cfg: RunConfig, run_id: str) -> dict[str, Any]:
         "secure_aggregation": cfg.secure_aggregation,
         "num_server_rounds": cfg.num_server_rounds,
         "noise_source": noise_source_of(cfg),
+        "central_eval": central_eval_plan(cfg).summary(),  # on what test data, or why off (server/central_plan.py)
         **({"data": sim_data_entry(cfg)} if cfg.sim_data else {}),
     }
 
@@ -209,9 +211,19 @@ def initial_weights(cfg: RunConfig, run_id: str) -> InitialWeights:
     )
 
 
-def central_evaluator(cfg: RunConfig, start: InitialWeights) -> CentralEvaluator | None:
-    """The server's own test-set evaluation (simulation only; it cannot read encrypted weights)."""
-    if not cfg.central_eval or start.he_context is not None:
+def central_evaluator(
+    cfg: RunConfig, start: InitialWeights, warnings: list[str] | None = None
+) -> CentralEvaluator | None:
+    """The server's own test-set evaluation, only on the task's own test data (server/central_plan.py); it
+    cannot read encrypted weights. Off for want of the task's test data, it says so in the log and in
+    ``warnings`` (summary.json's)."""
+    plan = central_eval_plan(cfg)
+    if not plan.on or start.he_context is not None:
+        if plan.warn:
+            line = f"central evaluation off: {plan.reason}; test_accuracy stays null"
+            log.warning("%s", line)
+            if warnings is not None:
+                warnings.append(line)
         return None
     from privatune.common.cache import resolve_cache_dir
     from privatune.server.central_eval import CentralEvaluator

@@ -41,7 +41,8 @@ class RoundPrinter:
         c = self.cfg
         dp = f"DP target epsilon {c.target_epsilon:g}" if c.private else "no DP"
         self.console.print(
-            f"[bold]privatune[/] {c.preset}: {c.model} on {c.dataset}, mode={c.mode}, {self.num_clients} clients, "
+            f"[bold]privatune[/] {c.preset or 'no preset'}: {c.model} on {c.dataset}, mode={c.mode}, "
+            f"{self.num_clients} clients, "
             f"{c.num_server_rounds} rounds, {c.partition}"
             + (f"(alpha={c.alpha:g})" if c.partition == "dirichlet" else "")
             + f", {dp}, aggregation={c.secure_aggregation}"

@@ -45,6 +45,11 @@ def prepare_config(cfg: RunConfig, num_clients: int, out_dir: Path) -> RunConfig
         from privatune.common.sim_data import check_kind
 
         check_kind(cfg.sim_data, cfg.model)  # text data needs a text model, images an image model
+    elif not cfg.dataset:
+        raise ConfigError(
+            f"dataset: a run without a preset (model={cfg.model}) has no dataset to simulate on; pass --data FILE "
+            "(your own data), or give a preset"
+        )
     check_federation_size(cfg, num_clients)
     check_labels(cfg)
     out_dir = Path(os.path.abspath(out_dir))
@@ -212,8 +217,15 @@ def run_simulation(
     import json
 
     summary = json.loads(summary_path.read_text())
-    if cfg.secure_aggregation == "he" and cfg.central_eval and summary.get("status") != "failed":
-        summary.update(he_central_evaluation(cfg, out))
+    if cfg.secure_aggregation == "he" and summary.get("status") != "failed":
+        from privatune.server.central_plan import central_eval_plan
+
+        # The server cannot read the encrypted model, but the simulation holds the sites' key: the same rule on
+        # the task's own test data, applied to the decrypted final model.
+        plan = central_eval_plan(replace(cfg, secure_aggregation="none"))
+        if plan.on:
+            summary.update(he_central_evaluation(cfg, out))
+            summary["central_eval"] = {"on": True, "test_data": f"{plan.test_data}, on the decrypted final model"}
     summary["num_clients"] = num_clients
     summary["noise_source"] = noise_source_of(cfg)
     summary["ray_temp_dir"] = ray_tmp  # removed; named so a check can prove no Ray process still uses it

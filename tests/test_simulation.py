@@ -129,6 +129,8 @@ def test_he_run_matches_the_plaintext_run(digits_run, digits_he_run):
     # the training records) differs between the two runs: the accuracies agree closely, not to the record. That
     # HE aggregation itself equals FedAvg is checked exactly in tests/test_he_aggregation.py.
     assert abs(enc["test_accuracy"] - plain["test_accuracy"]) <= 0.02
+    assert enc["central_eval"]["on"] and "decrypted final model" in enc["central_eval"]["test_data"]
+    assert plain["central_eval"] == {"on": True, "test_data": "dataset 'digits''s held-out test split"}
     # The server never evaluated centrally (it cannot decrypt): no per-round central metrics.
     rounds = [json.loads(line) for line in (digits_he_run / "metrics.jsonl").read_text().splitlines()]
     assert all(not r["central"] for r in rounds)

@@ -93,7 +93,7 @@ class LabelCollector(LabelParser):
 
 def require_file(path: Path) -> None:
     if not path.exists():
-        raise SiteDataError(path, missing_reason(path), "Check the data path in the site's configuration.")
+        raise SiteDataError(path, missing_reason(path), "Check data-path in the site's node config.")
     if not path.is_file():
         raise SiteDataError(path, "is not a file", "Point the data path at a file, or use format 'image-folder'.")
     if path.stat().st_size == 0:

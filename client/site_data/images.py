@@ -148,7 +148,7 @@ def load_image_folder(spec: SiteDataSpec, labels: LabelParser) -> tuple[np.ndarr
     """`root/<label>/*.png|*.jpg|*.npy`; records are numbered in sorted folder, then file-name order."""
     root = spec.path
     if not root.exists():
-        raise SiteDataError(root, missing_reason(root, "folder"), "Check the data path in the site's configuration.")
+        raise SiteDataError(root, missing_reason(root, "folder"), "Check data-path in the site's node config.")
     if not root.is_dir():
         raise SiteDataError(root, "is not a folder", "Use format 'npz' for an archive, or point at the folder.")
     files: list[tuple[Path, int]] = []

@@ -55,7 +55,7 @@ def load_csv(spec: SiteDataSpec, labels: LabelParser) -> tuple[list[str], list[i
             raise SiteDataError(
                 path,
                 f"missing column {column!r}; the header has {', '.join(repr(h) for h in header)}",
-                "Rename the column, or set text_column/label_column in the site configuration.",
+                "Rename the column, or set text-column/label-column in the site's node config.",
                 line=1,
             )
     text_at, label_at = header.index(spec.text_column), header.index(spec.label_column)
@@ -132,7 +132,7 @@ def load_jsonl(spec: SiteDataSpec, labels: LabelParser) -> tuple[list[str], list
                 raise SiteDataError(
                     path,
                     f"missing key {column!r}; the record has {', '.join(repr(k) for k in obj) or 'no keys'}",
-                    "Add the key, or set text_column/label_column in the site configuration.",
+                    "Add the key, or set text-column/label-column in the site's node config.",
                     record=number,
                 )
         texts.append(check_text(path, obj[spec.text_column], spec.text_column, number, None))

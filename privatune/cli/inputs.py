@@ -32,7 +32,7 @@ def parse_kv(text: str, option: str = "--run-config") -> dict[str, str]:
     except ValueError:
         raise UsageError(_quote_problem(text, option)) from None
     out: dict[str, str] = {}
-    for tok in tokens:
+    for tok in _join_lists(tokens):
         if "=" not in tok:
             raise UsageError(f"{option}: '{tok}' is not key=value; write e.g. {option} \"lr=0.5 batch-size=32\"")
         k, v = tok.split("=", 1)
@@ -40,6 +40,17 @@ def parse_kv(text: str, option: str = "--run-config") -> dict[str, str]:
             raise UsageError(f"{option}: '{tok}' has no key before '='")
         out[k.strip()] = v.strip()
     return out
+
+
+def _join_lists(tokens: list[str]) -> list[str]:
+    """Rejoin a list value the shell split at its spaces (`labels=["neg", "pos"]`), as Flower reads it whole."""
+    joined: list[str] = []
+    for tok in tokens:
+        if joined and joined[-1].partition("=")[2].startswith("[") and not joined[-1].endswith("]"):
+            joined[-1] += " " + tok
+        else:
+            joined.append(tok)
+    return joined
 
 
 def _quote_problem(text: str, option: str) -> str:

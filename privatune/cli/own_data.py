@@ -15,8 +15,8 @@ from privatune.common.datasets import LabelledData
 TEXT_FORMATS = ("csv", "jsonl")
 # The site loaders' fixes name the site's node config; on this command the same fix is an option.
 _FIX_FOR_CLI = {
-    "set text_column/label_column in the site configuration": "pass --text-column/--label-column",
-    "Check the data path in the site's configuration.": "Check the path given to {option}.",
+    "set text-column/label-column in the site's node config": "pass --text-column/--label-column",
+    "Check data-path in the site's node config.": "Check the path given to {option}.",
 }
 
 
@@ -32,11 +32,13 @@ class OwnData:
 
 
 def parse_labels(text: str) -> tuple[str, ...] | None:
-    """--labels "neg,pos" -> ("neg", "pos"); "" -> None (find them in the data)."""
+    """--labels "neg,pos" (or '["neg","pos"]') -> ("neg", "pos"); "" -> None (find them in the data)."""
+    from privatune.common.config import parse_labels as parse_label_set
+
     if not text.strip():
         return None
-    names = tuple(n.strip() for n in text.split(","))
-    if any(not n for n in names) or len(set(names)) != len(names) or len(names) < 2:
+    names = parse_label_set(text, key="--labels")
+    if len(set(names)) != len(names) or len(names) < 2:
         raise UsageError(
             f'--labels must name at least 2 distinct labels, comma-separated (e.g. "neg,pos"), got {text!r}'
         )
@@ -85,9 +87,9 @@ def load_own_data(
         f = data_format(path, fmt, option)
         kind = "text" if f in TEXT_FORMATS else "image"
         if kind != want:
-            other = "a text model (--preset sms-spam or trec6, or --run-config model=hf:FOLDER)"
+            other = "a text model (--model minilm or --model hf:FOLDER, or --preset sms-spam or trec6)"
             if kind == "image":
-                other = "an image model (--preset digits or fashion-mnist, or --run-config model=torch:module:function)"
+                other = "an image model (--model digits-cnn or --model torch:module:function, or --preset digits)"
             raise ConfigError(
                 f"{option} {path} holds {kind} data ({f}) but the model '{model}' ({model_option}) reads {want} "
                 f"data; choose {other}"

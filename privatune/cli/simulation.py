@@ -14,7 +14,14 @@ from privatune.common.models import FINE_TUNING_MODES
 
 
 def simulate(
-    preset: str = typer.Option("sms-spam", help="sms-spam | trec6 | digits"),
+    preset: str = typer.Option(
+        "", help="sms-spam | trec6 | digits | fashion-mnist (default: sms-spam, or none with --model)"
+    ),
+    model: str = typer.Option(
+        "",
+        "--model",
+        help="minilm | digits-cnn | hf:FOLDER | torch:module:function; without --preset: your own task, on --data",
+    ),
     clients: int = typer.Option(10, help="number of simulated clients"),
     rounds: int = typer.Option(0, help="server rounds (0 = the preset's)"),
     epsilon: str = typer.Option("8", help="target epsilon per client over the whole run; 'inf' = no DP"),
@@ -61,8 +68,11 @@ def simulate(
     if seed < 0:
         raise UsageError(f"--seed must be >= 0, got {seed}")
     check_resources(client_cpus, client_gpus)
+    extra = parse_kv(run_config)
+    if model and extra.get("model", model) != model:
+        raise UsageError(f"--model {model} and --run-config model={extra['model']} disagree; give the model once")
     values: dict[str, object] = {
-        "preset": preset,
+        "preset": preset or ("" if model else "sms-spam"),  # --model alone: no preset (docs/fine-tuning.md)
         "target-epsilon": eps,
         "dp": not no_dp and not math.isinf(eps),
         "partition": partition,
@@ -75,13 +85,24 @@ def simulate(
         values["num-server-rounds"] = rounds
     if mode:
         values["mode"] = mode
-    values.update(parse_kv(run_config))
-    cfg = RunConfig.from_flower(values)
+    if model:
+        values["model"] = model
+    values.update(extra)
+    if not values["preset"] and data is None and not {"dataset", "sim-data"} & set(extra):
+        who = f"--model {model} without --preset" if model else 'preset="" (no preset)'
+        raise UsageError(
+            f"{who} is a task of your own: pass --data FILE (and --test-data FILE), "
+            "or add --preset NAME to train on that preset's dataset"
+        )
+    # With --data the label set comes from the file: a stand-in one lets the rest be checked before it is read.
+    cfg = RunConfig.from_flower({**values, "labels": "label-0,label-1"} if data is not None else values)
     own = None
     if data is not None:
         from privatune.cli.own_data import load_own_data
 
-        model_option = "--run-config model" if "model" in values else f"--preset {preset}"
+        model_option = (
+            f"--model {model}" if model else "--run-config model" if "model" in extra else f"--preset {cfg.preset}"
+        )
         own = load_own_data(
             data,
             test_data,
