@@ -209,14 +209,9 @@ class ModelCard:
             accountant=reader.text(KEY_ACCOUNTANT, ""),
             noise_source=reader.text(KEY_NOISE_SOURCE, ""),
         )
-        known = {KEY_FORMAT, KEY_VERSION, KEY_INPUT, KEY_IMAGE_SIDE, KEY_IMAGE_MEAN, KEY_IMAGE_STD, *reader.read}
         try:
-            return cls(
+            fields = dict(
                 model=reader.text(KEY_MODEL),
-                kind=kind,
-                fine_tuning=fine_tuning,
-                labels=tuple(labels),
-                privacy=privacy,
                 max_length=int(reader.number(KEY_MAX_LENGTH, integer=True)) if kind == "text" else None,
                 pooling=reader.text(KEY_POOLING) if kind == "text" else "",
                 run_id=reader.text(KEY_RUN_ID, ""),
@@ -225,7 +220,15 @@ class ModelCard:
                 backbone_fingerprint=reader.text(KEY_BACKBONE, ""),
                 secure_aggregation=reader.text(KEY_SECURE_AGGREGATION, "none"),
                 rounds_completed=int(reader.number(KEY_ROUNDS, 0, integer=True)),
+            )
+            known = {KEY_FORMAT, KEY_VERSION, KEY_INPUT, KEY_IMAGE_SIDE, KEY_IMAGE_MEAN, KEY_IMAGE_STD, *reader.read}
+            return cls(
+                kind=kind,
+                fine_tuning=fine_tuning,
+                labels=tuple(labels),
+                privacy=privacy,
                 extra={k: v for k, v in meta.items() if k not in known},
+                **fields,  # type: ignore[arg-type]
             )
         except ModelCardError as err:
             raise ModelCardError(f"{source}: {err}") from None
