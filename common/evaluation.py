@@ -90,9 +90,7 @@ def per_class(true: np.ndarray, pred: np.ndarray, label_names: tuple[str, ...]) 
 
     idx = list(range(len(label_names)))
     p, r, f, s = precision_recall_fscore_support(true, pred, labels=idx, zero_division=0)
-    return [
-        ClassFigures(name, float(p[i]), float(r[i]), float(f[i]), int(s[i])) for i, name in enumerate(label_names)
-    ]
+    return [ClassFigures(name, float(p[i]), float(r[i]), float(f[i]), int(s[i])) for i, name in enumerate(label_names)]
 
 
 def confusion(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:

@@ -64,7 +64,10 @@ FINE_TUNING_KEYS: dict[str, str] = {
     "seed": "seed",  # the run's seed: the head's initialisation and LoRA's A matrices
 }
 
-TEXT_INPUT = "text tokenised to max-length tokens by the model's tokenizer; the feature is the {pooling}-pooled token states, not normalised"
+TEXT_INPUT = (
+    "text tokenised to max-length tokens by the model's tokenizer; the feature is the {pooling}-pooled token "
+    "states, not normalised"
+)
 IMAGE_INPUT = (
     f"{IMAGE_SIDE}x{IMAGE_SIDE} grayscale, light digit on dark background, pixels scaled to [0, 1], then "
     f"MNIST-normalised ((x - {MNIST_MEAN}) / {MNIST_STD})"
@@ -159,7 +162,9 @@ class ModelCard:
             meta[KEY_MAX_LENGTH] = str(self.max_length)
             meta[KEY_POOLING] = self.pooling
         else:
-            meta.update({KEY_IMAGE_SIDE: str(IMAGE_SIDE), KEY_IMAGE_MEAN: str(MNIST_MEAN), KEY_IMAGE_STD: str(MNIST_STD)})
+            meta.update(
+                {KEY_IMAGE_SIDE: str(IMAGE_SIDE), KEY_IMAGE_MEAN: str(MNIST_MEAN), KEY_IMAGE_STD: str(MNIST_STD)}
+            )
         return {**{k: v for k, v in self.extra.items() if k not in meta}, **meta}
 
     @classmethod
@@ -175,7 +180,8 @@ class ModelCard:
             )
         if meta.get(KEY_VERSION) != str(VERSION):
             raise ModelCardError(
-                f"{source}: model card version {meta.get(KEY_VERSION)!r} is not supported (this privatune reads {VERSION})"
+                f"{source}: model card version {meta.get(KEY_VERSION)!r} is not supported (this privatune reads "
+                f"{VERSION}); evaluate it with the privatune version that wrote it"
             )
         reader = _Reader(meta, source)
         try:

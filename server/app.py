@@ -19,8 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from privatune.common.config import RunConfig
 from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger
-from privatune.common.models import backbone_fingerprint, configure_trainable, get_model_spec, trainable_state
 from privatune.common.model_card import ModelCard, Privacy, pooling_of
+from privatune.common.models import backbone_fingerprint, configure_trainable, get_model_spec, trainable_state
 from privatune.common.protocol import (
     KEY_CENTRAL_ACCURACY,
     KEY_CENTRAL_LOSS,
@@ -332,7 +332,5 @@ def save_global(arrays: ArrayRecord, card: ModelCard, out: Path, encrypted: bool
     from safetensors.numpy import save_file
 
     path = out / PLAIN_WEIGHTS_NAME
-    save_file(
-        {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}, str(path), metadata=card.to_metadata()
-    )
+    save_file({k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}, str(path), metadata=card.to_metadata())
     return path

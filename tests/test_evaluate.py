@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,20 @@ def test_evaluate_prints_the_figures_and_writes_the_png(digits_model, tmp_path):
     assert saved["num_examples"] == len(test)
 
 
+def test_the_default_report_folder_is_beside_the_model_and_goes_with_the_run(digits_model, tmp_path):
+    from privatune.simulations.run_folder import claim
+
+    path, test_file, *_ = digits_model
+    assert invoke(str(path), str(test_file), "--json").exit_code == 0
+    assert (path.parent / "evaluation" / "evaluation-test.json").is_file()
+    run = tmp_path / "run"
+    (run / "evaluation").mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    (run / "evaluation" / "evaluation-test.png").write_bytes(b"png")
+    claim(run, overwrite=True)  # `simulate --overwrite` deletes a run's evaluations with it
+    assert list(run.iterdir()) == []
+
+
 def test_json_output_parses_and_agrees_with_an_independent_computation(digits_model, tmp_path):
     import torch
     from sklearn.metrics import confusion_matrix, f1_score
@@ -232,7 +247,7 @@ def write_reviews(path: Path, n: int, offset: int = 0) -> Path:
     return path
 
 
-def test_a_text_model_scores_exactly_as_the_central_evaluation(tmp_path):
+def test_a_text_model_scores_exactly_as_the_central_evaluation(tmp_path, monkeypatch):
     """Same records, same model: evaluate's loss, accuracy and macro-F1 equal the server's CentralEvaluator's
     (mean-pooled, unnormalised MiniLM features; normalising them would change the loss)."""
     from privatune.cli.own_data import load_own_data, write_copy
@@ -262,11 +277,12 @@ def test_a_text_model_scores_exactly_as_the_central_evaluation(tmp_path):
         max_length=cfg.max_length,
         pooling="mean",
     )
-    path = save_global(ArrayRecord({k: Array(v) for k, v in state.items()}), card, tmp_path, False)
+    folder = tmp_path / "runs" / "reviews"
+    folder.mkdir(parents=True)
+    path = save_global(ArrayRecord({k: Array(v) for k, v in state.items()}), card, folder, False)
     central = CentralEvaluator(cfg, cache_dir=None)(state)
-    res = invoke(str(path), str(test), "--text-column", "review", "--label-column", "sentiment", "--json")
-    assert res.exit_code == 0, res.output
-    got = json.loads(res.output)
+    monkeypatch.chdir(tmp_path)
+    got = json.loads(run_command(EVALUATE_TEXT + " --json", tmp_path).output)  # the command docs/evaluate.md shows
     assert got["num_examples"] == central.num_examples == 16
     assert got["loss"] == pytest.approx(central.loss, rel=1e-6)
     assert got["accuracy"] == central.accuracy and got["macro_f1"] == pytest.approx(central.macro_f1, abs=1e-12)
@@ -302,54 +318,97 @@ def test_an_encrypted_checkpoint_keeps_its_card_through_decrypt(digits_model, tm
 
 # ---------------------------------------------------------------------------------------------- real runs
 
+# The commands docs/evaluate.md shows, run as written (from a fresh folder; test.npz is the run's own test split).
+SIMULATE = (
+    "privatune simulate --preset digits --clients 2 --rounds 1 --epsilon 4 --run-config max-records=300 "
+    "--out runs/digits"
+)
+EVALUATE = "privatune evaluate runs/digits/global.safetensors test.npz"
+EVALUATE_JSON = EVALUATE + " --json"
+SIMULATE_HE = (
+    "privatune simulate --preset digits --clients 2 --rounds 1 --epsilon 4 --run-config max-records=300 "
+    "--secure-aggregation he --out runs/digits-he"
+)
+DECRYPT = (
+    "privatune decrypt --secret-context runs/digits-he/keys/secret.ctx "
+    "--checkpoint runs/digits-he/global.he-checkpoint --out final.safetensors"
+)
+EVALUATE_HE = "privatune evaluate final.safetensors test.npz"
+EVALUATE_TEXT = (
+    "privatune evaluate runs/reviews/global.safetensors test.csv --text-column review --label-column sentiment"
+)
+DOC_COMMANDS = (SIMULATE, EVALUATE, EVALUATE_JSON, SIMULATE_HE, DECRYPT, EVALUATE_HE, EVALUATE_TEXT)
 
-def simulate(tmp_path: Path, *extra: str) -> Path:
-    out = tmp_path / "run"
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("FLWR_HOME", None)
-    env.pop("MPLCONFIGDIR", None)
-    cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "2", "--rounds", "1"]
-    cmd += ["--epsilon", "4", "--out", str(out), "--run-config", "max-records=300", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+
+def test_the_docs_show_the_commands_the_tests_run():
+    doc = (ROOT / "docs" / "evaluate.md").read_text()
+    missing = [cmd for cmd in DOC_COMMANDS if cmd not in doc]
+    assert missing == []
+    assert "[docs/evaluate.md](docs/evaluate.md)" in (ROOT / "README.md").read_text()
 
 
-def run_test_split(out: Path, tmp_path: Path) -> Path:
-    """The central test split of the run in ``out`` (rebuilt from its config.json) as an npz test file."""
-    cfg = RunConfig.from_flower(json.loads((out / "config.json").read_text()))
-    return write_split_npz(tmp_path / "split.npz", central_split(cfg)[1])
+def run_command(command: str, folder: Path):
+    """One documented command, run from ``folder``: simulate in its own process (as a user would), the rest
+    in-process."""
+    argv = shlex.split(command)
+    assert argv[0] == "privatune"
+    if argv[1] == "simulate":
+        env = {**os.environ, "HOME": str(folder / "home"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env.pop("FLWR_HOME", None)
+        env.pop("MPLCONFIGDIR", None)
+        (folder / "home").mkdir(exist_ok=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "privatune.cli", *argv[1:]],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=folder,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+    res = CliRunner().invoke(app, argv[1:], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def write_run_test_split(run: Path, path: Path) -> Path:
+    """The central test split of the run in ``run`` (rebuilt from its config.json) as an npz test file."""
+    cfg = RunConfig.from_flower(json.loads((run / "config.json").read_text()))
+    return write_split_npz(path, central_split(cfg)[1])
 
 
 @pytest.mark.slow
-def test_a_simulated_model_scores_its_summary_accuracy(tmp_path):
-    out = simulate(tmp_path)
-    summary = json.loads((out / "summary.json").read_text())
-    res = invoke(str(out / "global.safetensors"), str(run_test_split(out, tmp_path)), "--json")
-    assert res.exit_code == 0, res.output
-    got = json.loads(res.output)
+def test_a_simulated_model_scores_its_summary_accuracy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_command(SIMULATE, tmp_path)
+    run = tmp_path / "runs" / "digits"
+    summary = json.loads((run / "summary.json").read_text())
+    write_run_test_split(run, tmp_path / "test.npz")
+    printed = run_command(EVALUATE, tmp_path).output
+    assert f"accuracy {summary['test_accuracy']:.4f}" in printed
+    got = json.loads(run_command(EVALUATE_JSON, tmp_path).output)
     assert got["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-12)
     assert got["macro_f1"] == pytest.approx(summary["test_macro_f1"], abs=1e-12)
     card = got["model"]
     assert card["run_id"] == summary["run_id"] and card["mode"] == "head" and card["dp"]
     assert card["max_client_epsilon"] == summary["max_client_epsilon"] > 0 and card["target_epsilon"] == 4.0
     assert card["delta"] == 1e-5 and card["accountant"] == "prv" and card["rounds_completed"] == 1
-    assert (out / "evaluation-split.png").exists()  # beside the model file by default
+    assert (run / "evaluation" / "evaluation-test.png").exists()  # beside the model file by default
 
 
 @pytest.mark.slow
-def test_a_decrypted_he_model_evaluates_with_no_extra_arguments(tmp_path):
-    out = simulate(tmp_path, "--secure-aggregation", "he")
-    summary = json.loads((out / "summary.json").read_text())
-    decrypted = tmp_path / "site" / "final.safetensors"
-    args = ["decrypt", "--secret-context", str(out / "keys" / "secret.ctx")]
-    args += ["--checkpoint", str(out / "global.he-checkpoint"), "--out", str(decrypted)]
-    assert CliRunner().invoke(app, args, catch_exceptions=False).exit_code == 0
-    res = invoke(str(decrypted), str(run_test_split(out, tmp_path)), "--json")
-    assert res.exit_code == 0, res.output
-    got = json.loads(res.output)
+def test_a_decrypted_he_model_evaluates_with_no_extra_arguments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_command(SIMULATE_HE, tmp_path)
+    run = tmp_path / "runs" / "digits-he"
+    summary = json.loads((run / "summary.json").read_text())
+    run_command(DECRYPT, tmp_path)
+    write_run_test_split(run, tmp_path / "test.npz")
+    run_command(EVALUATE_HE, tmp_path)
+    got = json.loads((tmp_path / "evaluation" / "evaluation-test.json").read_text())  # beside final.safetensors
     # summary.json's figure is the simulation's own decryption of the same checkpoint, scored on the same split.
     assert got["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-12)
-    assert got["model"]["secure_aggregation"] == "he" and got["model"]["run_id"] == summary["run_id"]
+    card = got["model"]
+    assert card["secure_aggregation"] == "he" and card["run_id"] == summary["run_id"]
+    assert card["max_client_epsilon"] == summary["max_client_epsilon"]

@@ -17,6 +17,9 @@ from rich.table import Table
 from privatune.cli.inputs import UsageError
 from privatune.cli.terminal import console
 
+#: The default --out: a folder beside the model file (a run folder's --overwrite deletes it with the run).
+DEFAULT_OUT = "evaluation"
+
 
 def report_files(out: Path, test_file: Path) -> tuple[Path, Path]:
     """The confusion-matrix PNG and the JSON report ``evaluate`` writes into ``out``, named after the test file."""
@@ -34,7 +37,9 @@ def evaluate(
     label_column: str = typer.Option("label", "--label-column", help="csv/jsonl: the column holding the label"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (and nothing else) on stdout"),
     out: Path | None = typer.Option(
-        None, "--out", help="folder for the confusion-matrix PNG and the JSON report (default: the model file's)"
+        None,
+        "--out",
+        help="folder for the confusion-matrix PNG and the JSON report (default: evaluation/ beside the model file)",
     ),
     model_path: Path | None = typer.Option(
         None, "--model-path", help="hf: models: this machine's copy of the checkpoint folder the model was trained on"
@@ -67,7 +72,7 @@ def evaluate(
     )
     model = build_model(card, weights, source=str(model_file))
     report = evaluate_model(model, card, data)
-    folder = out if out is not None else model_file.resolve().parent
+    folder = out if out is not None else model_file.resolve().parent / DEFAULT_OUT
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {folder} is a file; give a folder for the report")
     png, report_json = report_files(folder, test_file)
@@ -96,7 +101,9 @@ def _print_report(result: dict[str, Any]) -> None:
         spent += f" (target {card['target_epsilon']:g}"
         spent += f", delta {card['delta']:g})" if card["delta"] is not None else ")"
     console.print(
-        f"model  {card['model']} ({card['mode']}), run {card['run_id'] or '?'}, {spent}", highlight=False, soft_wrap=True
+        f"model  {card['model']} ({card['mode']}), run {card['run_id'] or '?'}, {spent}",
+        highlight=False,
+        soft_wrap=True,
     )
     console.print(
         f"test   {result['test_file']} ({result['test_format']}, {result['num_examples']} records)",
@@ -108,7 +115,9 @@ def _print_report(result: dict[str, Any]) -> None:
     for name in ("label", "precision", "recall", "F1", "support"):
         per_class.add_column(name, justify="left" if name == "label" else "right")
     for c in result["per_class"]:
-        per_class.add_row(c["label"], f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+        per_class.add_row(
+            c["label"], f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"])
+        )
     console.print(per_class)
     matrix = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
     matrix.add_column("true \\ predicted")
@@ -118,4 +127,3 @@ def _print_report(result: dict[str, Any]) -> None:
         matrix.add_row(name, *(str(v) for v in row))
     console.print(matrix)
     console.print(f"wrote {result['confusion_png']} and {result['report_json']}", highlight=False, soft_wrap=True)
-
