@@ -226,6 +226,19 @@ def test_bad_test_files_and_model_files_are_one_line_errors(digits_model, tmp_pa
     assert res.exit_code == 2 and "carries no privatune model card" in res.output
 
 
+def test_an_hf_model_whose_folder_is_elsewhere_asks_for_model_path(digits_model, tmp_path):
+    from safetensors.numpy import save_file
+
+    _, weights = read_model_file(digits_model[0])
+    card = text_card(model="hf:/nowhere/bert", fine_tuning=FineTuning())
+    save_file(weights, str(tmp_path / "m.safetensors"), metadata=card.to_metadata())
+    (tmp_path / "t.csv").write_text("text,label\nhello,neg\n")
+    res = invoke(str(tmp_path / "m.safetensors"), str(tmp_path / "t.csv"))
+    assert res.exit_code == 2 and "hf:/nowhere/bert" in res.output and "--model-path" in res.output
+    res = invoke(str(tmp_path / "m.safetensors"), str(tmp_path / "t.csv"), "--model-path", str(tmp_path / "none"))
+    assert res.exit_code == 2 and "--model-path" in res.output and "is not a folder" in res.output
+
+
 def test_weights_that_do_not_fit_the_card_are_refused(digits_model, tmp_path):
     from safetensors.numpy import save_file
 

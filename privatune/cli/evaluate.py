@@ -52,7 +52,7 @@ def evaluate(
     from privatune.common.jsonsafe import jsonable
     from privatune.common.model_card import read_model_file
     from privatune.common.model_eval import build_model, evaluate_model, plot_confusion
-    from privatune.common.models.names import relocate
+    from privatune.common.models.names import model_source, parse_registry_name, relocate
 
     if model_file.is_dir():
         raise UsageError(f"MODEL_FILE {model_file} is a folder; give the run's global.safetensors inside it")
@@ -61,6 +61,11 @@ def evaluate(
         if not model_path.is_dir():
             raise UsageError(f"--model-path {model_path} is not a folder; give the model's checkpoint folder")
         card = replace(card, model=relocate(card.model, model_path))
+    elif model_source(card.model) == "hf" and not Path(parse_registry_name(card.model).target).is_dir():
+        raise UsageError(
+            f"{model_file} was trained on {card.model}, whose folder is not on this machine; pass --model-path DIR "
+            "(this machine's copy of that checkpoint folder)"
+        )
     data, fmt = load_test_file(
         test_file,
         fmt=data_format,
