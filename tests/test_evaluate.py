@@ -129,6 +129,28 @@ def test_card_errors_name_the_file_and_the_field(change, words):
     assert words in str(err.value) and str(err.value).startswith("m.safetensors")
 
 
+def test_the_server_card_holds_what_the_sites_reported(tmp_path):
+    from privatune.server.app import InitialWeights, model_card
+    from privatune.server.run_record import RoundReport, RunRecorder
+
+    cfg = RunConfig.create(preset="trec6", mode="lora", lora_rank=4, target_epsilon=3.0, max_length=40)
+    recorder = RunRecorder(tmp_path, summary_base={"run_id": "7"})
+    recorder.finish_round(RoundReport(round=0))
+    recorder.finish_round(
+        RoundReport(
+            round=1,
+            aggregated=True,
+            clients={"a": {"epsilon": 1.5, "delta": 1e-5}, "b": {"epsilon": 2.25, "delta": 1e-6}},
+            released={"a": 2.5},  # a metric release after training counts in the spend
+        )
+    )
+    card = model_card(cfg, "7", recorder, InitialWeights(ArrayRecord(), {}, 0, backbone_fingerprint="f" * 64))
+    assert card.privacy == Privacy(True, 3.0, 2.5, 1e-5, "prv", "site-csprng")
+    assert card.labels == cfg.label_names and card.fine_tuning == cfg.fine_tuning and card.rounds_completed == 1
+    assert (card.kind, card.max_length, card.pooling, card.model, card.run_id) == ("text", 40, "mean", "minilm", "7")
+    assert ModelCard.from_metadata(card.to_metadata()) == card
+
+
 # ---------------------------------------------------------------------------------------------- the command
 
 
