@@ -273,7 +273,8 @@ class _Reader:
     """Typed reads of the metadata; every failure names the field."""
 
     def __init__(self, meta: Mapping[str, str], source: str) -> None:
-        self.meta, self.source, self.read = meta, source, set()
+        self.meta, self.source = meta, source
+        self.read: set[str] = set()  # the keys asked for; the rest of the metadata is the card's ``extra``
 
     def _raw(self, key: str, default: str | None) -> str:
         self.read.add(key)
