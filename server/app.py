@@ -19,11 +19,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from privatune.common.config import RunConfig
 from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger
+from privatune.common.model_card import ModelCard, Privacy, pooling_of
 from privatune.common.models import backbone_fingerprint, configure_trainable, get_model_spec, trainable_state
 from privatune.common.protocol import (
     KEY_CENTRAL_ACCURACY,
     KEY_CENTRAL_LOSS,
     KEY_CENTRAL_MACRO_F1,
+    KEY_DELTA,
     NOISE_SOURCE_SEEDED,
     NOISE_SOURCE_SITE,
 )
@@ -119,7 +121,8 @@ def run_federation(
     evaluator = central_evaluator(cfg, start, recorder.warnings)
     t0 = time.perf_counter()
     final = run_rounds(strategy, grid, cfg, start.arrays, recorder, evaluator, t0)
-    save_global(final, cfg, out, start.he_context is not None)
+    # After the rounds, so the file's card holds the privacy the whole run spent.
+    save_global(final, model_card(cfg, run_id, recorder, start), out, start.he_context is not None)
     return record_run(recorder, cfg, out, start, t0)
 
 
@@ -293,25 +296,53 @@ def record_run(recorder: RunRecorder, cfg: RunConfig, out: Path, start: InitialW
     )
 
 
-def save_global(arrays: ArrayRecord, cfg: RunConfig, out: Path, encrypted: bool) -> Path:
+def model_card(cfg: RunConfig, run_id: str, recorder: RunRecorder, start: InitialWeights) -> ModelCard:
+    """What the saved model is and what the run spent, from the run config and the server's own record of the
+    sites' reports (common/model_card.py); nothing is asked of a site."""
+    deltas = [
+        float(rep[KEY_DELTA])
+        for r in recorder.rounds
+        for rep in r.clients.values()
+        if isinstance(rep.get(KEY_DELTA), (int, float))
+    ]
+    summary = recorder.summary()
+    kind = get_model_spec(cfg.model).kind
+    return ModelCard(
+        model=cfg.model,
+        kind=kind,
+        fine_tuning=cfg.fine_tuning,
+        labels=cfg.label_names,
+        privacy=Privacy(
+            dp=cfg.private,
+            target_epsilon=cfg.target_epsilon if cfg.private else float("inf"),
+            max_client_epsilon=summary["max_client_epsilon"],
+            delta=max(deltas) if deltas else (cfg.delta or None),
+            accountant=cfg.accountant,
+            noise_source=noise_source_of(cfg),
+        ),
+        max_length=cfg.max_length if kind == "text" else None,
+        pooling=pooling_of(cfg.model) if kind == "text" else "",
+        run_id=run_id,
+        preset=cfg.preset,
+        dataset=cfg.dataset,
+        backbone_fingerprint=start.backbone_fingerprint,
+        secure_aggregation=cfg.secure_aggregation,
+        rounds_completed=int(summary["rounds_completed"]),
+    )
+
+
+def save_global(arrays: ArrayRecord, card: ModelCard, out: Path, encrypted: bool) -> Path:
+    """The final global weights with their model card (an encrypted checkpoint keeps it in its header, and
+    ``privatune decrypt`` writes it into the plaintext file)."""
     if encrypted:
         from privatune.common import he
         from privatune.common.he.records import arrayrecord_to_state
 
         path = out / HE_CHECKPOINT_NAME
-        he.save_checkpoint(path, arrayrecord_to_state(arrays))
+        he.save_checkpoint(path, arrayrecord_to_state(arrays), metadata=card.to_metadata())
         return path
     from safetensors.numpy import save_file
 
     path = out / PLAIN_WEIGHTS_NAME
-    save_file(
-        {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()},
-        str(path),
-        metadata={
-            "model": cfg.model,
-            "mode": cfg.mode,
-            **fine_tuning_metadata(cfg),
-            "labels": ",".join(cfg.label_names),
-        },
-    )
+    save_file({k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}, str(path), metadata=card.to_metadata())
     return path

@@ -6,7 +6,8 @@
 - ``summary.json``: the final figures (rewritten after every round, atomically), with ``noise_source`` (what the
   run asked every site for: ``site-csprng``, or ``seeded`` for reproducible simulations) and
   ``noise_sources_reported`` (what the sites said they used);
-- ``global.safetensors`` (plaintext) or ``global.he-checkpoint`` (encrypted): the trainable weights;
+- ``global.safetensors`` (plaintext) or ``global.he-checkpoint`` (encrypted): the trainable weights, with their
+  model card (common/model_card.py), written after the last round;
 - ``rounds.png``: accuracy and epsilon per round.
 """
 

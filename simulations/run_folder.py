@@ -27,6 +27,7 @@ RUN_ENTRIES = frozenset(
         "keys",
         "cache",
         "data",  # privatune simulate --data: the canonical copy of the user's records (common/sim_data.py)
+        "evaluation",  # privatune evaluate's reports on the run's model (its default --out, privatune/cli/evaluate.py)
         ".flwr",
         ".cache",
         *(SERVER_LEDGER_NAME + suffix for suffix in SQLITE_SIDE_SUFFIXES),

@@ -41,7 +41,12 @@ from privatune.common.he.aggregation import (
     encrypt_update,
     sum_updates,
 )
-from privatune.common.he.checkpoints import decrypt_checkpoint_to_safetensors, load_checkpoint, save_checkpoint
+from privatune.common.he.checkpoints import (
+    checkpoint_metadata,
+    decrypt_checkpoint_to_safetensors,
+    load_checkpoint,
+    save_checkpoint,
+)
 from privatune.common.he.context import HEContext
 from privatune.common.he.errors import (
     HEError,
@@ -72,6 +77,7 @@ __all__ = [
     "KeyPaths",
     "Layout",
     "check_update",
+    "checkpoint_metadata",
     "compact_params",
     "decrypt_checkpoint_to_safetensors",
     "decrypt_state",

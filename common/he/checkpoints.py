@@ -3,11 +3,16 @@ decryption to plaintext safetensors.
 
 Separate because the checkpoint is a file format of its own (magic, JSON header, ciphertexts), written by
 the server and read by a key holder long after the run.
+
+The header may hold ``metadata``: string keys and values (the model card, common/model_card.py) that the
+decrypted safetensors file carries, so it says which model, mode and labels it is. An optional key: a checkpoint
+without it still reads (its decrypted file then has no card), and readers that predate it ignore it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +25,15 @@ from privatune.common.he.keys import load_context
 from privatune.common.he.packing import Layout
 from privatune.common.he.payloads import EncryptedState, EncryptedUpdate
 
-__all__ = ["decrypt_checkpoint_to_safetensors", "load_checkpoint", "save_checkpoint"]
+__all__ = ["checkpoint_metadata", "decrypt_checkpoint_to_safetensors", "load_checkpoint", "save_checkpoint"]
 
 _CKPT_MAGIC = b"PTHESTA1"
 _LENGTH_FORMAT = "<Q"
 
 
-def _state_header(state: EncryptedUpdate) -> dict[str, Any]:
+def _state_header(state: EncryptedUpdate, metadata: Mapping[str, str]) -> dict[str, Any]:
     return {
+        "metadata": {str(k): str(v) for k, v in metadata.items()},
         "format": FORMAT_VERSION,
         "fingerprint": state.fingerprint,
         "layout": state.layout.to_dict(),
@@ -37,11 +43,14 @@ def _state_header(state: EncryptedUpdate) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(path: str | os.PathLike[str], state: EncryptedUpdate) -> Path:
-    """Write the encrypted global state as one file (atomic rename); the server's run checkpoint."""
+def save_checkpoint(
+    path: str | os.PathLike[str], state: EncryptedUpdate, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write the encrypted global state as one file (atomic rename); the server's run checkpoint. ``metadata``
+    (the model card) goes into the header, in plaintext, and into the file ``privatune decrypt`` writes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    head = frame_header(_CKPT_MAGIC, _LENGTH_FORMAT, _state_header(state))
+    head = frame_header(_CKPT_MAGIC, _LENGTH_FORMAT, _state_header(state, metadata or {}))
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(head)
@@ -53,6 +62,15 @@ def save_checkpoint(path: str | os.PathLike[str], state: EncryptedUpdate) -> Pat
 
 def load_checkpoint(path: str | os.PathLike[str]) -> EncryptedState:
     """Read a checkpoint written by ``save_checkpoint``; checks its size and integrity digest."""
+    return _read_checkpoint(path)[0]
+
+
+def checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The metadata (model card) a checkpoint's header holds; {} for a checkpoint written without one."""
+    return _read_checkpoint(path)[1]
+
+
+def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[EncryptedState, dict[str, str]]:
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -67,6 +85,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> EncryptedState:
         sizes = [int(s) for s in header["chunk_sizes"]]
         layout = Layout.from_dict(header["layout"])
         fingerprint, digest, summands = str(header["fingerprint"]), str(header["digest"]), int(header["num_summands"])
+        metadata = header.get("metadata") or {}
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise HEFormatError(f"{path}: the checkpoint's metadata is not a mapping of strings")
     except HEError:
         raise
     except Exception as exc:
@@ -82,7 +105,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> EncryptedState:
     state = EncryptedState(fingerprint, layout, chunks, digest=digest, num_summands=summands)
     if state.recompute_digest() != digest:
         raise HEFormatError(f"{path} is corrupted: integrity digest mismatch")
-    return state
+    return state, metadata
 
 
 def decrypt_checkpoint_to_safetensors(
@@ -90,17 +113,18 @@ def decrypt_checkpoint_to_safetensors(
     checkpoint_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
 ) -> Path:
-    """``privatune decrypt``: write the plaintext trainable weights of an encrypted checkpoint."""
+    """``privatune decrypt``: write the plaintext trainable weights of an encrypted checkpoint, with the model
+    card its header holds (so the file says which model, mode and labels it is)."""
     from safetensors.numpy import save_file
 
     ctx = load_context(secret_ctx_path, require_secret=True)
-    state = load_checkpoint(checkpoint_path)
+    state, metadata = _read_checkpoint(checkpoint_path)
     tensors = {k: np.ascontiguousarray(v) for k, v in decrypt_state(ctx, state).items()}
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(
         tensors,
         str(out),
-        metadata={"he_fingerprint": state.fingerprint, "num_summands": str(state.num_summands)},
+        metadata={**metadata, "he_fingerprint": state.fingerprint, "num_summands": str(state.num_summands)},
     )
     return out

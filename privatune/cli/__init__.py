@@ -21,6 +21,7 @@ import typer
 from rich.markup import escape
 
 from privatune.cli.audits import audit, canary_audit, whitebox_audit
+from privatune.cli.evaluate import evaluate
 from privatune.cli.fleet import fleet_proxy
 from privatune.cli.inputs import UsageError, check_resources, describe_os_error
 from privatune.cli.keys import POLY_MODULUS_DEGREES, decrypt, keygen, pki
@@ -40,6 +41,7 @@ __all__ = [
     "console",
     "decrypt",
     "err_console",
+    "evaluate",
     "fleet_proxy",
     "keygen",
     "main",
@@ -64,6 +66,7 @@ _ERROR_CLASSES = {
     "privatune.common.audit": ("AuditInputError",),
     "privatune.common.accounting": ("AccountingError",),
     "privatune.common.ledger": ("LedgerError",),
+    "privatune.common.model_card": ("ModelCardError",),
     "privatune.simulations.canary_audit": ("CanaryAuditError",),
     "privatune.simulations.run_folder": ("RunFolderError",),
 }
@@ -152,6 +155,7 @@ app.add_typer(site_app, name="site")
 app.command()(one_line_errors(simulate))
 app.command()(one_line_errors(keygen))
 app.command()(one_line_errors(decrypt))
+app.command()(one_line_errors(evaluate))
 app.command()(one_line_errors(audit))
 app.command("canary-audit")(one_line_errors(canary_audit))
 app.command("whitebox-audit")(whitebox_audit)

@@ -123,3 +123,32 @@ def write_copy(own: OwnData, out: Path) -> Path:
     from privatune.common.sim_data import FILE_NAME, write_sim_data
 
     return write_sim_data(out / "data" / FILE_NAME, own.data, own.test, own.source, own.test_source).resolve()
+
+
+def load_test_file(
+    path: Path, *, fmt: str, text_column: str, label_column: str, label_names: tuple[str, ...], kind: str, model: str
+) -> tuple[LabelledData, str]:
+    """`privatune evaluate`'s test file, read as a site would against the model's label set: (records, format).
+    A label the model does not know names the file, the record, the label and the model's labels."""
+    from privatune.client.site_data import SiteDataError, SiteDataSpec, load_site_data
+
+    f = data_format(path, fmt, "TEST_FILE")
+    have = "text" if f in TEXT_FORMATS else "image"
+    if have != kind:
+        raise UsageError(
+            f"{path} holds {have} data ({f}), but the model '{model}' reads {kind} data; give a test file of "
+            f"{'text (csv, jsonl)' if kind == 'text' else 'images (npz, an image folder)'}"
+        )
+    spec = SiteDataSpec(path, f, text_column, label_column)  # type: ignore[arg-type]
+    try:
+        return load_site_data(spec, label_names, kind=kind, name=path.name), f  # type: ignore[arg-type]
+    except SiteDataError as err:
+        fix = err.fix
+        if err.reason.startswith("unknown label"):
+            fix = (
+                f"The model knows only the labels {', '.join(label_names)} (or their indices "
+                f"0..{len(label_names) - 1}); relabel or drop the record."
+            )
+        for site_words, cli_words in _FIX_FOR_CLI.items():
+            fix = fix.replace(site_words, cli_words.format(option="TEST_FILE"))
+        raise SiteDataError(err.path, err.reason, fix, err.record, err.line) from None
