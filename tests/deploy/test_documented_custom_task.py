@@ -65,7 +65,7 @@ def test_the_guide_names_each_site_its_own_columns_and_the_run_no_preset() -> No
     assert (a["text-column"], a["label-column"]) != (b["text-column"], b["label-column"])
     assert a["data-path"].endswith(".csv") and b["data-format"] == "jsonl"
     run = tomllib.loads(blocks["run-config"][1])
-    assert "preset" not in run and run["labels"] and run["model"]
+    assert run["preset"] == "" and run["labels"] and run["model"]
 
 
 @pytest.mark.slow
@@ -102,6 +102,7 @@ def test_the_documented_custom_task_trains_and_evaluates(tmp_path: Path) -> None
     rounds = int(run_config["num-server-rounds"])
     assert summary["status"] == "completed" and summary["rounds_completed"] == rounds
     assert summary["test_accuracy"] is None  # no test data of this task at the server: no central score
+    assert summary["central_eval"]["on"] is False and summary["central_eval"]["reason"]
     assert summary["federated_noised"] is True
     federated = summary["federated_accuracy"]
     for node in sites:
