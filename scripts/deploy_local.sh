@@ -78,21 +78,6 @@ stop_all() {
 }
 trap stop_all EXIT INT TERM
 
-# Copy the app as flwr would package it: pyproject.toml without legacy [tool.flwr.federations]
-# tables (flwr 1.42 rewrites pyproject.toml in place when it finds them) and the Python packages.
-stage_app() {
-  local src=$1 dst=$2
-  mkdir -p "$dst"
-  awk '/^[[:space:]]*\[/ { skip = ($0 ~ /^[[:space:]]*\[+[[:space:]]*tool\.flwr\.federations/) } !skip' \
-    "$src/pyproject.toml" > "$dst/pyproject.toml"
-  for d in "$src"/*/; do
-    d=${d%/}
-    if [ -f "$d/__init__.py" ] && [ "$(basename "$d")" != tests ]; then
-      tar -C "$src" --exclude=__pycache__ --exclude='*.pyc' -cf - "$(basename "$d")" | tar -C "$dst" -xf -
-    fi
-  done
-}
-
 # Trial only: each site gets a slice of sklearn's digits as its own .npz (x: 8x8 images, y: labels).
 write_trial_data() {
   python - "$1" "$2" "$3" <<'PY'
@@ -112,7 +97,6 @@ SUPERLINK_PORT=$(free_port)
 SUPERLINK_ADDRESS="$SUPERLINK_HOST:$SUPERLINK_PORT"
 APP="$COORD_DIR/app"
 mkdir -p "$COORD_DIR/incoming"
-stage_app "$APP_SRC" "$APP"
 RUN_CONFIG="$RUN_CONFIG_EXTRA out-dir=\"$COORD_DIR/runs/trial\""
 say "work dir $WORK, SuperLink $SUPERLINK_ADDRESS, $NUM_SITES sites"
 
@@ -146,6 +130,11 @@ root-certificates = "$COORD_DIR/pki/ca.crt"
 EOF
 )
 say "SuperLink up"
+(
+  cd "$APP_SRC"  # the checkout (or the app to deploy)
+  # doc: coordinator-app
+  privatune app-folder "$APP" --source .
+)
 
 # ------------------------------------------------------------ each site: key, data check, SuperNode
 for i in $(seq 0 $((NUM_SITES - 1))); do
@@ -167,7 +156,7 @@ for i in $(seq 0 $((NUM_SITES - 1))); do
   (
     export FLWR_HOME="$COORD_DIR/flwr" FLWR_TELEMETRY_ENABLED=0
     # doc: coordinator-register
-    flwr supernode register "$COORD_DIR/incoming/$SITE_ID.pub" privatune --name "$SITE_ID"
+    flwr supernode register "$COORD_DIR/incoming/$SITE_ID.pub" --name "$SITE_ID"
   )
   (
     export FLWR_HOME="$SITE_DIR/flwr" FLWR_TELEMETRY_ENABLED=0
@@ -195,13 +184,13 @@ say "$NUM_SITES SuperNodes connected"
   export FLWR_HOME="$COORD_DIR/flwr" FLWR_TELEMETRY_ENABLED=0
   cd "$COORD_DIR"  # never inside an app folder: a bare `flwr` command migrates ./pyproject.toml
   # doc: coordinator-nodes
-  flwr supernode list privatune
+  flwr supernode list
   say "starting the run: $RUN_CONFIG"
   # doc: coordinator-run
-  flwr run "$APP" privatune --stream --run-config "$RUN_CONFIG"
+  flwr run "$APP" --stream --run-config "$RUN_CONFIG"
   # doc: coordinator-status
-  flwr ls privatune
-  flwr ls privatune --format json > "$COORD_DIR/runs.json"
+  flwr ls
+  flwr ls --format json > "$COORD_DIR/runs.json"
 )
 python - "$COORD_DIR/runs.json" <<'PY'
 import json, sys

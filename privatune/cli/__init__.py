@@ -20,6 +20,7 @@ import click
 import typer
 from rich.markup import escape
 
+from privatune.cli.app_folder import app_folder
 from privatune.cli.audits import audit, canary_audit, whitebox_audit
 from privatune.cli.evaluate import evaluate
 from privatune.cli.fleet import fleet_proxy
@@ -163,6 +164,7 @@ site_app.command("check")(one_line_errors(site_check))
 site_app.command("migrate-ledger")(site_migrate_ledger)
 app.command()(one_line_errors(pki))
 app.command("fleet-proxy")(fleet_proxy)
+app.command("app-folder")(one_line_errors(app_folder))
 
 
 def main() -> None:

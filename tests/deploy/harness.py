@@ -111,29 +111,10 @@ def write_node_config_toml(path: Path | str, config: Mapping[str, ConfigValue]) 
 
 
 def stage_app(src: Path | str, dest: Path | str) -> Path:
-    """Copy a Flower app (``pyproject.toml`` + its top-level packages) into ``dest`` and return ``dest``.
+    """``privatune app-folder``'s copy of a Flower app (pyproject.toml without legacy federations, packages)."""
+    from privatune.cli.app_folder import stage_app as stage
 
-    Only what a FAB may carry is copied (``.py/.toml/.md/.json/.yaml``), and any legacy
-    ``[tool.flwr.federations]`` tables are dropped so ``flwr run`` leaves the source untouched.
-    """
-    src, dest = Path(src), Path(dest)
-    pyproject = src / "pyproject.toml"
-    if not pyproject.is_file():
-        raise HarnessError(f"{src} is not a Flower app: no pyproject.toml")
-    dest.mkdir(parents=True, exist_ok=True)
-    kept, skipping = [], False
-    for line in pyproject.read_text(encoding="utf-8").splitlines(keepends=True):
-        header = re.match(r"\s*\[+\s*([^\]]+?)\s*\]+", line)
-        if header:
-            skipping = header.group(1).startswith("tool.flwr.federations")
-        if not skipping:
-            kept.append(line)
-    (dest / "pyproject.toml").write_text("".join(kept), encoding="utf-8")
-    wanted = shutil.ignore_patterns("__pycache__", "*.pyc", "test_*.py", "*_test.py")
-    for child in sorted(src.iterdir()):
-        if child.is_dir() and (child / "__init__.py").is_file() and child.name != "tests":
-            shutil.copytree(child, dest / child.name, ignore=wanted, dirs_exist_ok=True)
-    return dest
+    return stage(Path(src), Path(dest))
 
 
 def _bin(name: str) -> str:
