@@ -45,14 +45,14 @@ class LedgerSpend:
 
 def ledger_spend(row: SpendEntry | Mapping[str, Any]) -> LedgerSpend:
     """The spend of a SpendEntry or of a ``spend`` row as read (``SiteLedger.entries()`` or the audit's rows)."""
-    get = (lambda k: getattr(row, k, None)) if isinstance(row, SpendEntry) else row.get
+    values: Mapping[str, Any] = vars(row) if isinstance(row, SpendEntry) else row
     return LedgerSpend(
-        dataset_fingerprint=str(get("dataset_fingerprint")),
-        run_id=str(get("run_id")),
-        mechanism=check_mechanism((get("noise_multiplier"), get("sample_rate"), get("steps"))),
-        cohort=get("cohort_id"),
-        delta=float(get("delta")),
-        accountant=str(get("accountant")),
+        dataset_fingerprint=str(values["dataset_fingerprint"]),
+        run_id=str(values["run_id"]),
+        mechanism=check_mechanism((values["noise_multiplier"], values["sample_rate"], values["steps"])),
+        cohort=values.get("cohort_id"),
+        delta=float(values["delta"]),
+        accountant=str(values["accountant"]),
     )
 
 
