@@ -8,6 +8,7 @@ and the JSON show one report one way.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -192,8 +193,8 @@ def render_table(report: AuditReport, entries: bool = False) -> RenderableType:
 
     The compact view is three small tables: the ledgers (each by its site's name: kind, rows, chain intact or
     broken, file); the privacy spent per (site, dataset) and per site (the totals of :mod:`.report`, the same
-    values the Markdown and the JSON show); and one row per site or client and ledger with its last round's run
-    epsilon (reported, recomputed with RDP, PRV and PLD) and a status. The JSON and Markdown reports always carry
+    values the Markdown and the JSON show); and one row per site or client and ledger with its last run, that run's
+    rounds and its epsilon after them (reported, recomputed with RDP, PRV and PLD) and a status. The JSON and Markdown reports always carry
     every field of every row.
     """
     from rich import box
@@ -261,9 +262,11 @@ def render_table(report: AuditReport, entries: bool = False) -> RenderableType:
         parts += [totals, Text(TOTALS_NOTE, style="dim")]
 
     last: dict[tuple[str, str, str], AuditEntry] = {}
+    run_rounds: Counter[tuple[str, str, str, str]] = Counter()
     for e in report.entries:
         if e.status == STATUS_TRAINED:
             last[(e.source, e.file, e.party)] = e  # entries are in ledger order: the last one wins
+            run_rounds[(e.source, e.file, e.party, e.run_id)] += e.purpose == "train"
     clients = small("Last round of each site and client: epsilon of its run", caption + " · --entries: every row")
     for name, justify in _PARTY_COLUMNS:
         # Numbers never wrap; a long run id is cut with an ellipsis before anything else gives way.
@@ -280,6 +283,8 @@ def render_table(report: AuditReport, entries: bool = False) -> RenderableType:
     for s in report.summaries:
         shown = last.get((s.source, s.file, s.party))
         run = shown.run_id if shown else (s.runs[0] if len(s.runs) == 1 else f"{len(s.runs)} runs")
+        # the rounds of the run whose epsilon the row shows
+        rounds = run_rounds[(s.source, s.file, s.party, shown.run_id)] if shown else s.rounds_trained
         status = []
         if s.violations:
             status.append(f"[bold red]FAIL {s.violations}[/]")
@@ -291,7 +296,7 @@ def render_table(report: AuditReport, entries: bool = False) -> RenderableType:
             s.source,
             s.party,
             run,
-            str(s.rounds_trained),
+            str(rounds),
             eps_text(shown.epsilon_reported if shown else None),
             eps_text(shown.epsilon_rdp if shown else None),
             eps_text(shown.epsilon_prv if shown else None),
