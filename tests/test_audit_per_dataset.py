@@ -256,3 +256,15 @@ def test_ledgers_without_a_site_id_or_with_the_same_one_get_distinct_names(tmp_p
     names = sorted(f.name for f in report.files)
     assert names == ["north", "s1 (backup/ledger.sqlite)", "s1 (live/ledger.sqlite)", "south"]
     assert len({s.site for s in report.sites}) == 4
+
+
+def test_the_pure_totals_name_what_they_cannot_compose() -> None:
+    from privatune.common.ledger import LedgerSpend, compose_dataset, site_total
+
+    spend = LedgerSpend("fp-A", "run-1", MECH_A, "no-such-cohort", DELTA, "rdp")
+    total = compose_dataset([spend], {}, "fp-A")
+    assert total.epsilon is None and "no-such-cohort"[:16] in (total.error or "")
+    with pytest.raises(ValueError, match="fp-B"):
+        compose_dataset([spend], {}, "fp-B")
+    empty = site_total([], {})
+    assert (empty.epsilon, empty.spends, empty.datasets) == (0.0, 0, ())
