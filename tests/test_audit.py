@@ -64,7 +64,7 @@ def test_clean_federation_passes_and_matches_an_independent_recomputation(tmp_pa
     server_rows = [e for e in report.entries if e.source == "server"]
     assert len(server_rows) == 2 * rounds and all(e.aggregation == "plain" for e in server_rows)
     last = next(s for s in report.summaries if s.source == "site" and s.party == "s1")
-    assert last.rounds_trained == rounds and last.budget_left == pytest.approx(50.0 - last.epsilon_dataset)
+    assert last.rounds_trained == rounds and last.budget_left == pytest.approx(50.0 - last.epsilon_total)
 
 
 def test_prv_accounted_federation_passes(tmp_path: Path) -> None:

@@ -274,7 +274,6 @@ def test_audit_summary_fits_an_80_column_terminal(tmp_path: Path) -> None:
         f"{last.epsilon_rdp:.3f}",
         f"{last.epsilon_prv:.3f}",
         f"{last.epsilon_pld:.3f}",
-        "50",
         "ok",
     ]
 

@@ -14,16 +14,17 @@ from typing import Any
 from privatune.common.accountants import PLD, PRV
 from privatune.common.accounting import INDEPENDENT_REL_TOLERANCE, Mechanism
 from privatune.common.audit.findings import Findings
-from privatune.common.audit.inputs import open_ledger, site_id_from_name
+from privatune.common.audit.inputs import site_id_from_name
 from privatune.common.audit.recompute import (
     SiteHistories,
     independent_epsilons,
+    ledger_totals,
     mechanism_of,
     run_epsilons,
 )
 from privatune.common.audit.report import MECHANISM_FIELDS, SERVER, SITE, AuditEntry, LedgerFileInfo
 from privatune.common.audit.values import fmt, num
-from privatune.common.ledger import PURPOSE_TRAIN, SITE_SCHEMA, STATUS_TRAINED
+from privatune.common.ledger import PURPOSE_TRAIN, SITE_SCHEMA, STATUS_TRAINED, Inspection
 from privatune.common.protocol import NOISE_SOURCE_SEEDED
 from privatune.common.record_budget import CohortError, cohort_id_of, unpack_ids
 
@@ -43,9 +44,8 @@ def _below_independent(reported: Any, independent: float, tolerance: float) -> b
     return below(reported, independent * (1.0 - INDEPENDENT_REL_TOLERANCE), tolerance)
 
 
-def check_ledger(audit: Findings, path: Path) -> None:
-    """Verify and account one ledger file; every problem with it becomes a violation, never an exception."""
-    found = open_ledger(path)  # reports damage; raises only when the file vanished (caught by the caller)
+def check_ledger(audit: Findings, path: Path, found: Inspection) -> None:
+    """Account one ledger file as its verification ``found`` it; every problem with it becomes a violation."""
     for p in found.problems:
         if p.table is None:  # not a ledger, or its pages / structure are damaged
             audit.flag("unreadable", path, None, p.detail)
@@ -53,11 +53,11 @@ def check_ledger(audit: Findings, path: Path) -> None:
         where = {None: "as a whole", 0: "head"}.get(p.seq, f"row {p.seq}")
         audit.flag(f"chain-{p.kind}", path, p.seq, f"{p.table} {where}: {p.detail}", table=p.table)
     if found.schema is None:
-        audit.files.append(LedgerFileInfo(str(path), "unknown", 0, False))
+        audit.files.append(LedgerFileInfo(str(path), "unknown", 0, False, audit.name(path)))
         return
     if found.version == "1":
         audit.notes.append(
-            f"{path.name} is a version 1 ledger: its chains are verified, but its meta table "
+            f"{audit.name(path)} is a version 1 ledger: its chains are verified, but its meta table "
             "(schema, creation time) is not hash-chained"
         )
     # Only rows that decoded with their declared types are accounted; the others are named above.
@@ -69,7 +69,7 @@ def check_ledger(audit: Findings, path: Path) -> None:
         rows = found.rows.get("reports", [])
         check_server_rows(audit, path, found.rows.get("runs", []), rows)
         kind = SERVER
-    audit.files.append(LedgerFileInfo(str(path), kind, len(rows), not found.problems))
+    audit.files.append(LedgerFileInfo(str(path), kind, len(rows), not found.problems, audit.name(path)))
 
 
 def check_cohorts(audit: Findings, path: Path, rows: list[dict[str, Any]]) -> dict[str, frozenset[bytes]]:
@@ -134,88 +134,105 @@ def _site_entry(path: Path, row: dict[str, Any]) -> AuditEntry:
 def check_site_rows(
     audit: Findings, path: Path, rows: list[dict[str, Any]], cohorts: dict[str, frozenset[bytes]]
 ) -> None:
-    """Recompute and check every spend of a site ledger, in ledger order (each composes on the ones before)."""
+    """Recompute and check every spend of a site ledger, in ledger order (each composes on the ones before), then
+    compose the ledger's totals per dataset and for the site from the rows it could account."""
     named = site_id_from_name(path)
     if named:
         audit.site_parties.add(named)
     histories = SiteHistories(audit.eps, cohorts)
     tol = audit.tolerance
+    accounted: list[dict[str, Any]] = []
     for row in rows:
-        seq, site = row["seq"], str(row["site_id"])
-        audit.site_parties.add(site)
-        cohort = row.get("cohort_id")
-        entry = _site_entry(path, row)
-        if (row.get("purpose") or PURPOSE_TRAIN) == PURPOSE_TRAIN:
-            audit.entries.append(entry)  # other purposes count in budgets but are no training round to match
-        mech, why = mechanism_of(row)
-        if mech is None:
-            audit.flag("invalid-entry", path, seq, f"row {seq} cannot be accounted: {why}", "spend", site)
-            continue
-        if cohort is not None and cohort not in cohorts:
-            audit.flag(
-                "invalid-cohort",
-                path,
-                seq,
-                f"row {seq} names cohort {cohort!r}, which the ledger does "
-                "not hold (or holds altered): its records cannot be "
-                "accounted",
-                "spend",
-                site,
-            )
-            continue
-        delta, acc = float(row["delta"]), row["accountant"]
-        done = histories.add(entry, mech, cohort, delta, acc)
-        prv_err, pld_err = done.errors.get(PRV), done.errors.get(PLD)
-        if prv_err and acc != PRV:
-            audit.notes.append(f"{path.name} row {seq}: no PRV value ({prv_err})")
-        recomputed = entry.epsilon_recomputed
-        if recomputed is None or entry.epsilon_dataset is None:
-            audit.flag(
-                "unverifiable",
-                path,
-                seq,
-                f"row {seq}: the {acc} accountant cannot recompute its "
-                f"epsilon: {(pld_err if acc == PLD else prv_err) or done.errors.get('dataset')}",
-                "spend",
-                site,
-            )
-            continue
-        if below(row["epsilon_run"], recomputed, tol):
-            audit.flag(
-                "epsilon-underreported",
-                path,
-                seq,
-                f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) records run epsilon "
-                f"{fmt(row['epsilon_run'])} but its mechanisms give {fmt(recomputed)} ({acc})",
-                "spend",
-                site,
-            )
-        if below(row["epsilon_dataset"], entry.epsilon_dataset, tol):
-            audit.flag(
-                "epsilon-underreported",
-                path,
-                seq,
-                f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) records dataset "
-                f"epsilon {fmt(row['epsilon_dataset'])} but {done.what} gives "
-                f"{fmt(entry.epsilon_dataset)} ({acc})",
-                "spend",
-                site,
-            )
-        check_independent(
-            audit, path, entry, done.data_history, delta, row["epsilon_dataset"], "spend", done.data_independent
+        _check_site_row(audit, path, row, cohorts, histories, tol, accounted)
+    audit.site_totals[str(path)] = ledger_totals(audit.eps, accounted, cohorts)
+
+
+def _check_site_row(
+    audit: Findings,
+    path: Path,
+    row: dict[str, Any],
+    cohorts: dict[str, frozenset[bytes]],
+    histories: SiteHistories,
+    tol: float,
+    accounted: list[dict[str, Any]],
+) -> None:
+    """Recompute and check one spend; a row whose mechanism and cohort can be accounted joins ``accounted``."""
+    seq, site = row["seq"], str(row["site_id"])
+    audit.site_parties.add(site)
+    cohort = row.get("cohort_id")
+    entry = _site_entry(path, row)
+    if (row.get("purpose") or PURPOSE_TRAIN) == PURPOSE_TRAIN:
+        audit.entries.append(entry)  # other purposes count in budgets but are no training round to match
+    mech, why = mechanism_of(row)
+    if mech is None:
+        audit.flag("invalid-entry", path, seq, f"row {seq} cannot be accounted: {why}", "spend", site)
+        return
+    if cohort is not None and cohort not in cohorts:
+        audit.flag(
+            "invalid-cohort",
+            path,
+            seq,
+            f"row {seq} names cohort {cohort!r}, which the ledger does "
+            "not hold (or holds altered): its records cannot be "
+            "accounted",
+            "spend",
+            site,
         )
-        budget = num(row["max_epsilon"])
-        if budget is not None and entry.epsilon_dataset > budget + tol:
-            whom = f"dataset {entry.dataset_fingerprint}" if cohort is None else f"a record of cohort {cohort[:16]}"
-            audit.flag(
-                "budget-exceeded",
-                path,
-                seq,
-                f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) takes {whom} to epsilon "
-                f"{fmt(entry.epsilon_dataset)} ({acc}), above the site budget max-epsilon {fmt(budget)}",
-                "spend",
-                site,
-            )
+        return
+    delta, acc = float(row["delta"]), row["accountant"]
+    accounted.append(row)
+    done = histories.add(entry, mech, cohort, delta, acc)
+    prv_err, pld_err = done.errors.get(PRV), done.errors.get(PLD)
+    if prv_err and acc != PRV:
+        audit.notes.append(f"{audit.name(path)} row {seq}: no PRV value ({prv_err})")
+    recomputed = entry.epsilon_recomputed
+    if recomputed is None or entry.epsilon_dataset is None:
+        audit.flag(
+            "unverifiable",
+            path,
+            seq,
+            f"row {seq}: the {acc} accountant cannot recompute its "
+            f"epsilon: {(pld_err if acc == PLD else prv_err) or done.errors.get('dataset')}",
+            "spend",
+            site,
+        )
+        return
+    if below(row["epsilon_run"], recomputed, tol):
+        audit.flag(
+            "epsilon-underreported",
+            path,
+            seq,
+            f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) records run epsilon "
+            f"{fmt(row['epsilon_run'])} but its mechanisms give {fmt(recomputed)} ({acc})",
+            "spend",
+            site,
+        )
+    if below(row["epsilon_dataset"], entry.epsilon_dataset, tol):
+        audit.flag(
+            "epsilon-underreported",
+            path,
+            seq,
+            f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) records dataset "
+            f"epsilon {fmt(row['epsilon_dataset'])} but {done.what} gives "
+            f"{fmt(entry.epsilon_dataset)} ({acc})",
+            "spend",
+            site,
+        )
+    check_independent(
+        audit, path, entry, done.data_history, delta, row["epsilon_dataset"], "spend", done.data_independent
+    )
+    budget = num(row["max_epsilon"])
+    if budget is not None and entry.epsilon_dataset > budget + tol:
+        whom = f"dataset {entry.dataset_fingerprint}" if cohort is None else f"a record of cohort {cohort[:16]}"
+        audit.flag(
+            "budget-exceeded",
+            path,
+            seq,
+            f"row {seq} (run {entry.run_id}, round {entry.round}, site {site}) takes {whom} to epsilon "
+            f"{fmt(entry.epsilon_dataset)} ({acc}), above the site budget max-epsilon {fmt(budget)}",
+            "spend",
+            site,
+        )
 
 
 def _server_entry(path: Path, row: dict[str, Any], aggregation: str | None) -> AuditEntry:
@@ -247,7 +264,7 @@ def check_server_rows(audit: Findings, path: Path, runs: list[dict[str, Any]], r
         audit.entries.append(entry)
         if entry.run_id not in aggregation:
             audit.notes.append(
-                f"{path.name}: reports for run {entry.run_id} but no run record (configuration "
+                f"{audit.name(path)}: reports for run {entry.run_id} but no run record (configuration "
                 "and aggregation mode unknown)"
             )
             aggregation[entry.run_id] = None  # note once
@@ -311,7 +328,7 @@ def check_independent(
     for label, reported, independent in checks:
         if independent is None:
             audit.notes.append(
-                f"{path.name} {what} {entry.seq}: no independent {ind} value for its {label} "
+                f"{audit.name(path)} {what} {entry.seq}: no independent {ind} value for its {label} "
                 "epsilon (the epsilon is too large for that accountant)"
             )
             continue

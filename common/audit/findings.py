@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privatune.common.audit.recompute import Recomputer
+from privatune.common.audit.recompute import LedgerTotals, Recomputer
 from privatune.common.audit.report import AuditEntry, LedgerFileInfo, Violation
 
 
@@ -23,6 +23,12 @@ class Findings:
     notes: list[str] = field(default_factory=list)
     site_parties: set[str] = field(default_factory=set)  # sites with a ledger among the paths (by name or row)
     server_runs: set[str] = field(default_factory=set)  # runs a server ledger among the paths knows
+    names: dict[str, str] = field(default_factory=dict)  # ledger path -> its name in the outputs (inputs.ledger_names)
+    site_totals: dict[str, LedgerTotals] = field(default_factory=dict)  # site ledger path -> its totals
+
+    def name(self, file: Path | str) -> str:
+        """What the outputs call the ledger at ``file`` (its file name when it was never named)."""
+        return self.names.get(str(file), Path(file).name)
 
     def flag(
         self, kind: str, file: Path, seq: int | None, message: str, table: str | None = None, party: str | None = None

@@ -24,6 +24,14 @@ from privatune.common.accounting import (
     normalise,
 )
 from privatune.common.audit.report import AuditEntry
+from privatune.common.ledger.totals import (
+    DatasetTotal,
+    LedgerSpend,
+    SiteTotal,
+    dataset_totals,
+    ledger_spend,
+    site_total,
+)
 from privatune.common.record_budget import Spend, record_epsilons
 
 _HistoryKey = tuple[tuple[Mechanism, ...], float, str]
@@ -47,6 +55,13 @@ class Recomputer:
             except AccountingError as exc:
                 self._cache[key] = (None, str(exc))
         return self._cache[key]
+
+    def raising(self, history: Sequence[Mechanism], delta: float, accountant: str) -> float:
+        """The cached epsilon, raising AccountingError where ``__call__`` returns the reason."""
+        value, err = self(history, delta, accountant)
+        if value is None:
+            raise AccountingError(err or "cannot recompute")
+        return value
 
 
 def mechanism_of(row: dict[str, Any]) -> tuple[Mechanism | None, str | None]:
@@ -127,13 +142,9 @@ class SiteHistories:
     def _record_eps(self, members: frozenset[bytes], delta: float, accountant: str, run_id: str) -> tuple[float, float]:
         """(worst record's run epsilon, worst record's epsilon over all runs) among ``members``."""
 
-        def eps(history: Sequence[Mechanism], d: float, acc: str) -> float:
-            value, err = self.eps(history, d, acc)
-            if value is None:
-                raise AccountingError(err or "cannot recompute")
-            return value
-
-        res = record_epsilons(sorted(members), self.cohorts, self.spends, delta, accountant, run_id=run_id, eps=eps)
+        res = record_epsilons(
+            sorted(members), self.cohorts, self.spends, delta, accountant, run_id=run_id, eps=self.eps.raising
+        )
         return res.worst_run, res.worst
 
 
@@ -156,3 +167,22 @@ def independent_epsilons(
         entry.epsilon_dataset_independent, _ = eps(data_history, delta, ind)
     elif dataset_independent is not None:
         entry.epsilon_dataset_independent = dataset_independent
+
+
+@dataclass
+class LedgerTotals:
+    """One site ledger's totals (common/ledger/totals.py) over its accounted rows, and those rows."""
+
+    datasets: list[DatasetTotal]
+    site: SiteTotal
+    rows: list[dict[str, Any]]  # the accounted spend rows, in ledger order
+
+
+def ledger_totals(
+    eps: Recomputer, rows: Sequence[dict[str, Any]], cohorts: dict[str, frozenset[bytes]]
+) -> LedgerTotals:
+    """Each dataset's total and the site's, composed once from the rows the checks could account."""
+    spends: list[LedgerSpend] = [ledger_spend(r) for r in rows]
+    return LedgerTotals(
+        dataset_totals(spends, cohorts, eps=eps.raising), site_total(spends, cohorts, eps=eps.raising), list(rows)
+    )

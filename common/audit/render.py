@@ -8,7 +8,7 @@ and the JSON show one report one way.
 from __future__ import annotations
 
 import json
-import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from rich.table import Table
 from privatune.common.accounting import INDEPENDENT_REL_TOLERANCE
 from privatune.common.audit.plots import PLOT_NAME, plot_epsilons
 from privatune.common.audit.report import SEEDED_FLAG, SITE, AuditEntry, AuditReport, Violation
+from privatune.common.audit.values import eps_text, short_fingerprint
 from privatune.common.audit.values import fmt as _fmt
 from privatune.common.jsonsafe import jsonable
 from privatune.common.ledger import STATUS_TRAINED
@@ -56,6 +57,16 @@ _LEDGER_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
     ("Kind", "left"),
     ("Rows", "right"),
     ("Chain", "left"),
+    ("File", "left"),
+)
+_TOTAL_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
+    ("Site", "left"),
+    ("Dataset", "left"),
+    ("Runs", "right"),
+    ("Spends", "right"),
+    ("ε total", "right"),
+    ("Budget", "right"),
+    ("Left", "right"),
 )
 _PARTY_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
     ("Src", "left"),
@@ -66,8 +77,13 @@ _PARTY_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
     ("ε RDP", "right"),
     ("ε PRV", "right"),
     ("ε PLD", "right"),
-    ("Budget", "right"),
     ("Status", "left"),
+)
+#: What the totals mean, under both the console's and the Markdown's totals tables.
+TOTALS_NOTE = (
+    "ε total: a dataset's is the epsilon of its worst record, composed over every spend holding that record "
+    "(never a sum of run epsilons); a site's (all datasets) is the worst record at the site. Runs of one dataset "
+    "compose; different datasets do not add up unless they share records."
 )
 
 
@@ -85,12 +101,16 @@ def report_to_json(report: AuditReport) -> dict[str, Any]:
         d = asdict(e)
         d["epsilon_recomputed"] = e.epsilon_recomputed
         d["independent_ratio"] = e.independent_ratio
+        d["ledger"] = report.name(e.file)
         entries.append(d)
     summaries = []
     for s in report.summaries:
         d = asdict(s)
         d["budget_left"] = s.budget_left
+        d["name"] = report.name(s.file)
         summaries.append(d)
+    datasets = [{**asdict(d), "budget_left": d.budget_left} for d in report.datasets]
+    sites = [{**asdict(t), "budget_left": t.budget_left} for t in report.sites]
     return jsonable(
         {
             "ok": report.ok,
@@ -101,10 +121,14 @@ def report_to_json(report: AuditReport) -> dict[str, Any]:
                 "entries": len(report.entries),
                 "violations": len(report.violations),
                 "notes": len(report.notes),
+                "datasets": len(report.datasets),
+                "sites": len(report.sites),
             },
             "files": [asdict(f) for f in report.files],
-            "violations": [asdict(v) for v in report.violations],
+            "violations": [{**asdict(v), "ledger": report.name(v.file)} for v in report.violations],
             "notes": list(report.notes),
+            "datasets": datasets,
+            "sites": sites,
             "summaries": summaries,
             "entries": entries,
         }
@@ -122,16 +146,60 @@ def _row_label(v: Violation) -> str:
     return "—" if v.seq is None else ("head" if v.seq == 0 else f"{v.table or ''} {v.seq}".strip())
 
 
+def _file_label(report: AuditReport, path: str) -> str:
+    """A ledger's file as the console shows it beside its name: the file name, with its folder when another
+    ledger has the same file name (three sites' ``ledger.sqlite``)."""
+    p = Path(path)
+    same = sum(Path(f.path).name == p.name for f in report.files)
+    return f"{p.parent.name}/{p.name}" if same > 1 and p.parent.name else p.name
+
+
+def total_rows(report: AuditReport) -> list[tuple[str, str, str, str, str, str, str]]:
+    """The totals as the console shows them: each (site, dataset), then the site over all its datasets when it has
+    more than one (or the site's total differs from its one dataset's: spends from before cohorts)."""
+    rows = []
+    for site in report.sites:
+        mine = [d for d in report.datasets if d.file == site.file]
+        for d in mine:
+            rows.append(
+                (
+                    site.site,
+                    short_fingerprint(d.dataset_fingerprint),
+                    str(len(d.runs)),
+                    str(d.spends),
+                    eps_text(d.epsilon),
+                    _fmt(d.max_epsilon),
+                    eps_text(d.budget_left),
+                )
+            )
+        if len(mine) != 1 or mine[0].epsilon != site.epsilon:
+            rows.append(
+                (
+                    site.site,
+                    f"all {len(site.datasets)}",
+                    str(len({r for d in mine for r in d.runs})),
+                    str(site.spends),
+                    eps_text(site.epsilon),
+                    _fmt(site.max_epsilon),
+                    eps_text(site.budget_left),
+                )
+            )
+    return rows
+
+
 def render_table(report: AuditReport, entries: bool = False) -> RenderableType:
     """What ``privatune audit`` prints: by default a compact view that fits an 80-column terminal, with ``entries``
     every accounted row with its mechanism, reported and recomputed epsilons, and what is wrong with it.
 
-    The compact view is two small tables: the ledgers (kind, rows, chain intact or broken) and one row per site or
-    client and ledger: its run(s), trained rounds, the last epsilon (reported, recomputed with RDP, PRV and PLD),
-    the site budget and a status. The JSON and Markdown reports always carry every field of every row.
+    The compact view is three small tables: the ledgers (each by its site's name: kind, rows, chain intact or
+    broken, file); the privacy spent per (site, dataset) and per site (the totals of :mod:`.report`, the same
+    values the Markdown and the JSON show); and one row per site or client and ledger with its last run, that run's
+    rounds and its epsilon after them (reported, recomputed with RDP, PRV and PLD) and a status. The JSON and Markdown reports always carry
+    every field of every row.
     """
     from rich import box
     from rich.console import Group
+    from rich.text import Text
 
     verdict = "[bold green]PASS[/]" if report.ok else f"[bold red]FAIL[/]: {len(report.violations)} violation(s)"
     caption = f"{verdict} · {len(report.files)} ledger(s) · tolerance {report.tolerance:g}"
@@ -143,7 +211,7 @@ def render_table(report: AuditReport, entries: bool = False) -> RenderableType:
             check = "[green]ok[/]" if not e.problems else "[red]" + ", ".join(e.problems) + "[/]"
             table.add_row(
                 e.source,
-                Path(e.file).name,
+                report.name(e.file),
                 str(e.seq),
                 e.run_id,
                 str(e.round),
@@ -166,25 +234,40 @@ def render_table(report: AuditReport, entries: bool = False) -> RenderableType:
             )
         return table
 
-    ledgers = Table(
-        title="Privacy ledger audit", box=box.SIMPLE_HEAD, title_justify="left", collapse_padding=True, pad_edge=False
-    )
+    def small(title: str | None = None, caption: str | None = None) -> Table:
+        return Table(
+            title=title,
+            caption=caption,
+            box=box.SIMPLE_HEAD,
+            title_justify="left",
+            caption_justify="left",
+            collapse_padding=True,
+            pad_edge=False,
+        )
+
+    ledgers = small("Privacy ledger audit")
     for name, justify in _LEDGER_COLUMNS:
         ledgers.add_column(name, justify=justify, overflow="fold")
     for f in report.files:
-        ledgers.add_row(Path(f.path).name, f.kind, str(f.rows), "intact" if f.chain_ok else "[bold red]BROKEN[/]")
+        chain = "intact" if f.chain_ok else "[bold red]BROKEN[/]"
+        ledgers.add_row(report.name(f.path), f.kind, str(f.rows), chain, _file_label(report, f.path))
+    parts: list[RenderableType] = [ledgers]
+
+    if report.sites:
+        totals = small("Privacy spent per site and dataset")
+        for name, justify in _TOTAL_COLUMNS:
+            totals.add_column(name, justify=justify, no_wrap=name not in ("Site", "Dataset"), overflow="fold")
+        for row in total_rows(report):
+            totals.add_row(*row)
+        parts += [totals, Text(TOTALS_NOTE, style="dim")]
 
     last: dict[tuple[str, str, str], AuditEntry] = {}
+    run_rounds: Counter[tuple[str, str, str, str]] = Counter()
     for e in report.entries:
         if e.status == STATUS_TRAINED:
             last[(e.source, e.file, e.party)] = e  # entries are in ledger order: the last one wins
-    clients = Table(
-        box=box.SIMPLE_HEAD,
-        caption=caption + " · --entries: every row",
-        caption_justify="left",
-        collapse_padding=True,
-        pad_edge=False,
-    )
+            run_rounds[(e.source, e.file, e.party, e.run_id)] += e.purpose == "train"
+    clients = small("Last round of each site and client: epsilon of its run", caption + " · --entries: every row")
     for name, justify in _PARTY_COLUMNS:
         # Numbers never wrap; a long run id is cut with an ellipsis before anything else gives way.
         wraps = name in ("Party", "Status")
@@ -197,12 +280,11 @@ def render_table(report: AuditReport, entries: bool = False) -> RenderableType:
             max_width=10 if name == "Run" else None,
         )
 
-    def eps(x: Any) -> str:  # fixed decimals keep the columns aligned; violations are in Status
-        return f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else _fmt(x)
-
     for s in report.summaries:
         shown = last.get((s.source, s.file, s.party))
-        run = s.runs[0] if len(s.runs) == 1 else f"{len(s.runs)} runs"
+        run = shown.run_id if shown else (s.runs[0] if len(s.runs) == 1 else f"{len(s.runs)} runs")
+        # the rounds of the run whose epsilon the row shows
+        rounds = run_rounds[(s.source, s.file, s.party, shown.run_id)] if shown else s.rounds_trained
         status = []
         if s.violations:
             status.append(f"[bold red]FAIL {s.violations}[/]")
@@ -210,30 +292,28 @@ def render_table(report: AuditReport, entries: bool = False) -> RenderableType:
             status.append(f"[yellow]{s.budget_exhausted} exhausted[/]")
         if s.dropped:
             status.append(f"[yellow]{s.dropped} dropped[/]")
-        budget = "—" if s.max_epsilon is None else f"{_fmt(s.max_epsilon)}"
         clients.add_row(
             s.source,
             s.party,
             run,
-            str(s.rounds_trained),
-            eps(shown.epsilon_reported if shown else None),
-            eps(shown.epsilon_rdp if shown else None),
-            eps(shown.epsilon_prv if shown else None),
-            eps(shown.epsilon_pld if shown else None),
-            budget,
+            str(rounds),
+            eps_text(shown.epsilon_reported if shown else None),
+            eps_text(shown.epsilon_rdp if shown else None),
+            eps_text(shown.epsilon_prv if shown else None),
+            eps_text(shown.epsilon_pld if shown else None),
             " ".join(status) or "[green]ok[/]",
         )
+    parts.append(clients)
     seeded = [
         f"{s.party} ({s.seeded_rounds} of {s.rounds_trained})"
         for s in report.summaries
         if s.source == SITE and s.seeded_rounds
     ]
-    if not seeded:
-        return Group(ledgers, clients)
-    from rich.text import Text
-
-    flag = Text.from_markup(f"[bold yellow]seeded noise[/] at site {', '.join(seeded)} round(s): {SEEDED_FLAG}")
-    return Group(ledgers, clients, flag)
+    if seeded:
+        parts.append(
+            Text.from_markup(f"[bold yellow]seeded noise[/] at site {', '.join(seeded)} round(s): {SEEDED_FLAG}")
+        )
+    return Group(*parts)
 
 
 def render_violations(report: AuditReport) -> Table:
@@ -242,7 +322,7 @@ def render_violations(report: AuditReport) -> Table:
     for name in ("Kind", "Ledger", "Row", "Message"):
         table.add_column(name)
     for v in report.violations:
-        table.add_row(f"[red]{v.kind}[/]", Path(v.file).name, _row_label(v), v.message)
+        table.add_row(f"[red]{v.kind}[/]", report.name(v.file), _row_label(v), v.message)
     return table
 
 
@@ -250,8 +330,48 @@ def _md_escape(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _markdown_totals(report: AuditReport) -> list[str]:
+    """The report's totals sections: per (site, dataset), then per site; the values the console shows."""
+    if not report.sites:
+        return []
+    lines = [
+        "",
+        "## Privacy spent per site and dataset",
+        "",
+        TOTALS_NOTE + " Each total is composed at the delta and with the accountant of the latest spend it covers.",
+        "",
+        "| Site | Dataset | Runs | Spends | Trained rounds | Records | Shared records | Acc | δ | ε total | "
+        "max-epsilon | Left |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for d in report.datasets:
+        lines.append(
+            f"| {_md_escape(d.site)} | {_md_escape(short_fingerprint(d.dataset_fingerprint))} | "
+            f"{_md_escape(', '.join(d.runs))} | {d.spends} | {d.rounds_trained} | {_fmt(d.records)} | "
+            f"{d.shared_records} | {d.accountant} | {_fmt(d.delta, 3)} | {eps_text(d.epsilon)} | "
+            f"{_fmt(d.max_epsilon)} | {eps_text(d.budget_left)} |"
+        )
+    lines += [
+        "",
+        "## Privacy spent per site",
+        "",
+        "The worst record at each site over all its datasets: the largest of its datasets' totals, and at least the "
+        "composition of all its spends from before cohorts (which records those touched is unknown).",
+        "",
+        "| Site | Datasets | Spends | Records | Acc | δ | ε total | max-epsilon | Left |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for t in report.sites:
+        lines.append(
+            f"| {_md_escape(t.site)} | {len(t.datasets)} | {t.spends} | {_fmt(t.records)} | {_fmt(t.accountant)} | "
+            f"{_fmt(t.delta, 3)} | {eps_text(t.epsilon)} | {_fmt(t.max_epsilon)} | {eps_text(t.budget_left)} |"
+        )
+    return lines
+
+
 def write_report(report: AuditReport, out_dir: Path) -> ReportFiles:
-    """Write ``audit.md`` (verdict, ledgers, violations, notes, summaries, entries), ``epsilon_per_round.png``
+    """Write ``audit.md`` (verdict, ledgers, violations, notes, totals per site and dataset and per site, summaries,
+    entries), ``epsilon_per_round.png``
     and ``audit.json`` into ``out_dir`` (created if needed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,33 +388,38 @@ def write_report(report: AuditReport, out_dir: Path) -> ReportFiles:
         f"{100 * INDEPENDENT_REL_TOLERANCE:g} % below the independent value is a violation.",
         "",
     ]
-    lines += ["## Ledgers", "", "| File | Kind | Rows | Chain |", "|---|---|---:|---|"]
+    lines += ["## Ledgers", "", "| Ledger | File | Kind | Rows | Chain |", "|---|---|---|---:|---|"]
     lines += [
-        f"| {_md_escape(f.path)} | {f.kind} | {f.rows} | {'intact' if f.chain_ok else 'BROKEN'} |" for f in report.files
+        f"| {_md_escape(report.name(f.path))} | {_md_escape(f.path)} | {f.kind} | {f.rows} | "
+        f"{'intact' if f.chain_ok else 'BROKEN'} |"
+        for f in report.files
     ]
     lines += ["", "## Violations", ""]
     if report.violations:
         lines += ["| Kind | File | Row | Message |", "|---|---|---|---|"]
         for v in report.violations:
-            lines.append(f"| {v.kind} | {_md_escape(Path(v.file).name)} | {_row_label(v)} | {_md_escape(v.message)} |")
+            lines.append(
+                f"| {v.kind} | {_md_escape(report.name(v.file))} | {_row_label(v)} | {_md_escape(v.message)} |"
+            )
     else:
         lines.append("None.")
     if report.notes:
         lines += ["", "## Notes", ""] + [f"- {_md_escape(n)}" for n in report.notes]
+    lines += _markdown_totals(report)
     lines += [
         "",
         "## Per site and client",
         "",
-        "| Source | Party | File | Runs | Trained | Budget exhausted | Dropped | Acc | ε run (max) | "
-        "ε dataset | max-epsilon | Left | Violations |",
-        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "Each party's rounds and its largest run epsilon; what its ledger adds up to is in the totals above.",
+        "",
+        "| Source | Party | Ledger | Runs | Trained | Budget exhausted | Dropped | Acc | ε run (max) | Violations |",
+        "|---|---|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for s in report.summaries:
         lines.append(
-            f"| {s.source} | {_md_escape(s.party)} | {_md_escape(Path(s.file).name)} | "
+            f"| {s.source} | {_md_escape(s.party)} | {_md_escape(report.name(s.file))} | "
             f"{_md_escape(', '.join(s.runs))} | {s.rounds_trained} | {s.budget_exhausted} | {s.dropped} | "
-            f"{_fmt(s.accountant)} | {_fmt(s.epsilon_run)} | {_fmt(s.epsilon_dataset)} | "
-            f"{_fmt(s.max_epsilon)} | {_fmt(s.budget_left)} | {s.violations} |"
+            f"{_fmt(s.accountant)} | {eps_text(s.epsilon_run)} | {s.violations} |"
         )
     lines += [
         "",
@@ -303,7 +428,7 @@ def write_report(report: AuditReport, out_dir: Path) -> ReportFiles:
         "Where each site's DP noise came from, as its ledger records it (`site-csprng`: a CSPRNG only the site "
         f"knows; `seeded`: {SEEDED_FLAG}).",
         "",
-        "| Source | Party | File | Noise | Flag |",
+        "| Source | Party | Ledger | Noise | Flag |",
         "|---|---|---|---|---|",
     ]
     for s in report.summaries:
@@ -314,20 +439,20 @@ def write_report(report: AuditReport, out_dir: Path) -> ReportFiles:
         ]
         kinds = ", ".join(sorted({e.noise_source or "not reported" for e in mine})) or "—"
         flag = SEEDED_FLAG if s.seeded_rounds else ""
-        lines.append(f"| {s.source} | {_md_escape(s.party)} | {_md_escape(Path(s.file).name)} | {kinds} | {flag} |")
+        lines.append(f"| {s.source} | {_md_escape(s.party)} | {_md_escape(report.name(s.file))} | {kinds} | {flag} |")
     lines += [
         "",
         f"![epsilon per round per client]({PLOT_NAME})",
         "",
         "## Rows",
         "",
-        "| Src | File | Seq | Run | Round | Party | Status | σ | q | Steps | C | δ | Acc | ε reported | "
+        "| Src | Ledger | Seq | Run | Round | Party | Status | σ | q | Steps | C | δ | Acc | ε reported | "
         "ε RDP | ε PRV | ε PLD | Independent | ε reported / independent | ε dataset | max-epsilon | Check |",
         "|---|---|---:|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for e in report.entries:
         lines.append(
-            f"| {e.source} | {_md_escape(Path(e.file).name)} | {e.seq} | {_md_escape(e.run_id)} | {e.round} | "
+            f"| {e.source} | {_md_escape(report.name(e.file))} | {e.seq} | {_md_escape(e.run_id)} | {e.round} | "
             f"{_md_escape(e.party)} | {e.status} | {_fmt(e.noise_multiplier)} | {_fmt(e.sample_rate)} | "
             f"{_fmt(e.steps)} | {_fmt(e.max_grad_norm)} | {_fmt(e.delta, 3)} | {_fmt(e.accountant)} | "
             f"{_fmt(e.epsilon_reported)} | {_fmt(e.epsilon_rdp)} | {_fmt(e.epsilon_prv)} | {_fmt(e.epsilon_pld)} | "

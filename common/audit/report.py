@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from privatune.common.accountants import PLD, PRV
 from privatune.common.audit.values import num
@@ -104,6 +105,7 @@ class LedgerFileInfo:
     kind: str  # SITE, SERVER or "unknown"
     rows: int
     chain_ok: bool
+    name: str = ""  # what the outputs call it: the site id its rows record, "server", or from its path
 
 
 @dataclass
@@ -117,16 +119,64 @@ class PartySummary:
     dropped: int
     accountant: str | None
     epsilon_run: float | None  # largest recomputed run epsilon (recorded accountant)
-    epsilon_dataset: float | None  # largest recomputed dataset epsilon (sites only)
+    epsilon_total: float | None  # sites: the site's total (its SiteSummary: the worst record over all datasets)
     max_epsilon: float | None  # the budget last in force (sites only)
     violations: int
     seeded_rounds: int = 0  # trained rounds whose noise came from a seed (reproducible: predictable by its holder)
+    datasets: int = 0  # sites: the datasets its ledger spent on
 
     @property
     def budget_left(self) -> float | None:
-        if self.max_epsilon is None or self.epsilon_dataset is None:
-            return None
-        return self.max_epsilon - self.epsilon_dataset
+        return _left(self.max_epsilon, self.epsilon_total)
+
+
+def _left(budget: float | None, spent: float | None) -> float | None:
+    return None if budget is None or spent is None else budget - spent
+
+
+@dataclass
+class DatasetSummary:
+    """One dataset of one site ledger: its total (``common/ledger/totals.py``: the worst of the records its spends
+    touched, composed over every spend holding it), computed once and shown alike by every output."""
+
+    site: str  # the ledger's name (LedgerFileInfo.name)
+    file: str
+    dataset_fingerprint: str
+    runs: list[str]
+    spends: int  # accounted spend rows on it (training rounds and metric releases)
+    rounds_trained: int
+    records: int | None  # distinct keyed records its spends touched (None: spends from before cohorts only)
+    shared_records: int  # of those, records that spends on another of the site's datasets touched too
+    accountant: str
+    delta: float
+    epsilon: float | None  # None: the accountant cannot compute it (``error``)
+    max_epsilon: float | None  # the site budget in force at its latest spend
+    error: str | None = None
+
+    @property
+    def budget_left(self) -> float | None:
+        return _left(self.max_epsilon, self.epsilon)
+
+
+@dataclass
+class SiteSummary:
+    """One site ledger's total: the worst record at the site over all its datasets (the largest dataset total, and
+    at least the composition of every spend from before cohorts)."""
+
+    site: str
+    file: str
+    datasets: list[str]
+    spends: int
+    records: int | None
+    accountant: str | None
+    delta: float | None
+    epsilon: float | None
+    max_epsilon: float | None  # the site budget in force at its latest spend
+    error: str | None = None
+
+    @property
+    def budget_left(self) -> float | None:
+        return _left(self.max_epsilon, self.epsilon)
 
 
 @dataclass
@@ -137,7 +187,13 @@ class AuditReport:
     violations: list[Violation]
     notes: list[str]
     summaries: list[PartySummary]
+    datasets: list[DatasetSummary] = field(default_factory=list)
+    sites: list[SiteSummary] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.violations
+
+    def name(self, file: str) -> str:
+        """What the outputs call the ledger at ``file`` (LedgerFileInfo.name; its file name if it has none)."""
+        return next((f.name for f in self.files if f.path == file and f.name), Path(file).name)

@@ -1,17 +1,26 @@
-"""The last pass: each row's problems, one summary per site or client and ledger, and the finished AuditReport.
+"""The last pass: each row's problems, one summary per site or client and ledger, the totals per (site, dataset)
+and per site, and the finished AuditReport.
 
-Separate from the checks because it decides nothing new: it only groups what the checks found.
+Separate from the checks because it decides nothing new: it only groups what the checks found (the totals were
+composed once, by the checks, with ``common/ledger/totals.py``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 
 from privatune.common.audit.findings import Findings
-from privatune.common.audit.report import SEEDED_FLAG, SITE, AuditEntry, AuditReport, PartySummary
+from privatune.common.audit.report import (
+    SEEDED_FLAG,
+    SITE,
+    AuditEntry,
+    AuditReport,
+    DatasetSummary,
+    PartySummary,
+    SiteSummary,
+)
 from privatune.common.audit.values import num
-from privatune.common.ledger import STATUS_BUDGET_EXHAUSTED, STATUS_DROPPED, STATUS_TRAINED
+from privatune.common.ledger import PURPOSE_TRAIN, STATUS_BUDGET_EXHAUSTED, STATUS_DROPPED, STATUS_TRAINED
 from privatune.common.protocol import NOISE_SOURCE_SEEDED
 
 
@@ -23,8 +32,8 @@ def _summaries(audit: Findings) -> list[PartySummary]:
     for (source, file, party), rows in sorted(groups.items()):
         trained = [e for e in rows if e.status == STATUS_TRAINED]
         run_eps = [e.epsilon_recomputed for e in trained if e.epsilon_recomputed is not None]
-        data_eps = [e.epsilon_dataset for e in trained if e.epsilon_dataset is not None]
         last = trained[-1] if trained else None
+        totals = audit.site_totals.get(file) if source == SITE else None
         summaries.append(
             PartySummary(
                 source=source,
@@ -36,13 +45,56 @@ def _summaries(audit: Findings) -> list[PartySummary]:
                 dropped=sum(e.status == STATUS_DROPPED for e in rows),
                 accountant=last.accountant if last else None,
                 epsilon_run=max(run_eps) if run_eps else None,
-                epsilon_dataset=max(data_eps) if data_eps else None,
+                epsilon_total=totals.site.epsilon if totals else None,
                 max_epsilon=num(last.max_epsilon) if last else None,
                 violations=sum(v.file == file and (v.party in (None, party)) for v in audit.violations),
                 seeded_rounds=sum(e.noise_source == NOISE_SOURCE_SEEDED for e in trained),
+                datasets=len(totals.datasets) if totals else 0,
             )
         )
     return summaries
+
+
+def _totals(audit: Findings) -> tuple[list[DatasetSummary], list[SiteSummary]]:
+    """The totals per (site ledger, dataset) and per site ledger, in the order the ledgers were named."""
+    datasets: list[DatasetSummary] = []
+    sites: list[SiteSummary] = []
+    for file, t in audit.site_totals.items():
+        name = audit.name(file)
+        for d in t.datasets:
+            rows = [r for r in t.rows if r["dataset_fingerprint"] == d.dataset_fingerprint]
+            datasets.append(
+                DatasetSummary(
+                    site=name,
+                    file=file,
+                    dataset_fingerprint=d.dataset_fingerprint,
+                    runs=list(d.runs),
+                    spends=d.spends,
+                    rounds_trained=sum((r.get("purpose") or PURPOSE_TRAIN) == PURPOSE_TRAIN for r in rows),
+                    records=d.records,
+                    shared_records=d.shared_records,
+                    accountant=d.accountant,
+                    delta=d.delta,
+                    epsilon=d.epsilon,
+                    max_epsilon=num(rows[-1]["max_epsilon"]),
+                    error=d.error,
+                )
+            )
+        sites.append(
+            SiteSummary(
+                site=name,
+                file=file,
+                datasets=list(t.site.datasets),
+                spends=t.site.spends,
+                records=t.site.records,
+                accountant=t.site.accountant,
+                delta=t.site.delta,
+                epsilon=t.site.epsilon,
+                max_epsilon=num(t.rows[-1]["max_epsilon"]) if t.rows else None,
+                error=t.site.error,
+            )
+        )
+    return datasets, sites
 
 
 def finish(audit: Findings) -> AuditReport:
@@ -54,11 +106,17 @@ def finish(audit: Findings) -> AuditReport:
     for e in audit.entries:
         e.problems = sorted(set(by_row.get((e.file, "spend" if e.source == SITE else "reports", e.seq), [])))
     summaries = _summaries(audit)
+    datasets, sites = _totals(audit)
+    for d in datasets:
+        if d.error:
+            audit.notes.append(f"{d.site}: no total for dataset {d.dataset_fingerprint} ({d.error})")
     for s in summaries:
         if s.source == SITE and s.seeded_rounds:
+            name = audit.name(s.file)
+            where = "" if name == s.party else f" (ledger {name})"
             audit.notes.append(
-                f"{Path(s.file).name}: {s.seeded_rounds} of {s.rounds_trained} round(s) of site "
-                f"{s.party} used seeded noise ({SEEDED_FLAG})"
+                f"site {s.party}{where}: {s.seeded_rounds} of {s.rounds_trained} round(s) used seeded noise "
+                f"({SEEDED_FLAG})"
             )
     return AuditReport(
         tolerance=audit.tolerance,
@@ -67,4 +125,6 @@ def finish(audit: Findings) -> AuditReport:
         violations=audit.violations,
         notes=list(dict.fromkeys(audit.notes)),
         summaries=summaries,
+        datasets=datasets,
+        sites=sites,
     )

@@ -1,4 +1,4 @@
-"""The ledger's loosely typed numbers, read (``num``) and written (``fmt``) one way across the audit.
+"""The ledger's loosely typed numbers, read (``num``) and written (``fmt``, ``eps_text``) one way across the audit.
 
 Separate because the checks (in their messages), the report model, the renderings and the plots all need the same
 two conversions, and none of them should import another only for these.
@@ -28,3 +28,13 @@ def fmt(value: Any, digits: int = 4) -> str:
     if math.isnan(value):
         return "nan"
     return f"{value:.{digits}g}"
+
+
+def eps_text(value: Any) -> str:
+    """An epsilon as every table of the audit shows it (console and Markdown alike): three decimals when finite."""
+    return f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else fmt(value)
+
+
+def short_fingerprint(fingerprint: str, keep: int = 12) -> str:
+    """A dataset fingerprint cut for a table (the JSON carries it whole)."""
+    return fingerprint if len(fingerprint) <= keep else fingerprint[:keep] + "…"

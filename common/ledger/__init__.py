@@ -27,7 +27,8 @@ server ledger ``server.ledger.sqlite``. Files are told apart by the schema recor
 The modules: ``errors`` (LedgerError family, ChainProblem), ``names`` (file names), ``records`` (the row values
 and their validation), ``schema`` (tables, DDL, hashing), ``connection`` (SQLite plumbing), ``storage``
 (SiteLedger, ServerLedger), ``verify`` with ``chain`` and ``findings`` (verification in passes), ``migrate``
-(version 1 files). This package re-exports what callers use.
+(version 1 files), ``totals`` (what a site ledger adds up to, per dataset and for the site: the audit's and the
+budget's one computation). This package re-exports what callers use.
 """
 
 from __future__ import annotations
@@ -92,6 +93,15 @@ from privatune.common.ledger.storage import (
     ServerLedger,
     SiteLedger,
 )
+from privatune.common.ledger.totals import (
+    DatasetTotal,
+    LedgerSpend,
+    SiteTotal,
+    compose_dataset,
+    dataset_totals,
+    ledger_spend,
+    site_total,
+)
 from privatune.common.ledger.verify import (
     READABLE_VERSIONS,
     Inspection,
@@ -125,21 +135,27 @@ __all__ = [
     "STATUS_TRAINED",
     "ChainProblem",
     "ClientReport",
+    "DatasetTotal",
     "Inspection",
     "LedgerError",
     "LedgerIntegrityError",
+    "LedgerSpend",
     "LedgerVersionError",
     "ReportRecord",
     "RunRecord",
     "ServerLedger",
     "SiteLedger",
+    "SiteTotal",
     "SpendEntry",
     "SpendRecord",
     "chained_tables",
     "chained_tables_of",
+    "compose_dataset",
+    "dataset_totals",
     "hashed_fields",
     "inspect_ledger",
     "ledger_schema",
+    "ledger_spend",
     "lenient_text",
     "migrate_ledger",
     "read_meta",
@@ -149,6 +165,7 @@ __all__ = [
     "schema_ddl",
     "site_id_from_ledger_name",
     "site_ledger_filename",
+    "site_total",
     "utc_now",
     "verify_chain",
     "verify_ledger",

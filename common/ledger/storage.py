@@ -58,6 +58,7 @@ from privatune.common.ledger.schema import (
     row_hash,
     schema_ddl,
 )
+from privatune.common.ledger.totals import DatasetTotal, SiteTotal, dataset_totals, ledger_spend, site_total
 from privatune.common.ledger.verify import verify_chain
 from privatune.common.mechanism import DPMechanism
 from privatune.common.record_budget import cohort_id_of, pack_ids, unpack_ids
@@ -294,6 +295,19 @@ class SiteLedger(_ChainedLedger):
     def cohorts(self) -> dict[str, frozenset[bytes]]:
         """Every stored cohort: cohort id -> the record ids it holds."""
         return {r["cohort_id"]: frozenset(unpack_ids(r["ids"])) for r in self._select("cohorts")}
+
+    def totals(
+        self, *, delta: float | None = None, accountant: str | None = None
+    ) -> tuple[list[DatasetTotal], SiteTotal]:
+        """Each dataset's privacy total and the site's, from every recorded spend (``common/ledger/totals.py``: the
+        worst record's composition, what the audit shows); by default at each one's latest spend's delta and
+        accountant."""
+        spends = [ledger_spend(r.entry) for r in self.entries()]
+        cohorts = self.cohorts()
+        return (
+            dataset_totals(spends, cohorts, delta=delta, accountant=accountant),
+            site_total(spends, cohorts, delta=delta, accountant=accountant),
+        )
 
     def last_round(self, run_id: str) -> int | None:
         with _open(self.path, read_only=False) as conn:
