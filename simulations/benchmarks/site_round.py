@@ -125,7 +125,7 @@ def time_rounds(preset: str, mode: str, records: int, rounds: int, work: Path) -
     folder.mkdir(parents=True)
     path, fmt = write_site_file(preset, records, folder)
     cfg = RunConfig(preset=preset, mode=mode, num_server_rounds=rounds, target_epsilon=8.0).resolved()
-    node = {
+    node: dict[str, bool | float | int | str] = {
         "site-id": "bench",
         "data-path": str(path),
         "data-format": fmt,
