@@ -21,6 +21,7 @@ import typer
 from rich.markup import escape
 
 from privatune.cli.audits import audit, canary_audit, whitebox_audit
+from privatune.cli.budget import budget
 from privatune.cli.fleet import fleet_proxy
 from privatune.cli.inputs import UsageError, check_resources, describe_os_error
 from privatune.cli.keys import POLY_MODULUS_DEGREES, decrypt, keygen, pki
@@ -35,6 +36,7 @@ __all__ = [
     "UsageError",
     "app",
     "audit",
+    "budget",
     "canary_audit",
     "check_resources",
     "console",
@@ -153,9 +155,11 @@ app.command()(one_line_errors(simulate))
 app.command()(one_line_errors(keygen))
 app.command()(one_line_errors(decrypt))
 app.command()(one_line_errors(audit))
+app.command()(one_line_errors(budget))
 app.command("canary-audit")(one_line_errors(canary_audit))
 app.command("whitebox-audit")(whitebox_audit)
 site_app.command("check")(one_line_errors(site_check))
+site_app.command("budget")(one_line_errors(budget))
 site_app.command("migrate-ledger")(site_migrate_ledger)
 app.command()(one_line_errors(pki))
 app.command("fleet-proxy")(fleet_proxy)
