@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from privatune.client.metrics_release import release_mechanism
-from privatune.client.privacy_guard import RoundPlan, records_over_budget, plan_round
+from privatune.client.privacy_guard import RoundPlan, plan_round, records_over_budget
 from privatune.common.config import RunConfig
 from privatune.common.ledger import SpendRecord
 from privatune.common.record_budget import Spend, cohort_id_of, pack_ids, record_epsilons
@@ -57,6 +57,8 @@ class RunProjection:
     accountant: str
     per_round: list[ProjectedRound] = field(default_factory=list)
     epsilon_before: float = 0.0  # worst training record, all runs, before the run
+    target_epsilon: float | None = None  # the run's target when its noise is calibrated to it (None: fixed or no DP)
+    private: bool = True
     metrics_rounds_fit: int | None = None  # release-metrics: rounds whose validation release fits (None: off)
 
     @property
@@ -96,6 +98,27 @@ class RunProjection:
     def first_exclusion(self) -> ProjectedRound | None:
         return next((r for r in self.per_round if r.allowed and r.excluded), None)
 
+    def advice(self) -> str:
+        """What would make the run fit (empty when it does)."""
+        if self.fits:
+            return ""
+        if not self.private:
+            return "a run without DP (dp=false) spends an unbounded epsilon: a site with max-epsilon refuses it"
+        if self.target_epsilon is None:
+            return (
+                f"with the noise multiplier fixed every round costs the same: num-server-rounds={self.rounds_fit} "
+                "fits, or raise max-epsilon"
+            )
+        left = None if self.max_epsilon is None else max(self.max_epsilon - self.epsilon_before, 0.0)
+        return (
+            f"the run's noise is calibrated so that all its rounds end at target-epsilon={self.target_epsilon:g}, "
+            "so announcing fewer rounds costs the same; the whole run fits when its target-epsilon is at most about "
+            f"what the worst record has left ({left:.3f}; composition with earlier spends lets a little more "
+            "through), or with a larger max-epsilon"
+            if left is not None
+            else f"the run's own target-epsilon={self.target_epsilon:g} is refused: see the reason above"
+        )
+
     def summary(self) -> str:
         """One line for the site check's table."""
         budget = "no max-epsilon" if self.max_epsilon is None else f"max-epsilon {self.max_epsilon:g}"
@@ -133,6 +156,7 @@ class RunProjection:
             "epsilon_after": self.epsilon_after,
             "remaining_after": self.remaining_after,
             "metrics_rounds_fit": self.metrics_rounds_fit,
+            "advice": self.advice(),
             "per_round": [vars(r) for r in self.per_round],
         }
 
@@ -152,7 +176,15 @@ def project_run(
     state before the next round is planned; stops at the first refusal. ``delta``: the guard's run delta."""
     cohorts, spends = dict(cohorts), list(spends)
     before = record_epsilons(train_ids, cohorts, spends, delta, cfg.accountant).worst
-    out = RunProjection(cfg.num_server_rounds, max_epsilon, delta, cfg.accountant, epsilon_before=before)
+    out = RunProjection(
+        cfg.num_server_rounds,
+        max_epsilon,
+        delta,
+        cfg.accountant,
+        epsilon_before=before,
+        target_epsilon=cfg.target_epsilon if cfg.private and cfg.noise_multiplier <= 0 else None,
+        private=cfg.private,
+    )
     release = release_mechanism(cfg.metrics_noise_multiplier) if cfg.release_metrics else None
     metrics_fit: int | None = None if release is None else 0
     for rnd in range(1, cfg.num_server_rounds + 1):
@@ -200,13 +232,18 @@ def _add_spend(
 
 @dataclass(frozen=True)
 class DatasetBudget:
-    """One dataset (keyed fingerprint) of a site ledger: the worst record's composed epsilon, per run and in all."""
+    """One dataset (keyed fingerprint) of a site ledger, each value the worst record's composed epsilon.
+
+    Budgets follow records, not files: a record that is also in another dataset (an appended or edited copy of the
+    file) carries the other dataset's spends too. ``own`` composes this dataset's rows alone; ``spent`` every spend
+    holding its records, which is what ``max-epsilon`` is checked against."""
 
     fingerprint: str
     rows: int
     records: int  # distinct records its spends sampled from
-    runs: dict[str, float]  # run id -> the worst record's epsilon within that run
-    spent: float  # the worst record's epsilon composed over every spend holding it (all runs)
+    runs: dict[str, float]  # run id -> this dataset's rows of that run, composed
+    own: float  # this dataset's rows, composed
+    spent: float  # every spend (any dataset, any run) holding its records, composed
     max_epsilon: float | None
 
     @property
@@ -225,6 +262,7 @@ class DatasetBudget:
             "records": self.records,
             "runs": self.runs,
             "sum_of_runs": self.sum_of_runs,
+            "own": self.own,
             "spent": self.spent,
             "max_epsilon": self.max_epsilon,
             "remaining": self.remaining,
@@ -244,25 +282,29 @@ def dataset_budgets(
     accountant: str,
     max_epsilon: float | None,
 ) -> list[DatasetBudget]:
-    """Per dataset in the ledger, in order of first spend: the worst of its records' epsilons, each composed over
-    every spend (any dataset, any run) whose cohort holds it, as the guard composes them."""
+    """Per dataset in the ledger, in order of first spend: the worst of its records' epsilons, composed per record
+    as the guard composes them (each record: every spend whose cohort holds it), over its own rows and over all."""
     spends = ledger_spends(entries)
-    by_fp: dict[str, list[SpendRecord]] = {}
-    for rec in entries:
-        by_fp.setdefault(rec.entry.dataset_fingerprint, []).append(rec)
+    by_fp: dict[str, list[int]] = {}
+    for i, rec in enumerate(entries):
+        by_fp.setdefault(rec.entry.dataset_fingerprint, []).append(i)
     out = []
     for fp, rows in by_fp.items():
         ids: set[bytes] = set()
-        for rec in rows:
-            cid = rec.entry.cohort_id
+        for i in rows:
+            cid = entries[i].entry.cohort_id
             ids |= cohorts.get(cid, frozenset()) if cid is not None else {_NO_COHORT_RECORD}
         members = sorted(ids)
-        runs = {}
-        for run_id in dict.fromkeys(rec.entry.run_id for rec in rows):
-            runs[run_id] = record_epsilons(members, cohorts, spends, delta, accountant, run_id=run_id).worst_run
+        own = [spends[i] for i in rows]
+
+        runs = {
+            run_id: record_epsilons(members, cohorts, own, delta, accountant, run_id=run_id).worst_run
+            for run_id in dict.fromkeys(s.run_id for s in own)
+        }
+        own_eps = record_epsilons(members, cohorts, own, delta, accountant).worst
         spent = record_epsilons(members, cohorts, spends, delta, accountant).worst
         records = len(ids - {_NO_COHORT_RECORD})
-        out.append(DatasetBudget(fp, len(rows), records, runs, spent, max_epsilon))
+        out.append(DatasetBudget(fp, len(rows), records, runs, own_eps, spent, max_epsilon))
     return out
 
 

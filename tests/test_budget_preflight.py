@@ -161,7 +161,7 @@ def test_projection_composes_with_earlier_runs_like_the_accountant(tmp_path):
     """After an earlier run's spend the projection's epsilons are the accountant's composition of it with
     ROUNDS rounds of the calibrated mechanism; the whole run fits when max-epsilon allows, and the guard agrees."""
     node = _node(tmp_path, max_epsilon=50.0)
-    cfg, site, local = _local(node)
+    _, _, local = _local(node)
     old = (1.5, 0.1, 20)
     _spend(_guard(node, local.key_check), local.train_ids, old, "old-run", fp=local.fingerprint)
     sigma, q, steps = _independent_run_mechanism(len(local.train_ids))
@@ -190,38 +190,44 @@ def test_projection_composes_with_earlier_runs_like_the_accountant(tmp_path):
 
 
 def test_budget_per_dataset_is_the_composition_of_that_datasets_rows(tmp_path):
-    """Two datasets in one ledger, one with two runs: each dataset's spent is the accountant's epsilon of its own
-    rows composed (less than the sum of its runs), and the two are not mixed."""
+    """Three datasets in one ledger, one with two runs, one sharing records with it: each dataset's own value is the
+    accountant's epsilon of its rows composed (less than the sum of its runs), and its records' spent value adds
+    exactly the spends of the records it shares (budgets follow records), nothing else."""
     node = _node(tmp_path, max_epsilon=30.0)
     rng = np.random.default_rng(1)
-    ids_a = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(40)]
-    ids_b = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(30)]
+    ids_a, ids_b, ids_c = ([bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(k)] for k in (40, 30, 20))
     guard = _guard(node, "unkeyed")
-    m1, m2, m3 = (1.1, 0.2, 30), (0.9, 0.25, 24), (1.3, 0.1, 50)
+    m1, m2, m3, m4 = (1.1, 0.2, 30), (0.9, 0.25, 24), (1.3, 0.1, 50), (1.6, 0.2, 40)
     _spend(guard, ids_a, m1, "run-1", fp="dataset-a")
     _spend(guard, ids_a, m2, "run-2", fp="dataset-a")
     _spend(guard, ids_b, m3, "run-3", fp="dataset-b")
+    _spend(guard, ids_a[:10] + ids_c, m4, "run-4", fp="dataset-c")  # an edited copy of dataset a
     before = _ledger_state(Path(node["ledger-path"]))
 
     out = CliRunner().invoke(app, ["budget", "--node-config", _kv(node), "--accountant", ACC, "--json"])
     assert out.exit_code == 0, out.output
     res = json.loads(out.output)
     got = {d["dataset_fingerprint"]: d for d in res["datasets"]}
-    assert set(got) == {"dataset-a", "dataset-b"}
-    a, b = got["dataset-a"], got["dataset-b"]
-    assert a["spent"] == pytest.approx(epsilon_of([m1, m2], DELTA, ACC), rel=1e-9)
-    assert a["runs"] == pytest.approx({"run-1": epsilon_of([m1], DELTA, ACC), "run-2": epsilon_of([m2], DELTA, ACC)})
-    assert a["spent"] < a["sum_of_runs"] == pytest.approx(sum(a["runs"].values()))
+    assert list(got) == ["dataset-a", "dataset-b", "dataset-c"]
+    a, b, c = got["dataset-a"], got["dataset-b"], got["dataset-c"]
+
+    def eps(*history):
+        return pytest.approx(epsilon_of(list(history), DELTA, ACC), rel=1e-9)
+
+    assert a["own"] == eps(m1, m2) and a["runs"] == {"run-1": eps(m1), "run-2": eps(m2)}
+    assert a["own"] < a["sum_of_runs"] == pytest.approx(sum(a["runs"].values()))
+    assert b["own"] == b["spent"] == eps(m3) and b["remaining"] == pytest.approx(30.0 - b["spent"])
+    assert c["own"] == eps(m4)
+    assert a["spent"] == c["spent"] == eps(m1, m2, m4)  # the ten shared records carry both datasets' spends
     assert a["remaining"] == pytest.approx(30.0 - a["spent"])
-    assert b["spent"] == pytest.approx(epsilon_of([m3], DELTA, ACC), rel=1e-9) and b["records"] == 30
-    assert (a["rows"], a["records"], b["rows"]) == (2, 40, 1)
+    assert [(d["rows"], d["records"]) for d in (a, b, c)] == [(2, 40), (1, 30), (1, 30)]
 
     text = CliRunner(env={"COLUMNS": "250"}).invoke(
         app, ["site", "budget", "--node-config", _kv(node), "--accountant", ACC]
     )
     assert text.exit_code == 0, text.output
-    assert "dataset-a" in text.output and "dataset-b" in text.output
-    assert "compose, they do not add" in text.output and f"{a['spent']:.3f}" in text.output
+    assert all(name in text.output for name in got)
+    assert "compose, they do not add" in text.output and f"{a['own']:.3f}" in text.output
     assert _ledger_state(Path(node["ledger-path"])) == before
 
 

@@ -41,22 +41,34 @@ def budget(
         title=f"privatune budget: site {rep.site_id} ({limit}, delta {rep.delta:g}, {rep.accountant})",
         caption=f"ledger {rep.ledger_path}",
     )
-    for col in ("dataset", "rows", "records", "each run alone", "sum of runs", "spent (composed)", "remaining"):
+    columns = ("dataset", "rows", "records", "each run alone", "sum of runs", "its rows composed", "spent", "remaining")
+    for col in columns:
         table.add_column(col, overflow="fold", justify="left" if col in ("dataset", "each run alone") else "right")
     for d in rep.datasets:
         name = d.fingerprint[:16] + (" (data-path)" if d.fingerprint == rep.current_fingerprint else "")
         per_run = ", ".join(f"{r[:12]} {_eps(e)}" for r, e in d.runs.items())
-        table.add_row(name, str(d.rows), str(d.records), per_run, _eps(d.sum_of_runs), _eps(d.spent), _eps(d.remaining))
+        table.add_row(
+            name,
+            str(d.rows),
+            str(d.records),
+            per_run,
+            _eps(d.sum_of_runs),
+            _eps(d.own),
+            _eps(d.spent),
+            _eps(d.remaining),
+        )
     if not rep.datasets:
-        table.add_row("(nothing spent yet)", "0", "0", "", "", _eps(0.0), _eps(rep.max_epsilon))
+        table.add_row("(nothing spent yet)", "0", "0", "", "", "", _eps(0.0), _eps(rep.max_epsilon))
     console.print(table)
-    console.print(f"note: {COMPOSITION_NOTE}; remaining = max-epsilon minus the composed value.")
+    console.print(
+        f"note: {COMPOSITION_NOTE}. 'spent' is the worst record's epsilon over every spend holding it (a record "
+        "also in another dataset carries that one's spends too); remaining = max-epsilon minus spent.",
+        highlight=False,
+    )
     proj = rep.projection
     if proj is None:
         return
     colour = "green" if proj.fits else "bold red"
     console.print(f"[{colour}]run projection[/]: {proj.summary()}", highlight=False)
-    if not proj.fits and proj.rounds_fit:
-        console.print(
-            f"to fit, announce num-server-rounds={proj.rounds_fit} or raise target noise (lower target-epsilon)"
-        )
+    if not proj.fits:
+        console.print(f"to fit: {proj.advice()}", highlight=False)
