@@ -57,6 +57,8 @@ class RunProjection:
     accountant: str
     per_round: list[ProjectedRound] = field(default_factory=list)
     epsilon_before: float = 0.0  # worst training record, all runs, before the run
+    epsilon_after: float = 0.0  # worst training record (trained or left out), all runs, after the rounds that fit
+    epsilon_run: float = 0.0  # worst training record, this run, after the rounds that fit
     target_epsilon: float | None = None  # the run's target when its noise is calibrated to it (None: fixed or no DP)
     private: bool = True
     metrics_rounds_fit: int | None = None  # release-metrics: rounds whose validation release fits (None: off)
@@ -74,21 +76,6 @@ class RunProjection:
     @property
     def refusal(self) -> str:
         return next((r.reason for r in self.per_round if not r.allowed), "")
-
-    @property
-    def last(self) -> ProjectedRound | None:
-        """The last round that trains."""
-        allowed = [r for r in self.per_round if r.allowed]
-        return allowed[-1] if allowed else None
-
-    @property
-    def epsilon_run(self) -> float:
-        return self.last.epsilon_run if self.last else 0.0
-
-    @property
-    def epsilon_after(self) -> float:
-        """Worst training record over every run after the rounds that fit."""
-        return self.last.epsilon_dataset if self.last else self.epsilon_before
 
     @property
     def remaining_after(self) -> float | None:
@@ -216,6 +203,8 @@ def project_run(
                 _add_spend(cohorts, spends, val_ids, release)
                 metrics_fit = rnd
     out.metrics_rounds_fit = metrics_fit
+    final = record_epsilons(train_ids, cohorts, spends, delta, cfg.accountant, run_id=PROJECTED_RUN_ID)
+    out.epsilon_after, out.epsilon_run = final.worst, final.worst_run
     return out
 
 

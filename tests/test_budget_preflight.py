@@ -103,24 +103,32 @@ def _spend(guard: PrivacyGuard, ids, mech: tuple[float, float, int], run: str, f
     )
 
 
-def _first_refused_round(node: dict[str, str], folder: Path) -> int | None:
-    """Run the real guard (plan, then the write-ahead record) for rounds 1..ROUNDS on a copy of the site's
-    ledger and key; the first round it refuses (None: every round trains)."""
+def _replay(node: dict[str, str], folder: Path) -> list[int | None]:
+    """Run the real guard (plan, then the write-ahead record) for rounds 1..ROUNDS on a copy of the site's ledger
+    and key: the records each round trains on, None for a refused round (and it stops there)."""
     folder.mkdir()
     copy = dict(node, **{"ledger-path": str(folder / "site-a.ledger.sqlite")})
-    for src, dst in ((Path(node["ledger-path"]), Path(copy["ledger-path"])),):
-        shutil.copy2(src, dst)
-        shutil.copy2(default_key_path(src), default_key_path(dst))
+    src, dst = Path(node["ledger-path"]), Path(copy["ledger-path"])
+    shutil.copy2(src, dst)
+    shutil.copy2(default_key_path(src), default_key_path(dst))
     cfg, site, local = _local(copy)
     guard = PrivacyGuard(
         site.ledger_path, site.site_id, site.max_epsilon, site.delta, site.on_exhausted, local.key_check
     )
+    trained: list[int | None] = []
     for rnd in range(1, ROUNDS + 1):
         plan = guard.plan(cfg, "run-1", local.train_ids)
         if not plan.allowed:
-            return rnd
+            return [*trained, None]
         guard.record(plan, cfg, "run-1", rnd, local.train_ids, local.fingerprint, "pf", datetime.now(UTC))
-    return None
+        trained.append(len(plan.train))
+    return trained
+
+
+def _first_refused_round(node: dict[str, str], folder: Path) -> int | None:
+    """The first round the real guard refuses (None: every round trains)."""
+    rounds = _replay(node, folder)
+    return len(rounds) if rounds[-1] is None else None
 
 
 def test_site_check_refuses_a_run_whose_first_round_fits_and_says_how_many_rounds_fit(tmp_path):
@@ -187,6 +195,37 @@ def test_projection_composes_with_earlier_runs_like_the_accountant(tmp_path):
     assert data["current"] is True and data["spent"] == pytest.approx(proj.epsilon_before, rel=1e-9)
     assert _ledger_state(Path(node["ledger-path"])) == before
     assert _first_refused_round(node, tmp_path / "replay") is None
+
+
+def test_projection_excludes_the_records_the_guard_excludes(tmp_path):
+    """Half the training records spent in an earlier run: under on-exhausted=exclude they sit out once their
+    budget is spent, the rest train on. The projection's rounds, cohort sizes and refusal are the guard's."""
+    node = _node(tmp_path, max_epsilon=TARGET + 1.0)
+    _, _, local = _local(node)
+    half = local.train_ids[: len(local.train_ids) // 2]
+    _spend(_guard(node, local.key_check), half, (1.2, 0.2, 40), "old-run", fp=local.fingerprint)
+    rep = check_site(node, RUN)
+    proj = rep.projection
+    assert proj is not None
+    projected = [r.trained if r.allowed else None for r in proj.per_round]
+    assert projected == _replay(node, tmp_path / "replay")
+    assert any(r.excluded for r in proj.per_round)  # the case this test is about
+    # Independently: the records spent before sit out exactly when excluded; each round's mechanism is calibrated
+    # for the records it trains on; the worst training record after the run is the worse of the two halves.
+    n, old = len(local.train_ids), (1.2, 0.2, 40)
+    rounds = [r for r in proj.per_round if r.allowed]
+    assert all(r.trained == (n - len(half) if r.excluded else n) and r.excluded in (0, len(half)) for r in rounds)
+
+    def mech(k: int) -> tuple[float, float, int]:
+        q, steps = sample_rate(k, BATCH), EPOCHS * steps_per_epoch(k, BATCH)
+        return calibrate_noise(TARGET, DELTA, q, ROUNDS * steps, ACC), q, steps
+
+    fresh = [mech(r.trained) for r in rounds]
+    spent_before = [old] + [mech(r.trained) for r in rounds if not r.excluded]
+    worst = max(epsilon_of(fresh, DELTA, ACC), epsilon_of(spent_before, DELTA, ACC))
+    assert proj.epsilon_after == pytest.approx(worst, rel=1e-9)
+    (line,) = [c for c in rep.checks if c.name == "run budget"]
+    assert line.ok == proj.fits and "records are left out for their budget" in line.detail
 
 
 def test_budget_per_dataset_is_the_composition_of_that_datasets_rows(tmp_path):
