@@ -22,6 +22,7 @@ from typing import Any
 
 from privatune.client.metrics_release import release_mechanism
 from privatune.client.privacy_guard import RoundPlan, plan_round, records_over_budget
+from privatune.common.accounting import Mechanism, epsilon_of
 from privatune.common.config import RunConfig
 from privatune.common.ledger import SpendRecord
 from privatune.common.record_budget import Spend, cohort_id_of, pack_ids, record_epsilons
@@ -274,6 +275,15 @@ def dataset_budgets(
     """Per dataset in the ledger, in order of first spend: the worst of its records' epsilons, composed per record
     as the guard composes them (each record: every spend whose cohort holds it), over its own rows and over all."""
     spends = ledger_spends(entries)
+    memo: dict[tuple[Any, ...], float] = {}
+
+    def eps(history: Sequence[Mechanism], delta: float, accountant: str) -> float:
+        """Datasets and runs share histories (the same records, the same spends): one accountant call each."""
+        key = (tuple(sorted(history)), delta, accountant)
+        if key not in memo:
+            memo[key] = epsilon_of(history, delta, accountant)
+        return memo[key]
+
     by_fp: dict[str, list[int]] = {}
     for i, rec in enumerate(entries):
         by_fp.setdefault(rec.entry.dataset_fingerprint, []).append(i)
@@ -287,11 +297,11 @@ def dataset_budgets(
         own = [spends[i] for i in rows]
 
         runs = {
-            run_id: record_epsilons(members, cohorts, own, delta, accountant, run_id=run_id).worst_run
+            run_id: record_epsilons(members, cohorts, own, delta, accountant, run_id=run_id, eps=eps).worst_run
             for run_id in dict.fromkeys(s.run_id for s in own)
         }
-        own_eps = record_epsilons(members, cohorts, own, delta, accountant).worst
-        spent = record_epsilons(members, cohorts, spends, delta, accountant).worst
+        own_eps = record_epsilons(members, cohorts, own, delta, accountant, eps=eps).worst
+        spent = record_epsilons(members, cohorts, spends, delta, accountant, eps=eps).worst
         records = len(ids - {_NO_COHORT_RECORD})
         out.append(DatasetBudget(fp, len(rows), records, runs, own_eps, spent, max_epsilon))
     return out

@@ -36,6 +36,7 @@ RUN = {
     "target-epsilon": str(TARGET),
     "accountant": ACC,
 }
+DATASET_ACC = "pld"  # composing several distinct mechanisms: PLD is the fastest accountant for that
 RUN_TEXT = " ".join(f"{k}={v}" for k, v in RUN.items())
 
 
@@ -243,7 +244,7 @@ def test_budget_per_dataset_is_the_composition_of_that_datasets_rows(tmp_path):
     _spend(guard, ids_a[:10] + ids_c, m4, "run-4", fp="dataset-c")  # an edited copy of dataset a
     before = _ledger_state(Path(node["ledger-path"]))
 
-    out = CliRunner().invoke(app, ["budget", "--node-config", _kv(node), "--accountant", ACC, "--json"])
+    out = CliRunner().invoke(app, ["budget", "--node-config", _kv(node), "--accountant", DATASET_ACC, "--json"])
     assert out.exit_code == 0, out.output
     res = json.loads(out.output)
     got = {d["dataset_fingerprint"]: d for d in res["datasets"]}
@@ -251,7 +252,7 @@ def test_budget_per_dataset_is_the_composition_of_that_datasets_rows(tmp_path):
     a, b, c = got["dataset-a"], got["dataset-b"], got["dataset-c"]
 
     def eps(*history):
-        return pytest.approx(epsilon_of(list(history), DELTA, ACC), rel=1e-9)
+        return pytest.approx(epsilon_of(list(history), DELTA, DATASET_ACC), rel=1e-9)
 
     assert a["own"] == eps(m1, m2) and a["runs"] == {"run-1": eps(m1), "run-2": eps(m2)}
     assert a["own"] < a["sum_of_runs"] == pytest.approx(sum(a["runs"].values()))
@@ -262,7 +263,7 @@ def test_budget_per_dataset_is_the_composition_of_that_datasets_rows(tmp_path):
     assert [(d["rows"], d["records"]) for d in (a, b, c)] == [(2, 40), (1, 30), (1, 30)]
 
     text = CliRunner(env={"COLUMNS": "250"}).invoke(
-        app, ["site", "budget", "--node-config", _kv(node), "--accountant", ACC]
+        app, ["site", "budget", "--node-config", _kv(node), "--accountant", DATASET_ACC]
     )
     assert text.exit_code == 0, text.output
     assert all(name in text.output for name in got)
@@ -276,3 +277,8 @@ def test_budget_without_a_ledger_creates_none(tmp_path):
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["datasets"] == []
     assert not Path(node["ledger-path"]).exists()
+
+
+def test_budget_names_what_is_missing_in_one_line(tmp_path):
+    out = CliRunner().invoke(app, ["budget", "--node-config", f"site-id=a ledger-path={tmp_path}/l.sqlite"])
+    assert out.exit_code == 2 and "data-path" in out.output and len(out.output.strip().splitlines()) == 1
