@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from privatune.client.metrics_release import release_mechanism
-from privatune.client.privacy_guard import RoundPlan, plan_round, records_over_budget
+from privatune.client.privacy_guard import RoundPlan, ledger_spends, plan_round, records_over_budget
 from privatune.common.accounting import Mechanism, epsilon_of
 from privatune.common.config import RunConfig
 from privatune.common.ledger import SpendRecord
@@ -257,11 +257,6 @@ class DatasetBudget:
             "max_epsilon": self.max_epsilon,
             "remaining": self.remaining,
         }
-
-
-def ledger_spends(entries: Sequence[SpendRecord]) -> list[Spend]:
-    """The budget's view of ledger rows (what PrivacyGuard.spends reads)."""
-    return [Spend(r.entry.mechanism, r.entry.cohort_id, r.entry.run_id) for r in entries]
 
 
 def dataset_budgets(

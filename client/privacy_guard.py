@@ -24,7 +24,7 @@ from pathlib import Path
 
 from privatune.common.accounting import Mechanism, calibrate_noise, sample_rate, steps_per_epoch
 from privatune.common.config import RunConfig
-from privatune.common.ledger import PURPOSE_TRAIN, SiteLedger, SpendEntry
+from privatune.common.ledger import PURPOSE_TRAIN, SiteLedger, SpendEntry, SpendRecord
 from privatune.common.mechanism import DPMechanism
 from privatune.common.protocol import NOISE_SOURCE_SEEDED
 from privatune.common.record_budget import RecordEpsilons, Spend, record_epsilons
@@ -102,6 +102,11 @@ def run_delta(cfg: RunConfig, site_delta: float) -> float:
             f"{site_delta:g}; run with delta=0 (the site's) or a smaller one"
         )
     return cfg.delta or site_delta
+
+
+def ledger_spends(entries: Sequence[SpendRecord]) -> list[Spend]:
+    """The budget's view of ledger rows: each row's mechanism, cohort and run."""
+    return [Spend(r.entry.mechanism, r.entry.cohort_id, r.entry.run_id) for r in entries]
 
 
 def _refusal(reason: str, cfg: RunConfig, delta: float) -> RoundPlan:
@@ -211,7 +216,7 @@ class PrivacyGuard:
         return run_delta(cfg, self.delta)
 
     def spends(self) -> list[Spend]:
-        return [Spend(r.entry.mechanism, r.entry.cohort_id, r.entry.run_id) for r in self.ledger.entries()]
+        return ledger_spends(self.ledger.entries())
 
     def epsilons(
         self,
