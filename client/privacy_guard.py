@@ -17,14 +17,14 @@ for one round, so that a crash at any point over-counts rather than under-counts
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from privatune.common.accounting import Mechanism, calibrate_noise, sample_rate, steps_per_epoch
 from privatune.common.config import RunConfig
-from privatune.common.ledger import PURPOSE_TRAIN, SiteLedger, SpendEntry
+from privatune.common.ledger import PURPOSE_TRAIN, SiteLedger, SpendEntry, SpendRecord
 from privatune.common.mechanism import DPMechanism
 from privatune.common.protocol import NOISE_SOURCE_SEEDED
 from privatune.common.record_budget import RecordEpsilons, Spend, record_epsilons
@@ -94,6 +94,93 @@ def check_site_delta(delta: float, num_records: int) -> float:
     return delta
 
 
+def run_delta(cfg: RunConfig, site_delta: float) -> float:
+    """The delta every epsilon of a run is computed at: the site's, or the run's when it is stricter."""
+    if cfg.delta > site_delta:
+        raise ValueError(
+            f"looser delta refused: the run asks for delta={cfg.delta:g} but this site's delta is "
+            f"{site_delta:g}; run with delta=0 (the site's) or a smaller one"
+        )
+    return cfg.delta or site_delta
+
+
+def ledger_spends(entries: Sequence[SpendRecord]) -> list[Spend]:
+    """The budget's view of ledger rows: each row's mechanism, cohort and run."""
+    return [Spend(r.entry.mechanism, r.entry.cohort_id, r.entry.run_id) for r in entries]
+
+
+def _refusal(reason: str, cfg: RunConfig, delta: float) -> RoundPlan:
+    return RoundPlan(False, reason, DPMechanism(0.0, 1.0, 0, cfg.max_grad_norm, delta, cfg.accountant), 0.0, 0.0)
+
+
+def records_over_budget(eps: RecordEpsilons, max_epsilon: float | None) -> list[int]:
+    if max_epsilon is None:
+        return []
+    return [i for i, e in enumerate(eps.spent) if e > max_epsilon + 1e-9]
+
+
+def plan_round(
+    cfg: RunConfig,
+    run_id: str,
+    record_ids: Sequence[bytes],
+    cohorts: Mapping[str, frozenset[bytes]],
+    spends: Sequence[Spend],
+    *,
+    max_epsilon: float | None,
+    on_exhausted: str,
+    delta: float,
+    site_id: str = "",
+) -> RoundPlan:
+    """One round's plan from a ledger's state (its cohorts and spends), read-only: the guard plans from the ledger
+    on disk, ``privatune site check`` from a copy it extends round by round (client/budget.py). A fixed point:
+    leaving records out raises the sample rate, which may push more records over budget."""
+    keep = list(range(len(record_ids)))
+    while True:
+        if not keep:
+            return _refusal(
+                "budget exhausted: every training record at this site would pass the site budget "
+                f"max-epsilon={max_epsilon:g} with this round",
+                cfg,
+                delta,
+            )
+        n = len(keep)
+        steps = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
+        mech = DPMechanism(
+            plan_noise(cfg, n, delta),
+            sample_rate(n, cfg.batch_size),
+            steps,
+            cfg.max_grad_norm,
+            delta,
+            cfg.accountant,
+        )
+        ids = [record_ids[i] for i in keep]
+        eps = record_epsilons(ids, cohorts, spends, delta, cfg.accountant, new=[mech.gaussian], run_id=run_id)
+        over = records_over_budget(eps, max_epsilon)
+        if not over:
+            break
+        if on_exhausted == "refuse":
+            return _refusal(
+                f"budget exhausted: this round would bring some records past the site budget "
+                f"max-epsilon={max_epsilon:g} (worst {eps.worst:.3f}); the site refuses "
+                "(on-exhausted=refuse)",
+                cfg,
+                delta,
+            )
+        dropped = set(over)
+        keep = [k for j, k in enumerate(keep) if j not in dropped]
+    excluded = len(record_ids) - len(keep)
+    if excluded and site_id:
+        log.info("[%s] %d of %d training records left out: their budget is spent", site_id, excluded, len(record_ids))
+    allowed, reason = True, ""
+    if cfg.private and eps.worst_run > cfg.target_epsilon * 1.01 + 1e-6:
+        allowed = False
+        reason = (
+            f"run target exhausted: this round would bring this run's epsilon to {eps.worst_run:.3f}, "
+            f"above target-epsilon={cfg.target_epsilon:g}"
+        )
+    return RoundPlan(allowed, reason, mech, eps.worst_run, eps.worst, tuple(keep), excluded)
+
+
 @dataclass
 class PrivacyGuard:
     """Per-record budget checks and write-ahead recording for one site.
@@ -126,16 +213,10 @@ class PrivacyGuard:
     # -- reading the budget ----------------------------------------------------------------------------------
 
     def run_delta(self, cfg: RunConfig) -> float:
-        """The delta every epsilon of this run is computed at: the site's, or the run's when it is stricter."""
-        if cfg.delta > self.delta:
-            raise ValueError(
-                f"looser delta refused: the run asks for delta={cfg.delta:g} but this site's delta is "
-                f"{self.delta:g}; run with delta=0 (the site's) or a smaller one"
-            )
-        return cfg.delta or self.delta
+        return run_delta(cfg, self.delta)
 
     def spends(self) -> list[Spend]:
-        return [Spend(r.entry.mechanism, r.entry.cohort_id, r.entry.run_id) for r in self.ledger.entries()]
+        return ledger_spends(self.ledger.entries())
 
     def epsilons(
         self,
@@ -160,70 +241,23 @@ class PrivacyGuard:
         )
 
     def over_budget(self, eps: RecordEpsilons) -> list[int]:
-        if self.max_epsilon is None:
-            return []
-        return [i for i, e in enumerate(eps.spent) if e > self.max_epsilon + 1e-9]
+        return records_over_budget(eps, self.max_epsilon)
 
     # -- planning a round ------------------------------------------------------------------------------------
 
     def plan(self, cfg: RunConfig, run_id: str, record_ids: Sequence[bytes]) -> RoundPlan:
-        """The round's cohort and mechanism for the training records ``record_ids`` (a fixed point: leaving
-        records out raises the sample rate, which may push more records over budget)."""
-        delta = self.run_delta(cfg)
-        cohorts, spends = self.ledger.cohorts(), self.spends()
-        keep = list(range(len(record_ids)))
-        while True:
-            if not keep:
-                return self._refusal(
-                    "budget exhausted: every training record at this site would pass the site budget "
-                    f"max-epsilon={self.max_epsilon:g} with this round",
-                    cfg,
-                    delta,
-                )
-            n = len(keep)
-            steps = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
-            mech = DPMechanism(
-                plan_noise(cfg, n, delta),
-                sample_rate(n, cfg.batch_size),
-                steps,
-                cfg.max_grad_norm,
-                delta,
-                cfg.accountant,
-            )
-            ids = [record_ids[i] for i in keep]
-            eps = record_epsilons(ids, cohorts, spends, delta, cfg.accountant, new=[mech.gaussian], run_id=run_id)
-            over = self.over_budget(eps)
-            if not over:
-                break
-            if self.on_exhausted == "refuse":
-                return self._refusal(
-                    f"budget exhausted: this round would bring some records past the site budget "
-                    f"max-epsilon={self.max_epsilon:g} (worst {eps.worst:.3f}); the site refuses "
-                    "(on-exhausted=refuse)",
-                    cfg,
-                    delta,
-                )
-            dropped = set(over)
-            keep = [k for j, k in enumerate(keep) if j not in dropped]
-        excluded = len(record_ids) - len(keep)
-        if excluded:
-            log.info(
-                "[%s] %d of %d training records left out: their budget is spent",
-                self.site_id,
-                excluded,
-                len(record_ids),
-            )
-        allowed, reason = True, ""
-        if cfg.private and eps.worst_run > cfg.target_epsilon * 1.01 + 1e-6:
-            allowed = False
-            reason = (
-                f"run target exhausted: this round would bring this run's epsilon to {eps.worst_run:.3f}, "
-                f"above target-epsilon={cfg.target_epsilon:g}"
-            )
-        return RoundPlan(allowed, reason, mech, eps.worst_run, eps.worst, tuple(keep), excluded)
-
-    def _refusal(self, reason: str, cfg: RunConfig, delta: float) -> RoundPlan:
-        return RoundPlan(False, reason, DPMechanism(0.0, 1.0, 0, cfg.max_grad_norm, delta, cfg.accountant), 0.0, 0.0)
+        """The round's cohort and mechanism for the training records ``record_ids`` (see :func:`plan_round`)."""
+        return plan_round(
+            cfg,
+            run_id,
+            record_ids,
+            self.ledger.cohorts(),
+            self.spends(),
+            max_epsilon=self.max_epsilon,
+            on_exhausted=self.on_exhausted,
+            delta=self.run_delta(cfg),
+            site_id=self.site_id,
+        )
 
     # -- recording -------------------------------------------------------------------------------------------
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from privatune.client.budget import RunProjection
 from privatune.client.site_config import SiteConfig, SiteConfigError
 from privatune.client.site_data import SiteDataError, describe_site_data, load_site_data
 from privatune.common.config import ConfigError, RunConfig
 from privatune.common.ledger import LedgerError
+
+if TYPE_CHECKING:
+    from privatune.client.privacy_guard import PrivacyGuard
 
 
 @dataclass
@@ -27,6 +31,7 @@ class Check:
 class SiteReport:
     checks: list[Check] = field(default_factory=list)
     data_summary: dict[str, Any] = field(default_factory=dict)
+    projection: RunProjection | None = None  # the announced run against the site's budget (client/budget.py)
 
     @property
     def ok(self) -> bool:
@@ -35,6 +40,35 @@ class SiteReport:
     def add(self, name: str, ok: bool, detail: str) -> bool:
         self.checks.append(Check(name, ok, detail))
         return ok
+
+
+def _project(
+    rep: SiteReport, guard: PrivacyGuard, cfg: RunConfig, train_ids: list[bytes], val_ids: list[bytes]
+) -> None:
+    """The whole announced run against the budget, planned as the guard will plan each round (nothing written)."""
+    from privatune.client.budget import project_run
+    from privatune.common.accounting import AccountingError
+
+    try:
+        delta = guard.run_delta(cfg)
+    except ValueError:
+        return  # the "run delta" line already says the site would refuse this run
+    try:
+        proj = project_run(
+            cfg,
+            train_ids,
+            guard.ledger.cohorts(),
+            guard.spends(),
+            max_epsilon=guard.max_epsilon,
+            on_exhausted=guard.on_exhausted,
+            delta=delta,
+            val_ids=val_ids,
+        )
+    except AccountingError as err:
+        rep.add("run budget", False, f"cannot plan this run's noise: {err}")
+        return
+    rep.projection = proj
+    rep.add("run budget", proj.fits, proj.summary())
 
 
 def check_site(
@@ -133,6 +167,9 @@ def check_site(
                 f"{worst:.3f} of max-epsilon {site.max_epsilon:g} ({max(site.max_epsilon - worst, 0):.3f} left)",
             )
         rep.add("ledger", True, f"{site.ledger_path} (chain verified)")
+        train_set = set(train_idx)
+        val_ids = [ids[i] for i in range(len(ids)) if i not in train_set]
+        _project(rep, guard, cfg, [ids[i] for i in train_idx], val_ids)
     except LedgerError as err:  # empty, corrupt, foreign or tampered: it names the file and the recovery steps
         rep.add("ledger", False, str(err))
     except Exception as err:  # e.g. an unwritable folder must stop the site too

@@ -162,6 +162,9 @@ for i in $(seq 0 $((NUM_SITES - 1))); do
     export FLWR_HOME="$SITE_DIR/flwr" FLWR_TELEMETRY_ENABLED=0
     # doc: site-check
     privatune site check --node-config "$NODE_CONFIG" --run-config "$RUN_CONFIG"
+    # doc: site-budget
+    privatune budget --node-config "$NODE_CONFIG"                            # what each dataset has spent
+    privatune budget --node-config "$NODE_CONFIG" --run-config "$RUN_CONFIG" # ... and what this run would cost
     CLIENTAPP_PORT=$(free_port)
     # doc: site-supernode
     start_bg "supernode-$SITE_ID" \

@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from privatune.cli.app_folder import app_folder
 from privatune.cli.audits import audit, canary_audit, whitebox_audit
+from privatune.cli.budget import budget
 from privatune.cli.evaluate import evaluate
 from privatune.cli.fleet import fleet_proxy
 from privatune.cli.inputs import UsageError, check_resources, describe_os_error
@@ -37,6 +38,7 @@ __all__ = [
     "UsageError",
     "app",
     "audit",
+    "budget",
     "canary_audit",
     "check_resources",
     "console",
@@ -158,9 +160,11 @@ app.command()(one_line_errors(keygen))
 app.command()(one_line_errors(decrypt))
 app.command()(one_line_errors(evaluate))
 app.command()(one_line_errors(audit))
+app.command()(one_line_errors(budget))
 app.command("canary-audit")(one_line_errors(canary_audit))
 app.command("whitebox-audit")(whitebox_audit)
 site_app.command("check")(one_line_errors(site_check))
+site_app.command("budget")(one_line_errors(budget))
 site_app.command("migrate-ledger")(site_migrate_ledger)
 app.command()(one_line_errors(pki))
 app.command("fleet-proxy")(fleet_proxy)

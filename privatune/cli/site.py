@@ -32,6 +32,8 @@ def site_check(
     for c in rep.checks:
         table.add_row(c.name, "[green]ok[/]" if c.ok else "[bold red]FAIL[/]", c.detail)
     console.print(table)
+    if rep.projection is not None and not rep.projection.fits:
+        console.print(f"to fit the run: {rep.projection.advice()}", highlight=False)
     if not rep.ok:
         err_console.print("[bold red]site check failed[/]: fix the lines marked FAIL; this site would not train.")
         raise typer.Exit(1)
