@@ -13,7 +13,7 @@ simulate: setup
 	$(VENV)/bin/privatune simulate --overwrite  # a demo: replaces the previous runs/latest
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25  # the slowest tests, so the suite's time can be watched
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
