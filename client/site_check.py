@@ -83,7 +83,8 @@ def check_site(
     except ConfigError as err:
         rep.add("run config", False, str(err))
         return rep
-    rep.add("run config", True, f"preset {cfg.preset}, model {cfg.model}, labels {', '.join(cfg.label_names)}")
+    task = f"preset {cfg.preset}, " if cfg.preset else ""  # a run may name its model and labels with no preset
+    rep.add("run config", True, f"{task}model {cfg.model}, labels {', '.join(cfg.label_names)}")
     if "data-path" not in node_config:
         rep.add("node config", False, "no data-path: a partner site names its data file (see docs/deploy-site.md)")
         return rep

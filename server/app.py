@@ -284,7 +284,9 @@ def record_run(recorder: RunRecorder, cfg: RunConfig, out: Path, start: InitialW
     """The run's picture and its final summary."""
     from privatune.server.plots import plot_rounds
 
-    title = f"{cfg.preset}: {cfg.mode}, " + (f"target epsilon {cfg.target_epsilon:g}" if cfg.private else "no DP")
+    title = f"{cfg.preset or cfg.model}: {cfg.mode}, " + (
+        f"target epsilon {cfg.target_epsilon:g}" if cfg.private else "no DP"
+    )
     plot_rounds(
         recorder.rounds, out / "rounds.png", title=title, target_epsilon=cfg.target_epsilon if cfg.private else None
     )
