@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         print(CHILD_MARK + json.dumps(asdict(row)), flush=True)
         return 0
     plan = Plan(args.records, args.rounds, tuple(args.presets.split(",")), tuple(args.modes.split(",")))
-    if args.quick:
-        plan = Plan(60, 1, plan.presets, ("head", "last-k"))
+    if args.quick:  # the same pipeline, small: 60 records, one round, the cheap modes unless others are named
+        modes = plan.modes if args.modes != ",".join(MODES) else ("head", "last-k")
+        plan = Plan(60, 1, plan.presets, modes)
     header = run_header(NAME, plan, environment("torch", "opacus", "flwr", torch_threads=_threads()))
     out = results_folder(args.out)
     rows: list[RoundTime] = []
