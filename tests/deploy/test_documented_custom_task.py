@@ -2,7 +2,8 @@
 
 Two sites over TLS with node authentication: one CSV with its own column names, one JSONL with others, labels
 named in the run config, no preset; then `privatune evaluate` on a test file, which must score what the sites'
-own DP-noised validation said, and the server must not have scored the model on some other dataset.
+own validation said (their logs, the site operators' view), and the server must not have scored the model on
+some other dataset.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import pytest
 from .harness import REPO_ROOT, stage_app, start_federation
 
 GUIDE = REPO_ROOT / "docs" / "custom-task.md"
+VALIDATION = re.compile(
+    r"\[(?P<site>[\w-]+)\] round (?P<round>\d+): validation on (?P<n>\d+) records: .*?accuracy (?P<acc>[\d.]+)"
+)
 _BLOCK = re.compile(r"<!-- custom-task: ([\w-]+) -->\s*```(\w+)\n(.*?)```", re.S)
 
 GOOD = ["wonderful", "delightful", "excellent", "lovely", "great", "superb", "charming", "brilliant"]
@@ -97,14 +101,18 @@ def test_the_documented_custom_task_trains_and_evaluates(tmp_path: Path) -> None
         app = stage_app(REPO_ROOT, tmp_path / "app")
         result = fed.run_app(app, run_config, timeout=1200)
         assert result.ok, result.output[-4000:]
+        logs = "".join(fed.supernodes[i].log_text() for i in range(len(sites)))
 
     summary = json.loads((out / "summary.json").read_text())
     rounds = int(run_config["num-server-rounds"])
     assert summary["status"] == "completed" and summary["rounds_completed"] == rounds
     assert summary["test_accuracy"] is None  # no test data of this task at the server: no central score
     assert summary["central_eval"]["on"] is False and summary["central_eval"]["reason"]
-    assert summary["federated_noised"] is True
-    federated = summary["federated_accuracy"]
+    assert summary["federated_accuracy"] is None  # nothing about validation left the sites
+    rounds_seen = [m for m in VALIDATION.finditer(logs) if int(m["round"]) == rounds]
+    assert sorted(m["site"] for m in rounds_seen) == sorted(n["site-id"] for n in sites), logs[-3000:]
+    count = sum(int(m["n"]) for m in rounds_seen)
+    site_accuracy = sum(int(m["n"]) * float(m["acc"]) for m in rounds_seen) / count
     for node in sites:
         assert 0 < summary["per_client_epsilon"][node["site-id"]] <= float(run_config["target-epsilon"]) + 1e-6
 
@@ -122,5 +130,6 @@ def test_the_documented_custom_task_trains_and_evaluates(tmp_path: Path) -> None
     assert as_json.returncode == 0, as_json.stderr[-3000:]
     figures = json.loads(as_json.stdout)
     assert figures["accuracy"] >= 0.8, figures
-    # The sites' own validation (DP-noised, pooled by the server) saw the same model do as well.
-    assert abs(figures["accuracy"] - federated) <= 0.15, (figures["accuracy"], federated)
+    # The sites' own validation of the last round (their logs) saw the same model do as well, within the
+    # sampling noise of a few dozen validation records and a 200-record test file.
+    assert abs(figures["accuracy"] - site_accuracy) <= 0.1, (figures["accuracy"], site_accuracy, count)
