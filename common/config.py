@@ -140,6 +140,9 @@ class RunConfig:
     alpha: float = 1.0
     seed: int = 42
     fraction_train: float = 1.0
+    # Clients sampled to train each round: 0 = fraction-train of those connected; n >= 1 = n (at least min-clients).
+    # Drawn at the server from seed and round (server/sampling.py); a site composes epsilon over rounds it trained.
+    clients_per_round: int = 0
     min_clients: int = 2
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -374,6 +377,7 @@ class RunConfig:
             "the Dirichlet concentration must be a finite number > 0",
         )
         need(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
+        need(self.clients_per_round >= 0, "clients-per-round", "must be 0 (use fraction-train) or a number of clients")
         need(self.min_clients >= 1, "min-clients", "must be at least 1")
         need(0 <= self.val_fraction < 0.5, "val-fraction", "must be in [0, 0.5)")
         need(0 < self.test_fraction < 0.5, "test-fraction", "must be in (0, 0.5)")

@@ -92,6 +92,7 @@ class RoundReport:
     central: dict[str, float] = field(default_factory=dict)
     aggregated: bool = False
     seconds: float = 0.0
+    sampled: int = 0  # clients sent a train message this round (server/sampling.py)
 
 
 @dataclass
@@ -166,6 +167,14 @@ class RunRecorder:
             self.failure_reasons = dict(sorted(last_reason.items()))
         return self.status
 
+    def participation(self) -> dict[str, list[int]]:
+        """Client id -> the rounds it trained in (aggregated or rejected: both spent), for sampled runs."""
+        seen: dict[str, list[int]] = {}
+        for r in self.rounds:
+            for cid in [*r.clients, *r.rejected_spends]:
+                seen.setdefault(cid, []).append(r.round)
+        return dict(sorted(seen.items()))
+
     def summary(self) -> dict[str, Any]:
         trained_rounds = [r for r in self.rounds if r.round > 0 and r.aggregated]
         last_central = next((r.central for r in reversed(self.rounds) if r.central), {})
@@ -182,6 +191,8 @@ class RunRecorder:
             "federated_noised": bool(last_fed.get(KEY_FED_NOISED)) if last_fed else None,
             "federated_max_site_epsilon": last_fed.get(KEY_FED_MAX_SITE_EPSILON),
             "per_client_epsilon": dict(sorted(self.per_client_epsilon.items())),
+            "participation": self.participation(),
+            "clients_sampled_per_round": [r.sampled for r in self.rounds if r.round > 0],
             "max_client_epsilon": max(self.per_client_epsilon.values(), default=None),
             "noise_sources_reported": sorted(self.noise_sources),
             "stopped_reason": self.stopped_reason,

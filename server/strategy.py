@@ -25,9 +25,10 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from privatune.common.config import RunConfig
 from privatune.common.ledger import ServerLedger
@@ -36,6 +37,7 @@ from privatune.common.protocol import (
     KEY_NUM_CLIENTS,
     KEY_NUM_EXAMPLES,
     KEY_RUN_ID,
+    KEY_SERVER_ROUND,
     allowed_train_metric_keys,
 )
 from privatune.server.aggregation import aggregate_plain
@@ -43,6 +45,7 @@ from privatune.server.recording import record_dropped, record_trained
 from privatune.server.releases import federated_figures, read_release
 from privatune.server.replies import Accepted, ScreeningRules, screen_train_reply
 from privatune.server.run_record import RoundReport
+from privatune.server.sampling import sample_clients, sample_size
 from privatune.server.screening import ReplyGuard
 from privatune.server.stop_policy import FederationStopped, check_budgets, enough_updates
 
@@ -103,9 +106,21 @@ class PrivatuneFedAvg(FedAvg):
         self._round_started = time.perf_counter()
         if self.he_context is None:
             self._global = {k: v.numpy() for k, v in arrays.items()}
-        self._sent = list(super().configure_train(server_round, arrays, self._run_config_record(), grid))
+        self._sent = self._train_messages(server_round, arrays, grid)
         self._sent_round = server_round
         return self._sent
+
+    def _train_messages(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> list[Message]:
+        """FedAvg's train messages to a sample drawn from the run's seed and the round (server/sampling.py)."""
+        _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits for min-clients to connect
+        count = sample_size(len(connected), self.cfg.fraction_train, self.cfg.clients_per_round, self.cfg.min_clients)
+        node_ids = sample_clients(connected, count, self.cfg.seed, server_round)
+        self.current.sampled = len(node_ids)
+        log.info("round %d: %d of %d connected clients sampled to train", server_round, len(node_ids), len(connected))
+        config = self._run_config_record()
+        config[KEY_SERVER_ROUND] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, node_ids, MessageType.TRAIN))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
