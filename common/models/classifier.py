@@ -86,3 +86,26 @@ def unwrap(model: nn.Module) -> nn.Module:
             break
         model = inner
     return model
+
+
+def classifier_on(
+    backbone: nn.Module,
+    feature_dim: int,
+    num_classes: int,
+    seed: int,
+    block_prefixes: Sequence[str],
+    lora_targets: Sequence[str],
+) -> Classifier:
+    """A fresh trainable Classifier over a copy of a loaded backbone (the template stays untouched and frozen);
+    the builder of every model loaded at run time (``hf:``, ``torch:``)."""
+    import copy
+
+    model = Classifier(
+        copy.deepcopy(backbone),
+        new_head(feature_dim, num_classes, seed),
+        block_prefixes=block_prefixes,
+        lora_targets=lora_targets,
+    )
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.train()

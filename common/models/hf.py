@@ -7,7 +7,6 @@ and weights) and every failure names the folder and the fix. Nothing is download
 
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from privatune.common.models.classifier import Classifier, new_head
+from privatune.common.models.classifier import Classifier, classifier_on
 from privatune.common.models.names import OwnModel
 from privatune.common.models.registry import ModelSpec, PretrainedAssets, load_pretrained_cached
 from privatune.common.offline import set_offline_env
@@ -216,15 +215,9 @@ def hf_spec(name: str, own: OwnModel) -> ModelSpec:
 
     def build(num_classes: int, seed: int) -> Classifier:
         assets = load_pretrained_cached(name)
-        model = Classifier(
-            copy.deepcopy(assets.backbone),
-            new_head(dim, num_classes, seed),
-            block_prefixes=assets.extra["block_prefixes"],
-            lora_targets=assets.extra["lora_targets"],
+        return classifier_on(
+            assets.backbone, dim, num_classes, seed, assets.extra["block_prefixes"], assets.extra["lora_targets"]
         )
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model.train()
 
     def encode(inputs: Sequence[str] | np.ndarray, *, max_length: int | None = None) -> tuple[torch.Tensor, ...]:
         return tokenize(load_pretrained_cached(name), inputs, max_length)

@@ -10,7 +10,6 @@ site (load them from a file): sites refuse a backbone whose weights differ from 
 
 from __future__ import annotations
 
-import copy
 import importlib
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from privatune.common.imaging import IMAGE_SIDE
-from privatune.common.models.classifier import Classifier, new_head
+from privatune.common.models.classifier import Classifier, classifier_on
 from privatune.common.models.image import encode_images
 from privatune.common.models.names import OwnModel
 from privatune.common.models.registry import ModelSpec, PretrainedAssets, load_pretrained_cached
@@ -101,15 +100,9 @@ def torch_spec(name: str, own: OwnModel) -> ModelSpec:
 
     def build(num_classes: int, seed: int) -> Classifier:
         loaded = load_pretrained_cached(name)
-        model = Classifier(
-            copy.deepcopy(loaded.backbone),
-            new_head(dim, num_classes, seed),
-            block_prefixes=loaded.extra["block_prefixes"],
-            lora_targets=loaded.extra["lora_targets"],
+        return classifier_on(
+            loaded.backbone, dim, num_classes, seed, loaded.extra["block_prefixes"], loaded.extra["lora_targets"]
         )
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model.train()
 
     def encode(inputs: Sequence[str] | np.ndarray, *, max_length: int | None = None) -> tuple[torch.Tensor, ...]:
         try:
