@@ -1,0 +1,1 @@
+"""Data augmentation: named operations with strengths, configured in the run config (docs/augmentation.md)."""
