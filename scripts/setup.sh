@@ -35,6 +35,16 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${PRIVATUNE_FASHION_MNIST
     echo "setup: note: the fashion-mnist preset needs dataset-fashion-mnist (apt-get) or PRIVATUNE_FASHION_MNIST_DIR"
   fi
 fi
+# WordNet 3.0 for the synonym text augmentations (common/augment/wordnet.py): Debian's wordnet-base.
+if [ ! -f /usr/share/wordnet/index.noun ] && [ -z "${PRIVATUNE_WORDNET:-}" ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "setup: installing wordnet-base (Debian) for the synonym text augmentations"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base; } >/dev/null 2>&1 \
+      || echo "setup: note: could not install wordnet-base; synonym-replacement and random-insertion need it"
+  else
+    echo "setup: note: synonym-replacement and random-insertion need wordnet-base (apt-get) or PRIVATUNE_WORDNET"
+  fi
+fi
 want_stamp=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ]; then
   exit 0

@@ -26,14 +26,15 @@ from privatune.common.augment import wordnet
 Words = list[str]
 
 # Words EDA leaves alone when it picks words to replace with synonyms (its stop-word list, abridged).
-STOP_WORDS = frozenset(
+_STOP_WORDS_TEXT = (
     "i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her hers herself "
     "it its itself they them their theirs themselves what which who whom this that these those am is are was were "
     "be been being have has had having do does did doing a an the and but if or because as until while of at by "
     "for with about against between into through during before after above below to from up down in out on off "
     "over under again further then once here there when where why how all any both each few more most other some "
-    "such no nor not only own same so than too very s t can will just don should now".split()
+    "such no nor not only own same so than too very s t can will just don should now"
 )
+STOP_WORDS = frozenset(_STOP_WORDS_TEXT.split())
 _PUNCT = string.punctuation + "\u201c\u201d\u2018\u2019"
 
 

@@ -34,6 +34,7 @@ _DETACH = {
     "adv": (),
 }
 _MARKER = re.compile(r"\([a-z]+\)$")
+_COMPLETE: set[str] = set()  # folders found complete (checked once: the ops ask for every word they look up)
 
 
 class WordNetMissingError(RuntimeError):
@@ -41,14 +42,23 @@ class WordNetMissingError(RuntimeError):
 
 
 def wordnet_dir() -> Path:
-    return Path(os.environ.get(WORDNET_ENV) or DEFAULT_WORDNET_DIR)
+    return Path(_folder())
+
+
+def _folder() -> str:
+    return os.environ.get(WORDNET_ENV) or DEFAULT_WORDNET_DIR
 
 
 def wordnet_problem(folder: Path | None = None) -> str | None:
     """Why WordNet cannot be read from ``folder`` (default: :func:`wordnet_dir`), or None when it can."""
+    if (str(folder) if folder is not None else _folder()) in _COMPLETE:
+        return None
     folder = folder if folder is not None else wordnet_dir()
-    missing = [f"{kind}.{pos}" for pos in POS_NAMES for kind in ("index", "data") if not (folder / f"{kind}.{pos}").is_file()]
+    missing = [
+        f"{kind}.{pos}" for pos in POS_NAMES for kind in ("index", "data") if not (folder / f"{kind}.{pos}").is_file()
+    ]
     if not missing:
+        _COMPLETE.add(str(folder))
         return None
     return (
         f"WordNet not found: {folder} has no {missing[0]}; synonym-replacement and random-insertion need it: "
@@ -102,7 +112,11 @@ def _base_forms(folder: str, pos: str, word: str) -> list[str]:
     if word in index:
         return [word]
     candidates = list(_exceptions(folder, pos).get(word, ()))
-    candidates += [word[: -len(suffix)] + repl for suffix, repl in _DETACH[pos] if word.endswith(suffix) and len(word) > len(suffix)]
+    candidates += [
+        word[: -len(suffix)] + repl
+        for suffix, repl in _DETACH[pos]
+        if word.endswith(suffix) and len(word) > len(suffix)
+    ]
     return [c for c in dict.fromkeys(candidates) if c in index]
 
 
@@ -123,4 +137,5 @@ def _synonyms_in(folder: str, word: str) -> tuple[str, ...]:
 def synonyms(word: str) -> tuple[str, ...]:
     """The WordNet synonyms of ``word`` (lowercase, multi-word ones with spaces), in the database's order,
     without the word itself; ``()`` for a word WordNet does not know. Raises :class:`WordNetMissingError`."""
-    return _synonyms_in(str(require_wordnet()), word)
+    folder = _folder()
+    return _synonyms_in(folder if folder in _COMPLETE else str(require_wordnet()), word)
