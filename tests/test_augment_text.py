@@ -84,7 +84,8 @@ def test_a_missing_wordnet_names_the_package_and_the_variable(tmp_path, monkeypa
     with pytest.raises(W.WordNetMissingError, match="wordnet-base"):
         W.synonyms("car")
     for name in ("synonym-replacement", "random-insertion"):  # refused when the config is checked
-        assert "wordnet-base" in T.TEXT_OPS[name].check(0.1)
+        problem = T.TEXT_OPS[name].check(0.1)
+        assert problem is not None and "wordnet-base" in problem
         with pytest.raises(ValueError, match=f"{name}.*apt-get install wordnet-base"):
             T.check_text_ops([(name, 0.1)])
     for name in ("random-swap", "random-deletion", "token-dropout"):  # these need no WordNet
@@ -140,8 +141,8 @@ def test_synonym_replacement_uses_wordnet_synonyms(mini_wordnet):
     for seed in range(10):
         (out,) = T.synonym_replacement(words, 1.0, rng(seed))
         assert out in W.synonyms("car")
-    out = T.synonym_replacement(["The", "car,"], 1.0, rng())
-    assert out[0] == "The" and out[1].endswith(",") and out[1][:-1] in W.synonyms("car")  # stop word kept
+    pair = T.synonym_replacement(["The", "car,"], 1.0, rng())
+    assert pair[0] == "The" and pair[1].endswith(",") and pair[1][:-1] in W.synonyms("car")  # stop word kept
     assert T.synonym_replacement(["Fast"], 1.0, rng())[0] in ("Quick", "Speedy")  # the capital kept
     inserted = T.random_insertion(["good", "car"], 0.5, rng())
     assert len(inserted) == 3 and set(inserted) - {"good", "car"} <= set(W.synonyms("good") + W.synonyms("car"))
@@ -186,6 +187,12 @@ def test_a_bad_strength_is_refused_naming_the_op_and_the_range(mini_wordnet, nam
     assert problem is not None and name in problem and "[0, 1]" in problem
     with pytest.raises(ValueError, match=rf"{name}.*\[0, 1\]"):
         T.augment_text(SENTENCE, [(name, strength)], rng())
+
+
+def test_numpy_strengths_are_numbers(mini_wordnet):
+    assert T.text_op_problem("random-swap", np.float32(0.5)) is None  # type: ignore[arg-type]
+    assert T.augment_text(SENTENCE, [("random-swap", np.float64(0.5))], rng()) != SENTENCE
+    assert T.text_op_problem("random-swap", True) is not None  # a bool is not a strength
 
 
 def test_an_unknown_operation_is_refused_naming_it_and_the_known_ones():

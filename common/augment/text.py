@@ -15,6 +15,7 @@ its K views before clipping), never added as new records: :func:`text_views` giv
 from __future__ import annotations
 
 import math
+import numbers
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,7 +134,7 @@ class TextOp:
     needs_wordnet: bool = False
 
     def check(self, strength: float) -> str | None:
-        if not isinstance(strength, int | float) or isinstance(strength, bool) or not math.isfinite(strength):
+        if not isinstance(strength, numbers.Real) or isinstance(strength, bool) or not math.isfinite(strength):
             return f"augment: {self.name} strength must be a number in [0, 1], got {strength!r}"
         if not 0.0 <= strength <= 1.0:
             return f"augment: {self.name} strength must be in [0, 1], got {strength}"
