@@ -93,6 +93,16 @@ def test_a_missing_wordnet_names_the_package_and_the_variable(tmp_path, monkeypa
         assert T.augment_text(SENTENCE, [(name, 0.5)], rng()) != SENTENCE
 
 
+def test_a_malformed_wordnet_file_is_named(mini_wordnet):
+    data = mini_wordnet / "data.noun"
+    data.write_bytes(data.read_bytes().replace(b"00 n 04", b"00 n zz"))
+    with pytest.raises(W.WordNetMissingError, match=r"data\.noun, the synset at byte \d+, is not in WordNet"):
+        W.synonyms("car")
+    (mini_wordnet / "index.verb").write_text("drive v x\n", encoding="utf-8")
+    with pytest.raises(W.WordNetMissingError, match=r"index\.verb, line 1, is not in WordNet's database format"):
+        W.synonyms("motor")
+
+
 # -- the operations ---------------------------------------------------------------------------------------------
 
 

@@ -75,21 +75,32 @@ def require_wordnet() -> Path:
     return wordnet_dir()
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _index(folder: str, pos: str) -> dict[str, tuple[int, ...]]:
     """``lemma -> synset offsets`` of one ``index.<pos>`` file."""
     table: dict[str, tuple[int, ...]] = {}
-    with open(Path(folder) / f"index.{pos}", encoding="utf-8") as fh:
-        for line in fh:
+    path = Path(folder) / f"index.{pos}"
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
             if line.startswith("  "):
                 continue
             fields = line.split()
-            synset_cnt = int(fields[2])
-            table[fields[0]] = tuple(int(f) for f in fields[len(fields) - synset_cnt :])
+            try:
+                synset_cnt = int(fields[2])
+                table[fields[0]] = tuple(int(f) for f in fields[len(fields) - synset_cnt :])
+            except (IndexError, ValueError):
+                raise _malformed(path, f"line {number}") from None
     return table
 
 
-@functools.lru_cache(maxsize=4)
+def _malformed(path: Path, where: str) -> WordNetMissingError:
+    return WordNetMissingError(
+        f"{path}, {where}, is not in WordNet's database format; reinstall it (apt-get install --reinstall "
+        f"wordnet-base) or point {WORDNET_ENV} at a WordNet 3.0 folder"
+    )
+
+
+@functools.lru_cache(maxsize=16)
 def _exceptions(folder: str, pos: str) -> dict[str, tuple[str, ...]]:
     path = Path(folder) / f"{pos}.exc"
     if not path.is_file():
@@ -99,11 +110,16 @@ def _exceptions(folder: str, pos: str) -> dict[str, tuple[str, ...]]:
 
 
 def _synset_words(folder: str, pos: str, offset: int) -> list[str]:
-    with open(Path(folder) / f"data.{pos}", "rb") as fh:
+    path = Path(folder) / f"data.{pos}"
+    with open(path, "rb") as fh:
         fh.seek(offset)
-        fields = fh.readline().decode("utf-8").split()
-    count = int(fields[3], 16)
-    return [_MARKER.sub("", fields[4 + 2 * i]) for i in range(count)]
+        fields = fh.readline().decode("utf-8", errors="replace").split()
+    try:
+        if int(fields[0]) != offset:  # an index offset that does not land on a synset line
+            raise ValueError(offset)
+        return [_MARKER.sub("", fields[4 + 2 * i]) for i in range(int(fields[3], 16))]
+    except (IndexError, ValueError):
+        raise _malformed(path, f"the synset at byte {offset}") from None
 
 
 def _base_forms(folder: str, pos: str, word: str) -> list[str]:
