@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from privatune.common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
-from privatune.common.augment.spec import AugmentSpecError, check_augment
 from privatune.common.accounting import TARGET_EPSILON_MAX, TARGET_EPSILON_MIN
+from privatune.common.augment.spec import AugmentSpecError, check_augment
 from privatune.common.cache import CACHE_OFF
 from privatune.common.fashion_mnist import FASHION_MNIST_LABELS
 from privatune.common.models.modes import (

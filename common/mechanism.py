@@ -103,7 +103,9 @@ class DPMechanism:
         missing = [f.name for f in fields(cls) if f.name not in row and f.name not in RECORDED_ONLY]
         if missing:
             raise MechanismError(f"mechanism fields missing: {', '.join(missing)}")
-        return cls(**{f.name: row[f.name] for f in fields(cls) if row.get(f.name) is not None or f.name not in RECORDED_ONLY})
+        return cls(
+            **{f.name: row[f.name] for f in fields(cls) if row.get(f.name) is not None or f.name not in RECORDED_ONLY}
+        )
 
     def to_metrics(self) -> dict[str, float | int]:
         """The numeric part, under the reply's metric keys."""

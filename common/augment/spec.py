@@ -98,16 +98,14 @@ def parse_augment(spec: str, kind: str | None) -> tuple[AugmentStep, ...]:
         name = name.strip()
         if not name or not sep or not value.strip():
             raise AugmentSpecError(
-                f"{AUGMENT_KEY}: {item!r} is not name=strength; write e.g. augment=\"shift=2,rotate=10\""
+                f'{AUGMENT_KEY}: {item!r} is not name=strength; write e.g. augment="shift=2,rotate=10"'
             )
         if name not in ops:
             known = ", ".join(sorted(ops)) or "none yet"
             hint = ""
             if other is not None and name in _names(other):
                 hint = f" ('{name}' is an operation for {other} models)"
-            raise AugmentSpecError(
-                f"{AUGMENT_KEY}: unknown operation '{name}' for {kind} models{hint}; known: {known}"
-            )
+            raise AugmentSpecError(f"{AUGMENT_KEY}: unknown operation '{name}' for {kind} models{hint}; known: {known}")
         if any(s.op.name == name for s in steps):
             raise AugmentSpecError(f"{AUGMENT_KEY}: operation '{name}' is given twice; give each once")
         try:
