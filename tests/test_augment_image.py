@@ -90,7 +90,7 @@ def test_a_bad_spec_is_refused_by_the_run_config(spec, words):
 def test_refusals_before_training_name_the_keys():
     with pytest.raises(ConfigError, match="augment-views"):
         RunConfig.create(preset="fashion-mnist", augment_views=0)
-    with pytest.raises(ConfigError, match="mode=head.*augment"):
+    with pytest.raises(ConfigError, match=r"mode=head.*augment"):
         RunConfig.create(preset="digits", augment="shift=2")  # digits trains the head on cached features
     with pytest.raises(ConfigError, match="ghost-clipping=false"):
         RunConfig.create(preset="fashion-mnist", augment_views=2, ghost_clipping=True)
