@@ -315,3 +315,22 @@ def test_k_is_recorded_with_the_mechanism_in_the_site_ledger(tmp_path):
     assert (
         DPMechanism.from_columns({k: v for k, v in mech.columns().items() if k != "augment_views"}).augment_views == 1
     )
+
+
+@pytest.mark.slow
+def test_a_site_round_with_views_records_k_and_spends_what_k_1_spends(tmp_path, message_factory, context_factory):
+    from privatune.client.app import train
+    from privatune.common.ledger import SiteLedger
+    from tests.helpers.messages import digits_config, initial_state
+
+    node = {"partition-id": 0, "num-partitions": 3}
+    eps = {}
+    for views, spec in ((1, ""), (2, "shift=2,rotate=10")):
+        out = tmp_path / f"k{views}"
+        cfg = digits_config(out, mode="last-k", augment=spec, augment_views=views, target_epsilon=4.0)
+        reply = train(message_factory(cfg, initial_state(cfg), server_round=1), context_factory(node, run_id=7))
+        assert reply.content["status"]["status"] == "trained"
+        (row,) = SiteLedger(out / "ledgers" / "site-client-0.ledger.sqlite").entries()
+        assert row.entry.augment_views == views
+        eps[views] = (row.entry.mechanism, row.entry.epsilon_run, reply.content["metrics"]["epsilon"])
+    assert eps[1] == eps[2]  # n, q, sigma, steps and epsilon: K changes none
