@@ -357,7 +357,7 @@ def _average_views(train_module: nn.Module, records: int, views: int) -> None:
             continue
         if isinstance(gs, list):  # accumulation is forbidden (forbid_grad_accumulation): never more than one
             raise RuntimeError("per-sample gradients accumulated over two backward passes; cannot average views")
-        p.grad_sample = gs.reshape(records, views, *gs.shape[1:]).mean(dim=1)
+        p.grad_sample = gs.reshape(records, views, *gs.shape[1:]).mean(dim=1)  # type: ignore[attr-defined]  # Opacus sets it
 
 
 def _strip_opacus(module: nn.Module) -> None:
