@@ -334,3 +334,29 @@ def test_a_site_round_with_views_records_k_and_spends_what_k_1_spends(tmp_path, 
         assert row.entry.augment_views == views
         eps[views] = (row.entry.mechanism, row.entry.epsilon_run, reply.content["metrics"]["epsilon"])
     assert eps[1] == eps[2]  # n, q, sigma, steps and epsilon: K changes none
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_views_in_physical_batches_give_the_unsplit_step(dp):
+    x, y = _data(20)
+    models = []
+    for chunk in (0, 3):
+        model = _model()
+        train_local(
+            model,
+            (x,),
+            y,
+            epochs=1,
+            batch_size=8,
+            lr=0.3,
+            dp=dp,
+            noise_multiplier=1.0,
+            max_grad_norm=0.5,
+            randomness=SeededRandomness(4),
+            augment=lambda xs, g: _view_offsets(xs, g, 3),
+            augment_views=3,
+            max_physical_batch_size=chunk,
+        )
+        models.append(model)
+    a, b = models
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(), b.parameters(), strict=True))
