@@ -40,9 +40,10 @@ class TrainHooks:
     """Observation and fault-injection points for white-box audits and tests (never set in production).
 
     ``after_make_private(optimizer)``: once, after Opacus wrapped the optimizer (a test may plant a fault);
-    ``before_step(step, module, optimizer)``: after backward, per-sample gradients in ``p.grad_sample``,
-    before clipping and noise, one row per sampled record (with K views: the mean of its views'; with physical batches: the logical batch's last chunk only; under ghost clipping
-    there is no ``p.grad_sample``); ``after_step(step, module)``: after the optimizer step.
+    ``before_step(step, module, optimizer)``: after backward, per-sample gradients in ``p.grad_sample``, one
+    row per sampled record (with K views: the mean of its views'), before clipping and noise (with physical
+    batches: the logical batch's last chunk only; under ghost clipping there is no ``p.grad_sample``);
+    ``after_step(step, module)``: after the optimizer step.
     """
 
     after_make_private: Callable[[Any], None] | None = None
