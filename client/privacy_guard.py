@@ -152,6 +152,7 @@ def plan_round(
             cfg.max_grad_norm,
             delta,
             cfg.accountant,
+            augment_views=cfg.augment_views,  # recorded with the spend; no effect on epsilon (issue 16)
         )
         ids = [record_ids[i] for i in keep]
         eps = record_epsilons(ids, cohorts, spends, delta, cfg.accountant, new=[mech.gaussian], run_id=run_id)

@@ -24,7 +24,9 @@ from privatune.client.record_ids import dataset_fingerprint, key_check, record_i
 from privatune.client.site_config import SiteConfig
 from privatune.client.site_data import SiteDataError, load_site_data
 from privatune.client.site_secret import key_for_ledger
-from privatune.client.training import LocalTrainResult, train_local
+from privatune.client.training import BatchAugment, LocalTrainResult, train_local
+from privatune.common.augment.image import image_batch_augment
+from privatune.common.augment.spec import IMAGE, parse_augment
 from privatune.common.config import RunConfig
 from privatune.common.datasets import LabelledData
 from privatune.common.evaluation import macro_f1
@@ -250,7 +252,19 @@ def train_round(
         ghost_clipping=cfg.ghost_clipping,
         layer_lr_decay=cfg.fine_tuning.layer_lr_decay,
         block_prefixes=run.model.block_prefixes,
+        augment=batch_augment(cfg),
+        augment_views=cfg.augment_views,
     )
+
+
+def batch_augment(cfg: RunConfig) -> BatchAugment | None:
+    """The run's augmentation of a batch of image inputs (issue 16), or None; text operations act on the records
+    before encoding (common/augment/text.py), not here. The config refused the spec for another kind already."""
+    kind = get_model_spec(cfg.model).kind
+    if kind != IMAGE:
+        return None
+    steps = parse_augment(cfg.augment, kind)
+    return image_batch_augment(steps) if steps else None
 
 
 def params_fingerprint(run: LocalRun) -> str:

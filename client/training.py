@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privatune.client.dp_options import build_optimizer, grad_sample_mode, physical_batches
+from privatune.client.dp_options import GRAD_SAMPLE_GHOST, build_optimizer, grad_sample_mode, physical_batches
 from privatune.client.privacy_guard import DEFAULT_SITE_DELTA
 from privatune.client.randomness import PoissonBatchSampler, Randomness, install_noise
 from privatune.common.accountants import DEFAULT_ACCOUNTANT
@@ -40,9 +40,10 @@ class TrainHooks:
     """Observation and fault-injection points for white-box audits and tests (never set in production).
 
     ``after_make_private(optimizer)``: once, after Opacus wrapped the optimizer (a test may plant a fault);
-    ``before_step(step, module, optimizer)``: after backward, per-sample gradients in ``p.grad_sample``,
-    before clipping and noise (with physical batches: the logical batch's last chunk only; under ghost clipping
-    there is no ``p.grad_sample``); ``after_step(step, module)``: after the optimizer step.
+    ``before_step(step, module, optimizer)``: after backward, per-sample gradients in ``p.grad_sample``, one
+    row per sampled record (with K views: the mean of its views'), before clipping and noise (with physical
+    batches: the logical batch's last chunk only; under ghost clipping there is no ``p.grad_sample``);
+    ``after_step(step, module)``: after the optimizer step.
     """
 
     after_make_private: Callable[[Any], None] | None = None
@@ -73,6 +74,9 @@ class LocalTrainResult:
     def noise_multiplier(self) -> float:
         return self.mechanism.noise_multiplier
 
+
+#: Augmentation of a batch of the model's inputs (images first) with a generator: common/augment/image.py builds one.
+BatchAugment = Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]]
 
 OPACUS_PREFIX = "_module."  # what Opacus' GradSampleModule puts before its inner module's parameter names
 
@@ -168,6 +172,8 @@ def train_local(
     ghost_clipping: bool = False,
     layer_lr_decay: float = 1.0,
     block_prefixes: Sequence[str] | None = None,
+    augment: BatchAugment | None = None,
+    augment_views: int = 1,
 ) -> LocalTrainResult:
     """Train ``module`` in place for ``epochs`` passes.
 
@@ -182,10 +188,19 @@ def train_local(
     change how a step is computed, not the mechanism: same batches, steps, clipping and noise.
     ``layer_lr_decay`` < 1 slows each block below the topmost trainable one by a further factor
     (:func:`layer_lr_scales`); ``block_prefixes`` default to the module's own (``Classifier.block_prefixes``).
+
+    ``augment`` (inputs, generator) -> inputs and ``augment_views`` K: augmentation multiplicity (De et al. 2022,
+    docs/augmentation.md). Each sampled record is repeated K times and augmented (the generator seeded from
+    ``randomness``); under DP its per-sample gradient is the mean over its K views' gradients before clipping, so
+    the sampling (records, not views), the clipping bound and the noise are those of K = 1; without DP the loss
+    is the plain mean over all views.
     """
     n = int(labels.shape[0])
     if n == 0:
         raise ValueError("no training records")
+    if isinstance(augment_views, bool) or not isinstance(augment_views, int) or augment_views < 1:
+        raise ValueError(f"augment-views must be an integer >= 1, got {augment_views!r}")
+    views = augment_views
     device = torch.device(device)
     module.to(device)
     module.train()
@@ -220,7 +235,13 @@ def train_local(
     steps_expected = per_epoch * epochs
     q = dp_sample_rate(n, batch_size) if dp else min(1.0, batch_size / n)
     # Built (and so validated) before the first step; the step count is the one the loop ran.
-    planned = DPMechanism(noise_multiplier if dp else 0.0, q, steps_expected, max_grad_norm, delta, accountant)
+    planned = DPMechanism(
+        noise_multiplier if dp else 0.0, q, steps_expected, max_grad_norm, delta, accountant, augment_views=views
+    )
+    # The views' randomness is the site's, like the sampling and the noise (a seeded source in simulations).
+    aug_generator = (
+        torch.Generator().manual_seed(int(randomness.uniform(1)[0] * 2**62)) if augment is not None else None
+    )
     engine: Any = None  # Opacus ships no type information: its engine and GradSampleModule are untyped
     private_module: Any = None
     mode = ""
@@ -229,6 +250,11 @@ def train_local(
 
         engine = PrivacyEngine(accountant="rdp")  # only its history is read: the release check below
         mode = grad_sample_mode(module, ghost_clipping)
+        if views > 1 and mode == GRAD_SAMPLE_GHOST:
+            raise ValueError(
+                "augment-views > 1 averages each record's per-sample gradients before clipping, which ghost "
+                "clipping never materialises; set ghost-clipping=false"
+            )
         # poisson_sampling=False: the loader above already samples (Poisson, exact step count) from the
         # site's randomness; Opacus then takes sample_rate = 1 / len(loader) = q, as recorded.
         private = engine.make_private(
@@ -256,6 +282,8 @@ def train_local(
         for batch in physical_batches(loader, max_physical_batch_size, optimizer, dp=dp):
             xs = [x.to(device) for x in batch.inputs]
             y = batch.labels.to(device)
+            records = int(y.numel())
+            xs, y = _views(xs, y, views, augment, aug_generator)
             if batch.zero_grad:
                 optimizer.zero_grad(set_to_none=True)
             out = train_module(*xs)
@@ -263,6 +291,8 @@ def train_local(
             # (noise only), so it runs through the optimiser like any other.
             loss = loss_fn(out, y) if y.numel() else out.sum() * 0.0
             (loss * batch.weight if batch.weight != 1.0 else loss).backward()
+            if dp and views > 1:
+                _average_views(train_module, records, views)
             if batch.steps and hooks.before_step:
                 hooks.before_step(steps, train_module, optimizer)
             if dp or batch.steps:  # DP, a chunk before a logical batch's last: Opacus only clips and accumulates
@@ -271,8 +301,8 @@ def train_local(
                 if hooks.after_step:
                     hooks.after_step(steps, train_module)
                 steps += 1
-            total_loss += float(loss.detach()) * int(y.numel())
-            total_seen += int(y.numel())
+            total_loss += float(loss.detach()) * records
+            total_seen += records
     seconds = time.perf_counter() - start
     if dp:
         assert engine is not None
@@ -295,6 +325,40 @@ def train_local(
         optimizer=optimizer_name,
         grad_sample_mode=mode,
     )
+
+
+def _views(
+    xs: list[torch.Tensor],
+    y: torch.Tensor,
+    views: int,
+    augment: BatchAugment | None,
+    generator: torch.Generator | None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A batch's K views: record i's views are rows i*K .. i*K+K-1, augmented (if asked) as one batch."""
+    if views > 1:
+        xs = [x.repeat_interleave(views, dim=0) for x in xs]
+        y = y.repeat_interleave(views, dim=0)
+    if augment is not None and y.numel():
+        assert generator is not None
+        xs = augment(xs, generator)
+    return xs, y
+
+
+def _average_views(train_module: nn.Module, records: int, views: int) -> None:
+    """Each record's per-sample gradient := the mean of its K views' (rows i*K .. i*K+K-1), before clipping.
+
+    Opacus (loss_reduction="mean") stores per-view gradients of each view's own loss in ``p.grad_sample`` (it
+    multiplies back the 1/(B K) of the mean loss); their mean over the K views is the record's gradient of its
+    mean view loss, one row per sampled record, which the DPOptimizer then clips to the bound, sums and noises
+    and scales by the expected batch size of records (n q), exactly as for K = 1.
+    """
+    for p in train_module.parameters():
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            continue
+        if isinstance(gs, list):  # accumulation is forbidden (forbid_grad_accumulation): never more than one
+            raise RuntimeError("per-sample gradients accumulated over two backward passes; cannot average views")
+        p.grad_sample = gs.reshape(records, views, *gs.shape[1:]).mean(dim=1)  # type: ignore[attr-defined]  # Opacus sets it
 
 
 def _strip_opacus(module: nn.Module) -> None:

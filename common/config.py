@@ -19,6 +19,7 @@ from typing import Any
 
 from privatune.common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from privatune.common.accounting import TARGET_EPSILON_MAX, TARGET_EPSILON_MIN
+from privatune.common.augment.spec import AugmentSpecError, check_augment
 from privatune.common.cache import CACHE_OFF
 from privatune.common.fashion_mnist import FASHION_MNIST_LABELS
 from privatune.common.models.modes import (
@@ -184,6 +185,10 @@ class RunConfig:
     cache_dir: str = ""
     out_dir: str = ""
     run_name: str = ""
+    # Data augmentation under DP (issue 16, docs/augmentation.md): "" = none, else "name=strength,..." (common/augment);
+    # augment-views = K views of each sampled record, per-sample gradients averaged over them before clipping.
+    augment: str = ""
+    augment_views: int = 1
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -426,6 +431,17 @@ class RunConfig:
                 f"Krum tolerates f={self.krum_byzantine} faulty clients only with at least 2f+3 = "
                 f"{2 * self.krum_byzantine + 3} replies; raise min-clients or lower krum-byzantine",
             )
+        try:  # issue 16: the augmentation spec, refused here (before any training) with the key, op and range
+            check_augment(
+                self.augment,
+                self.augment_views,
+                MODEL_KINDS.get(self.model) or model_kind(self.model),
+                mode=self.mode,
+                ghost_clipping=self.ghost_clipping,
+                dp=self.private,
+            )
+        except AugmentSpecError as err:
+            raise ConfigError(str(err)) from None
 
 
 #: How a run without a preset is filled in (docs/fine-tuning.md "A model without a preset"): the model's kind (text or

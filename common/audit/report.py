@@ -7,12 +7,12 @@ Kept apart so that neither side has to import the other to know the report's sha
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from privatune.common.accountants import PLD, PRV
 from privatune.common.audit.values import num
-from privatune.common.mechanism import DPMechanism
+from privatune.common.mechanism import RELEASE_FIELDS
 
 SITE = "site"
 SERVER = "server"
@@ -34,7 +34,7 @@ VIOLATION_KINDS = (
 )
 SEEDED_FLAG = "reproducible noise: no protection against whoever knows the seed"
 # The mechanism columns an entry carries as recorded (the ledgers name them like DPMechanism's fields).
-MECHANISM_FIELDS = tuple(f.name for f in fields(DPMechanism))
+MECHANISM_FIELDS = RELEASE_FIELDS  # the site ledger's augment_views is recorded only (common/mechanism.py)
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,5 @@
-"""Data augmentation: named operations with strengths, configured in the run config (docs/augmentation.md)."""
+"""Data augmentation under DP (issue 16): the run config's spec (spec.py) and the operations (image.py, text.py).
+
+Augmentation multiplicity itself (K views per sampled record, their per-sample gradients averaged before
+clipping) is in :func:`privatune.client.training.train_local`; docs/augmentation.md says why it keeps epsilon.
+"""

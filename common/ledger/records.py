@@ -133,9 +133,12 @@ class SpendEntry:
     # Where the round's DP noise came from (common.protocol NOISE_SOURCES). Defaults to "seeded", the weaker claim:
     # a row says "site-csprng" only when the writer says so; rows of ledgers older than the field read as "seeded".
     noise_source: str = NOISE_SOURCE_SEEDED
+    # Augmentation multiplicity K of the round (issue 16; no effect on epsilon); rows older than the field read 1.
+    augment_views: int = 1
 
     def __post_init__(self) -> None:
         w = f"SpendEntry(run {self.run_id!r}, round {self.round!r})"
+        _int(w, "augment_views", self.augment_views, 1)
         if self.cohort_id is not None:
             _text(w, "cohort_id", self.cohort_id)
         if self.purpose is None:  # a row written before purposes existed

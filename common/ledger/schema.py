@@ -40,6 +40,7 @@ _SPEND_COLUMNS = (
     ("cohort_id", "TEXT"),
     ("purpose", "TEXT"),
     ("noise_source", "TEXT"),
+    ("augment_views", "INTEGER"),  # issue 16: augmentation multiplicity K (recorded; no effect on epsilon)
 )
 #: Each distinct set of records a spend sampled from, stored once: ``ids`` is the base64 of the sorted 16-byte
 #: keyed record ids (common/record_budget.py), ``cohort_id`` the sha256 of those bytes, ``key_check`` a keyed
@@ -55,7 +56,7 @@ _COHORT_COLUMNS = (
 #: value, so rows written before it existed keep their hashes; an added table missing from an old file reads as
 #: empty (its chain head is missing too) and is created when the file is next opened for writing.
 _ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "spend": ("cohort_id", "purpose", "noise_source"),
+    "spend": ("cohort_id", "purpose", "noise_source", "augment_views"),
     "reports": ("noise_source",),
 }
 _ADDED_TABLES: tuple[str, ...] = ("cohorts",)
