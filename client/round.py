@@ -250,6 +250,7 @@ def train_round(
         ghost_clipping=cfg.ghost_clipping,
         layer_lr_decay=cfg.fine_tuning.layer_lr_decay,
         block_prefixes=run.model.block_prefixes,
+        proximal_mu=cfg.proximal_mu,  # FedProx toward the global weights the round loaded (issue 15)
     )
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privatune.client.dp_options import build_optimizer, grad_sample_mode, physical_batches
 from privatune.client.privacy_guard import DEFAULT_SITE_DELTA
+from privatune.client.proximal import add_proximal_term
 from privatune.client.randomness import PoissonBatchSampler, Randomness, install_noise
 from privatune.common.accountants import DEFAULT_ACCOUNTANT
 from privatune.common.accounting import sample_rate as dp_sample_rate
@@ -168,6 +169,7 @@ def train_local(
     ghost_clipping: bool = False,
     layer_lr_decay: float = 1.0,
     block_prefixes: Sequence[str] | None = None,
+    proximal_mu: float = 0.0,
 ) -> LocalTrainResult:
     """Train ``module`` in place for ``epochs`` passes.
 
@@ -182,6 +184,8 @@ def train_local(
     change how a step is computed, not the mechanism: same batches, steps, clipping and noise.
     ``layer_lr_decay`` < 1 slows each block below the topmost trainable one by a further factor
     (:func:`layer_lr_scales`); ``block_prefixes`` default to the module's own (``Classifier.block_prefixes``).
+    ``proximal_mu`` > 0 is FedProx toward the weights ``module`` holds now (the round's global model), added
+    after DP's clipping and noise (:mod:`privatune.client.proximal`): no change to the mechanism.
     """
     n = int(labels.shape[0])
     if n == 0:
@@ -250,6 +254,7 @@ def train_local(
         install_noise(optimizer, randomness)
         if hooks.after_make_private:
             hooks.after_make_private(optimizer)
+    proximal = add_proximal_term(optimizer, module, proximal_mu)
     start = time.perf_counter()
     total_loss, total_seen, steps = 0.0, 0, 0
     for _ in range(epochs):
@@ -274,6 +279,8 @@ def train_local(
             total_loss += float(loss.detach()) * int(y.numel())
             total_seen += int(y.numel())
     seconds = time.perf_counter() - start
+    if proximal is not None:
+        proximal.remove()
     if dp:
         assert engine is not None
         history = engine.accountant.history
