@@ -8,6 +8,7 @@ aggregate, so the optimiser step that follows is Flower's code, not a copy of it
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -215,11 +216,8 @@ def test_bad_values_are_refused_with_the_key_named(values, key):
 def test_the_cli_refuses_adam_under_he_in_one_line(tmp_path):
     from privatune.cli import app
 
-    result = CliRunner().invoke(
-        app,
-        ["simulate", "--preset", "digits", "--clients", "2", "--rounds", "1", "--out", str(tmp_path / "o")]
-        + ["--run-config", "secure-aggregation=he server-optimiser=fedadam"],
-    )
+    args = ["simulate", "--preset", "digits", "--clients", "2", "--rounds", "1", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*args, "--run-config", "secure-aggregation=he server-optimiser=fedadam"])
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code != 0 and len(lines) == 1, result.output
     assert lines[0].startswith("error: ") and "server-optimiser" in lines[0] and "fedadam" in lines[0]
@@ -283,7 +281,7 @@ def test_under_dp_the_proximal_gradient_comes_after_clipping_and_noise():
     plain, plain_trace = run(0.0)
     prox, prox_trace = run(mu)
     assert prox.mechanism == plain.mechanism and prox.steps == plain.steps == 8
-    noises = [(a - b) / lr for a, b in zip(plain_trace, plain_trace[1:], strict=False)]
+    noises = [(a - b) / lr for a, b in itertools.pairwise(plain_trace)]
     w = w0.clone()
     for noise, got in zip(noises, prox_trace[1:], strict=True):
         w = w - lr * (noise + mu * (w - w0))
