@@ -29,7 +29,7 @@ from privatune.common.models.modes import (
     recommended_hyperparameters,
 )
 from privatune.common.models.names import model_kind, run_model_name
-from privatune.common.optimizers import OPTIMIZER_SGD, OPTIMIZERS
+from privatune.common.optimizers import OPTIMIZER_SGD, OPTIMIZERS, check_server_optimiser
 
 # Label sets of the preset datasets, so a site (which has no copy of them) knows the index order.
 DATASET_LABELS: dict[str, tuple[str, ...]] = {
@@ -50,7 +50,6 @@ PARTITION_SCHEMES = ("iid", "dirichlet")
 SECURE_AGGREGATION = ("none", "he")
 WEIGHTINGS = ("examples", "equal")
 AGGREGATORS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")  # server.aggregation implements them
-SERVER_OPTIMISERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # server.optimisers implements them (issue 15)
 MAX_DELTA = 0.1  # a per-client delta at or above this protects nothing worth the name
 
 
@@ -436,32 +435,7 @@ class RunConfig:
                 f"Krum tolerates f={self.krum_byzantine} faulty clients only with at least 2f+3 = "
                 f"{2 * self.krum_byzantine + 3} replies; raise min-clients or lower krum-byzantine",
             )
-        self._validate_server_optimiser(need)
-
-    def _validate_server_optimiser(self, need: Any) -> None:
-        """Issue 15's keys (docs/server-optimisers.md). Under HE the server holds only the encrypted sums
-        [sum w*v, sum w]: the mean is formed at decryption, so no server step can be taken on it."""
-        opt = self.server_optimiser
-        need(opt in SERVER_OPTIMISERS, "server-optimiser", f"'{opt}' is not one of {SERVER_OPTIMISERS}")
-        need(
-            opt == "fedavg" or self.secure_aggregation != "he",
-            "server-optimiser",
-            f"'{opt}' steps from the plaintext mean update"
-            + (" and its squares" if opt in ("fedadam", "fedyogi") else "")
-            + ", but under secure-aggregation=he the server holds only encrypted sums (the mean is formed at "
-            "decryption); use server-optimiser=fedavg with he (proximal-mu works with he), or secure-aggregation=none",
-        )
-        finite = math.isfinite
-        need(finite(self.server_lr) and self.server_lr >= 0, "server-lr", "must be a finite number >= 0 (0 = default)")
-        need(0 <= self.server_momentum < 1, "server-momentum", f"must be in [0, 1), got {self.server_momentum:g}")
-        need(0 <= self.server_beta1 < 1, "server-beta1", f"must be in [0, 1), got {self.server_beta1:g}")
-        need(0 <= self.server_beta2 < 1, "server-beta2", f"must be in [0, 1), got {self.server_beta2:g}")
-        need(finite(self.server_tau) and self.server_tau > 0, "server-tau", f"must be > 0, got {self.server_tau:g}")
-        need(
-            finite(self.proximal_mu) and self.proximal_mu >= 0,
-            "proximal-mu",
-            f"must be a finite number >= 0 (0 = no proximal term), got {self.proximal_mu:g}",
-        )
+        check_server_optimiser(self, need)  # issue 15: server-optimiser, server-*, proximal-mu
 
 
 #: How a run without a preset is filled in (docs/fine-tuning.md "A model without a preset"): the model's kind (text or

@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 
 from privatune.common.config import RunConfig
+from privatune.common.optimizers import DEFAULT_SERVER_LR
 
-#: Flower 1.42's default server learning rates (FedAvgM server_learning_rate, FedAdam eta, FedYogi eta);
-#: run-config server-lr 0 takes these.
-DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-1, "fedyogi": 1e-2}
+__all__ = ["DEFAULT_SERVER_LR", "ServerOptimiser", "State", "fedavgm_step", "fedopt_step"]
 
 State = dict[str, np.ndarray]  # flat: "momentum/<name>", "m/<name>", "v/<name>" (a resume saves it as is)
 

@@ -189,6 +189,8 @@ def test_under_he_only_fedavg_is_allowed(name):
 
 
 def test_what_composes_is_accepted():
+    assert RunConfig.create(preset="digits", lr=0.5, proximal_mu=4.0).proximal_mu == 4.0  # lr x mu = 2
+    assert RunConfig.create(preset="digits", optimizer="adam", proximal_mu=10.0).proximal_mu == 10.0
     assert RunConfig.create(preset="digits", secure_aggregation="he", proximal_mu=0.1).proximal_mu == 0.1
     for aggregator in ("fedmedian", "fedtrimmedavg", "krum"):  # a robust aggregate, then the server step
         cfg = RunConfig.create(preset="digits", aggregator=aggregator, server_optimiser="fedadam", proximal_mu=0.1)
@@ -206,6 +208,7 @@ def test_what_composes_is_accepted():
         (dict(server_tau=0.0), "server-tau"),
         (dict(proximal_mu=-1.0), "proximal-mu"),
         (dict(proximal_mu=float("nan")), "proximal-mu"),
+        (dict(proximal_mu=4.1, lr=0.5), "proximal-mu"),  # sgd: lr x mu > 2 overshoots w_global and diverges
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(values, key):
