@@ -95,6 +95,11 @@ class PrivatuneFedAvg(FedAvg):
         self._global: dict[str, np.ndarray] | None = None  # this round's plaintext global weights
         self.server_optimiser = ServerOptimiser.from_config(cfg)
         self.server_state: State = {}  # the server optimiser's moments: arrays only, a checkpoint can save them
+        opt = self.server_optimiser
+        if opt.name == "fedavgm" and opt.momentum == 0.0 and opt.lr == 1.0:  # Flower's defaults
+            log.warning(
+                "server-optimiser=fedavgm with server-momentum=0 and server-lr=1 is FedAvg; set server-momentum"
+            )
 
     # ----------------------------------------------------------------- configure
     def _run_config_record(self) -> ConfigRecord:

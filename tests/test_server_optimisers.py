@@ -180,6 +180,18 @@ def test_summary_records_the_server_optimiser():
     assert summary_base(RunConfig.create(preset="digits"), "r")["server_optimiser"] == {"name": "fedavg"}
 
 
+def test_fedavgm_at_flowers_defaults_warns_that_it_is_fedavg(caplog):
+    from privatune.server.strategy import PrivatuneFedAvg
+
+    with caplog.at_level("WARNING", logger="privatune.server"):
+        PrivatuneFedAvg(RunConfig.create(preset="digits", server_optimiser="fedavgm"), "r", SHAPES)
+    assert "is FedAvg; set server-momentum" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="privatune.server"):
+        PrivatuneFedAvg(RunConfig.create(preset="digits", server_optimiser="fedavgm", server_momentum=0.9), "r", SHAPES)
+    assert "is FedAvg" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------------- config refusals
 @pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi"])
 def test_under_he_only_fedavg_is_allowed(name):
