@@ -254,6 +254,7 @@ def train_round(
         block_prefixes=run.model.block_prefixes,
         augment=batch_augment(cfg),
         augment_views=cfg.augment_views,
+        proximal_mu=cfg.proximal_mu,  # FedProx toward the global weights the round loaded (issue 15)
     )
 
 

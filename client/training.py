@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privatune.client.dp_options import GRAD_SAMPLE_GHOST, build_optimizer, grad_sample_mode, physical_batches
 from privatune.client.privacy_guard import DEFAULT_SITE_DELTA
+from privatune.client.proximal import add_proximal_term
 from privatune.client.randomness import PoissonBatchSampler, Randomness, install_noise
 from privatune.common.accountants import DEFAULT_ACCOUNTANT
 from privatune.common.accounting import sample_rate as dp_sample_rate
@@ -174,6 +175,7 @@ def train_local(
     block_prefixes: Sequence[str] | None = None,
     augment: BatchAugment | None = None,
     augment_views: int = 1,
+    proximal_mu: float = 0.0,
 ) -> LocalTrainResult:
     """Train ``module`` in place for ``epochs`` passes.
 
@@ -194,6 +196,8 @@ def train_local(
     ``randomness``); under DP its per-sample gradient is the mean over its K views' gradients before clipping, so
     the sampling (records, not views), the clipping bound and the noise are those of K = 1; without DP the loss
     is the plain mean over all views.
+    ``proximal_mu`` > 0 is FedProx toward the weights ``module`` holds now (the round's global model), added
+    after DP's clipping and noise (:mod:`privatune.client.proximal`): no change to the mechanism.
     """
     n = int(labels.shape[0])
     if n == 0:
@@ -276,6 +280,7 @@ def train_local(
         install_noise(optimizer, randomness)
         if hooks.after_make_private:
             hooks.after_make_private(optimizer)
+    proximal = add_proximal_term(optimizer, module, proximal_mu)
     start = time.perf_counter()
     total_loss, total_seen, steps = 0.0, 0, 0
     for _ in range(epochs):
@@ -304,6 +309,8 @@ def train_local(
             total_loss += float(loss.detach()) * records
             total_seen += records
     seconds = time.perf_counter() - start
+    if proximal is not None:
+        proximal.remove()
     if dp:
         assert engine is not None
         history = engine.accountant.history

@@ -30,7 +30,7 @@ from privatune.common.models.modes import (
     recommended_hyperparameters,
 )
 from privatune.common.models.names import model_kind, run_model_name
-from privatune.common.optimizers import OPTIMIZER_SGD, OPTIMIZERS
+from privatune.common.optimizers import OPTIMIZER_SGD, OPTIMIZERS, check_server_optimiser
 
 # Label sets of the preset datasets, so a site (which has no copy of them) knows the index order.
 DATASET_LABELS: dict[str, tuple[str, ...]] = {
@@ -189,6 +189,15 @@ class RunConfig:
     # augment-views = K views of each sampled record, per-sample gradients averaged over them before clipping.
     augment: str = ""
     augment_views: int = 1
+    # Server optimisers (issue 15, docs/server-optimisers.md): the step the server takes from the aggregate;
+    # defaults are Flower 1.42's (FedAvgM, FedAdam, FedYogi); server-lr 0 = the chosen optimiser's Flower default
+    server_optimiser: str = "fedavg"  # fedavgm / fedadam / fedyogi: plaintext runs only
+    server_lr: float = 0.0  # eta: 0 = Flower's default for the optimiser (fedavgm 1.0, fedadam 0.1, fedyogi 0.01)
+    server_momentum: float = 0.0  # fedavgm's beta (Flower's default 0.0: with server-lr 1 that is FedAvg)
+    server_beta1: float = 0.9  # fedadam / fedyogi first moment
+    server_beta2: float = 0.99  # fedadam / fedyogi second moment
+    server_tau: float = 1e-3  # fedadam / fedyogi adaptivity (added to sqrt(v))
+    proximal_mu: float = 0.0  # FedProx at the sites: mu/2 ||w - w_global||^2, added after DP noise; 0 = off
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -442,6 +451,7 @@ class RunConfig:
             )
         except AugmentSpecError as err:
             raise ConfigError(str(err)) from None
+        check_server_optimiser(self, need)  # issue 15: server-optimiser, server-*, proximal-mu
 
 
 #: How a run without a preset is filled in (docs/fine-tuning.md "A model without a preset"): the model's kind (text or

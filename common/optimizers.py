@@ -1,4 +1,5 @@
-"""The optimisers a run may train with (``optimizer`` in the run config) and how far each can move a weight.
+"""The optimisers a run may train with (``optimizer`` in the run config) and how far each can move a weight;
+the server optimisers' names and settings check (``server-optimiser``, FedProx's ``proximal-mu``: issue 15).
 
 Sites build the optimiser (:mod:`privatune.client.dp_options`); the coordinator bounds how far an honest
 update can move (:func:`privatune.server.screening.dp_change_bound`). Both read the names and Adam's fixed
@@ -11,6 +12,11 @@ then hands the result to SGD or Adam): it changes neither the mechanism nor its 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from privatune.common.config import RunConfig
 
 OPTIMIZER_SGD = "sgd"
 OPTIMIZER_ADAM = "adam"
@@ -64,3 +70,42 @@ def adam_max_coordinate_move(steps: int, betas: tuple[float, float] = ADAM_BETAS
         limit = (1.0 - b1) / math.sqrt(1.0 - b2) / math.sqrt(1.0 - b1 * b1 / b2) / (1.0 - b1**_EXACT_STEPS)
         total += (steps - exact) * limit
     return total
+
+
+# -- server optimisers (server/optimisers.py; docs/server-optimisers.md) ----------------------------------------
+SERVER_OPTIMISERS: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+#: Flower 1.42's default server learning rates (FedAvgM server_learning_rate, FedAdam / FedYogi eta): server-lr 0.
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-1, "fedyogi": 1e-2}
+
+
+def check_server_optimiser(cfg: RunConfig, need: Callable[[bool, str, str], None]) -> None:
+    """RunConfig.validate's checks of the server optimiser and FedProx keys (``need(ok, key, message)``).
+
+    Under HE the server holds only the encrypted sums [sum w*v, sum w]: the mean is formed at decryption, so
+    no server step can be taken on it (FedProx, at the sites, works). With SGD a proximal step ``lr mu`` above 2
+    overshoots the global model every step and diverges (and would break the server's change bound).
+    """
+    opt = cfg.server_optimiser
+    need(opt in SERVER_OPTIMISERS, "server-optimiser", f"'{opt}' is not one of {SERVER_OPTIMISERS}")
+    need(
+        opt == "fedavg" or cfg.secure_aggregation != "he",
+        "server-optimiser",
+        f"'{opt}' steps from the plaintext mean update"
+        + (" and its squares" if opt in ("fedadam", "fedyogi") else "")
+        + ", but under secure-aggregation=he the server holds only encrypted sums (the mean is formed at "
+        "decryption); use server-optimiser=fedavg with he (proximal-mu works with he), or secure-aggregation=none",
+    )
+    need(math.isfinite(cfg.server_lr) and cfg.server_lr >= 0, "server-lr", "must be a finite number >= 0 (0 = default)")
+    need(0 <= cfg.server_momentum < 1, "server-momentum", f"must be in [0, 1), got {cfg.server_momentum:g}")
+    need(0 <= cfg.server_beta1 < 1, "server-beta1", f"must be in [0, 1), got {cfg.server_beta1:g}")
+    need(0 <= cfg.server_beta2 < 1, "server-beta2", f"must be in [0, 1), got {cfg.server_beta2:g}")
+    need(math.isfinite(cfg.server_tau) and cfg.server_tau > 0, "server-tau", f"must be > 0, got {cfg.server_tau:g}")
+    mu = cfg.proximal_mu
+    need(math.isfinite(mu) and mu >= 0, "proximal-mu", f"must be a finite number >= 0 (0 = off), got {mu:g}")
+    top_lr = cfg.lr * max(1.0, cfg.backbone_lr_scale)
+    need(
+        cfg.optimizer != OPTIMIZER_SGD or mu * top_lr <= 2.0,
+        "proximal-mu",
+        f"{mu:g} with optimizer=sgd at lr {top_lr:g} gives a proximal step lr x mu = {mu * top_lr:g} > 2, which "
+        f"overshoots the global model and diverges; use proximal-mu <= {2.0 / top_lr:g} (FedProx uses 0.001-1)",
+    )

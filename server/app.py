@@ -30,6 +30,7 @@ from privatune.common.protocol import (
     NOISE_SOURCE_SITE,
 )
 from privatune.server.central_plan import central_eval_plan
+from privatune.server.optimisers import ServerOptimiser
 from privatune.server.reasons import one_line
 from privatune.server.run_record import RoundReport, RunRecorder
 from privatune.server.strategy import FederationStopped, PrivatuneFedAvg
@@ -163,6 +164,8 @@ def summary_base(cfg: RunConfig, run_id: str) -> dict[str, Any]:
         "secure_aggregation": cfg.secure_aggregation,
         "num_server_rounds": cfg.num_server_rounds,
         "noise_source": noise_source_of(cfg),
+        "server_optimiser": ServerOptimiser.from_config(cfg).summary(),  # issue 15 (server/optimisers.py)
+        "proximal_mu": cfg.proximal_mu,
         "central_eval": central_eval_plan(cfg).summary(),  # on what test data, or why off (server/central_plan.py)
         **({"data": sim_data_entry(cfg)} if cfg.sim_data else {}),
     }

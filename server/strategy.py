@@ -12,6 +12,8 @@ the module that holds its rule:
 - when the run stops, or a round keeps the global model: ``privatune.server.stop_policy``;
 - plaintext runs aggregate with the run's ``aggregator`` (``privatune.server.aggregation``: FedAvg by default,
   or Flower's FedMedian, FedTrimmedAvg, Krum);
+- plaintext runs then take the ``server-optimiser``'s step from the aggregate (``privatune.server.optimisers``:
+  FedAvg by default, or Flower's FedAvgM, FedAdam, FedYogi maths), its state in ``server_state``;
 - under HE the "arrays" passed between rounds are ciphertexts: the strategy only adds them, and the
   FedAvg weight stays inside them (no plaintext example count reaches the server);
 - federated evaluation figures exist only when the sites release noised sums (``privatune.server.releases``).
@@ -25,7 +27,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -41,6 +43,7 @@ from privatune.common.protocol import (
     allowed_train_metric_keys,
 )
 from privatune.server.aggregation import aggregate_plain
+from privatune.server.optimisers import ServerOptimiser, State
 from privatune.server.recording import record_dropped, record_trained
 from privatune.server.releases import federated_figures, read_release
 from privatune.server.replies import Accepted, ScreeningRules, screen_train_reply
@@ -90,6 +93,13 @@ class PrivatuneFedAvg(FedAvg):
         self._sent: list[Message] = []  # this round's train messages (the grid stamps their ids)
         self._sent_round = 0
         self._global: dict[str, np.ndarray] | None = None  # this round's plaintext global weights
+        self.server_optimiser = ServerOptimiser.from_config(cfg)
+        self.server_state: State = {}  # the server optimiser's moments: arrays only, a checkpoint can save them
+        opt = self.server_optimiser
+        if opt.name == "fedavgm" and opt.momentum == 0.0 and opt.lr == 1.0:  # Flower's defaults
+            log.warning(
+                "server-optimiser=fedavgm with server-momentum=0 and server-lr=1 is FedAvg; set server-momentum"
+            )
 
     # ----------------------------------------------------------------- configure
     def _run_config_record(self) -> ConfigRecord:
@@ -158,6 +168,8 @@ class PrivatuneFedAvg(FedAvg):
             return None, None
         contents = [m.content for m in accepted]
         arrays = self._aggregate(contents, accumulator)
+        if accumulator is None and self.server_optimiser.name != "fedavg":
+            arrays = self._server_step(server_round, arrays)
         self.current.aggregated = True
         # No training loss leaves a site (it is not DP-noised): the round's metrics are its size only.
         return arrays, MetricRecord({KEY_NUM_CLIENTS: len(contents)})
@@ -182,6 +194,15 @@ class PrivatuneFedAvg(FedAvg):
         from privatune.common import he
 
         return he.HEAccumulator(self.he_context, self.expected_length)
+
+    def _server_step(self, server_round: int, aggregated: ArrayRecord) -> ArrayRecord:
+        """The server optimiser's step from this round's global weights to the aggregate (plaintext only)."""
+        if self._global is None:
+            raise RuntimeError("the server optimiser needs this round's global weights: configure_train sets them")
+        new, self.server_state = self.server_optimiser.step(
+            self._global, {k: v.numpy() for k, v in aggregated.items()}, self.server_state, server_round
+        )
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()})
 
     def _aggregate(self, contents: list[RecordDict], accumulator: HEAccumulator | None) -> ArrayRecord:
         if accumulator is not None:
