@@ -184,6 +184,9 @@ class RunConfig:
     cache_dir: str = ""
     out_dir: str = ""
     run_name: str = ""
+    # issue 15 (resume and warm start): a checkpoint folder, run folder or saved model file at the coordinator that
+    # the run starts from instead of the pretrained weights (server/resume.py); "" = the pretrained weights
+    initial_checkpoint: str = ""
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -90,6 +90,15 @@ class PrivatuneFedAvg(FedAvg):
         self._sent: list[Message] = []  # this round's train messages (the grid stamps their ids)
         self._sent_round = 0
         self._global: dict[str, np.ndarray] | None = None  # this round's plaintext global weights
+        # A resumed run (server/resume.py) continues its round numbers: Flower counts from 1, the run from here + 1.
+        self.round_offset = 0
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The server optimiser's state the round checkpoint keeps (server/checkpoint.py); FedAvg has none."""
+        return {}
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore ``optimizer_state()`` from a checkpoint; FedAvg has nothing to restore."""
 
     # ----------------------------------------------------------------- configure
     def _run_config_record(self) -> ConfigRecord:
@@ -102,6 +111,7 @@ class PrivatuneFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self.current = RoundReport(round=server_round)
         self._round_started = time.perf_counter()
         if self.he_context is None:
@@ -125,12 +135,14 @@ class PrivatuneFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         return super().configure_evaluate(server_round, arrays, self._run_config_record(), grid)
 
     # ----------------------------------------------------------------- aggregate
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         accumulator = self._new_accumulator()
         sent = self._sent if self._sent_round == server_round else []
