@@ -122,7 +122,9 @@ def run_federation(
     recorder.write_config(cfg.to_flower())
     if saved is None and cfg.initial_checkpoint:
         saved = load_start(Path(cfg.initial_checkpoint))
-        log.info("run %s: starts from %s (round %d of run %s)", run_id, cfg.initial_checkpoint, saved.round, saved.run_id)
+        log.info(
+            "run %s: starts from %s (round %d of run %s)", run_id, cfg.initial_checkpoint, saved.round, saved.run_id
+        )
         saved = replace(saved, round=0)  # a new run: its own round numbers, from 1
     start = initial_weights(cfg, run_id, saved)
     ledger = ServerLedger(out / SERVER_LEDGER_NAME)

@@ -204,4 +204,6 @@ def read_weights(path: Path) -> tuple[Any, dict[str, str]]:
             meta = dict(fh.metadata() or {})
             return {k: fh.get_tensor(k) for k in fh.keys()}, meta  # noqa: SIM118 (safe_open has no iterator)
     except Exception as err:
-        raise CheckpointError(f"{path} is neither a safetensors model file nor an encrypted checkpoint ({err})") from None
+        raise CheckpointError(
+            f"{path} is neither a safetensors model file nor an encrypted checkpoint ({err})"
+        ) from None
