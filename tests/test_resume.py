@@ -101,7 +101,7 @@ def test_a_checkpoint_of_another_model_mode_or_labels_is_refused_naming_both(tmp
     other = _cfg(labels="a,b")
     with pytest.raises(ckpt.CheckpointError, match=r"labels: the checkpoint's are 0,1,.*run config's are a,b"):
         check_matches(start, other, "initial-checkpoint")
-    with pytest.raises(ckpt.CheckpointError, match="fine-tuning.*mode 'head' vs 'full'"):
+    with pytest.raises(ckpt.CheckpointError, match=r"fine-tuning.*mode 'head' vs 'full'"):
         check_matches(start, _cfg(mode="full"), "initial-checkpoint")
     with pytest.raises(ckpt.CheckpointError, match="not this run's trainable set"):
         check_shapes(start, {"head.weight": (10, 4)}, "initial-checkpoint")
@@ -151,7 +151,7 @@ def test_resume_keeps_the_run_config_and_refuses_a_contradiction(tmp_path):
 
 def test_resume_refuses_more_rounds_than_calibrated_noise_was_planned_for(tmp_path):
     run = _run_folder(tmp_path)  # noise calibrated to target-epsilon over 3 rounds
-    with pytest.raises(ConfigError, match="calibrated so that 3 rounds reach target-epsilon=8.*initial-checkpoint"):
+    with pytest.raises(ConfigError, match=r"calibrated so that 3 rounds reach target-epsilon=8.*initial-checkpoint"):
         resume_config(run, {}, 5, None)
 
 
@@ -166,7 +166,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def _simulate(tmp_path: Path, *args: str, rounds: int) -> list[str]:
     cmd = [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "2"]
-    return cmd + ["--rounds", str(rounds), "--epsilon", "50", "--run-config", SMALL, *args]
+    return [*cmd, "--rounds", str(rounds), "--epsilon", "50", "--run-config", SMALL, *args]
 
 
 def _spends(run: Path) -> dict[str, list[tuple[str, int]]]:
@@ -301,3 +301,17 @@ def test_resuming_a_finished_run_continues_its_round_numbers(tmp_path):
     }
     assert ckpt.load(run / "checkpoint").round == 2
     assert _audit(tmp_path, run)["ok"]
+
+
+def test_a_new_run_starts_from_a_saved_model_and_refuses_another_kind(tmp_path):
+    from privatune.server.app import initial_weights
+
+    cfg = _cfg()
+    fresh = initial_weights(cfg, "new")
+    saved = {k: v.numpy() + 0.5 for k, v in fresh.arrays.items()}
+    ckpt.save(tmp_path, ckpt.ServerCheckpoint("old", 4, saved, False, _card(cfg), {}))
+    warm = initial_weights(cfg, "new", load_start(tmp_path))
+    for k, v in warm.arrays.items():
+        np.testing.assert_array_equal(v.numpy(), saved[k])
+    with pytest.raises(ckpt.CheckpointError, match="labels: the checkpoint's are 0,1,2"):
+        initial_weights(_cfg(labels="0,1,2,3,4,5,6,7,9,8"), "new", load_start(tmp_path))
