@@ -315,3 +315,23 @@ def test_a_new_run_starts_from_a_saved_model_and_refuses_another_kind(tmp_path):
         np.testing.assert_array_equal(v.numpy(), saved[k])
     with pytest.raises(ckpt.CheckpointError, match="labels: the checkpoint's are 0,1,2"):
         initial_weights(_cfg(labels="0,1,2,3,4,5,6,7,9,8"), "new", load_start(tmp_path))
+
+
+def test_an_encrypted_checkpoint_round_trips_and_stays_under_its_key(tmp_path):
+    from privatune.common import he
+    from privatune.server.app import check_he_key
+
+    keys = he.write_keys(tmp_path / "keys")
+    public = he.load_context(keys.public, require_secret=False)
+    secret = he.load_context(keys.secret, require_secret=True)
+    enc = he.encrypt_state(public, _state(0.75))
+    ckpt.save(tmp_path / "c", ckpt.ServerCheckpoint("9", 2, enc, True, _card(_cfg()), {}))
+    got = ckpt.load(tmp_path / "c")
+    assert got.encrypted and got.round == 2 and got.card["model"] == "digits-cnn"
+    np.testing.assert_allclose(he.decrypt_state(secret, got.weights)["head.bias"], _state(0.75)["head.bias"], atol=1e-5)
+    check_he_key(got, public)  # the run's own key: accepted
+    other = he.load_context(he.write_keys(tmp_path / "other").public, require_secret=False)
+    with pytest.raises(ckpt.CheckpointError, match="encrypted under HE key"):
+        check_he_key(got, other)
+    with pytest.raises(ckpt.CheckpointError, match="decrypt it first"):
+        check_matches(got, _cfg(), "initial-checkpoint")

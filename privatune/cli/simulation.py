@@ -84,9 +84,9 @@ def simulate(
             "seed": None if seed == 42 else seed,
             "secure-aggregation": None if secure_aggregation == "none" else secure_aggregation,
         }
-        own = [o for o, v in (("--data", data), ("--test-data", test_data), ("--labels", labels)) if v]
-        if own or overwrite or out != Path("runs/latest"):
-            bad = [*own, *(["--overwrite"] if overwrite else []), *(["--out"] if out != Path("runs/latest") else [])]
+        theirs = [o for o, v in (("--data", data), ("--test-data", test_data), ("--labels", labels)) if v]
+        if theirs or overwrite or out != Path("runs/latest"):
+            bad = [*theirs, *(["--overwrite"] if overwrite else []), *(["--out"] if out != Path("runs/latest") else [])]
             raise UsageError(f"--resume RUN_DIR is the run's folder and data: drop {', '.join(bad)}")
         given = {k: v for k, v in named.items() if v not in (None, "")}
         _resume(
