@@ -198,6 +198,9 @@ class RunConfig:
     server_beta2: float = 0.99  # fedadam / fedyogi second moment
     server_tau: float = 1e-3  # fedadam / fedyogi adaptivity (added to sqrt(v))
     proximal_mu: float = 0.0  # FedProx at the sites: mu/2 ||w - w_global||^2, added after DP noise; 0 = off
+    # issue 15 (resume and warm start): a checkpoint folder, run folder or saved model file at the coordinator that
+    # the run starts from instead of the pretrained weights (server/resume.py); "" = the pretrained weights
+    initial_checkpoint: str = ""
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -31,7 +31,10 @@ from privatune.common.protocol import (
 )
 from privatune.server.central_plan import central_eval_plan
 from privatune.server.optimisers import ServerOptimiser
+from privatune.server.checkpoint import CheckpointError, ServerCheckpoint, checkpoint_dir
+from privatune.server.checkpoint import save as save_checkpoint
 from privatune.server.reasons import one_line
+from privatune.server.resume import check_matches, check_shapes, earlier_rounds, load_start
 from privatune.server.run_record import RoundReport, RunRecorder
 from privatune.server.strategy import FederationStopped, PrivatuneFedAvg
 
@@ -48,8 +51,10 @@ def make_server_app(
     fixed_config: RunConfig | None = None,
     observer: Callable[[RoundReport], None] | None = None,
     on_recorder: Callable[[RunRecorder], None] | None = None,
+    resume: bool = False,
 ) -> ServerApp:
-    """``on_recorder`` receives the run's recorder as soon as it exists (simulate marks it on a signal)."""
+    """``on_recorder`` receives the run's recorder as soon as it exists (simulate marks it on a signal);
+    ``resume``: continue the run in the config's out-dir from its checkpoint (``privatune simulate --resume``)."""
     server_app = ServerApp()
 
     @server_app.main()
@@ -63,6 +68,7 @@ def make_server_app(
             observer=observer,
             warn_seeded=fixed_config is None,
             on_recorder=on_recorder,
+            resume=resume,
         )
         if summary.get("status") == "failed" and fixed_config is None:
             # Under `flwr run` / a deployment, Flower then reports the run as failed, not completed.
@@ -98,19 +104,33 @@ def run_federation(
     observer: Callable[[RoundReport], None] | None = None,
     warn_seeded: bool = True,
     on_recorder: Callable[[RunRecorder], None] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run every round of one federation and leave its record in ``cfg.out_dir``: build, run, record."""
+    """Run every round of one federation and leave its record in ``cfg.out_dir``: build, run, record. ``resume``:
+    from the out-dir's checkpoint, under the checkpoint's run id, its round numbers continuing."""
     cfg = resolve_out_dir(cfg, run_id)
     out = Path(cfg.out_dir)
+    saved = load_start(checkpoint_dir(out), "--resume") if resume else None
+    if saved is not None:
+        run_id = saved.run_id
     if cfg.reproducible_noise and warn_seeded:
         log.warning("run %s: %s", run_id, SEEDED_NOISE_WARNING)
     recorder = RunRecorder(out, summary_base=summary_base(cfg, run_id), observer=observer)
+    if saved is not None:
+        recorder.restore(earlier_rounds(out, saved.round))
     if on_recorder is not None:
         on_recorder(recorder)
     recorder.write_config(cfg.to_flower())
-    start = initial_weights(cfg, run_id)
+    if saved is None and cfg.initial_checkpoint:
+        saved = load_start(Path(cfg.initial_checkpoint))
+        log.info(
+            "run %s: starts from %s (round %d of run %s)", run_id, cfg.initial_checkpoint, saved.round, saved.run_id
+        )
+        saved = replace(saved, round=0)  # a new run: its own round numbers, from 1
+    start = initial_weights(cfg, run_id, saved)
     ledger = ServerLedger(out / SERVER_LEDGER_NAME)
-    ledger.record_run(run_id, cfg.to_flower(), cfg.secure_aggregation)
+    if not any(r.run_id == run_id for r in ledger.runs()):  # a resumed run is recorded once
+        ledger.record_run(run_id, cfg.to_flower(), cfg.secure_aggregation)
     strategy = PrivatuneFedAvg(
         cfg,
         run_id,
@@ -119,9 +139,32 @@ def run_federation(
         ledger=ledger,
         backbone_fingerprint=start.backbone_fingerprint,
     )
+    if saved is not None:
+        strategy.round_offset = saved.round
+        strategy.load_optimizer_state(dict(saved.optimizer))
     evaluator = central_evaluator(cfg, start, recorder.warnings)
     t0 = time.perf_counter()
-    final = run_rounds(strategy, grid, cfg, start.arrays, recorder, evaluator, t0)
+
+    def keep(server_round: int, arrays: ArrayRecord) -> None:
+        """After every completed round: the state a resume starts from (server/checkpoint.py)."""
+        weights: Any = _plain(arrays)
+        if start.he_context is not None:
+            from privatune.common.he.records import arrayrecord_to_state
+
+            weights = arrayrecord_to_state(arrays)
+        save_checkpoint(
+            checkpoint_dir(out),
+            ServerCheckpoint(
+                run_id,
+                server_round,
+                weights,
+                start.he_context is not None,
+                model_card(cfg, run_id, recorder, start).to_metadata(),
+                strategy.optimizer_state(),
+            ),
+        )
+
+    final = run_rounds(strategy, grid, cfg, start.arrays, recorder, evaluator, t0, keep)
     # After the rounds, so the file's card holds the privacy the whole run spent.
     save_global(final, model_card(cfg, run_id, recorder, start), out, start.he_context is not None)
     return record_run(recorder, cfg, out, start, t0)
@@ -193,11 +236,23 @@ class InitialWeights:
     backbone_fingerprint: str = ""  # of the pretrained backbone; sites refuse a round if theirs differs
 
 
-def initial_weights(cfg: RunConfig, run_id: str) -> InitialWeights:
+def _plain(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def initial_weights(cfg: RunConfig, run_id: str, saved: ServerCheckpoint | None = None) -> InitialWeights:
+    """The pretrained model's trainable weights, or ``saved`` ones (a resume, an initial-checkpoint) once their
+    model card and tensors are shown to be this run's."""
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
     configure_trainable(model, cfg.fine_tuning)
     state = trainable_state(model)
     expected = {k: tuple(v.shape) for k, v in state.items()}
+    if saved is not None:
+        source = f"checkpoint of run {saved.run_id} (round {saved.round})"
+        check_matches(saved, cfg, source)
+        check_shapes(saved, expected, source)
+        if not saved.encrypted:
+            state = {k: np.asarray(saved.weights[k], dtype=v.dtype) for k, v in state.items()}
     n_params = int(sum(v.size for v in state.values()))
     fingerprint = backbone_fingerprint(cfg.model)
     log.info(
@@ -212,9 +267,22 @@ def initial_weights(cfg: RunConfig, run_id: str) -> InitialWeights:
     if not cfg.he_public_context:
         raise ValueError("secure-aggregation=he needs he-public-context (the public.ctx from `privatune keygen`)")
     he_ctx = he.load_context(Path(cfg.he_public_context), require_secret=False)
+    if saved is not None and saved.encrypted:
+        check_he_key(saved, he_ctx)
+        return InitialWeights(state_to_arrayrecord(saved.weights), expected, n_params, he_ctx, fingerprint)
     return InitialWeights(
         state_to_arrayrecord(he.encrypt_state(he_ctx, state)), expected, n_params, he_ctx, fingerprint
     )
+
+
+def check_he_key(saved: ServerCheckpoint, he_ctx: Any) -> None:
+    """Encrypted saved state can only continue under the key it was encrypted with."""
+    have = getattr(he_ctx, "fingerprint", None)
+    if have is not None and saved.weights.fingerprint != have:
+        raise CheckpointError(
+            f"the checkpoint of run {saved.run_id} is encrypted under HE key {saved.weights.fingerprint[:12]}, "
+            f"this run's he-public-context is key {str(have)[:12]}: use the same keys, or decrypt the checkpoint"
+        )
 
 
 def central_evaluator(
@@ -245,6 +313,7 @@ def run_rounds(
     recorder: RunRecorder,
     evaluator: CentralEvaluator | None,
     t0: float,
+    keep: Callable[[int, ArrayRecord], None] | None = None,
 ) -> ArrayRecord:
     """Let Flower drive the rounds; each round's record is closed after its evaluation. Returns the last
     global weights (those of the last aggregated round, when the federation stopped early)."""
@@ -253,6 +322,9 @@ def run_rounds(
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Called by Flower after every round (and before the first): closes the round's record."""
         latest[0] = arrays
+        if server_round == 0 and strategy.round_offset:
+            return None  # a resumed run: its round 0 is already recorded
+        server_round += strategy.round_offset
         report = strategy.current if server_round > 0 else RoundReport(round=0)
         if evaluator is not None:
             res = evaluator({k: v.numpy() for k, v in arrays.items()})
@@ -263,13 +335,15 @@ def run_rounds(
             }
         report.seconds = time.perf_counter() - t0
         recorder.finish_round(report)
+        if server_round > 0 and keep is not None:
+            keep(server_round, arrays)
         return MetricRecord({key: value for key, value in report.central.items()}) if report.central else None
 
     try:
         strategy.start(
             grid=grid,
             initial_arrays=initial,
-            num_rounds=cfg.num_server_rounds,
+            num_rounds=cfg.num_server_rounds - strategy.round_offset,
             timeout=cfg.round_timeout,
             evaluate_fn=evaluate_fn,
         )

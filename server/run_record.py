@@ -8,7 +8,9 @@
   ``noise_sources_reported`` (what the sites said they used);
 - ``global.safetensors`` (plaintext) or ``global.he-checkpoint`` (encrypted): the trainable weights, with their
   model card (common/model_card.py), written after the last round;
-- ``rounds.png``: accuracy and epsilon per round.
+- ``rounds.png``: accuracy and epsilon per round;
+- ``checkpoint/``: the global state and round counter after every completed round (server/checkpoint.py), what
+  ``privatune simulate --resume`` continues from.
 """
 
 from __future__ import annotations
@@ -121,7 +123,23 @@ class RunRecorder:
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomic(self.out_dir / "config.json", config)
 
+    def restore(self, reports: list[RoundReport]) -> None:
+        """A resumed run's earlier rounds (server/resume.py), already in metrics.jsonl: counted, not written again."""
+        for report in reports:
+            self._absorb(report)
+
     def finish_round(self, report: RoundReport) -> None:
+        self._absorb(report)
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            row = {"run_id": self.summary_base.get("run_id"), **report.__dict__}
+            fh.write(json.dumps(jsonable(row), sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.write_summary()
+        if self.observer is not None:
+            self.observer(report)
+
+    def _absorb(self, report: RoundReport) -> None:
         self.rounds.append(report)
         # A rejected update was still trained: its spend counts like an aggregated one.
         for cid, rep in [*report.clients.items(), *report.rejected_spends.items()]:
@@ -132,14 +150,6 @@ class RunRecorder:
                 self.noise_sources.add(rep[KEY_NOISE_SOURCE])
         for cid, eps in report.released.items():  # a metric release comes after the round's training
             self.per_client_epsilon[cid] = max(float(eps), self.per_client_epsilon.get(cid, 0.0))
-        with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            row = {"run_id": self.summary_base.get("run_id"), **report.__dict__}
-            fh.write(json.dumps(jsonable(row), sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        self.write_summary()
-        if self.observer is not None:
-            self.observer(report)
 
     def conclude(self) -> str:
         """Settle the final status: ``failed`` when no round aggregated (with every client's reason),

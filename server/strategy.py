@@ -100,6 +100,16 @@ class PrivatuneFedAvg(FedAvg):
             log.warning(
                 "server-optimiser=fedavgm with server-momentum=0 and server-lr=1 is FedAvg; set server-momentum"
             )
+        # A resumed run (server/resume.py) continues its round numbers: Flower counts from 1, the run from here + 1.
+        self.round_offset = 0
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The server optimiser's moments for the round checkpoint (server/checkpoint.py); empty for FedAvg."""
+        return dict(self.server_state)
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore ``optimizer_state()`` from a checkpoint (a resumed FedAdam keeps its moments)."""
+        self.server_state = dict(state)
 
     # ----------------------------------------------------------------- configure
     def _run_config_record(self) -> ConfigRecord:
@@ -112,6 +122,7 @@ class PrivatuneFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self.current = RoundReport(round=server_round)
         self._round_started = time.perf_counter()
         if self.he_context is None:
@@ -135,12 +146,14 @@ class PrivatuneFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         return super().configure_evaluate(server_round, arrays, self._run_config_record(), grid)
 
     # ----------------------------------------------------------------- aggregate
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         accumulator = self._new_accumulator()
         sent = self._sent if self._sent_round == server_round else []

@@ -30,6 +30,8 @@ RUN_ENTRIES = frozenset(
         "evaluation",  # privatune evaluate's reports on the run's model (its default --out, privatune/cli/evaluate.py)
         ".flwr",
         ".cache",
+        "checkpoint",  # the server's state after every round (server/checkpoint.py)
+        "simulation.json",  # the number of clients, for --resume (simulations/resume.py)
         *(SERVER_LEDGER_NAME + suffix for suffix in SQLITE_SIDE_SUFFIXES),
     )
 )

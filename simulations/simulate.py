@@ -136,10 +136,12 @@ def run_simulation(
     client_gpus: float = 0.0,
     client_cpus: float = 1.0,
     stop_on_signal: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the federation and return its summary (also in ``out_dir/summary.json``).
 
     ``stop_on_signal`` (the CLI sets it): SIGINT/SIGTERM end the run within seconds as ``interrupted``.
+    ``resume``: continue the run in ``out_dir`` from its checkpoint, under its run id (simulations/resume.py).
     """
     confine_writes(out_dir.resolve())
     from flwr.simulation import run_simulation as flwr_run_simulation
@@ -153,6 +155,10 @@ def run_simulation(
     cfg = prepare_config(cfg, num_clients, out_dir)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from privatune.simulations.resume import flower_run, write_simulation_record
+
+    run = flower_run(out) if resume else None  # the sites record the resumed rounds under the same run id
+    write_simulation_record(out, num_clients)
     from privatune.server.app import SEEDED_NOISE_WARNING, noise_source_of
 
     if cfg.reproducible_noise:
@@ -199,12 +205,18 @@ def run_simulation(
         undo_patch = _reinstall_after_ray_init(stopper.install)
     t0 = time.perf_counter()
     try:
-        flwr_run_simulation(
-            server_app=make_server_app(cfg, observer, on_recorder=stopper.attach if stopper else None),
-            client_app=client_app,
-            num_supernodes=num_clients,
-            backend_config=backend_config,
-        )
+        server_app = make_server_app(cfg, observer, on_recorder=stopper.attach if stopper else None, resume=resume)
+        if run is None:
+            flwr_run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_clients,
+                backend_config=backend_config,
+            )
+        else:
+            from privatune.simulations.resume import run_simulation_as
+
+            run_simulation_as(run, server_app, client_app, num_clients, backend_config)
     except Exception as err:
         mark_failed(out, err)
         raise

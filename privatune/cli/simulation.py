@@ -49,6 +49,9 @@ def simulate(
     labels: str = typer.Option(
         "", "--labels", help='the label set in index order, e.g. "neg,pos" (default: the sorted labels found)'
     ),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="continue the run in this folder from its last completed round (docs/resume.md)"
+    ),
 ) -> None:
     """Run a simulated federation on this machine and report accuracy against epsilon.
 
@@ -69,6 +72,27 @@ def simulate(
         raise UsageError(f"--seed must be >= 0, got {seed}")
     check_resources(client_cpus, client_gpus)
     extra = parse_kv(run_config)
+    if resume is not None:
+        named = {
+            "preset": preset,
+            "model": model,
+            "target-epsilon": None if epsilon == "8" else eps,
+            "dp": False if no_dp else None,
+            "mode": mode,
+            "partition": None if partition == "dirichlet" else partition,
+            "alpha": None if alpha == 1.0 else alpha,
+            "seed": None if seed == 42 else seed,
+            "secure-aggregation": None if secure_aggregation == "none" else secure_aggregation,
+        }
+        theirs = [o for o, v in (("--data", data), ("--test-data", test_data), ("--labels", labels)) if v]
+        if theirs or overwrite or out != Path("runs/latest"):
+            bad = [*theirs, *(["--overwrite"] if overwrite else []), *(["--out"] if out != Path("runs/latest") else [])]
+            raise UsageError(f"--resume RUN_DIR is the run's folder and data: drop {', '.join(bad)}")
+        given = {k: v for k, v in named.items() if v not in (None, "")}
+        _resume(
+            resume, {**given, **extra}, rounds, None if clients == 10 else clients, verbose, client_cpus, client_gpus
+        )
+        return
     if model and extra.get("model", model) != model:
         raise UsageError(f"--model {model} and --run-config model={extra['model']} disagree; give the model once")
     values: dict[str, object] = {
@@ -142,6 +166,53 @@ def simulate(
         client_gpus=client_gpus,
         client_cpus=client_cpus,
         stop_on_signal=True,
+    )
+    printer.final(summary, out)
+    if summary.get("status") == "failed":
+        raise typer.Exit(1)
+
+
+def _resume(
+    run_dir: Path,
+    given: dict[str, object],
+    rounds: int,
+    clients: int | None,
+    verbose: bool,
+    client_cpus: float,
+    client_gpus: float,
+) -> None:
+    """``--resume``: the run folder's own config, its sites' ledgers, its round numbers continuing."""
+    from privatune.server.checkpoint import checkpoint_dir, read_commit
+    from privatune.simulations.progress import RoundPrinter
+    from privatune.simulations.resume import orphan_spends, resume_config
+    from privatune.simulations.simulate import confine_writes, run_simulation
+
+    cfg, num_clients = resume_config(run_dir, given, rounds, clients)
+    out = Path(cfg.out_dir)
+    confine_writes(out)
+    commit = read_commit(checkpoint_dir(out))
+    done = int(commit["round"])
+    console.print(
+        f"resuming run {commit['run_id']} in {out}: round {done} of {cfg.num_server_rounds} completed", highlight=False
+    )
+    for site, spent in orphan_spends(out, str(commit["run_id"]), done).items():
+        console.print(
+            f"{site}: spent in round(s) {', '.join(map(str, spent))}, which did not complete; those spends stay "
+            "counted (they were spent) and the round is run again",
+            highlight=False,
+        )
+    printer = RoundPrinter(console, cfg, num_clients)
+    printer.header()
+    summary = run_simulation(
+        cfg,
+        num_clients,
+        out,
+        observer=printer,
+        verbose=verbose,
+        client_gpus=client_gpus,
+        client_cpus=client_cpus,
+        stop_on_signal=True,
+        resume=True,
     )
     printer.final(summary, out)
     if summary.get("status") == "failed":
