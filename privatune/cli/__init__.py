@@ -74,6 +74,7 @@ _ERROR_CLASSES = {
     "privatune.common.model_card": ("ModelCardError",),
     "privatune.simulations.canary_audit": ("CanaryAuditError",),
     "privatune.simulations.run_folder": ("RunFolderError",),
+    "privatune.simulations.sweep": ("SweepError",),
 }
 
 

@@ -62,8 +62,10 @@ def sweep(**options: Any) -> None:
     confine_writes(folder)  # every point's Flower and matplotlib files in the sweep folder
     if options.get("data") is not None:
         data = f"the records of {options['data']}, shared out to {options['clients']} simulated sites"
+    elif preset or not model:
+        data = f"the {preset or 'sms-spam'} preset's dataset, shared out to {options['clients']} simulated sites"
     else:
-        data = f"preset {preset or 'sms-spam'}'s dataset, shared out to {options['clients']} simulated sites"
+        data = f"the run's dataset, shared out to {options['clients']} simulated sites"
 
     def run_point(point: Any, run_dir: Path, overwrite: bool) -> None:
         try:
