@@ -193,9 +193,7 @@ def spend_statement(
             f"{len(missing)} DP run(s) have no site ledgers to compose; their reported spends compose with the rest."
         )
     if no_dp:
-        parts.append(
-            f"{len(no_dp)} no-DP run(s) trained on the same records with no privacy guarantee (epsilon inf)."
-        )
+        parts.append(f"{len(no_dp)} no-DP run(s) trained on the same records with no privacy guarantee (epsilon inf).")
     if baseline:
         parts.append(
             "The centralised baseline is non-private: it pools every site's records in one place (simulation only)."

@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from privatune.cli import app
-from privatune.common.accounting import epsilon_of
 from privatune.common.accountants import RDP
+from privatune.common.accounting import epsilon_of
 from privatune.common.ledger.totals import LedgerSpend
 from privatune.simulations.sweep import (
     SWEEP_JSON,
