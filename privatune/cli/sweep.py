@@ -48,14 +48,19 @@ def sweep(**options: Any) -> None:
     from privatune.simulations.sweep import build_points, parse_epsilons, parse_modes, run_sweep
 
     own = {k: options.pop(k) for k in inspect.signature(_sweep_options).parameters}
-    swept = sorted({"mode", "target-epsilon", "dp", "out-dir"} & set(parse_kv(options["run_config"])))
+    extra = parse_kv(options["run_config"])
+    swept = sorted({"mode", "target-epsilon", "dp", "out-dir"} & set(extra))
     if swept:
         raise UsageError(
             f"--run-config sets {', '.join(swept)}, which the sweep sets per point: use --mode and --epsilon"
         )
     epsilons = parse_epsilons(own["epsilon"])
     model, preset = options["model"], options["preset"]
-    default_mode = RunConfig.create(preset=preset or ("" if model else "sms-spam"), model=model).mode
+    # The mode a point gets without --mode: the preset's, or the recommended one for the model (as simulate picks).
+    chosen = extra.get("model", model)
+    default_mode = RunConfig.create(
+        preset=extra.get("preset", preset or ("" if chosen else "sms-spam")), model=chosen
+    ).mode
     modes = parse_modes(own["mode"], default_mode)
     points = build_points(modes, epsilons)
     folder = check_writable(Path(own["out"]))
