@@ -238,6 +238,7 @@ def central_baseline(cfg: RunConfig) -> dict[str, Any]:
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
     configure_trainable(model, cfg.fine_tuning)
     module: torch.nn.Module = model
+    inputs: tuple[torch.Tensor, ...]
     if backbone_is_frozen(cfg.mode):  # as at a site: the head alone, on cached backbone features
         module, inputs = model.head, (cached_features(model, cfg.model, pool, cfg.max_length, cache),)
     else:
