@@ -134,11 +134,11 @@ def print_report(report: dict[str, Any], folder: Path) -> None:
             _eps(p["epsilon_spent"]),
             _pct(p["accuracy"]),
             _pct(p["macro_f1"]),
-            str(p["status"]) + (" (skipped)" if p["skipped"] else ""),
+            "skipped" if p["skipped"] else str(p["status"]),  # skipped: finished on an earlier run
             Path(p["run_folder"]).name,
         )
     for mode, b in (report.get("baselines") or {}).items():
-        t.add_row(mode, "no DP", "-", _pct(b["accuracy"]), _pct(b["macro_f1"]), "centralised baseline", "-")
+        t.add_row(mode, "no DP", "-", _pct(b["accuracy"]), _pct(b["macro_f1"]), "baseline", "central")
     console.print(t)
     privacy = report["privacy"]
     per_site = privacy.get("dp_runs_composed_per_site") or {}
