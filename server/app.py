@@ -30,9 +30,9 @@ from privatune.common.protocol import (
     NOISE_SOURCE_SITE,
 )
 from privatune.server.central_plan import central_eval_plan
-from privatune.server.optimisers import ServerOptimiser
 from privatune.server.checkpoint import CheckpointError, ServerCheckpoint, checkpoint_dir
 from privatune.server.checkpoint import save as save_checkpoint
+from privatune.server.optimisers import ServerOptimiser
 from privatune.server.reasons import one_line
 from privatune.server.resume import check_matches, check_shapes, earlier_rounds, load_start
 from privatune.server.run_record import RoundReport, RunRecorder

@@ -29,6 +29,7 @@ from privatune.cli.inputs import UsageError, check_resources, describe_os_error
 from privatune.cli.keys import POLY_MODULUS_DEGREES, decrypt, keygen, pki
 from privatune.cli.simulation import simulate
 from privatune.cli.site import site_check, site_migrate_ledger
+from privatune.cli.sweep import sweep
 from privatune.cli.terminal import console, err_console
 from privatune.common.offline import set_offline_env
 
@@ -54,6 +55,7 @@ __all__ = [
     "site_app",
     "site_check",
     "site_migrate_ledger",
+    "sweep",
     "whitebox_audit",
 ]
 
@@ -72,6 +74,7 @@ _ERROR_CLASSES = {
     "privatune.common.model_card": ("ModelCardError",),
     "privatune.simulations.canary_audit": ("CanaryAuditError",),
     "privatune.simulations.run_folder": ("RunFolderError",),
+    "privatune.simulations.sweep": ("SweepError",),
 }
 
 
@@ -156,6 +159,7 @@ app.add_typer(site_app, name="site")
 
 # The commands, in the order --help lists them; one_line_errors where a command reports errors in one line.
 app.command()(one_line_errors(simulate))
+app.command()(one_line_errors(sweep))
 app.command()(one_line_errors(keygen))
 app.command()(one_line_errors(decrypt))
 app.command()(one_line_errors(evaluate))
