@@ -184,6 +184,9 @@ class RunConfig:
     cache_dir: str = ""
     out_dir: str = ""
     run_name: str = ""
+    # issue 14 (privatune tune): simulation only: the folder of the simulated sites' ledgers ("" = OUT/ledgers); a
+    # study passes one folder to all its trials so their spends compose there and a site budget stops the study
+    sim_ledger_dir: str = ""
 
     # ------------------------------------------------------------------ building
     @classmethod
