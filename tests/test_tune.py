@@ -318,3 +318,23 @@ def test_the_best_trial_config_runs_through_simulate_config(study, tmp_path):
     assert cfg["lr"] == pytest.approx(best["params"]["lr"]) and cfg["batch_size"] == best["params"]["batch-size"]
     assert cfg["preset"] == "digits" and cfg["num_server_rounds"] == 1 and cfg["target_epsilon"] == 4.0
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--privacy", "public"], "--tuning-data PATH goes with --privacy public"),
+        (["--privacy", "secret", "--param", "lr=0.1:1"], "--privacy must be one of public, select, compose"),
+        (["--param", "lr=1:0.1"], "low must be below high"),
+        (["--privacy", "select", "--trials-mean", "0.5", "--param", "lr=0.1:1"], "--trials-mean must be >= 1"),
+    ],
+)
+def test_bad_tune_options_are_one_line_errors(args, words, tmp_path):
+    from typer.testing import CliRunner
+
+    from privatune.cli import app
+
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["tune", "--study", str(tmp_path / "s"), *args])
+    assert result.exit_code == 2, result.output
+    assert words in result.output
+    assert not (tmp_path / "s").exists()  # refused before the study folder is made
