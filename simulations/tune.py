@@ -221,10 +221,8 @@ def budget_refusal(cfg: RunConfig, clients: int) -> str:
             delta=run_delta(cfg, site.delta),
             val_ids=local.val_ids,
         )
-        short = any(r.excluded for r in proj.per_round) or (
-            proj.metrics_rounds_fit is not None and proj.metrics_rounds_fit < proj.rounds
-        )
-        if not proj.fits or short:
+        # A metric release that would not fit is refused by the site's guard itself (the trial then has no score).
+        if not proj.fits or any(r.excluded for r in proj.per_round):
             return f"site {site.site_id}: {proj.summary()}"
     return ""
 

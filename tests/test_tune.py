@@ -265,7 +265,7 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_trials(study):
     assert rows[1]["state"] == "FAIL" and rows[1]["status"] == "interrupted"
     assert rows[2]["state"] == "COMPLETE"
     assert sorted(p.name for p in (study.folder / "trials").iterdir()) == ["trial-0000", "trial-0002"]
-    assert any("1 of 4 trial(s) already run" in line for line in study.said)
+    assert any("2 of 4 trial(s) already run" in line for line in study.said)  # one finished, one interrupted
 
 
 @pytest.mark.slow
