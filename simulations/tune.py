@@ -376,7 +376,7 @@ def write_plots(study: Any, folder: Path) -> dict[str, str]:
     from optuna.visualization import matplotlib as ovm
 
     out: dict[str, str] = {}
-    plots = {
+    plots: dict[str, Callable[[Any], Any]] = {
         "optimization-history": ovm.plot_optimization_history,
         "param-importances": ovm.plot_param_importances,
         "parallel-coordinate": ovm.plot_parallel_coordinate,

@@ -315,8 +315,8 @@ def test_the_best_trial_config_runs_through_simulate_config(study, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["lr"] == pytest.approx(best["params"]["lr"]) and cfg["batch_size"] == best["params"]["batch-size"]
-    assert cfg["preset"] == "digits" and cfg["num_server_rounds"] == 1 and cfg["target_epsilon"] == 4.0
+    assert cfg["lr"] == pytest.approx(best["params"]["lr"]) and cfg["batch-size"] == best["params"]["batch-size"]
+    assert cfg["preset"] == "digits" and cfg["num-server-rounds"] == 1 and cfg["target-epsilon"] == 4.0
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
 
 
