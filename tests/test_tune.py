@@ -338,3 +338,29 @@ def test_bad_tune_options_are_one_line_errors(args, words, tmp_path):
     assert result.exit_code == 2, result.output
     assert words in result.output
     assert not (tmp_path / "s").exists()  # refused before the study folder is made
+
+
+def test_public_tuning_costs_the_private_data_only_its_final_run(tmp_path):
+    from privatune.simulations.tune import TuneOptions, best_config, privacy_totals
+
+    opts = TuneOptions(
+        space=build_space(None, ["lr=0.1:1"]),
+        base={
+            "preset": "digits",
+            "target-epsilon": 3.0,
+            "dp": True,
+            "max-records": "300",
+            "sim-data": "p.npz",
+            "labels": "a,b",
+        },
+        clients=2,
+        study_dir=tmp_path,
+        privacy="public",
+        tuning_data="proxy.npz",
+    )
+    best = best_config(opts, {"lr": 0.3}, opts.added)
+    # the final run trains on the private data: no tuning data, no study-added release, numbers typed
+    assert best == {"preset": "digits", "target-epsilon": 3.0, "dp": True, "max-records": 300, "lr": 0.3}
+    cost = privacy_totals(SimpleNamespace(user_attrs={}), opts, [], best)
+    assert cost["tuning_epsilon_on_private_data"] == 0.0
+    assert cost["total_epsilon_including_tuning"] == cost["final_private_run_epsilon"] == 3.0
