@@ -162,7 +162,7 @@ class SiteConfig:
             )
         return cls(
             site_id=site_id,
-            ledger_path=out / "ledgers" / f"{SITE_LEDGER_PREFIX}{site_id}{LEDGER_SUFFIX}",
+            ledger_path=sim_ledger_dir(cfg) / f"{SITE_LEDGER_PREFIX}{site_id}{LEDGER_SUFFIX}",
             cache_dir=resolve_cache_dir(cfg.cache_dir),  # the run's: simulations on the same data share it
             max_epsilon=max_epsilon,
             he_secret_context=secret,
@@ -173,6 +173,12 @@ class SiteConfig:
             **budget,
             allow_reproducible_noise=allow_seeded,
         )
+
+
+def sim_ledger_dir(cfg: RunConfig) -> Path:
+    """Where the simulated sites keep their ledgers: sim-ledger-dir (a tuning study's, shared by its trials) or
+    the run folder's ledgers/."""
+    return Path(cfg.sim_ledger_dir).expanduser() if cfg.sim_ledger_dir else Path(cfg.out_dir) / "ledgers"
 
 
 def site_cache_dir(raw: Any, ledger: Path) -> Path | None:

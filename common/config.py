@@ -201,6 +201,9 @@ class RunConfig:
     # issue 15 (resume and warm start): a checkpoint folder, run folder or saved model file at the coordinator that
     # the run starts from instead of the pretrained weights (server/resume.py); "" = the pretrained weights
     initial_checkpoint: str = ""
+    # issue 14 (privatune tune): simulation only: the folder of the simulated sites' ledgers ("" = OUT/ledgers); a
+    # study passes one folder to all its trials so their spends compose there and a site budget stops the study
+    sim_ledger_dir: str = ""
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from privatune.client.site_config import sim_ledger_dir
 from privatune.client.site_secret import default_key_path, write_site_key
 from privatune.common.config import DATASET_LABELS, ConfigError, RunConfig
 from privatune.common.federation_data import check_federation_size
@@ -54,8 +55,10 @@ def prepare_config(cfg: RunConfig, num_clients: int, out_dir: Path) -> RunConfig
     check_labels(cfg)
     out_dir = Path(os.path.abspath(out_dir))
     cfg = replace(cfg, out_dir=str(out_dir))
+    if cfg.sim_ledger_dir:  # the clients run in Ray's workers: give them an absolute path
+        cfg = replace(cfg, sim_ledger_dir=os.path.abspath(os.path.expanduser(cfg.sim_ledger_dir)))
     if cfg.reproducible_noise:
-        write_seeded_site_keys(out_dir / "ledgers", num_clients, cfg.seed)
+        write_seeded_site_keys(sim_ledger_dir(cfg), num_clients, cfg.seed)
     if cfg.secure_aggregation == "he" and cfg.he_public_context:
         check_public_context(Path(cfg.he_public_context))
     if cfg.secure_aggregation == "he" and not cfg.he_public_context:

@@ -31,6 +31,7 @@ from privatune.cli.simulation import simulate
 from privatune.cli.site import site_check, site_migrate_ledger
 from privatune.cli.sweep import sweep
 from privatune.cli.terminal import console, err_console
+from privatune.cli.tuning import tune
 from privatune.common.offline import set_offline_env
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "site_check",
     "site_migrate_ledger",
     "sweep",
+    "tune",
     "whitebox_audit",
 ]
 
@@ -75,6 +77,8 @@ _ERROR_CLASSES = {
     "privatune.simulations.canary_audit": ("CanaryAuditError",),
     "privatune.simulations.run_folder": ("RunFolderError",),
     "privatune.simulations.sweep": ("SweepError",),
+    "privatune.simulations.tune_space": ("SpaceError",),  # privatune tune (issue 14)
+    "privatune.simulations.tune": ("TuneError",),
 }
 
 
@@ -160,6 +164,7 @@ app.add_typer(site_app, name="site")
 # The commands, in the order --help lists them; one_line_errors where a command reports errors in one line.
 app.command()(one_line_errors(simulate))
 app.command()(one_line_errors(sweep))
+app.command()(one_line_errors(tune))  # issue 14
 app.command()(one_line_errors(keygen))
 app.command()(one_line_errors(decrypt))
 app.command()(one_line_errors(evaluate))

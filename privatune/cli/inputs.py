@@ -115,3 +115,32 @@ def check_output_file(path: Path, option: str) -> None:
         raise UsageError(
             f"{option} {path}: cannot write in {path.parent} ({err.strerror or err}); choose a writable path"
         ) from None
+
+
+# Run-config keys a run-config file may not set: the command's own options say where a run goes.
+NOT_IN_CONFIG_FILE = ("out-dir", "sim-ledger-dir")
+
+
+def read_run_config_file(path: Path, option: str = "--config") -> dict[str, object]:
+    """A TOML file of run-config keys (``lr = 0.5``; what ``privatune tune`` writes for its best trial), flat;
+    the keys are checked by RunConfig as any run config's are."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UsageError(f"{option} {path}: {describe_os_error(err)}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(
+            f"{option} {path}: not valid TOML ({err}); write one run-config key per line: lr = 0.5"
+        ) from None
+    nested = sorted(k for k, v in data.items() if isinstance(v, dict))
+    if nested:
+        raise UsageError(
+            f"{option} {path}: tables [{', '.join(nested)}] are not run-config keys; write the keys at the top level "
+            "(lr = 0.5, no [section])"
+        )
+    refused = sorted(set(data) & set(NOT_IN_CONFIG_FILE))
+    if refused:
+        raise UsageError(f"{option} {path}: {', '.join(refused)} cannot come from a file; use --out for the folder")
+    return dict(data)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from privatune.cli.inputs import UsageError, check_resources, parse_kv
+from privatune.cli.inputs import UsageError, check_resources, parse_kv, read_run_config_file
 from privatune.cli.terminal import console
 from privatune.common.models import FINE_TUNING_MODES
 
@@ -34,6 +34,11 @@ def simulate(
     out: Path = typer.Option(Path("runs/latest"), help="output folder (one run per folder)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="delete the run already in --out first"),
     run_config: str = typer.Option("", "--run-config", help='extra overrides, e.g. "lr=0.5 batch-size=32"'),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="a TOML file of run-config keys (e.g. privatune tune's best-trial.toml); options given and --run-config win",
+    ),
     client_cpus: float = typer.Option(1.0, "--client-cpus", help="CPU cores per simulated client"),
     client_gpus: float = typer.Option(0.0, "--client-gpus", help="GPU share per simulated client (0.5 = two per GPU)"),
     verbose: bool = typer.Option(False, "--verbose", help="show Flower's and Ray's logs"),
@@ -84,7 +89,11 @@ def simulate(
             "seed": None if seed == 42 else seed,
             "secure-aggregation": None if secure_aggregation == "none" else secure_aggregation,
         }
-        theirs = [o for o, v in (("--data", data), ("--test-data", test_data), ("--labels", labels)) if v]
+        theirs = [
+            o
+            for o, v in (("--data", data), ("--test-data", test_data), ("--labels", labels), ("--config", config))
+            if v
+        ]
         if theirs or overwrite or out != Path("runs/latest"):
             bad = [*theirs, *(["--overwrite"] if overwrite else []), *(["--out"] if out != Path("runs/latest") else [])]
             raise UsageError(f"--resume RUN_DIR is the run's folder and data: drop {', '.join(bad)}")
@@ -111,6 +120,12 @@ def simulate(
         values["mode"] = mode
     if model:
         values["model"] = model
+    if config is not None:
+        typed = _given_options()
+        for key, value in read_run_config_file(config).items():
+            if _OPTION_OF.get(key) not in typed:  # an option typed on the command line wins over the file
+                values[key] = value
+        values["dp"] = values["dp"] is True and not math.isinf(float(str(values["target-epsilon"])))
     values.update(extra)
     if not values["preset"] and data is None and not {"dataset", "sim-data"} & set(extra):
         who = f"--model {model} without --preset" if model else 'preset="" (no preset)'
@@ -217,3 +232,29 @@ def _resume(
     printer.final(summary, out)
     if summary.get("status") == "failed":
         raise typer.Exit(1)
+
+
+# Run-config keys that simulate's own options also set (the option's parameter name).
+_OPTION_OF = {
+    "preset": "preset",
+    "model": "model",
+    "num-server-rounds": "rounds",
+    "target-epsilon": "epsilon",
+    "dp": "no_dp",
+    "mode": "mode",
+    "partition": "partition",
+    "alpha": "alpha",
+    "seed": "seed",
+    "secure-aggregation": "secure_aggregation",
+}
+
+
+def _given_options() -> set[str]:
+    """The options typed on the command line (not left at their defaults); none when called from Python."""
+    import click
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return set()
+    return {n for n in ctx.params if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}

@@ -1,7 +1,7 @@
 """`privatune sweep`: accuracy and macro-F1 against epsilon, each point a `privatune simulate` run.
 
 The command takes every option of ``privatune simulate`` except the ones it sweeps (``--epsilon``, ``--mode``,
-``--no-dp``) or sets per point (``--out``, ``--overwrite``): its signature is built from simulate's, so the two
+``--no-dp``) or sets per point (``--out``, ``--overwrite``, ``--resume``): its signature is built from simulate's, so the two
 cannot drift apart, and each point calls :func:`privatune.cli.simulation.simulate` itself.
 """
 
@@ -22,7 +22,7 @@ from privatune.cli.simulation import simulate
 from privatune.cli.terminal import console
 
 # simulate's options the sweep sets itself, per point.
-NOT_FORWARDED = ("epsilon", "no_dp", "mode", "out", "overwrite")
+NOT_FORWARDED = ("epsilon", "no_dp", "mode", "out", "overwrite", "resume")
 
 
 def _sweep_options(
@@ -81,6 +81,7 @@ def sweep(**options: Any) -> None:
                 mode=point.mode,
                 out=run_dir,
                 overwrite=overwrite,
+                resume=None,  # a point reruns whole (run_sweep skips the finished ones)
             )
         except typer.Exit as err:
             if err.exit_code not in (0, 1):  # 1: this run failed (its reasons printed); the sweep goes on
