@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from privatune.cli.inputs import UsageError, check_resources, parse_kv, read_run_config_file
 from privatune.cli.terminal import console
 from privatune.common.models import FINE_TUNING_MODES
+
+if TYPE_CHECKING:
+    from privatune.common.config import RunConfig
 
 
 def simulate(
@@ -167,6 +171,20 @@ def simulate(
         console.print(describe(own), highlight=False, soft_wrap=True)
     cfg = prepare_config(cfg, clients, out)  # refuse bad sizes and missing keys before Ray starts
 
+    _run_and_report(cfg, clients, out, verbose, client_cpus, client_gpus)
+
+
+def _run_and_report(
+    cfg: RunConfig,
+    clients: int,
+    out: Path,
+    verbose: bool,
+    client_cpus: float,
+    client_gpus: float,
+    *,
+    resume: bool = False,
+) -> None:
+    """Run the simulation with round lines on the terminal; exit 1 if it failed (a fresh run or a resume)."""
     from privatune.simulations.progress import RoundPrinter
     from privatune.simulations.simulate import run_simulation
 
@@ -181,6 +199,7 @@ def simulate(
         client_gpus=client_gpus,
         client_cpus=client_cpus,
         stop_on_signal=True,
+        resume=resume,
     )
     printer.final(summary, out)
     if summary.get("status") == "failed":
@@ -198,9 +217,8 @@ def _resume(
 ) -> None:
     """``--resume``: the run folder's own config, its sites' ledgers, its round numbers continuing."""
     from privatune.server.checkpoint import checkpoint_dir, read_commit
-    from privatune.simulations.progress import RoundPrinter
     from privatune.simulations.resume import orphan_spends, resume_config
-    from privatune.simulations.simulate import confine_writes, run_simulation
+    from privatune.simulations.simulate import confine_writes
 
     cfg, num_clients = resume_config(run_dir, given, rounds, clients)
     out = Path(cfg.out_dir)
@@ -216,22 +234,7 @@ def _resume(
             "counted (they were spent) and the round is run again",
             highlight=False,
         )
-    printer = RoundPrinter(console, cfg, num_clients)
-    printer.header()
-    summary = run_simulation(
-        cfg,
-        num_clients,
-        out,
-        observer=printer,
-        verbose=verbose,
-        client_gpus=client_gpus,
-        client_cpus=client_cpus,
-        stop_on_signal=True,
-        resume=True,
-    )
-    printer.final(summary, out)
-    if summary.get("status") == "failed":
-        raise typer.Exit(1)
+    _run_and_report(cfg, num_clients, out, verbose, client_cpus, client_gpus, resume=True)
 
 
 # Run-config keys that simulate's own options also set (the option's parameter name).
