@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from privatune.common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
-from privatune.common.accounting import TARGET_EPSILON_MAX, TARGET_EPSILON_MIN
 from privatune.common.augment.spec import AugmentSpecError, check_augment
 from privatune.common.cache import CACHE_OFF
+from privatune.common.config_checks import check_aggregation, check_dp
 from privatune.common.fashion_mnist import FASHION_MNIST_LABELS
 from privatune.common.models.modes import (
     ACCEPTED_MODES,
@@ -358,34 +358,7 @@ class RunConfig:
         need(self.batch_size >= 1, "batch-size", "must be at least 1")
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
         need(self.max_length >= 4, "max-length", "must be at least 4 tokens")
-        need(
-            self.target_epsilon > 0 and not math.isnan(self.target_epsilon),
-            "target-epsilon",
-            f"must be > 0 (got {self.target_epsilon}); use inf or dp=false for a non-private baseline",
-        )
-        need(
-            not self.private
-            or self.noise_multiplier > 0
-            or TARGET_EPSILON_MIN <= self.target_epsilon <= TARGET_EPSILON_MAX,
-            "target-epsilon",
-            f"{self.target_epsilon:g} is outside the range the noise calibration reaches, "
-            f"[{TARGET_EPSILON_MIN:g}, {TARGET_EPSILON_MAX:g}]; use inf (or dp=false) for a non-private baseline",
-        )
-        need(
-            self.delta == 0 or 0 < self.delta < MAX_DELTA,
-            "delta",
-            f"must be in (0, {MAX_DELTA:g}) or 0, got {self.delta:g}; 0 means each site's own delta",
-        )
-        need(
-            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
-            "noise-multiplier",
-            f"must be a finite number >= 0 (0 = calibrate from target-epsilon), got {self.noise_multiplier:g}",
-        )
-        need(
-            math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
-            "max-grad-norm",
-            f"must be a finite number > 0 (the clipping bound the noise is scaled to), got {self.max_grad_norm:g}",
-        )
+        check_dp(self, need)  # target-epsilon, delta, noise-multiplier, max-grad-norm
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         need(math.isfinite(self.round_timeout), "round-timeout", "must be a finite number of seconds")
         need(math.isfinite(self.sim_max_epsilon), "sim-max-epsilon", "must be finite (0 = no site budget)")
@@ -419,33 +392,12 @@ class RunConfig:
             f"must be >= 0 records (0 = no splitting), got {self.max_physical_batch_size}",
         )
         need(
-            self.secure_aggregation in SECURE_AGGREGATION,
-            "secure-aggregation",
-            f"must be one of {SECURE_AGGREGATION}",
-        )
-        need(
             self.cache_dir.strip().lower() in ("", *CACHE_OFF) or os.path.isabs(os.path.expanduser(self.cache_dir)),
             "cache-dir",
             f"'{self.cache_dir}' is a relative path, which means a different folder in every process of a "
             'simulation; give an absolute folder (or ~/...), "" for the user\'s cache folder, or "off"',
         )
-        need(self.aggregator in AGGREGATORS, "aggregator", f"'{self.aggregator}' is not one of {AGGREGATORS}")
-        need(
-            self.aggregator == "fedavg" or self.secure_aggregation != "he",
-            "aggregator",
-            f"'{self.aggregator}' compares plaintext updates, but secure-aggregation=he only lets the server add "
-            "ciphertexts; use aggregator=fedavg with he, or secure-aggregation=none",
-        )
-        need(0 <= self.trim_beta < 0.5, "trim-beta", "must be in [0, 0.5): the fraction cut at each end")
-        need(self.krum_byzantine >= 0, "krum-byzantine", "must be >= 0")
-        need(self.krum_select >= 1, "krum-select", "must be at least 1 (1 = Krum, more = MultiKrum)")
-        if self.aggregator == "krum" and self.krum_byzantine > 0:
-            need(
-                self.min_clients >= 2 * self.krum_byzantine + 3,
-                "krum-byzantine",
-                f"Krum tolerates f={self.krum_byzantine} faulty clients only with at least 2f+3 = "
-                f"{2 * self.krum_byzantine + 3} replies; raise min-clients or lower krum-byzantine",
-            )
+        check_aggregation(self, need)  # secure-aggregation, aggregator and its parameters
         try:  # issue 16: the augmentation spec, refused here (before any training) with the key, op and range
             check_augment(
                 self.augment,
