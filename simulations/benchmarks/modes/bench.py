@@ -40,18 +40,17 @@ from privatune.simulations.benchmarks.report import (
 )
 
 
-def measure_cell(plan: ModesPlan, cell: Cell, out: Path, log: Log) -> dict[str, Any]:
-    """Run (or read back) one cell; its figures with its tag, setting, privacy level and run config."""
-    rc = plan.run_config(cell)
-    run_dir, spec_path, log_path = (
-        out / "runs" / cell.tag,
-        out / "specs" / f"{cell.tag}.json",
-        out / "logs" / f"{cell.tag}.log",
-    )
-    spec = {"run_config": rc, "clients": plan.clients, "out": str(run_dir)}
+def run_child(
+    run_config: dict[str, Any], clients: int, out: Path, tag: str, log: Log
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Run (or read back) one simulation as a child process: its ``child.json``, ``summary.json`` and output.
+
+    Shared by the benchmarks that run one federation per cell (modes, augmentation)."""
+    run_dir, spec_path, log_path = (out / "runs" / tag, out / "specs" / f"{tag}.json", out / "logs" / f"{tag}.log")
+    spec = {"run_config": run_config, "clients": clients, "out": str(run_dir)}
     reuse = (run_dir / "child.json").exists() and spec_path.exists() and json.loads(spec_path.read_text()) == spec
     if reuse:
-        log(f"  {cell.tag}: finished before, reading it back")
+        log(f"  {tag}: finished before, reading it back")
     else:
         for p in (spec_path, log_path):
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -65,10 +64,14 @@ def measure_cell(plan: ModesPlan, cell: Cell, out: Path, log: Log) -> dict[str, 
             )
     child = json.loads((run_dir / "child.json").read_text()) if (run_dir / "child.json").exists() else {}
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    cfg = plan.resolved(cell)
-    figures = cell_result(
-        summary, child, log_path.read_text(errors="replace") if log_path.exists() else "", cfg.local_epochs
-    )
+    return child, summary, log_path.read_text(errors="replace") if log_path.exists() else ""
+
+
+def measure_cell(plan: ModesPlan, cell: Cell, out: Path, log: Log) -> dict[str, Any]:
+    """Run (or read back) one cell; its figures with its tag, setting, privacy level and run config."""
+    rc = plan.run_config(cell)
+    child, summary, log_text = run_child(rc, plan.clients, out, cell.tag, log)
+    figures = cell_result(summary, child, log_text, plan.resolved(cell).local_epochs)
     return {
         "tag": cell.tag,
         "setting": cell.setting,
