@@ -130,6 +130,26 @@ def confine_writes(out: Path) -> None:
     os.environ.setdefault("MPLCONFIGDIR", str(out / ".cache" / "matplotlib"))
 
 
+#: Ray's own variable for the cluster a driver joins (``privatune simulate --ray-address`` sets it): with it, the
+#: simulated clients run on that cluster's nodes (docs/ray-cluster.md) instead of a Ray started for this run.
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def ray_init_args(address: str, temp_dir: str, cpus: int, verbose: bool) -> dict[str, ConfigRecordValues]:
+    """``ray.init`` arguments (Flower's ``init_args``): a private local Ray sized to this machine, or, with an
+    ``address``, a connection to that running cluster, which owns its CPUs, GPUs and temp folder (Ray refuses
+    num_cpus, num_gpus and a temp folder from a driver that joins)."""
+    args: dict[str, ConfigRecordValues] = {
+        "logging_level": logging.WARNING if not verbose else logging.INFO,
+        # Client logs stay in the actors unless asked for: the server already reports every refused or dropped
+        # client with its reason.
+        "log_to_driver": verbose,
+    }
+    if address:
+        return {"address": address, **args}
+    return {"_temp_dir": temp_dir, "num_cpus": cpus, "include_dashboard": False, **args}
+
+
 def run_simulation(
     cfg: RunConfig,
     num_clients: int,
@@ -177,22 +197,14 @@ def run_simulation(
         # already reports every client that did not train with its reason on one line (server/reasons.py),
         # and an exception that ends the run reaches the CLI, which logs its traceback to a file.
         logging.getLogger("flwr").setLevel(logging.CRITICAL)
+    address = os.environ.get(RAY_ADDRESS_ENV, "").strip()
     ray_tmp = tempfile.mkdtemp(prefix="pt-ray-")
-    cpus = os.cpu_count() or 1
     backend_config: dict[str, dict[str, ConfigRecordValues]] = {  # Flower's BackendConfig
         # A GPU share per client (e.g. 0.5 = two clients per GPU); 0 without a GPU, or Ray makes no actors.
         "client_resources": {"num_cpus": float(client_cpus), "num_gpus": float(client_gpus)},
-        "init_args": {
-            "_temp_dir": ray_tmp,
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "logging_level": logging.WARNING if not verbose else logging.INFO,
-            # Client logs stay in the actors unless asked for: the server already reports every
-            # refused or dropped client with its reason.
-            "log_to_driver": verbose,
-        },
+        "init_args": ray_init_args(address, ray_tmp, os.cpu_count() or 1, verbose),
     }
-    if client_gpus > 0:
+    if client_gpus > 0 and not address:
         import torch
 
         if not torch.cuda.is_available():

@@ -87,8 +87,14 @@ def finite(value: float, option: str, minimum: float, strict: bool = False, maxi
     return value
 
 
-def check_resources(client_cpus: float, client_gpus: float) -> None:
-    """Ray makes no client actor (and the run waits forever) when one client asks for more than the machine has."""
+def check_resources(client_cpus: float, client_gpus: float, ray_address: str = "") -> None:
+    """Ray makes no client actor (and the run waits forever) when one client asks for more than the machine (or,
+    with ``ray_address``, the largest node of that cluster) has."""
+    if ray_address:
+        finite(client_cpus, "--client-cpus", 0.0, strict=True)
+        finite(client_gpus, "--client-gpus", 0.0)
+        check_ray_cluster(ray_address, client_cpus, client_gpus)
+        return
     cpus = os.cpu_count() or 1
     finite(client_cpus, "--client-cpus", 0.0, strict=True, maximum=float(cpus))
     finite(client_gpus, "--client-gpus", 0.0)
@@ -100,6 +106,45 @@ def check_resources(client_cpus: float, client_gpus: float) -> None:
             raise UsageError("--client-gpus > 0 but this machine has no CUDA GPU; Flower would start no clients")
         if client_gpus > gpus:
             raise UsageError(f"--client-gpus {client_gpus:g} is more than the {gpus} GPU(s) this machine has")
+
+
+def check_ray_cluster(address: str, client_cpus: float, client_gpus: float) -> None:
+    """Join the cluster at ``address`` once before anything is claimed: it must be reachable, and one of its nodes
+    must hold a client's CPUs and GPUs (a client that fits no node would wait forever)."""
+    import socket
+
+    import ray
+
+    host, sep, port = address.rpartition(":")
+    if address != "auto" and not address.startswith("ray://"):
+        if not sep or not host or not port.isdigit():
+            raise UsageError(f"--ray-address {address!r}: give the head's HOST:PORT (e.g. 10.0.0.5:6379) or auto")
+        try:  # Ray itself retries a dead address for minutes: a plain TCP probe answers in seconds
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as err:
+            raise UsageError(
+                f"--ray-address {address}: nothing listens there ({err.strerror or err}); start the cluster with "
+                "`ray start --head --port PORT` and give its HOST:PORT (docs/ray-cluster.md)"
+            ) from None
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no FutureWarning on a CPU cluster
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except Exception as err:  # ConnectionError, or a ValueError for a malformed address
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(
+            f"--ray-address {address}: no running Ray cluster answers there ({first}); start one with "
+            "`ray start --head` and give its HOST:PORT (docs/ray-cluster.md)"
+        ) from None
+    try:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    finally:
+        ray.shutdown()
+    if not any(n.get("CPU", 0) >= client_cpus and n.get("GPU", 0) >= client_gpus for n in nodes):
+        largest = max(((n.get("CPU", 0), n.get("GPU", 0)) for n in nodes), default=(0, 0))
+        raise UsageError(
+            f"--ray-address {address}: no node of the cluster has --client-cpus {client_cpus:g} and --client-gpus "
+            f"{client_gpus:g} free for one client (its largest node: {largest[0]:g} CPUs, {largest[1]:g} GPUs)"
+        )
 
 
 def check_output_file(path: Path, option: str) -> None:

@@ -46,6 +46,12 @@ def simulate(
     client_cpus: float = typer.Option(1.0, "--client-cpus", help="CPU cores per simulated client"),
     client_gpus: float = typer.Option(0.0, "--client-gpus", help="GPU share per simulated client (0.5 = two per GPU)"),
     verbose: bool = typer.Option(False, "--verbose", help="show Flower's and Ray's logs"),
+    ray_address: str = typer.Option(
+        "",
+        "--ray-address",
+        envvar="RAY_ADDRESS",
+        help="run the clients on this running Ray cluster (HOST:PORT of its head; docs/ray-cluster.md)",
+    ),
     data: Path | None = typer.Option(None, "--data", help="your own data: csv, jsonl, npz or an image folder"),
     test_data: Path | None = typer.Option(
         None, "--test-data", help="your own test file (default: hold out test-fraction of --data)"
@@ -79,7 +85,13 @@ def simulate(
         raise UsageError(f"--rounds must be >= 1 (or 0 for the preset's), got {rounds}")
     if seed < 0:
         raise UsageError(f"--seed must be >= 0, got {seed}")
-    check_resources(client_cpus, client_gpus)
+    check_resources(client_cpus, client_gpus, ray_address)
+    if ray_address:  # Ray's own variable: run_simulation joins that cluster (simulations/simulate.py)
+        import os
+
+        from privatune.simulations.simulate import RAY_ADDRESS_ENV
+
+        os.environ[RAY_ADDRESS_ENV] = ray_address
     extra = parse_kv(run_config)
     if resume is not None:
         named = {
