@@ -3,6 +3,7 @@ configs, and (slow) three-stage runs whose records' budgets carry over in the sh
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -65,7 +66,7 @@ def test_class_incremental_chunks_bring_the_labels_in_label_order():
     for chunk, group in zip(chunks, groups, strict=True):
         assert set(labels[chunk].tolist()) == set(group.tolist())
     # every label of a later stage is above every label of an earlier one
-    for a, b in zip(chunks, chunks[1:], strict=False):
+    for a, b in itertools.pairwise(chunks):
         assert labels[a].max() < labels[b].min()
     with pytest.raises(ValueError, match="cannot split 10 labels into 11 stages"):
         stage_chunks(labels, 11, "class", seed=0, num_labels=10)
@@ -201,7 +202,9 @@ def test_stage_options_are_checked_on_the_command_line():
         check_stage_options(3, False, 0.0, True)
     with pytest.raises(UsageError, match=r"--rehearsal is a fraction"):
         check_stage_options(3, False, 2.0, False)
-    check_stage_options(3, True, 0.5, False)
+    with pytest.raises(UsageError, match=r"--run-config sim-stage, sim-stages: set per stage by --stages S"):
+        check_stage_options(0, False, 0.0, False, {"sim-stages", "sim-stage", "lr"})
+    check_stage_options(3, True, 0.5, False, {"lr"})
 
 
 # -- slow: three-stage runs ---------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def simulate(
         raise UsageError(f"--seed must be >= 0, got {seed}")
     check_resources(client_cpus, client_gpus)
     extra = parse_kv(run_config)
-    check_stage_options(stages, class_incremental, rehearsal, resume is not None)
+    check_stage_options(stages, class_incremental, rehearsal, resume is not None, set(extra))
     if resume is not None:
         named = {
             "preset": preset,
@@ -188,8 +188,18 @@ def simulate(
     _run_and_report(cfg, clients, out, verbose, client_cpus, client_gpus)
 
 
-def check_stage_options(stages: int, class_incremental: bool, rehearsal: float, resume: bool) -> None:
-    """--stages and its options, before anything is read."""
+STAGE_KEYS = ("sim-stages", "sim-stage", "sim-stage-split", "sim-rehearsal")
+
+
+def check_stage_options(
+    stages: int, class_incremental: bool, rehearsal: float, resume: bool, run_config_keys: set[str] | None = None
+) -> None:
+    """--stages and its options, before anything is read; the stage keys are --stages' to set, per stage."""
+    given = sorted(set(run_config_keys or ()) & set(STAGE_KEYS))
+    if given:
+        raise UsageError(
+            f"--run-config {', '.join(given)}: set per stage by --stages S (with --class-incremental, --rehearsal F)"
+        )
     if stages < 0 or (stages == 0 and (class_incremental or rehearsal)):
         raise UsageError("--class-incremental and --rehearsal go with --stages S (S >= 1, the number of arrivals)")
     if stages and resume:
