@@ -31,6 +31,7 @@ from privatune.common.models.modes import (
 )
 from privatune.common.models.names import model_kind, run_model_name
 from privatune.common.optimizers import OPTIMIZER_SGD, OPTIMIZERS, check_server_optimiser
+from privatune.common.stages import check_stages
 
 # Label sets of the preset datasets, so a site (which has no copy of them) knows the index order.
 DATASET_LABELS: dict[str, tuple[str, ...]] = {
@@ -204,6 +205,13 @@ class RunConfig:
     # issue 14 (privatune tune): simulation only: the folder of the simulated sites' ledgers ("" = OUT/ledgers); a
     # study passes one folder to all its trials so their spends compose there and a site budget stops the study
     sim_ledger_dir: str = ""
+    # issue 15 (data that arrives over time; common/stages.py): simulation only, set per stage by
+    # `privatune simulate --stages S`: how many stages, which one this run trains, iid chunks or class-incremental
+    # label groups, and the fraction of earlier stages' records trained again (rehearsal)
+    sim_stages: int = 0
+    sim_stage: int = 0
+    sim_stage_split: str = "iid"
+    sim_rehearsal: float = 0.0
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -410,6 +418,7 @@ class RunConfig:
         except AugmentSpecError as err:
             raise ConfigError(str(err)) from None
         check_server_optimiser(self, need)  # issue 15: server-optimiser, server-*, proximal-mu
+        check_stages(self, need)  # issue 15: sim-stages, sim-stage, sim-stage-split, sim-rehearsal
 
 
 #: How a run without a preset is filled in (docs/fine-tuning.md "A model without a preset"): the model's kind (text or

@@ -28,6 +28,7 @@ from privatune.common.datasets import (
     train_val_split,
 )
 from privatune.common.partition import partition_indices
+from privatune.common.stages import stage_records_of
 
 
 class DataKey(NamedTuple):
@@ -94,7 +95,14 @@ def client_records(cfg: RunConfig, partition_id: int, num_partitions: int) -> La
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     pool, _ = central_split(cfg)
     parts = _partitions(data_key(cfg), cfg.partition, cfg.alpha, num_partitions)
-    return pool.subset(parts[partition_id])
+    records = pool.subset(parts[partition_id])
+    staged = stage_records_of(cfg, records.labels, client_stage_seed(cfg.seed, partition_id))
+    return records if staged is None else records.subset(staged)  # a continual run: this stage's records only
+
+
+def client_stage_seed(seed: int, partition_id: int) -> int:
+    """The seed of a client's stage chunks and rehearsal sample (its own, from the run seed and its partition)."""
+    return seed * 1_000_003 + partition_id
 
 
 def check_federation_size(cfg: RunConfig, num_clients: int) -> None:

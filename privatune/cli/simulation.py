@@ -67,6 +67,15 @@ def simulate(
     resume: Path | None = typer.Option(
         None, "--resume", help="continue the run in this folder from its last completed round (docs/resume.md)"
     ),
+    stages: int = typer.Option(
+        0, "--stages", help="continual: each client's data arrives in S stages (docs/continual.md)"
+    ),
+    class_incremental: bool = typer.Option(
+        False, "--class-incremental", help="with --stages: stage s brings the s-th group of labels (in label order)"
+    ),
+    rehearsal: float = typer.Option(
+        0.0, "--rehearsal", help="with --stages: fraction of earlier stages' records trained again (costs budget)"
+    ),
 ) -> None:
     """Run a simulated federation on this machine and report accuracy against epsilon.
 
@@ -93,6 +102,7 @@ def simulate(
 
         os.environ[RAY_ADDRESS_ENV] = ray_address
     extra = parse_kv(run_config)
+    check_stage_options(stages, class_incremental, rehearsal, resume is not None, set(extra))
     if resume is not None:
         named = {
             "preset": preset,
@@ -182,8 +192,32 @@ def simulate(
         cfg = RunConfig.from_flower(values)
         console.print(describe(own), highlight=False, soft_wrap=True)
     cfg = prepare_config(cfg, clients, out)  # refuse bad sizes and missing keys before Ray starts
+    if stages:
+        from privatune.cli.continual import run_stages
 
+        run_stages(cfg, clients, out, stages, class_incremental, rehearsal, verbose, client_cpus, client_gpus)
+        return
     _run_and_report(cfg, clients, out, verbose, client_cpus, client_gpus)
+
+
+STAGE_KEYS = ("sim-stages", "sim-stage", "sim-stage-split", "sim-rehearsal")
+
+
+def check_stage_options(
+    stages: int, class_incremental: bool, rehearsal: float, resume: bool, run_config_keys: set[str] | None = None
+) -> None:
+    """--stages and its options, before anything is read; the stage keys are --stages' to set, per stage."""
+    given = sorted(set(run_config_keys or ()) & set(STAGE_KEYS))
+    if given:
+        raise UsageError(
+            f"--run-config {', '.join(given)}: set per stage by --stages S (with --class-incremental, --rehearsal F)"
+        )
+    if stages < 0 or (stages == 0 and (class_incremental or rehearsal)):
+        raise UsageError("--class-incremental and --rehearsal go with --stages S (S >= 1, the number of arrivals)")
+    if stages and resume:
+        raise UsageError("--resume continues one run; a continual run (--stages) cannot be resumed, run it again")
+    if not (0.0 <= rehearsal <= 1.0):
+        raise UsageError(f"--rehearsal is a fraction of the earlier stages' records in [0, 1], got {rehearsal}")
 
 
 def _run_and_report(

@@ -21,8 +21,10 @@ from privatune.cli.inputs import UsageError, parse_kv
 from privatune.cli.simulation import simulate
 from privatune.cli.terminal import console
 
+# simulate's continual options (issue 15): a sweep point is one run, never a continual one.
+CONTINUAL_OFF = ("stages", "class_incremental", "rehearsal")
 # simulate's options the sweep sets itself, per point.
-NOT_FORWARDED = ("epsilon", "no_dp", "mode", "out", "overwrite", "resume")
+NOT_FORWARDED = ("epsilon", "no_dp", "mode", "out", "overwrite", "resume", *CONTINUAL_OFF)
 
 
 def _sweep_options(
@@ -82,6 +84,9 @@ def sweep(**options: Any) -> None:
                 out=run_dir,
                 overwrite=overwrite,
                 resume=None,  # a point reruns whole (run_sweep skips the finished ones)
+                stages=0,  # CONTINUAL_OFF: a point is one run
+                class_incremental=False,
+                rehearsal=0.0,
             )
         except typer.Exit as err:
             if err.exit_code not in (0, 1):  # 1: this run failed (its reasons printed); the sweep goes on
