@@ -29,8 +29,8 @@ from privatune.common.config import ConfigError, RunConfig
 from privatune.common.models import FineTuning, configure_trainable, get_model_spec
 from privatune.common.models.names import run_model_name
 from tests.test_augment_text import write_wordnet
+from tests.test_own_model import WORDS  # its tiny BERT's word-level vocabulary
 
-WORDS = "win a prize now lunch tomorrow how far is the moon who wrote it cash reward ok later film good bad".split()
 TEXTS = ["win a prize now", "lunch tomorrow ok", "how far is the moon", "who wrote it later", "cash reward now"]
 LABELS = torch.tensor([1, 0, 0, 0, 1])
 LENGTH = 8
@@ -202,8 +202,11 @@ def test_a_dp_step_with_two_text_views_is_the_mean_of_views_clipped_summed_and_n
     summed = (g * factor[:, None]).sum(0)
     noise = torch.cat(
         [
-            (rng.gaussian(tuple(p.shape), sigma * clip, device="cpu", dtype=p.dtype) if sigma else torch.zeros_like(p))
-            .flatten()
+            (
+                rng.gaussian(tuple(p.shape), sigma * clip, device="cpu", dtype=p.dtype)
+                if sigma
+                else torch.zeros_like(p)
+            ).flatten()
             for p in params
         ]
     )
@@ -254,7 +257,11 @@ def test_n_q_sigma_steps_and_the_mechanism_are_those_without_text_augmentation(b
     )
     aug = _dp(bert, _model(bert), views=4, sigma=1.1, clip=1.0, seed=3, epochs=2, batch_size=2, lr=0.1)
     assert aug.num_examples == plain.num_examples == len(TEXTS)
-    assert (aug.noise_multiplier, aug.sample_rate, aug.steps) == (plain.noise_multiplier, plain.sample_rate, plain.steps)
+    assert (aug.noise_multiplier, aug.sample_rate, aug.steps) == (
+        plain.noise_multiplier,
+        plain.sample_rate,
+        plain.steps,
+    )
     assert aug.mechanism.gaussian == plain.mechanism.gaussian
     assert (aug.mechanism.max_grad_norm, aug.mechanism.delta, aug.mechanism.accountant) == (
         plain.mechanism.max_grad_norm,
