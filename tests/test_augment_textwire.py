@@ -294,3 +294,89 @@ def test_without_dp_text_views_are_plain_augmentation(bert):
     assert math.isfinite(res.loss)
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+# -- a site round and a federation -------------------------------------------------------------------------------
+
+
+def _site_round(cfg: RunConfig, message_factory, context_factory):
+    from privatune.client.app import train
+    from tests.helpers.messages import initial_state
+
+    node = {"partition-id": 0, "num-partitions": 2}
+    return train(message_factory(cfg, initial_state(cfg), server_round=1), context_factory(node, run_id=7))
+
+
+def _text_config(out: Path, bert: str, **kw) -> RunConfig:
+    from tests.helpers.messages import digits_config
+
+    values = dict(preset="sms-spam", model=bert, mode="last-k", max_records=80, max_length=LENGTH, target_epsilon=8.0)
+    return digits_config(out, **{**values, **kw})
+
+
+def test_a_site_round_without_wordnet_is_refused_before_the_spend(
+    bert, tmp_path, monkeypatch, message_factory, context_factory
+):
+    from privatune.common.ledger import SiteLedger
+
+    missing = tmp_path / "nowhere"
+    monkeypatch.setenv(W.WORDNET_ENV, str(missing))
+    cfg = _text_config(tmp_path / "run", bert, augment="swap=0.1,synonym=0.2", augment_views=2)  # valid centrally
+    status = _site_round(cfg, message_factory, context_factory).content["status"]
+    assert status["status"] == "refused"
+    assert "synonym needs WordNet" in status["reason"] and str(missing) not in status["reason"]
+    ledgers = sorted((tmp_path / "run" / "ledgers").glob("*.ledger.sqlite"))
+    assert ledgers and all(SiteLedger(p).entries() == [] for p in ledgers)  # refused before the write-ahead spend
+
+
+def test_a_site_round_with_text_views_records_k_and_spends_what_k_1_spends(
+    bert, tmp_path, monkeypatch, message_factory, context_factory
+):
+    from privatune.common.ledger import SiteLedger
+
+    monkeypatch.setenv(W.WORDNET_ENV, str(write_wordnet(tmp_path / "wordnet")))
+    spent = {}
+    for views, spec in ((1, ""), (2, "swap=0.1,synonym=0.2,dropout=0.1")):
+        out = tmp_path / f"k{views}"
+        reply = _site_round(
+            _text_config(out, bert, augment=spec, augment_views=views), message_factory, context_factory
+        )
+        assert reply.content["status"]["status"] == "trained", reply.content["status"]
+        (row,) = SiteLedger(out / "ledgers" / "site-client-0.ledger.sqlite").entries()
+        assert row.entry.augment_views == views
+        spent[views] = (row.entry.mechanism, row.entry.epsilon_run, reply.content["metrics"]["epsilon"])
+    assert spent[1] == spent[2]  # n, q, sigma, steps and epsilon: K and the text operations change none
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    W.wordnet_problem(Path(W.DEFAULT_WORDNET_DIR)) is not None,
+    reason=f"WordNet is not in {W.DEFAULT_WORDNET_DIR} (apt-get install wordnet-base)",
+)
+def test_a_trec6_federation_with_two_text_views_under_dp_records_k(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from privatune.common.ledger import SiteLedger
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "privatune.cli", "simulate", "--preset", "trec6", "--clients", "2", "--rounds", "1",
+        "--epsilon", "8", "--mode", "lora", "--out", str(out),
+        "--run-config", "max-records=200 max-length=24 local-epochs=1 augment=swap=0.1,synonym=0.1 augment-views=2",
+    ]  # fmt: skip
+    (tmp_path / "home").mkdir()
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    env.pop(W.WORDNET_ENV, None)  # the sites read Debian's wordnet-base
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["dp"]
+    assert all(0 < e <= 8.0 * 1.01 for e in summary["per_client_epsilon"].values())
+    ledgers = sorted((out / "ledgers").glob("site-*.ledger.sqlite"))
+    assert len(ledgers) == 2
+    for path in ledgers:
+        rows = SiteLedger(path).entries()
+        assert rows and all(r.entry.augment_views == 2 for r in rows)
