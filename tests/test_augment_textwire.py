@@ -380,3 +380,21 @@ def test_a_trec6_federation_with_two_text_views_under_dp_records_k(tmp_path):
     for path in ledgers:
         rows = SiteLedger(path).entries()
         assert rows and all(r.entry.augment_views == 2 for r in rows)
+
+
+def test_site_check_names_a_missing_wordnet_for_the_announced_run(bert, tmp_path, monkeypatch):
+    from privatune.client.site_check import check_site
+
+    # A label the run does not know stops the check at the data, after the augment line and before the (slow)
+    # budget projection: this test reads the augment line only.
+    data = tmp_path / "sms.csv"
+    data.write_text("text,label\nwin a prize now,maybe\n")
+    node = {"site-id": "bank-a", "data-path": str(data), "ledger-path": str(tmp_path / "l.sqlite")}
+    run = {"preset": "sms-spam", "model": bert, "mode": "last-k", "augment": "swap=0.1,insert=0.1"}
+    monkeypatch.setenv(W.WORDNET_ENV, str(tmp_path / "nowhere"))
+    (check,) = [c for c in check_site(node, run).checks if c.name == "augment"]
+    assert not check.ok and "insert needs WordNet" in check.detail and "apt-get install wordnet-base" in check.detail
+    monkeypatch.setenv(W.WORDNET_ENV, str(write_wordnet(tmp_path / "wordnet")))
+    (check,) = [c for c in check_site(node, run).checks if c.name == "augment"]
+    assert check.ok and "swap=0.1,insert=0.1" in check.detail
+    assert [c.name for c in check_site(node, {**run, "augment": ""}).checks if c.name == "augment"] == []

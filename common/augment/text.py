@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from privatune.common.augment import wordnet
-from privatune.common.augment.spec import AugmentOp
+from privatune.common.augment.spec import TEXT, AugmentOp, parse_augment
 
 Words = list[str]
 
@@ -214,6 +214,14 @@ def text_site_problem(ops: Sequence[tuple[str, float]]) -> str | None:
         if problem is not None:
             return problem
     return None
+
+
+def augment_site_problem(augment: str, kind: str | None) -> str | None:
+    """What this site lacks to run the run config's ``augment`` on a model of ``kind`` (``privatune site check``
+    and the round, before the spend), or None; a spec the run config would refuse raises AugmentSpecError."""
+    if kind != TEXT:
+        return None
+    return text_site_problem([(s.op.name, s.strength) for s in parse_augment(augment, kind)])
 
 
 def augment_text(text: str, ops: Sequence[tuple[str, float]], rng: np.random.Generator) -> str:
