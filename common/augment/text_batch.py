@@ -40,7 +40,7 @@ class TextAugmentSiteError(ValueError):
 
 
 def text_batch_augment(
-    texts: Sequence[str], steps: Sequence[AugmentStep], encode: TextEncoder
+    texts: Sequence[str] | np.ndarray, steps: Sequence[AugmentStep], encode: TextEncoder
 ) -> Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]]:
     """The ``augment`` of a text model's loop over ``texts`` (row i is ``texts[i]``); checks at once that this site
     can run every step (:class:`TextAugmentSiteError` otherwise)."""
@@ -50,7 +50,7 @@ def text_batch_augment(
         if problem is not None:
             raise TextAugmentSiteError(problem, name)
     check_text_ops(ops)
-    records = list(texts)
+    records = [str(t) for t in texts]
 
     def apply(inputs: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         rows = inputs[0]
