@@ -26,7 +26,8 @@ from privatune.client.site_data import SiteDataError, load_site_data
 from privatune.client.site_secret import key_for_ledger
 from privatune.client.training import BatchAugment, LocalTrainResult, train_local
 from privatune.common.augment.image import image_batch_augment
-from privatune.common.augment.spec import IMAGE, parse_augment
+from privatune.common.augment.spec import IMAGE, TEXT, parse_augment
+from privatune.common.augment.text_batch import TextAugmentSiteError, text_batch_augment
 from privatune.common.config import RunConfig
 from privatune.common.datasets import LabelledData
 from privatune.common.evaluation import macro_f1
@@ -213,12 +214,33 @@ class RoundInputs:
     inputs: tuple[torch.Tensor, ...]
     labels: torch.Tensor
     randomness: Randomness
+    augment: BatchAugment | None = None  # issue 16: the run's augmentation of a batch (None: none)
 
 
 def round_inputs(run: LocalRun, data: LabelledData, randomness: Randomness | None = None) -> RoundInputs:
-    module, inputs = module_and_inputs(run, data)
+    module, inputs, augment = augmented_inputs(run, data)
     labels = torch.as_tensor(data.labels, dtype=torch.long)
-    return RoundInputs(module, inputs, labels, randomness if randomness is not None else round_randomness(run))
+    return RoundInputs(module, inputs, labels, randomness if randomness is not None else round_randomness(run), augment)
+
+
+def augmented_inputs(
+    run: LocalRun, data: LabelledData
+) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], BatchAugment | None]:
+    """The module, the loop's inputs and the run's augmentation of a batch (issue 16, docs/augmentation.md).
+
+    Images: the encoded images, augmented per step (common/augment/image.py). Text with operations: the loop's
+    inputs are the records' row numbers, and each step draws and tokenises its sampled records' K views
+    (common/augment/text_batch.py; the model's encoder and max-length, as :func:`module_and_inputs` encodes);
+    a site without the WordNet an operation needs is refused here, before the spend. The run config refused the
+    other kind's operations and head mode already."""
+    cfg = run.cfg
+    spec = get_model_spec(cfg.model)
+    steps = parse_augment(cfg.augment, spec.kind)
+    if steps and spec.kind == TEXT:
+        augment = text_batch_augment(data.inputs, steps, lambda texts: spec.encode(texts, max_length=cfg.max_length))
+        return run.model, (torch.arange(len(data), dtype=torch.long),), augment
+    module, inputs = module_and_inputs(run, data)
+    return module, inputs, image_batch_augment(steps) if steps and spec.kind == IMAGE else None
 
 
 def train_round(
@@ -252,20 +274,10 @@ def train_round(
         ghost_clipping=cfg.ghost_clipping,
         layer_lr_decay=cfg.fine_tuning.layer_lr_decay,
         block_prefixes=run.model.block_prefixes,
-        augment=batch_augment(cfg),
+        augment=prepared.augment,
         augment_views=cfg.augment_views,
         proximal_mu=cfg.proximal_mu,  # FedProx toward the global weights the round loaded (issue 15)
     )
-
-
-def batch_augment(cfg: RunConfig) -> BatchAugment | None:
-    """The run's augmentation of a batch of image inputs (issue 16), or None; text operations act on the records
-    before encoding (common/augment/text.py), not here. The config refused the spec for another kind already."""
-    kind = get_model_spec(cfg.model).kind
-    if kind != IMAGE:
-        return None
-    steps = parse_augment(cfg.augment, kind)
-    return image_batch_augment(steps) if steps else None
 
 
 def params_fingerprint(run: LocalRun) -> str:
@@ -349,6 +361,9 @@ def train_at_site(run: LocalRun) -> TrainedRound | Refusal:
     try:
         prepared = round_inputs(run, cohort)
         he_ctx = load_encryption_context(cfg, site)
+    except TextAugmentSiteError as err:  # the site log names its WordNet folder; the coordinator learns the op
+        log.error("[%s] round %d not started: %s", site.site_id, run.server_round, err)
+        return Refusal(STATUS_REFUSED, f"round not started: {err.for_server()}", site.site_id)
     except (OSError, ValueError, HEError) as err:
         log.error("[%s] round %d not started: %s", site.site_id, run.server_round, err)
         return Refusal(STATUS_REFUSED, f"round not started: {err}", site.site_id)

@@ -104,6 +104,11 @@ def check_site(
     except (ValueError, OSError, RuntimeError) as err:
         rep.add("model", False, str(err))
         return rep
+    if cfg.augment.strip():  # issue 16: WordNet for synonym/insert is the site's to provide, checked here
+        from privatune.common.augment.text import augment_site_problem
+
+        problem = augment_site_problem(cfg.augment, get_model_spec(cfg.model).kind)
+        rep.add("augment", problem is None, problem or f"this site can run {cfg.augment} ({cfg.augment_views} views)")
     assert site.data is not None
     try:
         data = load_site_data(site.data, cfg.label_names, kind=get_model_spec(cfg.model).kind, name=site.site_id)

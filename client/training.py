@@ -76,7 +76,8 @@ class LocalTrainResult:
         return self.mechanism.noise_multiplier
 
 
-#: Augmentation of a batch of the model's inputs (images first) with a generator: common/augment/image.py builds one.
+#: Augmentation of a batch of the model's inputs with a generator: common/augment/image.py builds one for images
+#: (the images first), common/augment/text_batch.py one for text (record numbers in, token tensors out).
 BatchAugment = Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]]
 
 OPACUS_PREFIX = "_module."  # what Opacus' GradSampleModule puts before its inner module's parameter names
@@ -341,11 +342,15 @@ def _views(
     augment: BatchAugment | None,
     generator: torch.Generator | None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """A batch's K views: record i's views are rows i*K .. i*K+K-1, augmented (if asked) as one batch."""
+    """A batch's K views: record i's views are rows i*K .. i*K+K-1, augmented (if asked) as one batch.
+
+    Images and text go through here alike: an image batch's rows are augmented in place; a text model's rows
+    are record numbers that ``augment`` turns into tokenised views (common/augment/text_batch.py), so it runs on
+    an empty Poisson batch too (to give empty token tensors). The labels are only repeated, never augmented."""
     if views > 1:
         xs = [x.repeat_interleave(views, dim=0) for x in xs]
         y = y.repeat_interleave(views, dim=0)
-    if augment is not None and y.numel():
+    if augment is not None:
         assert generator is not None
         xs = augment(xs, generator)
     return xs, y

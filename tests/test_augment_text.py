@@ -83,13 +83,17 @@ def test_a_missing_wordnet_names_the_package_and_the_variable(tmp_path, monkeypa
     assert problem is not None and "apt-get install wordnet-base" in problem and W.WORDNET_ENV in problem
     with pytest.raises(W.WordNetMissingError, match="wordnet-base"):
         W.synonyms("car")
-    for name in ("synonym-replacement", "random-insertion"):  # refused when the config is checked
-        problem = T.TEXT_OPS[name].check(0.1)
-        assert problem is not None and "wordnet-base" in problem
+    for name in ("synonym", "insert"):  # the coordinator's check passes; the site's names the op, folder, fix
+        assert T.TEXT_OPS[name].check(0.1) is None
+        problem = T.text_site_problem([("swap", 0.1), (name, 0.1)])
+        assert problem is not None and "\n" not in problem
+        for part in (f"augment: {name} needs WordNet", str(tmp_path / "nowhere"), "apt-get install wordnet-base"):
+            assert part in problem
+        assert f"drop {name} from augment" in problem
         with pytest.raises(ValueError, match=f"{name}.*apt-get install wordnet-base"):
             T.check_text_ops([(name, 0.1)])
-    for name in ("random-swap", "random-deletion", "token-dropout"):  # these need no WordNet
-        assert T.TEXT_OPS[name].check(0.5) is None
+    for name in ("swap", "delete", "dropout"):  # these need no WordNet
+        assert T.TEXT_OPS[name].check(0.5) is None and T.text_site_problem([(name, 0.5)]) is None
         assert T.augment_text(SENTENCE, [(name, 0.5)], rng()) != SENTENCE
 
 
@@ -115,7 +119,7 @@ def test_no_operation_empties_a_text(mini_wordnet, name, text):
             assert out.strip(), (name, text, strength)
 
 
-@pytest.mark.parametrize("name", ["random-swap", "random-deletion", "random-insertion", "synonym-replacement"])
+@pytest.mark.parametrize("name", ["swap", "delete", "insert", "synonym"])
 def test_strength_zero_changes_nothing(mini_wordnet, name):
     words = SENTENCE.split()
     assert T.TEXT_OPS[name].apply(words, 0.0, rng()) == words
@@ -169,7 +173,7 @@ def test_token_dropout_drops_about_p_and_never_all():
 def test_operations_see_the_text_alone_and_labels_stay(mini_wordnet):
     texts = [SENTENCE, "good car", "fast goose"]
     labels = np.array([2, 0, 1])
-    views = T.text_views(texts, [("synonym-replacement", 0.3), ("random-swap", 0.2)], 4, rng())
+    views = T.text_views(texts, [("synonym", 0.3), ("swap", 0.2)], 4, rng())
     assert len(views) == len(texts) and all(len(v) == 4 for v in views)
     assert labels.tolist() == [2, 0, 1]  # views are per record: record i's label is labels[i] for all its views
     assert views[0] != [SENTENCE] * 4
@@ -177,11 +181,11 @@ def test_operations_see_the_text_alone_and_labels_stay(mini_wordnet):
 
 def test_text_views_gives_k_views_of_each_text(mini_wordnet):
     texts = ["the fast car", "a good goose", "quickly"]
-    views = T.text_views(texts, [("token-dropout", 0.3)], 3, rng(1))
+    views = T.text_views(texts, [("dropout", 0.3)], 3, rng(1))
     assert [len(v) for v in views] == [3, 3, 3]
     assert all(set(" ".join(v).split()) <= set(t.split()) for t, v in zip(texts, views, strict=True))
     assert T.text_views(texts, [], 2, rng()) == [[t, t] for t in texts]  # no operation: the texts themselves
-    assert T.text_views(texts, [("token-dropout", 0.3)], 3, rng(1)) == views  # deterministic
+    assert T.text_views(texts, [("dropout", 0.3)], 3, rng(1)) == views  # deterministic
     for k in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="augment-views"):
             T.text_views(texts, [], k, rng())  # type: ignore[arg-type]
@@ -200,16 +204,16 @@ def test_a_bad_strength_is_refused_naming_the_op_and_the_range(mini_wordnet, nam
 
 
 def test_numpy_strengths_are_numbers(mini_wordnet):
-    assert T.text_op_problem("random-swap", np.float32(0.5)) is None  # type: ignore[arg-type]
-    assert T.augment_text(SENTENCE, [("random-swap", np.float64(0.5))], rng()) != SENTENCE
-    assert T.text_op_problem("random-swap", True) is not None  # a bool is not a strength
+    assert T.text_op_problem("swap", np.float32(0.5)) is None  # type: ignore[arg-type]
+    assert T.augment_text(SENTENCE, [("swap", np.float64(0.5))], rng()) != SENTENCE
+    assert T.text_op_problem("swap", True) is not None  # a bool is not a strength
 
 
 def test_an_unknown_operation_is_refused_naming_it_and_the_known_ones():
     problem = T.text_op_problem("random-shuffle", 0.1)
-    assert problem is not None and "random-shuffle" in problem and "random-swap" in problem
+    assert problem is not None and "random-shuffle" in problem and "swap" in problem
     with pytest.raises(ValueError, match="unknown text operation 'random-shuffle'"):
-        T.augment_text(SENTENCE, [("random-swap", 0.1), ("random-shuffle", 0.1)], rng())
+        T.augment_text(SENTENCE, [("swap", 0.1), ("random-shuffle", 0.1)], rng())
 
 
 # -- the real WordNet (Debian's wordnet-base) ---------------------------------------------------------------------

@@ -72,11 +72,10 @@ def registry(kind: str) -> Mapping[str, AugmentOp]:
         from privatune.common.augment.image import IMAGE_OPS
 
         return IMAGE_OPS
-    if kind == TEXT:
-        # -- TEXT_OPS: register here after the aug-text merge (common/augment/text.py, issue 16), e.g.
-        #    from privatune.common.augment.text import TEXT_OPS
-        #    return TEXT_OPS
-        return {}
+    if kind == TEXT:  # names and ranges only: WordNet is the site's business (text.text_site_problem)
+        from privatune.common.augment.text import TEXT_AUGMENT_OPS
+
+        return TEXT_AUGMENT_OPS
     raise AugmentSpecError(f"{AUGMENT_KEY}: no augmentation for models of kind {kind!r} (image or text)")
 
 

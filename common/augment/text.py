@@ -6,10 +6,12 @@ seed (at a site that seed comes from the site's own randomness). An operation's 
 EDA's operations it is alpha, the fraction of the words changed, ``n = max(1, round(alpha * len(words)))``
 (0 changes nothing); for token dropout it is each token's drop probability. No operation empties a text.
 
-Synonyms come from WordNet (:mod:`privatune.common.augment.wordnet`); the two operations needing it report a
-missing WordNet from :meth:`TextOp.check`, so a config is refused before training, while the others work
-without it. Under DP, views are combined by augmentation multiplicity (each record's gradient averaged over
-its K views before clipping), never added as new records: :func:`text_views` gives those K views.
+Synonyms come from WordNet (:mod:`privatune.common.augment.wordnet`), at the site only: :meth:`TextOp.check`
+(names and ranges, what the coordinator's run-config validation runs through :data:`TEXT_AUGMENT_OPS`) needs no
+WordNet; :func:`text_site_problem` is the site's check before training for the two operations that need it.
+Under DP, views are combined by augmentation multiplicity (each record's gradient averaged over its K views
+before clipping), never added as new records: :func:`text_views` gives those K views, and
+:mod:`privatune.common.augment.text_batch` draws and tokenises them per training step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from privatune.common.augment import wordnet
+from privatune.common.augment.spec import TEXT, AugmentOp, parse_augment
 
 Words = list[str]
 
@@ -134,18 +137,24 @@ class TextOp:
     needs_wordnet: bool = False
 
     def check(self, strength: float) -> str | None:
+        """The name-and-range check, which needs no WordNet (the coordinator validates with it)."""
         if not isinstance(strength, numbers.Real) or isinstance(strength, bool) or not math.isfinite(strength):
             return f"augment: {self.name} strength must be a number in [0, 1], got {strength!r}"
         if not 0.0 <= strength <= 1.0:
             return f"augment: {self.name} strength must be in [0, 1], got {strength}"
-        if self.needs_wordnet and strength > 0:
-            problem = wordnet.wordnet_problem()
-            if problem is not None:
-                return f"augment: {self.name}: {problem}"
         return None
 
+    def site_problem(self, strength: float) -> str | None:
+        """What this site lacks to run the operation (WordNet for ``synonym`` and ``insert``), or None."""
+        if not self.needs_wordnet or strength == 0:
+            return None
+        problem = wordnet.wordnet_problem()
+        if problem is None:
+            return None
+        return f"augment: {self.name} needs WordNet at this site: {problem}; or drop {self.name} from augment"
+
     def apply(self, words: Words, strength: float, rng: np.random.Generator) -> Words:
-        problem = self.check(strength)
+        problem = self.check(strength) or self.site_problem(strength)
         if problem is not None:
             raise ValueError(problem)
         out = self.transform(list(words), float(strength), rng)
@@ -156,11 +165,25 @@ class TextOp:
 TEXT_OPS: dict[str, TextOp] = {
     op.name: op
     for op in (
-        TextOp("random-swap", random_swap),
-        TextOp("random-deletion", random_deletion),
-        TextOp("random-insertion", random_insertion, needs_wordnet=True),
-        TextOp("synonym-replacement", synonym_replacement, needs_wordnet=True),
-        TextOp("token-dropout", token_dropout),
+        TextOp("swap", random_swap),
+        TextOp("delete", random_deletion),
+        TextOp("insert", random_insertion, needs_wordnet=True),
+        TextOp("synonym", synonym_replacement, needs_wordnet=True),
+        TextOp("dropout", token_dropout),
+    )
+}
+
+
+#: The run config's text operations (common/augment/spec.py's registry for text models): strength in (0, 1], as
+#: for images 0 (a no-op) is refused as a typo. ``apply(words, strength, rng)`` is the operation's own.
+TEXT_AUGMENT_OPS: dict[str, AugmentOp] = {
+    name: AugmentOp(name, 0.0, 1.0, TEXT_OPS[name].apply, unit, doc)
+    for name, unit, doc in (
+        ("swap", "of the words", "swap two random words, alpha x words times"),
+        ("delete", "of the words", "delete alpha x words random words (never the last)"),
+        ("insert", "of the words", "insert a WordNet synonym of a random word, alpha x words times"),
+        ("synonym", "of the words", "replace alpha x words words by WordNet synonyms"),
+        ("dropout", "per word", "drop each word with this probability (one always stays)"),
     )
 }
 
@@ -176,9 +199,29 @@ def text_op_problem(name: str, strength: float) -> str | None:
 def check_text_ops(ops: Sequence[tuple[str, float]]) -> None:
     """Refuse a list of operations before training: ValueError naming the first bad item and the fix."""
     for name, strength in ops:
-        problem = text_op_problem(name, strength)
+        problem = text_op_problem(name, strength) or TEXT_OPS[name].site_problem(strength)
         if problem is not None:
             raise ValueError(problem)
+
+
+def text_site_problem(ops: Sequence[tuple[str, float]]) -> str | None:
+    """At a site, before training: the first operation this site cannot run (WordNet missing), or None.
+
+    One line naming the operation, the folder looked in and the fix (install wordnet-base, or drop the op)."""
+    for name, strength in ops:
+        op = TEXT_OPS.get(name)
+        problem = op.site_problem(strength) if op is not None else None
+        if problem is not None:
+            return problem
+    return None
+
+
+def augment_site_problem(augment: str, kind: str | None) -> str | None:
+    """What this site lacks to run the run config's ``augment`` on a model of ``kind`` (``privatune site check``
+    and the round, before the spend), or None; a spec the run config would refuse raises AugmentSpecError."""
+    if kind != TEXT:
+        return None
+    return text_site_problem([(s.op.name, s.strength) for s in parse_augment(augment, kind)])
 
 
 def augment_text(text: str, ops: Sequence[tuple[str, float]], rng: np.random.Generator) -> str:

@@ -61,7 +61,7 @@ def wordnet_problem(folder: Path | None = None) -> str | None:
         _COMPLETE.add(str(folder))
         return None
     return (
-        f"WordNet not found: {folder} has no {missing[0]}; synonym-replacement and random-insertion need it: "
+        f"WordNet not found: {folder} has no {missing[0]}: "
         f"install the Debian package (apt-get install wordnet-base) or set {WORDNET_ENV} to a folder holding "
         "WordNet 3.0's index.* and data.* files"
     )
