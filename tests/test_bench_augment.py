@@ -7,7 +7,7 @@ import math
 import pytest
 
 from privatune.common.config import RunConfig
-from privatune.simulations.benchmarks.augment import IMAGE_AUGMENT, QUICK, AugmentPlan, table
+from privatune.simulations.benchmarks.augment import IMAGE_AUGMENT, QUICK, TEXT_AUGMENT, AugmentPlan, table
 
 
 def test_the_grid_is_the_issues_k_1_4_8_per_image_preset_and_text_with_and_without() -> None:
@@ -85,3 +85,11 @@ def test_the_table_has_one_row_per_cell_with_its_figures() -> None:
     assert len(lines) == 4
     assert "90.00" in lines[2] and "none" in lines[2] and "12.0" in lines[2]
     assert IMAGE_AUGMENT in lines[3] and "| 4 " in lines[3]
+
+
+def test_the_text_cells_are_valid_lora_runs_with_and_without_the_text_ops() -> None:
+    plan = AugmentPlan(only="text").checked()
+    plain, augmented = (RunConfig.from_flower(plan.run_config(c)) for c in plan.cells())
+    assert (plain.augment, plain.augment_views) == ("", 1)
+    assert augmented.augment == TEXT_AUGMENT and augmented.augment_views == 2
+    assert plain.mode == augmented.mode == "lora" and plain.target_epsilon == augmented.target_epsilon == 8.0

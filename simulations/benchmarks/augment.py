@@ -38,7 +38,7 @@ from privatune.simulations.benchmarks.report import (
 
 NAME = "augment"
 IMAGE_AUGMENT = "shift=2,rotate=10,erase=0.25"
-TEXT_AUGMENT = "random-swap=0.1,random-deletion=0.1,synonym-replacement=0.1,token-dropout=0.1"
+TEXT_AUGMENT = "swap=0.1,delete=0.1,synonym=0.1,dropout=0.1"
 
 
 @dataclass(frozen=True)
