@@ -71,6 +71,17 @@ class AugmentPlan:
     text_epsilon: float = 8.0
     text_views: int = 2
     text_augment: str = TEXT_AUGMENT
+    # the modes benchmark's LoRA settings (docs/benchmarks.md), at its reduced size: the trec6 preset's own values
+    # are the head's (lr 2, batch 64, 5 local epochs, 5 rounds)
+    text_settings: Mapping[str, Any] = field(
+        default_factory=lambda: {
+            "lr": 1.0,
+            "batch-size": 32,
+            "local-epochs": 2,
+            "num-server-rounds": 3,
+            "max-length": 32,
+        }
+    )
     only: str = ""  # "", "image" or "text"
     clients: int = 10
     alpha: float = 1.0
@@ -105,6 +116,8 @@ class AugmentPlan:
                 "augment-views": cell.views,
             }
         )
+        if cell.preset == self.text_preset:
+            values.update(self.text_settings)
         if self.max_records.get(cell.preset):
             values["max-records"] = self.max_records[cell.preset]
         if self.rounds:
