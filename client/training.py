@@ -292,11 +292,16 @@ def train_local(
             xs, y = _views(xs, y, views, augment, aug_generator)
             if batch.zero_grad:
                 optimizer.zero_grad(set_to_none=True)
-            out = train_module(*xs)
-            # Poisson sampling can draw an empty batch: it is still a step of the mechanism
-            # (noise only), so it runs through the optimiser like any other.
-            loss = loss_fn(out, y) if y.numel() else out.sum() * 0.0
-            (loss * batch.weight if batch.weight != 1.0 else loss).backward()
+            # Poisson sampling can draw an empty batch: it is still a step of the mechanism (noise only), so it
+            # runs through the optimiser like any other. Per-sample DP skips the forward (a transformer cannot
+            # run on 0 rows) and hands Opacus empty per-sample gradients; otherwise the 0 rows go through.
+            if dp and records == 0 and mode != GRAD_SAMPLE_GHOST:
+                _empty_grad_samples(optimizer)
+                loss = torch.zeros((), device=device)
+            else:
+                out = train_module(*xs)
+                loss = loss_fn(out, y) if y.numel() else out.sum() * 0.0
+                (loss * batch.weight if batch.weight != 1.0 else loss).backward()
             if dp and views > 1:
                 _average_views(train_module, records, views)
             if batch.steps and hooks.before_step:
@@ -333,6 +338,14 @@ def train_local(
         optimizer=optimizer_name,
         grad_sample_mode=mode,
     )
+
+
+def _empty_grad_samples(optimizer: torch.optim.Optimizer) -> None:
+    """The per-sample gradients of an empty Poisson batch: (0, *shape) for every trained weight that has none yet
+    (Opacus clips and sums nothing, then adds the step's noise), without running the model on 0 rows."""
+    for p in getattr(optimizer, "params", ()):
+        if getattr(p, "grad_sample", None) is None:
+            p.grad_sample = p.new_zeros((0, *p.shape))
 
 
 def _views(

@@ -500,3 +500,39 @@ def test_run_summary_and_terminal_name_the_noise_source(tmp_path):
     printer.final(summary, tmp_path)
     text = console.export_text()
     assert "seeded noise" in text and "noise source" in text
+
+
+def test_an_empty_poisson_batch_under_dp_is_a_noise_only_step_without_running_the_model() -> None:
+    """A transformer cannot run on 0 rows: the empty batch's step skips the forward and still adds the noise."""
+    import torch.nn as nn
+
+    from privatune.client.training import train_local
+
+    class NoEmptyBatches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert x.shape[0] > 0, "the model ran on an empty batch"
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 3), torch.tensor([0, 1, 0])
+    model = NoEmptyBatches()
+    # 3 records, batch 1: q = 1/3 and 3 steps per epoch; (2/3)^3 ~ 0.3 of steps are empty, so 8 epochs draw some
+    result = train_local(
+        model,
+        (x,),
+        y,
+        epochs=8,
+        batch_size=1,
+        lr=0.1,
+        dp=True,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        randomness=SeededRandomness(7),
+    )
+    assert result.mechanism.steps == 24
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
