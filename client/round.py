@@ -33,7 +33,7 @@ from privatune.common.evaluation import macro_f1
 from privatune.common.features import cached_features, encode
 from privatune.common.federation_data import client_records
 from privatune.common.he import HEError
-from privatune.common.ledger import LedgerError
+from privatune.common.ledger import PURPOSE_TRAIN, LedgerError
 from privatune.common.mechanism import DPMechanism
 from privatune.common.models import (
     Classifier,
@@ -316,8 +316,9 @@ class TrainedRound:
         }
 
 
-def train_at_site(run: LocalRun) -> TrainedRound | Refusal:
-    """Plan the round's spend, refuse or record it (write-ahead), then train on exactly the planned cohort."""
+def train_at_site(run: LocalRun, purpose: str = PURPOSE_TRAIN) -> TrainedRound | Refusal:
+    """Plan the round's spend, refuse or record it (write-ahead), then train on exactly the planned cohort.
+    ``purpose``: the ledger row's (client/personalise.py runs the same path for a site's personalisation)."""
     cfg, site = run.cfg, run.site
     started = datetime.now(UTC)
     dataset_fp = run.dataset_fingerprint
@@ -357,7 +358,16 @@ def train_at_site(run: LocalRun) -> TrainedRound | Refusal:
     # From here on it counts, whether or not the update is released.
     try:
         guard.record(
-            plan, cfg, run.run_id, run.server_round, run.train_ids, dataset_fp, params_fp, started, noise_source
+            plan,
+            cfg,
+            run.run_id,
+            run.server_round,
+            run.train_ids,
+            dataset_fp,
+            params_fp,
+            started,
+            noise_source,
+            purpose,
         )
     except LedgerError as err:
         log.error("[%s] round %d refused: %s", site.site_id, run.server_round, err)
