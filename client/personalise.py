@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from privatune.client.personal_head import save_arrays, site_file
 from privatune.client.round import LocalRun, Refusal, module_and_inputs, train_at_site
 from privatune.client.site_config import SiteConfig
 from privatune.common.config import RunConfig
@@ -35,6 +36,7 @@ PERSONALISE_MODES = ("run", "head")
 PERSONALISE_RUN_SUFFIX = "/personalise"  # the ledger's run id of a personalisation: the federation's, tagged
 PERSONAL_MODEL_PREFIX = "personal-"
 PERSONAL_MODEL_SUFFIX = ".safetensors"
+SIM_REPORT_DIR = "personalisation"  # simulation only: RUN/personalisation/ collects the simulated sites' outcomes
 
 
 class PersonaliseError(ValueError):
@@ -83,9 +85,7 @@ def personalise_run_id(run_id: str) -> str:
 
 def personal_model_path(site: SiteConfig) -> Path:
     """The personalised model's file in the site's folder (beside its ledger); never sent."""
-    ledger = Path(site.ledger_path)
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in site.site_id)
-    return ledger.parent / f"{PERSONAL_MODEL_PREFIX}{safe}{PERSONAL_MODEL_SUFFIX}"
+    return site_file(site, PERSONAL_MODEL_PREFIX, PERSONAL_MODEL_SUFFIX)
 
 
 def personalise_config(cfg: RunConfig, settings: PersonaliseSettings) -> RunConfig:
@@ -163,9 +163,7 @@ def personalise_at_site(run: LocalRun, settings: PersonaliseSettings) -> Persona
 
 
 def save_personal_model(path: Path, state: dict[str, np.ndarray], run: LocalRun) -> Path:
-    """The personalised trainable weights (the run mode's set) with what they are, written atomically."""
-    from safetensors.numpy import save_file
-
+    """The personalised trainable weights (the run mode's set, head included) with what they are."""
     meta = {
         "format": "privatune-personal-model",
         "model": run.cfg.model,
@@ -173,11 +171,38 @@ def save_personal_model(path: Path, state: dict[str, np.ndarray], run: LocalRun)
         "run-id": run.run_id,
         "site-id": run.site.site_id,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return save_arrays(path, state, meta)
+
+
+def settings_of(cfg: RunConfig) -> PersonaliseSettings:
+    """The run config's final personalisation (personalise-epochs > 0; the config validated the values)."""
+    return PersonaliseSettings(
+        epochs=cfg.personalise_epochs, epsilon=cfg.personalise_epsilon, mode=cfg.personalise_mode
+    )
+
+
+def final_personalisation(run: LocalRun) -> Personalised | Refusal | None:
+    """After the last round's evaluation (the message holding the final global model), with personalise-epochs > 0:
+    personalise at this site. Nothing of it goes into the reply: the outcome stays in the site's log and file; a
+    simulated site also writes it to RUN/personalisation/<site>.json (one machine: the simulation's report)."""
+    cfg = run.cfg
+    if cfg.personalise_epochs <= 0 or run.server_round != cfg.num_server_rounds:
+        return None
+    try:
+        outcome = personalise_at_site(run, settings_of(cfg))
+    except (OSError, ValueError) as err:  # the evaluation's reply still goes; the site log says why
+        log.error("[%s] personalisation failed: %s", run.site.site_id, err)
+        return None
+    if isinstance(outcome, Refusal):
+        log.warning("[%s] not personalised: %s", run.site.site_id, outcome.reason)
+    elif run.site.simulated and cfg.out_dir:
+        import json
+        from dataclasses import asdict
+
+        folder = Path(cfg.out_dir) / SIM_REPORT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{run.site.site_id}.json").write_text(json.dumps(asdict(outcome), sort_keys=True) + "\n")
+    return outcome
 
 
 def _fmt(value: float | None) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from privatune.client.metrics_release import exact_sums, noised_sums, per_record_outcomes, record_metrics_spend
+from privatune.client.personal_head import keep_head, outgoing_state
 from privatune.client.privacy_guard import DEFAULT_SITE_DELTA, PrivacyGuard, check_site_delta
 from privatune.client.randomness import Randomness, SeededRandomness, SiteRandomness, reproducible_seed
 from privatune.client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
@@ -41,7 +42,6 @@ from privatune.common.models import (
     configure_trainable,
     get_model_spec,
     trainable_fingerprint,
-    trainable_state,
 )
 from privatune.common.protocol import (
     KEY_DATASET_FINGERPRINT,
@@ -374,8 +374,10 @@ def train_at_site(run: LocalRun, purpose: str = PURPOSE_TRAIN) -> TrainedRound |
         return Refusal(STATUS_REFUSED, ledger_error_for_server(site.ledger_path), site.site_id)
     result = train_round(run, cohort, plan.noise_multiplier, prepared, delta=plan.delta)
     run.model.to("cpu")
+    if cfg.personal_head and purpose == PURPOSE_TRAIN:
+        keep_head(run.model, site, run.run_id)  # the head stays at the site; the reply carries the body alone
     return TrainedRound(
-        state=trainable_state(run.model),
+        state=outgoing_state(run.model, cfg.personal_head and purpose == PURPOSE_TRAIN),
         mechanism=result.mechanism,
         epsilon_run=plan.epsilon_run,
         epsilon_dataset=plan.epsilon_dataset,

@@ -17,7 +17,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from privatune.client.personalise import Personalised, PersonaliseSettings, personalise_at_site
+from privatune.client.personal_head import load_head
+from privatune.client.personalise import (
+    SIM_REPORT_DIR as REPORT_DIR,  # under the run folder (simulations/run_folder.py RUN_ENTRIES names it)
+)
+from privatune.client.personalise import (
+    Personalised,
+    PersonaliseSettings,
+    personalise_at_site,
+    settings_of,
+)
 from privatune.client.round import Refusal, open_run
 from privatune.client.site_config import SiteConfig
 from privatune.common.config import ConfigError, RunConfig
@@ -26,7 +35,6 @@ from privatune.common.model_card import read_model_file
 from privatune.common.models import load_trainable_state
 from privatune.server.run_record import write_json_atomic
 
-REPORT_DIR = "personalisation"  # under the run folder (simulations/run_folder.py RUN_ENTRIES names it)
 REPORT_JSON = "personalisation.json"
 REPORT_CSV = "personalisation.csv"
 REPORT_PNG = "personalisation.png"
@@ -75,7 +83,9 @@ def personalise_run(run_dir: Path, settings: PersonaliseSettings) -> dict[str, A
     for pid in range(clients):
         site = SiteConfig.from_node_config({"partition-id": pid, "num-partitions": clients}, cfg)
         run = open_run(cfg, site, run_id, cfg.num_server_rounds)
-        load_trainable_state(run.model, weights)
+        load_trainable_state(run.model, weights, keep_head=cfg.personal_head)
+        if cfg.personal_head:  # the file holds the body; each site's own head is in its folder
+            load_head(run.model, site, run_id)
         outcome = personalise_at_site(run, settings)
         if isinstance(outcome, Refusal):
             refused[site.site_id] = outcome.reason
@@ -85,6 +95,27 @@ def personalise_run(run_dir: Path, settings: PersonaliseSettings) -> dict[str, A
     report = build_report(run_id, settings, rows, refused)
     write_report(out, report, rows)
     return report
+
+
+def collect_final_personalisation(cfg: RunConfig, run_id: str) -> dict[str, Any] | None:
+    """After a simulation with personalise-epochs > 0: the simulated sites' outcomes (RUN/personalisation/<site>.json,
+    client/personalise.py final_personalisation) as the report ``privatune personalise`` writes."""
+    folder = Path(cfg.out_dir) / REPORT_DIR
+    files = sorted(folder.glob("client-*.json"), key=lambda p: (len(p.stem), p.stem))
+    rows = [Personalised(**json.loads(p.read_text())) for p in files]
+    if not rows:
+        return None
+    report = build_report(run_id, settings_of(cfg), rows, {})
+    write_report(folder, report, rows)
+    return report
+
+
+def summary_entry(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """summary.json's line on the final personalisation: the means and where the per-client report is."""
+    if report is None:
+        return None
+    keys = ("mean_global_accuracy", "mean_personal_accuracy", "mean_gain")
+    return {**{k: report[k] for k in keys}, "report": f"{REPORT_DIR}/{REPORT_JSON}", "clients": len(report["clients"])}
 
 
 def mean(values: list[float | None]) -> float | None:
