@@ -108,6 +108,40 @@ def test_report_means_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_server_sends_and_scores_the_body_alone_under_personal_head(tmp_path):
+    from privatune.common.model_card import KEY_PERSONAL_HEAD, ModelCard
+    from privatune.common.model_eval import build_model
+    from privatune.server.app import initial_weights
+    from privatune.server.central_eval import CentralEvaluator
+
+    cfg = digits_config(tmp_path, mode="full", max_records=200, personal_head=True)
+    start = initial_weights(cfg, "run-7")
+    full = initial_state(cfg)
+    assert set(start.expected_shapes) == set(full) - {k for k in full if k.startswith("head.")}
+    assert not any(k.startswith("head.") for k in start.arrays)
+    body = {k: v.numpy() for k, v in start.arrays.items()}
+    assert 0.0 <= CentralEvaluator(cfg, cache_dir=None)(body).accuracy <= 1.0  # the body on the initial head
+    card = ModelCard.from_metadata(
+        {**_card_of(cfg).to_metadata(), KEY_PERSONAL_HEAD: "true"}, source="global.safetensors"
+    )
+    assert card.extra[KEY_PERSONAL_HEAD] == "true"
+    build_model(card, body)  # privatune evaluate loads the body with the initial head
+
+
+def _card_of(cfg: RunConfig):
+    from privatune.common.model_card import ModelCard, Privacy
+
+    return ModelCard(
+        model=cfg.model,
+        kind="image",
+        fine_tuning=cfg.fine_tuning,
+        labels=cfg.label_names,
+        privacy=Privacy(
+            dp=True, target_epsilon=cfg.target_epsilon, max_client_epsilon=None, delta=None, accountant=cfg.accountant
+        ),
+    )
+
+
 # -- at a site -------------------------------------------------------------------------------------------------
 
 
