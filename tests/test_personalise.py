@@ -282,3 +282,27 @@ def test_privatune_personalise_on_a_finished_simulation(tmp_path):
     assert (folder / "personalisation.png").stat().st_size > 0
     assert json.loads((folder / "personalisation.json").read_text())["mean_gain"] == pytest.approx(report["mean_gain"])
     assert _audit([run])["ok"]
+
+
+@pytest.mark.slow
+def test_a_personal_head_simulation_with_a_final_personalisation(tmp_path):
+    run = tmp_path / "run"
+    sim = subprocess.run(
+        [sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "2", "--rounds", "1",
+         "--epsilon", "50", "--run-config",
+         f'{SMALL} mode="full" personal-head=true personalise-epochs=1 personalise-epsilon=2', "--out", str(run)],
+        capture_output=True, text=True, timeout=600, env=_env(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert sim.returncode == 0, sim.stdout[-3000:] + sim.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert any(w.startswith("personal-head:") for w in summary["warnings"])  # what central evaluation scores
+    assert summary["personalisation"]["clients"] == 2
+    from safetensors.numpy import load_file
+
+    assert not any(k.startswith("head.") for k in load_file(str(run / "global.safetensors")))
+    for i in range(2):
+        assert (run / "ledgers" / f"head-client-{i}.safetensors").is_file()
+        rows = _ledger_rows(run / "ledgers" / f"site-client-{i}.ledger.sqlite")
+        assert [e.purpose for e in rows] == ["train", "personalise"]
+    assert (run / "personalisation" / "personalisation.png").is_file()
+    assert _audit([run])["ok"]
