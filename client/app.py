@@ -30,6 +30,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from privatune.client.backbone_check import backbone_refusal, site_run_config
+from privatune.client.personal_head import load_head
+from privatune.client.personalise import final_personalisation
 from privatune.client.round import (
     Evaluation,
     LocalRun,
@@ -111,7 +113,9 @@ def prepare(msg: Message, context: Context) -> LocalRun | Refusal:
     if refusal is not None:
         return refusal
     run = open_run(cfg, site, str(context.run_id), server_round)
-    load_trainable_state(run.model, decode_global_state(msg, cfg, site))
+    load_trainable_state(run.model, decode_global_state(msg, cfg, site), keep_head=cfg.personal_head)
+    if cfg.personal_head:  # the body came from the server, the head is the site's own (client/personal_head.py)
+        load_head(run.model, site, run.run_id)
     return run
 
 
@@ -209,6 +213,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     if isinstance(run, Message):
         return run
     outcome = evaluate_at_site(run)
+    final_personalisation(run)  # personalise-epochs > 0, last round: kept at the site, nothing in the reply
     if isinstance(outcome, Refusal):
         return _refusal_reply(msg, context, outcome)
     return _evaluation_reply(msg, run, outcome)

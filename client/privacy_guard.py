@@ -310,11 +310,12 @@ class PrivacyGuard:
         params_fingerprint: str,
         started_at: datetime,
         noise_source: str = NOISE_SOURCE_SEEDED,
+        purpose: str = PURPOSE_TRAIN,
     ) -> int:
         """Write-ahead record of a planned training round on the plan's cohort of ``record_ids`` (the plan carries
-        the mechanism; ``cfg`` is the run it was planned for)."""
+        the mechanism; ``cfg`` is the run it was planned for; ``purpose`` "personalise" for client/personalise.py)."""
         return self.record_spend(
-            purpose=PURPOSE_TRAIN,
+            purpose=purpose,
             record_ids=[record_ids[i] for i in plan.train],
             mechanism=plan.mechanism,
             run_id=run_id,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from privatune.client.metrics_release import exact_sums, noised_sums, per_record_outcomes, record_metrics_spend
+from privatune.client.personal_head import keep_head, outgoing_state
 from privatune.client.privacy_guard import DEFAULT_SITE_DELTA, PrivacyGuard, check_site_delta
 from privatune.client.randomness import Randomness, SeededRandomness, SiteRandomness, reproducible_seed
 from privatune.client.record_ids import dataset_fingerprint, key_check, record_ids, validation_split
@@ -34,7 +35,7 @@ from privatune.common.evaluation import macro_f1
 from privatune.common.features import cached_features, encode
 from privatune.common.federation_data import client_records
 from privatune.common.he import HEError
-from privatune.common.ledger import LedgerError
+from privatune.common.ledger import PURPOSE_TRAIN, LedgerError
 from privatune.common.mechanism import DPMechanism
 from privatune.common.models import (
     Classifier,
@@ -42,7 +43,6 @@ from privatune.common.models import (
     configure_trainable,
     get_model_spec,
     trainable_fingerprint,
-    trainable_state,
 )
 from privatune.common.protocol import (
     KEY_DATASET_FINGERPRINT,
@@ -328,8 +328,9 @@ class TrainedRound:
         }
 
 
-def train_at_site(run: LocalRun) -> TrainedRound | Refusal:
-    """Plan the round's spend, refuse or record it (write-ahead), then train on exactly the planned cohort."""
+def train_at_site(run: LocalRun, purpose: str = PURPOSE_TRAIN) -> TrainedRound | Refusal:
+    """Plan the round's spend, refuse or record it (write-ahead), then train on exactly the planned cohort.
+    ``purpose``: the ledger row's (client/personalise.py runs the same path for a site's personalisation)."""
     cfg, site = run.cfg, run.site
     started = datetime.now(UTC)
     dataset_fp = run.dataset_fingerprint
@@ -372,15 +373,26 @@ def train_at_site(run: LocalRun) -> TrainedRound | Refusal:
     # From here on it counts, whether or not the update is released.
     try:
         guard.record(
-            plan, cfg, run.run_id, run.server_round, run.train_ids, dataset_fp, params_fp, started, noise_source
+            plan,
+            cfg,
+            run.run_id,
+            run.server_round,
+            run.train_ids,
+            dataset_fp,
+            params_fp,
+            started,
+            noise_source,
+            purpose,
         )
     except LedgerError as err:
         log.error("[%s] round %d refused: %s", site.site_id, run.server_round, err)
         return Refusal(STATUS_REFUSED, ledger_error_for_server(site.ledger_path), site.site_id)
     result = train_round(run, cohort, plan.noise_multiplier, prepared, delta=plan.delta)
     run.model.to("cpu")
+    if cfg.personal_head and purpose == PURPOSE_TRAIN:
+        keep_head(run.model, site, run.run_id)  # the head stays at the site; the reply carries the body alone
     return TrainedRound(
-        state=trainable_state(run.model),
+        state=outgoing_state(run.model, cfg.personal_head and purpose == PURPOSE_TRAIN),
         mechanism=result.mechanism,
         epsilon_run=plan.epsilon_run,
         epsilon_dataset=plan.epsilon_dataset,

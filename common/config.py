@@ -20,7 +20,7 @@ from typing import Any
 from privatune.common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from privatune.common.augment.spec import AugmentSpecError, check_augment
 from privatune.common.cache import CACHE_OFF
-from privatune.common.config_checks import check_aggregation, check_dp
+from privatune.common.config_checks import check_aggregation, check_dp, check_personalisation
 from privatune.common.fashion_mnist import FASHION_MNIST_LABELS
 from privatune.common.models.modes import (
     ACCEPTED_MODES,
@@ -212,6 +212,13 @@ class RunConfig:
     sim_stage: int = 0
     sim_stage_split: str = "iid"
     sim_rehearsal: float = 0.0
+    # issue 15 (personalisation, docs/personalisation.md): personal-head = each site keeps its head, only the body
+    # travels (FedRep/FedPer); personalise-epochs > 0 = after the last round each site fine-tunes the final model
+    # with DP at its own target personalise-epsilon (personalise-mode run | head) and keeps it at the site
+    personal_head: bool = False
+    personalise_epochs: int = 0
+    personalise_epsilon: float = 1.0
+    personalise_mode: str = "run"
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -419,6 +426,7 @@ class RunConfig:
             raise ConfigError(str(err)) from None
         check_server_optimiser(self, need)  # issue 15: server-optimiser, server-*, proximal-mu
         check_stages(self, need)  # issue 15: sim-stages, sim-stage, sim-stage-split, sim-rehearsal
+        check_personalisation(self, need)  # issue 15: personal-head, personalise-*
 
 
 #: How a run without a preset is filled in (docs/fine-tuning.md "A model without a preset"): the model's kind (text or

@@ -73,3 +73,21 @@ def check_aggregation(cfg: RunConfig, need: Need) -> None:
             f"Krum tolerates f={cfg.krum_byzantine} faulty clients only with at least 2f+3 = "
             f"{2 * cfg.krum_byzantine + 3} replies; raise min-clients or lower krum-byzantine",
         )
+
+
+def check_personalisation(cfg: RunConfig, need: Need) -> None:
+    """Personalisation (issue 15, docs/personalisation.md): a kept head needs a body that travels; a final
+    personalisation needs epochs, its own target and a mode."""
+    need(
+        not cfg.personal_head or cfg.mode != "head",
+        "personal-head",
+        "in mode=head only the head trains, so with personal-head nothing would travel; use mode=last-k, lora or "
+        "full, or personal-head=false",
+    )
+    need(cfg.personalise_epochs >= 0, "personalise-epochs", "must be >= 0 (0 = no final personalisation)")
+    need(
+        cfg.personalise_epsilon > 0 and not math.isnan(cfg.personalise_epsilon),
+        "personalise-epsilon",
+        "must be > 0: the final personalisation's own epsilon target at each site",
+    )
+    need(cfg.personalise_mode in ("run", "head"), "personalise-mode", "must be run (the mode's set) or head")

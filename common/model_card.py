@@ -45,6 +45,7 @@ KEY_DATASET = "dataset"
 KEY_BACKBONE = "backbone-fingerprint"
 KEY_SECURE_AGGREGATION = "secure-aggregation"
 KEY_ROUNDS = "rounds-completed"
+KEY_PERSONAL_HEAD = "personal-head"  # "true": a personal-head run's body alone, the heads kept at the sites (extra)
 KEY_DP = "dp"
 KEY_TARGET_EPSILON = "target-epsilon"
 KEY_MAX_CLIENT_EPSILON = "max-client-epsilon"  # "" when no site reported a spend

@@ -66,8 +66,10 @@ def build_model(card: ModelCard, weights: Mapping[str, np.ndarray], source: str 
             )
     model = spec.build(len(card.labels), card.fine_tuning.seed)
     configure_trainable(model, card.fine_tuning)
-    try:
-        load_trainable_state(model, weights)
+    from privatune.common.model_card import KEY_PERSONAL_HEAD
+
+    try:  # a personal-head run's file holds the body: the head stays the initial one (docs/personalisation.md)
+        load_trainable_state(model, weights, keep_head=card.extra.get(KEY_PERSONAL_HEAD) == "true")
     except ValueError as err:
         raise ModelCardError(f"{source}: the weights do not fit the model its card describes: {err}") from None
     return model

@@ -19,8 +19,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from privatune.common.config import RunConfig
 from privatune.common.ledger import SERVER_LEDGER_NAME, ServerLedger
-from privatune.common.model_card import ModelCard, Privacy, pooling_of
+from privatune.common.model_card import KEY_PERSONAL_HEAD, ModelCard, Privacy, pooling_of
 from privatune.common.models import backbone_fingerprint, configure_trainable, get_model_spec, trainable_state
+from privatune.common.models.trainable import shared_state
 from privatune.common.protocol import (
     KEY_CENTRAL_ACCURACY,
     KEY_CENTRAL_LOSS,
@@ -245,7 +246,7 @@ def initial_weights(cfg: RunConfig, run_id: str, saved: ServerCheckpoint | None 
     model card and tensors are shown to be this run's."""
     model = get_model_spec(cfg.model).build(len(cfg.label_names), cfg.seed)
     configure_trainable(model, cfg.fine_tuning)
-    state = trainable_state(model)
+    state = shared_state(trainable_state(model), cfg.personal_head)  # personal-head: the heads stay at the sites
     expected = {k: tuple(v.shape) for k, v in state.items()}
     if saved is not None:
         source = f"checkpoint of run {saved.run_id} (round {saved.round})"
@@ -300,8 +301,10 @@ def central_evaluator(
                 warnings.append(line)
         return None
     from privatune.common.cache import resolve_cache_dir
-    from privatune.server.central_eval import CentralEvaluator
+    from privatune.server.central_eval import PERSONAL_HEAD_NOTE, CentralEvaluator
 
+    if cfg.personal_head and warnings is not None:
+        warnings.append(PERSONAL_HEAD_NOTE)
     return CentralEvaluator(cfg, resolve_cache_dir(cfg.cache_dir))
 
 
@@ -407,6 +410,7 @@ def model_card(cfg: RunConfig, run_id: str, recorder: RunRecorder, start: Initia
         backbone_fingerprint=start.backbone_fingerprint,
         secure_aggregation=cfg.secure_aggregation,
         rounds_completed=int(summary["rounds_completed"]),
+        extra={KEY_PERSONAL_HEAD: "true"} if cfg.personal_head else {},  # the file holds the body alone
     )
 
 

@@ -14,6 +14,12 @@ from privatune.common.features import cached_features, encode
 from privatune.common.federation_data import central_split
 from privatune.common.models import backbone_is_frozen, configure_trainable, get_model_spec, load_trainable_state
 
+PERSONAL_HEAD_NOTE = (
+    "personal-head: the sites keep their heads, so central evaluation scores the shared body with the initial "
+    "(untrained, seeded) head: a check on the body's training, not the sites' accuracy (their own validation is "
+    "in `privatune personalise` and the noised federated figures)"
+)
+
 
 class CentralEvaluator:
     """Builds the model and the test inputs once; evaluates any trainable state against them."""
@@ -35,5 +41,5 @@ class CentralEvaluator:
         self.labels = torch.as_tensor(self.test.labels, dtype=torch.long)
 
     def __call__(self, state: Mapping[str, np.ndarray]) -> EvalResult:
-        load_trainable_state(self.model, state)
+        load_trainable_state(self.model, state, keep_head=self.cfg.personal_head)  # personal-head: initial head
         return evaluate(self.module, self.inputs, self.labels, num_classes=len(self.cfg.label_names))

@@ -32,6 +32,7 @@ RUN_ENTRIES = frozenset(
         ".cache",
         "checkpoint",  # the server's state after every round (server/checkpoint.py)
         "simulation.json",  # the number of clients, for --resume (simulations/resume.py)
+        "personalisation",  # privatune personalise's per-client report (simulations/personalise.py)
         *(SERVER_LEDGER_NAME + suffix for suffix in SQLITE_SIDE_SUFFIXES),
     )
 )

@@ -253,6 +253,10 @@ def run_simulation(
         if plan.on:
             summary.update(he_central_evaluation(cfg, out))
             summary["central_eval"] = {"on": True, "test_data": f"{plan.test_data}, on the decrypted final model"}
+    if cfg.personalise_epochs > 0 and summary.get("status") != "failed":  # issue 15: the sites' final personalisation
+        from privatune.simulations.personalise import collect_final_personalisation, summary_entry
+
+        summary["personalisation"] = summary_entry(collect_final_personalisation(cfg, str(summary.get("run_id", ""))))
     summary["num_clients"] = num_clients
     summary["noise_source"] = noise_source_of(cfg)
     summary["ray_temp_dir"] = ray_tmp  # removed; named so a check can prove no Ray process still uses it

@@ -61,6 +61,7 @@ from privatune.common.ledger.names import (
 )
 from privatune.common.ledger.records import (
     PURPOSE_METRICS,
+    PURPOSE_PERSONALISE,
     PURPOSE_TRAIN,
     PURPOSES,
     STATUS_BUDGET_EXHAUSTED,
@@ -121,6 +122,7 @@ __all__ = [
     "PROBLEM_KINDS",
     "PURPOSES",
     "PURPOSE_METRICS",
+    "PURPOSE_PERSONALISE",
     "PURPOSE_TRAIN",
     "READABLE_VERSIONS",
     "SCHEMA_VERSION",

@@ -27,7 +27,8 @@ STATUSES = (STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED, STATUS_DROPPED)
 #: (client/metrics_release.py).
 PURPOSE_TRAIN = "train"
 PURPOSE_METRICS = "metrics"
-PURPOSES = (PURPOSE_TRAIN, PURPOSE_METRICS)
+PURPOSE_PERSONALISE = "personalise"  # a site's DP fine-tuning of the final global model, kept at the site (issue 15)
+PURPOSES = (PURPOSE_TRAIN, PURPOSE_METRICS, PURPOSE_PERSONALISE)
 
 
 def utc_now() -> str:

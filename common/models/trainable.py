@@ -77,9 +77,23 @@ def trainable_state(model: nn.Module) -> dict[str, np.ndarray]:
     return {n: p.detach().to("cpu", torch.float32).numpy().copy() for n, p in _trainable_params(model)}
 
 
-def load_trainable_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
-    """Copy ``state`` into the trainable parameters; names and shapes must match exactly."""
-    params = dict(_trainable_params(model))
+HEAD_PREFIX = "head."
+
+
+def is_head_param(name: str) -> bool:
+    return name.startswith(HEAD_PREFIX)
+
+
+def shared_state(state: Mapping[str, np.ndarray], personal_head: bool) -> dict[str, np.ndarray]:
+    """What of a trainable state travels: all of it, or with ``personal-head`` (issue 15, docs/personalisation.md)
+    everything but the head, which stays at its site."""
+    return {k: v for k, v in state.items() if not (personal_head and is_head_param(k))}
+
+
+def load_trainable_state(model: nn.Module, state: Mapping[str, np.ndarray], *, keep_head: bool = False) -> None:
+    """Copy ``state`` into the trainable parameters; names and shapes must match exactly. ``keep_head``: ``state``
+    is a shared (personal-head) state: the head is not in it and keeps the weights it has."""
+    params = {n: p for n, p in _trainable_params(model) if not (keep_head and is_head_param(n))}
     missing = [n for n in params if n not in state]
     unexpected = [n for n in state if n not in params]
     if missing or unexpected:

@@ -27,6 +27,7 @@ from privatune.cli.evaluate import evaluate
 from privatune.cli.fleet import fleet_proxy
 from privatune.cli.inputs import UsageError, check_resources, describe_os_error
 from privatune.cli.keys import POLY_MODULUS_DEGREES, decrypt, keygen, pki
+from privatune.cli.personalise import personalise
 from privatune.cli.simulation import simulate
 from privatune.cli.site import site_check, site_migrate_ledger
 from privatune.cli.sweep import sweep
@@ -168,6 +169,7 @@ app.command()(one_line_errors(tune))  # issue 14
 app.command()(one_line_errors(keygen))
 app.command()(one_line_errors(decrypt))
 app.command()(one_line_errors(evaluate))
+app.command()(one_line_errors(personalise))  # issue 15
 app.command()(one_line_errors(audit))
 app.command()(one_line_errors(budget))
 app.command("canary-audit")(one_line_errors(canary_audit))
