@@ -258,6 +258,16 @@ class _Pruning:
             raise FederationStopped(f"pruned by privatune tune after round {report.round} ({self.key} {value:.4f})")
 
 
+def _tell(study: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
+    """study.tell; the grid sampler's stop once the grid is used up is meant for study.optimize and raises here
+    after the trial is stored: the study's own count of planned trials ends it."""
+    try:
+        study.tell(trial, *args, **kwargs)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+
+
 def run_trial(study: Any, opts: TuneOptions, study_id: str) -> str:
     """Ask, run and tell one trial. Returns "" or, when a site's budget refuses it, why (the study stops)."""
     import optuna
@@ -272,7 +282,7 @@ def run_trial(study: Any, opts: TuneOptions, study_id: str) -> str:
         cfg = trial_config(opts, params, trial.number, study_id)
     except ConfigError as err:
         trial.set_user_attr("status", f"refused: {err}")
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _tell(study, trial, state=optuna.trial.TrialState.FAIL)
         opts.say(f"trial {trial.number} ({shown}): not a valid run config ({err}); skipped")
         return ""
     if opts.calibration is not None:
@@ -281,13 +291,13 @@ def run_trial(study: Any, opts: TuneOptions, study_id: str) -> str:
         over = check_trial(opts.calibration, cfg, opts.clients)
         if over:
             trial.set_user_attr("status", f"refused: {over}")
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            _tell(study, trial, state=optuna.trial.TrialState.FAIL)
             opts.say(f"trial {trial.number} ({shown}): refused, {over}")
             return ""
     refusal = budget_refusal(cfg, opts.clients)
     if refusal:
         trial.set_user_attr("budget_refused", refusal)
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _tell(study, trial, state=optuna.trial.TrialState.FAIL)
         return f"trial {trial.number} ({shown}) would pass a site's budget: {refusal}"
     opts.say(f"trial {trial.number} ({shown}) ...")
     out = claim(Path(cfg.out_dir), overwrite=False)
@@ -300,14 +310,14 @@ def run_trial(study: Any, opts: TuneOptions, study_id: str) -> str:
     trial.set_user_attr("test_accuracy", summary.get("test_accuracy"))
     value = summary.get("federated_accuracy" if opts.objective == "federated" else "test_accuracy")
     if obs.pruned_at:
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
         opts.say(f"trial {trial.number}: pruned after round {obs.pruned_at}")
     elif summary.get("status") == "failed" or value is None:
         why = "; ".join(f"{k}: {v}" for k, v in (summary.get("failure_reasons") or {}).items()) or "no figure"
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _tell(study, trial, state=optuna.trial.TrialState.FAIL)
         opts.say(f"trial {trial.number}: failed ({why})")
     else:
-        study.tell(trial, float(value))
+        _tell(study, trial, float(value))
         opts.say(f"trial {trial.number}: {opts.objective} accuracy {float(value):.4f}")
     return ""
 

@@ -65,8 +65,12 @@ def _worker(opts: TuneOptions, study_id: str, remaining: Any) -> None:
 
 def run_parallel(opts: TuneOptions, study_id: str, to_run: int) -> None:
     """Run ``to_run`` trials with ``opts.jobs`` workers at once; returns when all have finished."""
+    from privatune.common.config import RunConfig
     from privatune.simulations.tune import TuneError
 
+    refused = check_jobs(opts.jobs, RunConfig.from_flower(dict(opts.base)).sim_max_epsilon)
+    if refused:
+        raise TuneError(refused)
     if to_run <= 0:
         return
     ctx = mp.get_context("spawn")
