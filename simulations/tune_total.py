@@ -292,5 +292,6 @@ def _stored(opts: TuneOptions) -> dict[str, Any] | None:
     except KeyError:
         return None
     cal = study.user_attrs.get("calibration")
-    same = cal and cal.get("total_epsilon") == opts.total_epsilon and cal.get("privacy") == opts.privacy
-    return dict(cal) if same else None
+    if not isinstance(cal, dict) or cal.get("total_epsilon") != opts.total_epsilon:
+        return None
+    return dict(cal) if cal.get("privacy") == opts.privacy else None

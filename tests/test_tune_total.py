@@ -85,6 +85,20 @@ def test_the_per_trial_epsilon_makes_the_composition_of_the_planned_trials_the_t
     assert per_trial < total and opts.calibration["trials_counted"] == trials
 
 
+def test_a_resumed_study_reuses_its_calibration(tmp_path, monkeypatch):
+    import privatune.simulations.tune_total as tune_total
+    from privatune.simulations.tune import open_study
+
+    first = _opts(tmp_path, "compose", 8.0, trials=3)
+    apply_total_epsilon(first)
+    open_study(first)  # the study keeps its calibration in study.db
+    monkeypatch.setattr(tune_total, "calibrate", lambda *a: pytest.fail("a resumed study calibrated again"))
+    again = _opts(tmp_path, "compose", 8.0, trials=3)
+    apply_total_epsilon(again)
+    assert again.base["target-epsilon"] == first.base["target-epsilon"]
+    assert open_study(again).user_attrs["calibration"]["per_trial_epsilon"] == first.calibration["per_trial_epsilon"]
+
+
 def test_public_tuning_gives_the_total_to_the_final_private_run(tmp_path):
     opts = _opts(tmp_path, "public", 3.0, tuning_data="proxy.npz")
     apply_total_epsilon(opts)
