@@ -118,6 +118,65 @@ def test_a_trial_costing_more_than_the_calibrated_worst_is_refused(tmp_path):
     assert "costs more than the worst one" in check_trial(opts.calibration, more, 2)
 
 
+def test_sites_that_differ_are_bounded_by_the_worst_of_their_curves():
+    """Two sites of 100 and 40 training records at batch 32: other sample rates and steps; the bound is the pointwise
+    largest of their curves, each rebuilt here from the project's calibration with dp-accounting."""
+    from privatune.client.privacy_guard import plan_noise
+    from privatune.common.config import RunConfig
+    from privatune.simulations.tune_privacy import ORDERS
+    from privatune.simulations.tune_total import worst_curve
+
+    cfg = RunConfig.from_flower({**BASE, "batch-size": 32, "release-metrics": False, "target-epsilon": 1.0})
+    ours = worst_curve([(cfg, [(DELTA, 100), (DELTA, 40)])], 1.0)
+    curves = []
+    for n in (100, 40):
+        q, steps = 1 / math.ceil(n / 32), ROUNDS * EPOCHS * math.ceil(n / 32)
+        sigma = plan_noise(cfg, n, DELTA)  # the site's own calibration (calibrate_noise, memoised)
+        acc = RdpAccountant(list(ORDERS))
+        acc.compose(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+            )
+        )
+        curves.append(acc._rdp)
+    theirs = [max(a, b) for a, b in zip(*curves, strict=True)]
+    assert list(ours) == pytest.approx(theirs, rel=1e-12)
+    assert any(a > b for a, b in zip(*curves, strict=True)) and any(a < b for a, b in zip(*curves, strict=True))
+
+
+def test_the_terminal_says_the_per_trial_epsilon_and_the_total(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import privatune.simulations.tune as tune
+    from privatune.cli import app
+
+    seen = {}
+
+    def fake_study(opts):
+        seen["opts"] = opts
+        cost = {
+            "privacy": "select",
+            "total_epsilon_including_tuning": 7.9991,
+            "delta": 1e-5,
+            "how": "h",
+            "total_epsilon_given": 8.0,
+            "per_trial_epsilon": 3.2109,
+            "calibrated_bound": 7.9991,
+            "calibration": "c",
+        }
+        summary = {"study_id": "s", "trials_run": 0, "trials_planned": 0, "trials_by_state": {}}
+        return tune.StudyResult({**summary, "best_trial": None, "privacy_cost": cost, "stopped_for_budget": ""})
+
+    monkeypatch.setattr(tune, "run_study", fake_study)
+    args = ["tune", "--study", str(tmp_path / "s"), "--param", "lr=0.1:1", "--total-epsilon", "8", "--jobs", "2"]
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, [*args, "--privacy", "select"])
+    assert result.exit_code == 0, result.output
+    opts = seen["opts"]
+    assert opts.total_epsilon == 8.0 and opts.jobs == 2 and opts.base["dp"] is True
+    assert "each trial ran at target epsilon 3.2109" in result.output
+    assert "total epsilon including tuning 7.999" in result.output
+
+
 @pytest.mark.parametrize(
     ("privacy", "kw", "words"),
     [
