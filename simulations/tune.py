@@ -71,6 +71,11 @@ class TuneOptions:
     after_trial: Callable[[Any], None] | None = None  # tests: a hook after each finished trial
     say: Callable[[str], None] = print
     added: set[str] = field(default_factory=set)  # keys the study set in base itself (not in the best config)
+    # issue 14, --total-epsilon and --jobs (simulations/tune_total.py, tune_parallel.py)
+    total_epsilon: float = 0.0  # 0: each trial runs at base's target-epsilon; else the study's total, calibrated
+    calibration: dict[str, Any] | None = None  # what tune_total.calibrate found (set once, before the study)
+    jobs: int = 1  # trials at once, each in its own worker process
+    worker: int = 0  # which worker (its sampler's seed is seed + worker)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -95,6 +100,7 @@ class TuneOptions:
             "nb_shape": self.nb_shape if self.privacy == "select" else None,
             "objective": self.objective,
             "seed": self.seed,
+            "total_epsilon": self.total_epsilon or None,
         }
 
 
@@ -110,11 +116,11 @@ def _sampler(opts: TuneOptions) -> Any:
     if opts.sampler == "grid":
         return optuna.samplers.GridSampler(grid_space(opts.space), seed=opts.seed)
     if opts.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=opts.seed)
+        return optuna.samplers.RandomSampler(seed=opts.seed + opts.worker)
     if opts.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=opts.seed)
+        return optuna.samplers.TPESampler(seed=opts.seed + opts.worker)
     if opts.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=opts.seed)
+        return optuna.samplers.GPSampler(seed=opts.seed + opts.worker)
     raise TuneError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{opts.sampler}'")
 
 
@@ -147,6 +153,8 @@ def open_study(opts: TuneOptions) -> Any:
     if "study_id" not in attrs:
         study.set_user_attr("study_id", uuid.uuid4().hex[:12])
         study.set_user_attr("settings", settings)
+        if opts.calibration is not None:
+            study.set_user_attr("calibration", opts.calibration)
         if opts.privacy == "select":
             shape = distribution_shape(opts.distribution, opts.nb_shape)
             study.set_user_attr("trials_drawn", draw_trial_count(opts.trials_mean, shape, opts.seed))
@@ -250,6 +258,16 @@ class _Pruning:
             raise FederationStopped(f"pruned by privatune tune after round {report.round} ({self.key} {value:.4f})")
 
 
+def _tell(study: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
+    """study.tell; the grid sampler's stop once the grid is used up is meant for study.optimize and raises here
+    after the trial is stored: the study's own count of planned trials ends it."""
+    try:
+        study.tell(trial, *args, **kwargs)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+
+
 def run_trial(study: Any, opts: TuneOptions, study_id: str) -> str:
     """Ask, run and tell one trial. Returns "" or, when a site's budget refuses it, why (the study stops)."""
     import optuna
@@ -264,13 +282,22 @@ def run_trial(study: Any, opts: TuneOptions, study_id: str) -> str:
         cfg = trial_config(opts, params, trial.number, study_id)
     except ConfigError as err:
         trial.set_user_attr("status", f"refused: {err}")
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _tell(study, trial, state=optuna.trial.TrialState.FAIL)
         opts.say(f"trial {trial.number} ({shown}): not a valid run config ({err}); skipped")
         return ""
+    if opts.calibration is not None:
+        from privatune.simulations.tune_total import check_trial
+
+        over = check_trial(opts.calibration, cfg, opts.clients)
+        if over:
+            trial.set_user_attr("status", f"refused: {over}")
+            _tell(study, trial, state=optuna.trial.TrialState.FAIL)
+            opts.say(f"trial {trial.number} ({shown}): refused, {over}")
+            return ""
     refusal = budget_refusal(cfg, opts.clients)
     if refusal:
         trial.set_user_attr("budget_refused", refusal)
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _tell(study, trial, state=optuna.trial.TrialState.FAIL)
         return f"trial {trial.number} ({shown}) would pass a site's budget: {refusal}"
     opts.say(f"trial {trial.number} ({shown}) ...")
     out = claim(Path(cfg.out_dir), overwrite=False)
@@ -283,14 +310,14 @@ def run_trial(study: Any, opts: TuneOptions, study_id: str) -> str:
     trial.set_user_attr("test_accuracy", summary.get("test_accuracy"))
     value = summary.get("federated_accuracy" if opts.objective == "federated" else "test_accuracy")
     if obs.pruned_at:
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
         opts.say(f"trial {trial.number}: pruned after round {obs.pruned_at}")
     elif summary.get("status") == "failed" or value is None:
         why = "; ".join(f"{k}: {v}" for k, v in (summary.get("failure_reasons") or {}).items()) or "no figure"
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _tell(study, trial, state=optuna.trial.TrialState.FAIL)
         opts.say(f"trial {trial.number}: failed ({why})")
     else:
-        study.tell(trial, float(value))
+        _tell(study, trial, float(value))
         opts.say(f"trial {trial.number}: {opts.objective} accuracy {float(value):.4f}")
     return ""
 
@@ -303,6 +330,10 @@ def run_study(opts: TuneOptions) -> StudyResult:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     confine_writes(opts.study_dir.resolve())
+    if opts.total_epsilon and opts.calibration is None:
+        from privatune.simulations.tune_total import apply_total_epsilon
+
+        apply_total_epsilon(opts)
     study = open_study(opts)
     study_id = str(study.user_attrs["study_id"])
     settle_interrupted(study, opts.say)
@@ -310,7 +341,11 @@ def run_study(opts: TuneOptions) -> StudyResult:
     done = sum(_counted(t) for t in study.get_trials(deepcopy=False))
     opts.say(f"study {study_id} in {opts.study_dir}: {done} of {planned} trial(s) already run")
     stopped = ""
-    while sum(_counted(t) for t in study.get_trials(deepcopy=False)) < planned:
+    if opts.jobs > 1:
+        from privatune.simulations.tune_parallel import run_parallel
+
+        run_parallel(opts, study_id, planned - done)
+    while opts.jobs == 1 and sum(_counted(t) for t in study.get_trials(deepcopy=False)) < planned:
         stopped = run_trial(study, opts, study_id)
         if stopped:
             opts.say(f"study stopped before the trial that would pass a site's budget: {stopped}")
@@ -411,6 +446,11 @@ def privacy_totals(study: Any, opts: TuneOptions, rows: list[dict[str, Any]], be
         "ledger_composition_per_site": composed,
         "trial_run_ids": sorted(run_ids),
     }
+    if opts.calibration is not None:  # --total-epsilon: what each trial was given, and the bound it reaches
+        out["total_epsilon_given"] = opts.calibration["total_epsilon"]
+        out["per_trial_epsilon"] = opts.calibration["per_trial_epsilon"]
+        out["calibrated_bound"] = opts.calibration["bound"]
+        out["calibration"] = opts.calibration["how"]
     if opts.privacy == "compose":
         out["tuning_epsilon"] = max(composed.values(), default=0.0)
         out["total_epsilon_including_tuning"] = out["tuning_epsilon"]

@@ -103,13 +103,24 @@ def _rdp_of(event: Any) -> np.ndarray:
 def selection_epsilon(trial_events: Sequence[Any], mean: float, shape: float, delta: float) -> float:
     """Epsilon (at ``delta``) of running a random number of trials (mean ``mean``, shape ``shape``) and releasing
     only the best: the repeat-and-select RDP bound on the largest single-trial RDP curve among ``trial_events``."""
-    from dp_accounting.rdp import rdp_privacy_accountant as rdp
-
     if not trial_events:
         return 0.0
-    worst = np.max(np.stack([_rdp_of(ev) for ev in trial_events]), axis=0)
-    selected = rdp._compute_rdp_repeat_and_select(list(ORDERS), list(worst), mean, shape)
-    eps, _ = rdp.compute_epsilon(list(ORDERS), selected, delta)
+    return selection_of_curve(np.max(np.stack([_rdp_of(ev) for ev in trial_events]), axis=0), mean, shape, delta)
+
+
+def selection_of_curve(curve: np.ndarray, mean: float, shape: float, delta: float) -> float:
+    """The repeat-and-select epsilon (at ``delta``) of trials each bounded by the RDP curve ``curve`` (at ORDERS)."""
+    from dp_accounting.rdp import rdp_privacy_accountant as rdp
+
+    selected = rdp._compute_rdp_repeat_and_select(list(ORDERS), list(curve), mean, shape)
+    return curve_epsilon(np.asarray(selected, dtype=float), delta)
+
+
+def curve_epsilon(curve: np.ndarray, delta: float) -> float:
+    """Epsilon (at ``delta``) of an RDP curve at ORDERS (dp-accounting's conversion)."""
+    from dp_accounting.rdp import rdp_privacy_accountant as rdp
+
+    eps, _ = rdp.compute_epsilon(list(ORDERS), list(curve), delta)
     return float(eps)
 
 

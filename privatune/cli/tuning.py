@@ -35,7 +35,11 @@ def tune(
     ),
     preset: str = typer.Option("sms-spam", help="the preset every trial starts from"),
     clients: int = typer.Option(10, help="simulated clients per trial"),
-    epsilon: str = typer.Option("8", help="each trial's target epsilon per client; 'inf' = no DP"),
+    epsilon: str = typer.Option("", help="each trial's target epsilon per client (default 8); 'inf' = no DP"),
+    total_epsilon: float = typer.Option(
+        0.0, "--total-epsilon", help="the study's total epsilon including tuning: each trial's target is calibrated"
+    ),
+    jobs: int = typer.Option(1, "--jobs", help="trials at once, each in its own process (no site budget)"),
     seed: int = typer.Option(42, help="study and simulation seed (>= 0)"),
     config: Path | None = typer.Option(None, "--config", help="a TOML file of run-config keys every trial shares"),
     run_config: str = typer.Option(
@@ -58,14 +62,23 @@ def tune(
     if privacy == "select" and not trials_mean >= 1:
         raise UsageError(f"--trials-mean must be >= 1, got {trials_mean}")
     check_resources(client_cpus, 0.0)
+    if total_epsilon and epsilon:
+        raise UsageError("--total-epsilon and --epsilon: give one (with the total, the study calibrates each trial's)")
+    if total_epsilon and not 0 < total_epsilon < math.inf:
+        raise UsageError(f"--total-epsilon must be a finite number > 0, got {total_epsilon:g}")
     try:
-        eps = math.inf if epsilon.strip().lower() in ("inf", "infinity") else float(epsilon)
+        eps = total_epsilon or (math.inf if epsilon.strip().lower() in ("inf", "infinity") else float(epsilon or 8))
     except ValueError:
         raise UsageError(f"--epsilon must be a number or 'inf', got {epsilon!r}") from None
     base: dict[str, object] = {"preset": preset, "target-epsilon": eps, "dp": not math.isinf(eps), "seed": seed}
     if config is not None:
         base.update(read_run_config_file(config))
     base.update(parse_kv(run_config))
+    from privatune.simulations.tune_parallel import check_jobs
+
+    refused = check_jobs(jobs, float(str(base.get("sim-max-epsilon", 0)) or 0))
+    if refused:
+        raise UsageError(refused)
     params = build_space(space, list(param))
     if tuning_data is not None:
         from privatune.cli.own_data import load_own_data, write_copy
@@ -100,6 +113,8 @@ def tune(
         seed=seed,
         client_cpus=client_cpus,
         tuning_data=str(tuning_data or ""),
+        total_epsilon=total_epsilon,
+        jobs=jobs,
         say=lambda line: console.print(line, highlight=False, soft_wrap=True),
     )
     result = run_study(opts)
@@ -114,6 +129,13 @@ def tune(
         b = s["best_trial"]
         console.print(
             f"best: trial {b['number']} ({objective} accuracy {b['value']:.4f}) -> {b['config']}", highlight=False
+        )
+    if "per_trial_epsilon" in cost:
+        console.print(
+            f"--total-epsilon {cost['total_epsilon_given']:g}: each trial ran at target epsilon "
+            f"{cost['per_trial_epsilon']:.4f} (calibrated bound {cost['calibrated_bound']:.4f}; {cost['calibration']})",
+            highlight=False,
+            soft_wrap=True,
         )
     console.print(
         f"privacy ({cost['privacy']}): total epsilon including tuning {cost['total_epsilon_including_tuning']:.3f} "
