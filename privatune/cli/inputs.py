@@ -3,6 +3,7 @@ resources and output files. Separate so every command group checks its options t
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -128,7 +129,7 @@ def check_ray_cluster(address: str, client_cpus: float, client_gpus: float) -> N
             ) from None
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no FutureWarning on a CPU cluster
     try:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     except Exception as err:  # ConnectionError, or a ValueError for a malformed address
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(
