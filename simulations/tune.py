@@ -32,6 +32,7 @@ from privatune.simulations.tune_privacy import (
     distribution_shape,
     dp_event_of,
     draw_trial_count,
+    record_selection,
     selection_epsilon,
     trial_spends,
 )
@@ -423,6 +424,17 @@ def privacy_totals(study: Any, opts: TuneOptions, rows: list[dict[str, Any]], be
         spends = trial_spends(ledgers) if ledgers.exists() else {}
         events = [dp_event_of(entries) for site in spends.values() for rid, entries in site.items() if rid in run_ids]
         eps = selection_epsilon(events, opts.trials_mean, shape, delta)
+        # each site's ledger folder gets the record privatune audit recomputes (once per study: resume keeps it)
+        records = record_selection(
+            ledgers,
+            str(study.user_attrs["study_id"]),
+            sorted(run_ids),
+            distribution=opts.distribution,
+            mean=opts.trials_mean,
+            shape=shape,
+            delta=delta,
+            accountant=cfg.accountant,
+        )
         out.update(
             {
                 "trials_distribution": opts.distribution,
@@ -431,11 +443,13 @@ def privacy_totals(study: Any, opts: TuneOptions, rows: list[dict[str, Any]], be
                 "trials_drawn": int(study.user_attrs["trials_drawn"]),
                 "tuning_epsilon": eps,
                 "total_epsilon_including_tuning": eps,
+                "selection_records": records,
                 "how": (
                     "Papernot and Steinke 2022: a random number of trials, only the best released (its config and "
                     "model); dp-accounting's repeat-and-select RDP bound on the worst single trial at any site. The "
                     "trials table and plots are the study owner's working files: releasing them is outside this "
-                    "bound. The ledgers compose every trial (an over-statement of this cost)."
+                    "bound. The ledgers compose every trial (an over-statement of this cost); beside each site ledger, "
+                    "site-<id>.selections.sqlite records this selection for privatune audit to recompute."
                 ),
             }
         )
