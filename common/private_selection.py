@@ -28,10 +28,14 @@ ORDERS: tuple[float, ...] = tuple(
 class _Spend(Protocol):
     """What a spend needs for the bound (a ledger SpendEntry has it)."""
 
-    run_id: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def noise_multiplier(self) -> float: ...
+    @property
+    def sample_rate(self) -> float: ...
+    @property
+    def steps(self) -> int: ...
 
 
 def distribution_shape(distribution: str, shape: float) -> float:

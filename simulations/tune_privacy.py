@@ -10,7 +10,9 @@
   site's composition, as the site's own guard computes it.
 
 The trials' spends are in the sites' ledgers in every mode (one ledger folder per study): that is what a site's
-budget stops. In ``select`` mode the ledgers therefore over-state the cost (they compose all K trials).
+budget stops. In ``select`` mode the ledgers therefore over-state the cost (they compose all K trials); the
+selection itself is recorded beside each site ledger (``record_selection``, common/ledger/selections.py) for
+``privatune audit`` to recompute. The bound's maths is ``common/private_selection.py``, which the audit uses too.
 """
 
 from __future__ import annotations
@@ -125,8 +127,13 @@ def record_selection(
     """Write, beside each site ledger of the study, the record that its trials were released through private
     selection, with the bound for that site (its trials' spends only); once per study: a study resumed after its
     record was written finds it and leaves it. site id -> the record's file, row, epsilon and whether written now."""
-    from privatune.common.ledger import LEDGER_SUFFIX, SelectionLedger, SelectionRecord, SiteLedger
-    from privatune.common.ledger import site_id_from_ledger_name
+    from privatune.common.ledger import (
+        LEDGER_SUFFIX,
+        SelectionLedger,
+        SelectionRecord,
+        SiteLedger,
+        site_id_from_ledger_name,
+    )
 
     ids = sorted({r for r in run_ids if r and r != "None"})
     out: dict[str, dict[str, Any]] = {}
@@ -140,7 +147,9 @@ def record_selection(
                 by_run.setdefault(rec.entry.run_id, []).append(rec.entry)
         here = sorted(by_run)
         eps = selection_epsilon([dp_event_of(by_run[r]) for r in here], mean, shape, delta)
-        record = SelectionRecord(study_id, site, tuple(here), len(ids), distribution, mean, shape, delta, accountant, eps)
+        record = SelectionRecord(
+            study_id, site, tuple(here), len(ids), distribution, mean, shape, delta, accountant, eps
+        )
         selections = SelectionLedger.for_site_ledger(path)
         seq, written = selections.record(record)
         kept = record if written else selections.get(study_id)[1]  # type: ignore[index]

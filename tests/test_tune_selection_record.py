@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sqlite3
 import subprocess
 import tomllib
@@ -37,7 +38,7 @@ DELTA = 1e-5
 # Two trials; the second dominates the first at every Renyi order (less noise, more sampling, more steps).
 WEAK, STRONG = (2.0, 0.02, 10), (1.1, 0.05, 30)
 TRIALS = {"101": WEAK, "102": STRONG}
-ROUNDS = 2
+ROUNDS = 1
 IDS = [bytes([i]) * 16 for i in range(20)]
 
 
@@ -57,16 +58,33 @@ def _spend(guard, run_id: str, rnd: int, mech: tuple[float, float, int]) -> None
     )
 
 
-def _site_ledgers(folder: Path, sites=("s1", "s2"), trials=TRIALS) -> Path:
-    """A study's ledger folder: every site spends in every trial, ROUNDS rounds each."""
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A study's ledger folder, written once: every site spends in every trial, ROUNDS rounds each."""
     from privatune.client.privacy_guard import PrivacyGuard
 
-    for site in sites:
+    folder = tmp_path_factory.mktemp("ledgers")
+    for site in ("s1", "s2"):
         guard = PrivacyGuard(folder / site_ledger_filename(site), site, max_epsilon=1000.0, delta=DELTA)
-        for run_id, mech in trials.items():
+        for run_id, mech in TRIALS.items():
             for rnd in range(1, ROUNDS + 1):
                 _spend(guard, run_id, rnd, mech)
     return folder
+
+
+@pytest.fixture
+def ledgers(built, tmp_path):
+    """A fresh copy of the built folder for one test; ``ledgers(sites=...)`` keeps only those sites."""
+
+    def copy(sites=("s1", "s2")) -> Path:
+        folder = tmp_path / "ledgers"
+        folder.mkdir()
+        for site in sites:
+            name = site_ledger_filename(site)
+            shutil.copy2(built / name, folder / name)
+        return folder
+
+    return copy
 
 
 def _record(folder: Path, mean: float = 4.0, distribution: str = "poisson", eta: float = 0.0, **kw):
@@ -122,8 +140,8 @@ def _write_forged(folder: Path, site: str = "s1", **changes) -> int:
 # -- the record -------------------------------------------------------------------------------------------------
 
 
-def test_the_record_is_written_once_per_study_beside_each_site_ledger(tmp_path):
-    folder = _site_ledgers(tmp_path)
+def test_the_record_is_written_once_per_study_beside_each_site_ledger(ledgers, tmp_path):
+    folder = ledgers()
     first = _record(folder)
     again = _record(folder)  # a resumed study: its record is found and kept
     assert sorted(first) == ["s1", "s2"]
@@ -143,8 +161,8 @@ def test_the_record_is_written_once_per_study_beside_each_site_ledger(tmp_path):
     assert verify_chain(folder / site_ledger_filename("s1")) == []
 
 
-def test_the_recorded_epsilon_equals_an_independent_dp_accounting_computation(tmp_path):
-    folder = _site_ledgers(tmp_path)
+def test_the_recorded_epsilon_equals_an_independent_dp_accounting_computation(ledgers, tmp_path):
+    folder = ledgers()
     for distribution, eta, mean in (("poisson", 0.0, 4.0), ("negative-binomial", 1.0, 6.0)):
         shape = math.inf if distribution == "poisson" else eta
         got = _record(folder, mean, distribution, eta, study_id=f"study-{distribution}")
@@ -153,7 +171,7 @@ def test_the_recorded_epsilon_equals_an_independent_dp_accounting_computation(tm
         assert theirs > _independent(WEAK, mean, shape)
 
 
-def test_a_record_with_bad_fields_is_refused_in_one_line(tmp_path):
+def test_a_record_with_bad_fields_is_refused_in_one_line():
     from privatune.common.ledger import LedgerError
 
     base = {"study_id": "s", "site_id": "s1", "trial_run_ids": ("1",), "study_trials": 1, "delta": DELTA}
@@ -171,8 +189,8 @@ def test_a_record_with_bad_fields_is_refused_in_one_line(tmp_path):
 # -- the audit --------------------------------------------------------------------------------------------------
 
 
-def test_the_audit_passes_on_an_honest_ledger_and_says_it_recomputed_the_selection(tmp_path):
-    folder = _site_ledgers(tmp_path)
+def test_the_audit_passes_on_an_honest_ledger_and_says_it_recomputed_the_selection(ledgers, tmp_path):
+    folder = ledgers()
     _record(folder)
     report = audit_paths([folder])
     assert report.ok, [v.message for v in report.violations]
@@ -185,8 +203,8 @@ def test_the_audit_passes_on_an_honest_ledger_and_says_it_recomputed_the_selecti
     assert alone.ok and any("private selection" in n for n in alone.notes)
 
 
-def test_the_audit_fails_on_a_tampered_epsilon(tmp_path):
-    folder = _site_ledgers(tmp_path)
+def test_the_audit_fails_on_a_tampered_epsilon(ledgers, tmp_path):
+    folder = ledgers()
     _record(folder)
     # edited in the file: the chain names the row
     path = selection_ledger_path(folder / site_ledger_filename("s1"))
@@ -202,16 +220,17 @@ def test_the_audit_fails_on_a_tampered_epsilon(tmp_path):
     assert s2 and f"study 'study-2' (selections row {seq})" in s2[0] and "records epsilon" in s2[0]
 
 
-def test_the_audit_fails_on_a_dropped_trial(tmp_path):
-    folder = _site_ledgers(tmp_path)
+def test_the_audit_fails_on_a_dropped_trial(ledgers, tmp_path):
+    folder = ledgers()
     # the worst trial left out of the record, its epsilon kept: the two trials left do not bear it out
     _write_forged(folder, "s1", trial_run_ids=("101",))
     # a trial run id that never spent at the site
     _write_forged(folder, "s2", trial_run_ids=("101", "102", "999"), study_trials=3)
-    found = _mismatches(audit_paths([folder]))
+    report = audit_paths([folder])
+    found = _mismatches(report)
     assert any(m.startswith("s1: study 'study-1' (selections row 1)") and "records epsilon" in m for m in found)
     assert any(m.startswith("s2: study 'study-1'") and "999 have no spends in s2's ledger" in m for m in found)
-    assert not audit_paths([folder]).ok
+    assert not report.ok
 
 
 @pytest.mark.parametrize(
@@ -222,16 +241,16 @@ def test_the_audit_fails_on_a_dropped_trial(tmp_path):
         {"delta": 1e-6},
     ],
 )
-def test_the_audit_fails_on_a_wrong_distribution_parameter(tmp_path, changes):
-    folder = _site_ledgers(tmp_path, sites=("s1",))
+def test_the_audit_fails_on_a_wrong_distribution_parameter(ledgers, changes):
+    folder = ledgers(sites=("s1",))
     _write_forged(folder, "s1", **changes)
     report = audit_paths([folder])
     found = _mismatches(report)
     assert len(found) == 1 and "records epsilon" in found[0] and not report.ok, found
 
 
-def test_a_selections_file_without_its_site_ledger_fails(tmp_path):
-    folder = _site_ledgers(tmp_path, sites=("s1",))
+def test_a_selections_file_without_its_site_ledger_fails(ledgers, tmp_path):
+    folder = ledgers(sites=("s1",))
     _record(folder)
     (folder / site_ledger_filename("s1")).rename(tmp_path / "elsewhere.sqlite")
     report = audit_paths([selection_ledger_path(folder / site_ledger_filename("s1"))])
@@ -285,6 +304,7 @@ def select_study(tmp_path_factory):
             trials_mean=2.0,
             distribution="negative-binomial",
             nb_shape=1.0,
+            seed=5,  # K = 2 trials drawn from this seed
             say=lambda _: None,
         )
 
@@ -298,7 +318,7 @@ def test_a_select_study_records_its_selection_once_and_the_audit_recomputes_it(s
     folder, first, again = select_study
     cost = first.summary["privacy_cost"]
     records = cost["selection_records"]
-    assert sorted(records) == ["0", "1"] or len(records) == 2, records
+    assert first.summary["trials_run"] == 2 and len(records) == 2, records
     assert all(r["written_now"] for r in records.values())
     assert not any(r["written_now"] for r in again.summary["privacy_cost"]["selection_records"].values())
     run_ids = set(cost["trial_run_ids"])
@@ -306,7 +326,8 @@ def test_a_select_study_records_its_selection_once_and_the_audit_recomputes_it(s
         stored = SelectionLedger(Path(rec["file"])).records()
         assert len(stored) == 1, f"site {site}: {stored}"
         assert set(stored[0][1].trial_run_ids) <= run_ids and stored[0][1].epsilon == rec["epsilon"]
-    assert cost["tuning_epsilon"] == pytest.approx(max(r["epsilon"] for r in records.values()), rel=1e-12)
+    # the study's total bounds the pointwise worst curve over every site's trials: at least each site's own bound
+    assert cost["tuning_epsilon"] >= max(r["epsilon"] for r in records.values()) * (1 - 1e-12)
     report = audit_paths([folder / "ledgers"])
     assert report.ok, [v.message for v in report.violations]
     assert sum("private selection over" in n for n in report.notes) == len(records)

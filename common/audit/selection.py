@@ -51,8 +51,8 @@ def check_selections(audit: Findings, opened: Mapping[Path, Inspection | Excepti
         elif isinstance(found, Inspection) and found.schema == SELECTION_SCHEMA:
             pairs[path] = site_ledger_of(path)
     for selections, site in sorted(pairs.items()):
-        found = opened.get(selections)
-        check_file(audit, selections, found if isinstance(found, Inspection) else inspect_ledger(selections), site)
+        given = opened.get(selections)
+        check_file(audit, selections, given if isinstance(given, Inspection) else inspect_ledger(selections), site)
 
 
 def check_file(audit: Findings, path: Path, found: Inspection, site: Path) -> None:

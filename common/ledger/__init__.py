@@ -54,8 +54,8 @@ from privatune.common.ledger.migrate import (
 from privatune.common.ledger.names import (
     LEDGER_GLOB,
     LEDGER_SUFFIX,
-    SERVER_LEDGER_NAME,
     SELECTION_SUFFIX,
+    SERVER_LEDGER_NAME,
     SITE_LEDGER_PREFIX,
     SQLITE_SIDE_SUFFIXES,
     selection_ledger_path,
