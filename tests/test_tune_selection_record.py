@@ -357,5 +357,6 @@ def test_best_trial_toml_runs_through_flwr_run(select_study, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"
-    params = first.summary["best_trial"]["params"]
-    assert summary["config"]["lr"] == pytest.approx(params["lr"])
+    config = json.loads((out / "config.json").read_text())  # what the ServerApp ran: the best trial's keys
+    assert config["lr"] == pytest.approx(first.summary["best_trial"]["params"]["lr"])
+    assert config["max-records"] == 200 and config["preset"] == "digits"
