@@ -17,7 +17,6 @@ import csv
 import json
 import math
 import uuid
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from privatune.simulations.tune_privacy import (
     distribution_shape,
     dp_event_of,
     draw_trial_count,
+    record_selection,
     selection_epsilon,
     trial_spends,
 )
@@ -401,37 +401,6 @@ def write_best_config(path: Path, values: dict[str, Any], header: list[str]) -> 
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def write_plots(study: Any, folder: Path) -> dict[str, str]:
-    """Optuna's optimisation history, parameter importances and parallel coordinates as PNGs (name -> file, or
-    why it was skipped)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    out: dict[str, str] = {}
-    plots: dict[str, Callable[[Any], Any]] = {
-        "optimization-history": ovm.plot_optimization_history,
-        "param-importances": ovm.plot_param_importances,
-        "parallel-coordinate": ovm.plot_parallel_coordinate,
-    }
-    for name, plot in plots.items():
-        path = folder / f"{name}.png"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = plot(study)
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(fig)
-            out[name] = str(path)
-        except Exception as err:  # a plot needs enough finished trials (importances: two or more)
-            out[name] = f"skipped: {type(err).__name__}: {err}"
-            plt.close("all")
-    return out
-
-
 def privacy_totals(study: Any, opts: TuneOptions, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> dict:
     """The study's privacy cost, the way --privacy says, with the total epsilon including tuning."""
     cfg = RunConfig.from_flower({k: v for k, v in opts.base.items()})
@@ -463,6 +432,17 @@ def privacy_totals(study: Any, opts: TuneOptions, rows: list[dict[str, Any]], be
         spends = trial_spends(ledgers) if ledgers.exists() else {}
         events = [dp_event_of(entries) for site in spends.values() for rid, entries in site.items() if rid in run_ids]
         eps = selection_epsilon(events, opts.trials_mean, shape, delta)
+        # each site's ledger folder gets the record privatune audit recomputes (once per study: resume keeps it)
+        records = record_selection(
+            ledgers,
+            str(study.user_attrs["study_id"]),
+            sorted(run_ids),
+            distribution=opts.distribution,
+            mean=opts.trials_mean,
+            shape=shape,
+            delta=delta,
+            accountant=cfg.accountant,
+        )
         out.update(
             {
                 "trials_distribution": opts.distribution,
@@ -471,11 +451,13 @@ def privacy_totals(study: Any, opts: TuneOptions, rows: list[dict[str, Any]], be
                 "trials_drawn": int(study.user_attrs["trials_drawn"]),
                 "tuning_epsilon": eps,
                 "total_epsilon_including_tuning": eps,
+                "selection_records": records,
                 "how": (
                     "Papernot and Steinke 2022: a random number of trials, only the best released (its config and "
                     "model); dp-accounting's repeat-and-select RDP bound on the worst single trial at any site. The "
                     "trials table and plots are the study owner's working files: releasing them is outside this "
-                    "bound. The ledgers compose every trial (an over-statement of this cost)."
+                    "bound. The ledgers compose every trial (an over-statement of this cost); beside each site ledger, "
+                    "site-<id>.selections.sqlite records this selection for privatune audit to recompute."
                 ),
             }
         )
@@ -538,6 +520,8 @@ def write_outputs(study: Any, opts: TuneOptions, planned: int, stopped: str) -> 
         "privacy_cost": privacy_totals(study, opts, rows, best_values),
         "space": [p.describe() for p in opts.space],
     }
+    from privatune.simulations.tune_plots import write_plots
+
     summary["plots"] = write_plots(study, folder)
     write_json_atomic(folder / "study-summary.json", summary)
     return StudyResult(summary, rows)

@@ -10,7 +10,9 @@
   site's composition, as the site's own guard computes it.
 
 The trials' spends are in the sites' ledgers in every mode (one ledger folder per study): that is what a site's
-budget stops. In ``select`` mode the ledgers therefore over-state the cost (they compose all K trials).
+budget stops. In ``select`` mode the ledgers therefore over-state the cost (they compose all K trials); the
+selection itself is recorded beside each site ledger (``record_selection``, common/ledger/selections.py) for
+``privatune audit`` to recompute. The bound's maths is ``common/private_selection.py``, which the audit uses too.
 """
 
 from __future__ import annotations
@@ -23,24 +25,31 @@ from typing import Any
 import numpy as np
 
 from privatune.common.ledger import SpendEntry
-
-PRIVACY_MODES = ("public", "select", "compose")
-DISTRIBUTIONS = ("poisson", "negative-binomial")
-# The Renyi orders of the selection bound: dp-accounting's default set (its RdpAccountant's).
-ORDERS: tuple[float, ...] = tuple(
-    [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128.0, 256.0, 512.0, 1024.0]
+from privatune.common.private_selection import (  # the bound's maths, shared with privatune audit
+    DISTRIBUTIONS,
+    ORDERS,
+    curve_epsilon,
+    distribution_shape,
+    dp_event_of,
+    selection_epsilon,
+    selection_of_curve,
 )
 
-
-def distribution_shape(distribution: str, shape: float) -> float:
-    """dp-accounting's shape parameter: infinity for Poisson, eta in (0, inf) for the truncated negative binomial."""
-    if distribution == "poisson":
-        return math.inf
-    if distribution != "negative-binomial":
-        raise ValueError(f"--trials-distribution must be one of {', '.join(DISTRIBUTIONS)}, got '{distribution}'")
-    if not (0 < shape < math.inf):
-        raise ValueError(f"--nb-shape must be > 0 and finite (1 = geometric), got {shape}")
-    return shape
+PRIVACY_MODES = ("public", "select", "compose")
+__all__ = [
+    "DISTRIBUTIONS",
+    "ORDERS",
+    "PRIVACY_MODES",
+    "composed_epsilon",
+    "curve_epsilon",
+    "distribution_shape",
+    "dp_event_of",
+    "draw_trial_count",
+    "record_selection",
+    "selection_epsilon",
+    "selection_of_curve",
+    "trial_spends",
+]
 
 
 def _nb_gamma(mean: float, eta: float) -> float:
@@ -75,55 +84,6 @@ def draw_trial_count(mean: float, shape: float, seed: int) -> int:
             return k
 
 
-def dp_event_of(entries: Sequence[SpendEntry]) -> Any:
-    """The dp-accounting event of a list of ledger spends: each a Poisson-subsampled Gaussian, ``steps`` times."""
-    import dp_accounting
-
-    events = []
-    for e in entries:
-        if e.noise_multiplier <= 0:
-            raise ValueError(
-                f"run {e.run_id} round {e.round}: a non-private spend (noise 0) has no finite epsilon; private "
-                "selection needs DP trials"
-            )
-        gauss = dp_accounting.GaussianDpEvent(e.noise_multiplier)
-        one = gauss if e.sample_rate >= 1.0 else dp_accounting.PoissonSampledDpEvent(e.sample_rate, gauss)
-        events.append(dp_accounting.SelfComposedDpEvent(one, int(e.steps)))
-    return dp_accounting.ComposedDpEvent(events)
-
-
-def _rdp_of(event: Any) -> np.ndarray:
-    from dp_accounting.rdp import RdpAccountant
-
-    acc = RdpAccountant(list(ORDERS))
-    acc.compose(event)
-    return np.asarray(acc._rdp, dtype=float)  # the RDP curve itself (no public getter in dp-accounting 0.6)
-
-
-def selection_epsilon(trial_events: Sequence[Any], mean: float, shape: float, delta: float) -> float:
-    """Epsilon (at ``delta``) of running a random number of trials (mean ``mean``, shape ``shape``) and releasing
-    only the best: the repeat-and-select RDP bound on the largest single-trial RDP curve among ``trial_events``."""
-    if not trial_events:
-        return 0.0
-    return selection_of_curve(np.max(np.stack([_rdp_of(ev) for ev in trial_events]), axis=0), mean, shape, delta)
-
-
-def selection_of_curve(curve: np.ndarray, mean: float, shape: float, delta: float) -> float:
-    """The repeat-and-select epsilon (at ``delta``) of trials each bounded by the RDP curve ``curve`` (at ORDERS)."""
-    from dp_accounting.rdp import rdp_privacy_accountant as rdp
-
-    selected = rdp._compute_rdp_repeat_and_select(list(ORDERS), list(curve), mean, shape)
-    return curve_epsilon(np.asarray(selected, dtype=float), delta)
-
-
-def curve_epsilon(curve: np.ndarray, delta: float) -> float:
-    """Epsilon (at ``delta``) of an RDP curve at ORDERS (dp-accounting's conversion)."""
-    from dp_accounting.rdp import rdp_privacy_accountant as rdp
-
-    eps, _ = rdp.compute_epsilon(list(ORDERS), list(curve), delta)
-    return float(eps)
-
-
 def trial_spends(ledger_dir: Path) -> dict[str, dict[str, list[SpendEntry]]]:
     """site id -> run id -> the spends of that run in the site's ledger (the study's shared ledger folder)."""
     from privatune.common.ledger import LEDGER_SUFFIX, SiteLedger, site_id_from_ledger_name
@@ -154,4 +114,56 @@ def composed_epsilon(ledger_dir: Path, delta: float, accountant: str) -> dict[st
             ledger.entries(), ledger.cohorts(), delta=delta, accountant=accountant, max_epsilon=None
         )
         out[site] = max((b.spent for b in budgets), default=0.0)
+    return out
+
+
+def record_selection(
+    ledger_dir: Path,
+    study_id: str,
+    run_ids: Sequence[str],
+    *,
+    distribution: str,
+    mean: float,
+    shape: float,
+    delta: float,
+    accountant: str,
+) -> dict[str, dict[str, Any]]:
+    """Write, beside each site ledger of the study, the record that its trials were released through private
+    selection, with the bound for that site (its trials' spends only); once per study: a study resumed after its
+    record was written finds it and leaves it. site id -> the record's file, row, epsilon and whether written now."""
+    from privatune.common.ledger import (
+        LEDGER_SUFFIX,
+        SelectionLedger,
+        SelectionRecord,
+        SiteLedger,
+        site_id_from_ledger_name,
+    )
+
+    ids = sorted({r for r in run_ids if r and r != "None"})
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(ledger_dir).glob(f"*{LEDGER_SUFFIX}")):
+        site = site_id_from_ledger_name(path.name)
+        if site is None:
+            continue
+        by_run: dict[str, list[SpendEntry]] = {}
+        for rec in SiteLedger(path).entries():
+            if rec.entry.run_id in ids:
+                by_run.setdefault(rec.entry.run_id, []).append(rec.entry)
+        here = sorted(by_run)
+        eps = selection_epsilon([dp_event_of(by_run[r]) for r in here], mean, shape, delta)
+        record = SelectionRecord(
+            study_id, site, tuple(here), len(ids), distribution, mean, shape, delta, accountant, eps
+        )
+        selections = SelectionLedger.for_site_ledger(path)
+        seq, written = selections.record(record)
+        kept = record if written else selections.get(study_id)[1]  # type: ignore[index]
+        out[site] = {
+            "file": str(selections.path),
+            "row": seq,
+            "epsilon": kept.epsilon,
+            "trial_run_ids": list(kept.trial_run_ids),
+            "written_now": written,
+        }
+        if not written and kept.trial_run_ids != record.trial_run_ids:
+            out[site]["note"] = "kept the study's earlier record: the trials that ran since are not in it"
     return out

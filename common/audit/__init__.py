@@ -21,13 +21,15 @@ For every ledger file given (or found under a folder: ``*.ledger.sqlite``, i.e. 
    id or a spend naming a cohort the ledger lacks;
 4. cross-checks the server's record against the sites': a round the server has as trained for a client but the
    client's ledger lacks (or the reverse), and any reported value that differs from the site's record.
+5. recomputes each private-selection record beside a site ledger (``site-<id>.selections.sqlite``, written by
+   ``privatune tune --privacy select``) from that site ledger's spends: :mod:`.selection`.
 
 A report is ``ok`` only without violations; notes (e.g. a client whose ledger was not among the paths, or a spend
 the site recorded whose reply never reached the server) are informative and do not fail the audit.
 
 The modules, in the order an audit runs them: :mod:`.inputs` (finding and opening ledgers), :mod:`.checks` (each
 ledger: chains, cohorts, epsilons, budgets) with :mod:`.recompute` (the independent epsilons), :mod:`.cross_check`
-(server against sites), :mod:`.summary` (the report); :mod:`.auditor` runs them. :mod:`.report` is the report's
+(server against sites), :mod:`.selection` (private-selection records), :mod:`.summary` (the report); :mod:`.auditor` runs them. :mod:`.report` is the report's
 data; :mod:`.render` and :mod:`.plots` present it and decide nothing.
 """
 

@@ -15,6 +15,7 @@ from privatune.common.audit.cross_check import cross_check
 from privatune.common.audit.findings import Findings
 from privatune.common.audit.inputs import check_tolerance, find_ledgers, ledger_names, open_ledger
 from privatune.common.audit.report import AuditReport, LedgerFileInfo
+from privatune.common.audit.selection import check_selections
 from privatune.common.audit.summary import finish
 from privatune.common.ledger import Inspection
 
@@ -47,4 +48,5 @@ def audit_paths(paths: Sequence[Path], tolerance: float = 1e-6) -> AuditReport:
             )
             audit.files.append(LedgerFileInfo(str(path), "unknown", 0, False, audit.name(path)))
     cross_check(audit)
+    check_selections(audit, opened)  # private-selection records beside the site ledgers (privatune tune)
     return finish(audit)

@@ -24,7 +24,7 @@ from privatune.common.audit.recompute import (
 )
 from privatune.common.audit.report import MECHANISM_FIELDS, SERVER, SITE, AuditEntry, LedgerFileInfo
 from privatune.common.audit.values import fmt, num
-from privatune.common.ledger import PURPOSE_TRAIN, SITE_SCHEMA, STATUS_TRAINED, Inspection
+from privatune.common.ledger import PURPOSE_TRAIN, SELECTION_SCHEMA, SITE_SCHEMA, STATUS_TRAINED, Inspection
 from privatune.common.protocol import NOISE_SOURCE_SEEDED
 from privatune.common.record_budget import CohortError, cohort_id_of, unpack_ids
 
@@ -46,6 +46,8 @@ def _below_independent(reported: Any, independent: float, tolerance: float) -> b
 
 def check_ledger(audit: Findings, path: Path, found: Inspection) -> None:
     """Account one ledger file as its verification ``found`` it; every problem with it becomes a violation."""
+    if found.schema == SELECTION_SCHEMA:
+        return  # private-selection records: audited with the site ledger beside them (selection.py)
     for p in found.problems:
         if p.table is None:  # not a ledger, or its pages / structure are damaged
             audit.flag("unreadable", path, None, p.detail)

@@ -31,6 +31,7 @@ VIOLATION_KINDS = (
     "missing-at-server",  # the site recorded a spend in a run the server ledger knows nothing of for that round
     "report-mismatch",  # what the server recorded differs from the site's record
     "invalid-cohort",  # a cohort row whose ids do not match its id or size, or a spend naming a missing cohort
+    "selection-mismatch",  # a private-selection record its site ledger's spends do not bear out (audit/selection.py)
 )
 SEEDED_FLAG = "reproducible noise: no protection against whoever knows the seed"
 # The mechanism columns an entry carries as recorded (the ledgers name them like DPMechanism's fields).

@@ -27,7 +27,8 @@ server ledger ``server.ledger.sqlite``. Files are told apart by the schema recor
 The modules: ``errors`` (LedgerError family, ChainProblem), ``names`` (file names), ``records`` (the row values
 and their validation), ``schema`` (tables, DDL, hashing), ``connection`` (SQLite plumbing), ``storage``
 (SiteLedger, ServerLedger), ``verify`` with ``chain`` and ``findings`` (verification in passes), ``migrate``
-(version 1 files), ``totals`` (what a site ledger adds up to, per dataset and for the site: the audit's and the
+(version 1 files), ``selections`` (a site's private-selection records, in a chained file beside its ledger),
+``totals`` (what a site ledger adds up to, per dataset and for the site: the audit's and the
 budget's one computation). This package re-exports what callers use.
 """
 
@@ -53,9 +54,11 @@ from privatune.common.ledger.migrate import (
 from privatune.common.ledger.names import (
     LEDGER_GLOB,
     LEDGER_SUFFIX,
+    SELECTION_SUFFIX,
     SERVER_LEDGER_NAME,
     SITE_LEDGER_PREFIX,
     SQLITE_SIDE_SUFFIXES,
+    selection_ledger_path,
     site_id_from_ledger_name,
     site_ledger_filename,
 )
@@ -82,6 +85,7 @@ from privatune.common.ledger.schema import (
     META_TABLE,
     MIGRATING,
     SCHEMA_VERSION,
+    SELECTION_SCHEMA,
     SERVER_SCHEMA,
     SITE_SCHEMA,
     chained_tables,
@@ -90,6 +94,7 @@ from privatune.common.ledger.schema import (
     row_hash,
     schema_ddl,
 )
+from privatune.common.ledger.selections import SelectionLedger, SelectionRecord
 from privatune.common.ledger.storage import (
     ServerLedger,
     SiteLedger,
@@ -126,6 +131,8 @@ __all__ = [
     "PURPOSE_TRAIN",
     "READABLE_VERSIONS",
     "SCHEMA_VERSION",
+    "SELECTION_SCHEMA",
+    "SELECTION_SUFFIX",
     "SERVER_LEDGER_NAME",
     "SERVER_SCHEMA",
     "SITE_LEDGER_PREFIX",
@@ -145,6 +152,8 @@ __all__ = [
     "LedgerVersionError",
     "ReportRecord",
     "RunRecord",
+    "SelectionLedger",
+    "SelectionRecord",
     "ServerLedger",
     "SiteLedger",
     "SiteTotal",
@@ -165,6 +174,7 @@ __all__ = [
     "recovery_advice",
     "row_hash",
     "schema_ddl",
+    "selection_ledger_path",
     "site_id_from_ledger_name",
     "site_ledger_filename",
     "site_total",

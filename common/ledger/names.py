@@ -8,6 +8,7 @@ names are conventions for writers and for finding files, never a check.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from privatune.common.ledger.errors import LedgerError
 
@@ -16,6 +17,8 @@ LEDGER_GLOB = "*" + LEDGER_SUFFIX
 SITE_LEDGER_PREFIX = "site-"
 SERVER_LEDGER_NAME = "server" + LEDGER_SUFFIX
 #: What SQLite may keep beside a database file: its rollback journal, and a WAL file and its index.
+#: The private-selection records kept beside a site ledger (common/ledger/selections.py).
+SELECTION_SUFFIX = ".selections.sqlite"
 SQLITE_SIDE_SUFFIXES = ("-journal", "-wal", "-shm")
 JOURNAL_SUFFIX = SQLITE_SIDE_SUFFIXES[0]
 
@@ -32,3 +35,11 @@ def site_id_from_ledger_name(name: str) -> str | None:
     if name.startswith(SITE_LEDGER_PREFIX) and name.endswith(LEDGER_SUFFIX):
         return name[len(SITE_LEDGER_PREFIX) : -len(LEDGER_SUFFIX)]
     return None
+
+
+def selection_ledger_path(site_ledger: Path) -> Path:
+    """Where the private-selection records of the site ledger at ``site_ledger`` are kept: beside it,
+    ``site-<id>.selections.sqlite`` (any other name: its stem, then ``.selections.sqlite``)."""
+    name = site_ledger.name
+    stem = name[: -len(LEDGER_SUFFIX)] if name.endswith(LEDGER_SUFFIX) else Path(name).stem
+    return site_ledger.with_name(stem + SELECTION_SUFFIX)

@@ -15,6 +15,7 @@ from typing import Any
 GENESIS_HASH = "0" * 64
 SITE_SCHEMA = "privatune.site-ledger"
 SERVER_SCHEMA = "privatune.server-ledger"
+SELECTION_SCHEMA = "privatune.site-selections"  # beside a site ledger: common/ledger/selections.py says why
 SCHEMA_VERSION = "2"  # 2: the meta table is chained too; rollback-journal mode
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,6 +86,21 @@ _REPORT_COLUMNS = (
     ("recorded_at", "TEXT NOT NULL"),
     ("noise_source", "TEXT"),
 )
+#: A site's trials of a tuning study released through private selection (common/ledger/selections.py): the
+#: trials' run ids (a JSON list), the distribution of the number of trials and the epsilon claimed for this site.
+_SELECTION_COLUMNS = (
+    ("study_id", "TEXT NOT NULL"),
+    ("site_id", "TEXT NOT NULL"),
+    ("trial_run_ids", "TEXT NOT NULL"),
+    ("study_trials", "INTEGER NOT NULL"),
+    ("distribution", "TEXT NOT NULL"),
+    ("mean", "REAL NOT NULL"),
+    ("shape", "REAL NOT NULL"),
+    ("delta", "REAL NOT NULL"),
+    ("accountant", "TEXT NOT NULL"),
+    ("epsilon", "REAL NOT NULL"),
+    ("recorded_at", "TEXT NOT NULL"),
+)
 _META_COLUMNS = (
     ("key", "TEXT NOT NULL"),
     ("value", "TEXT NOT NULL"),
@@ -96,6 +112,7 @@ HEADS_TABLE = "chain_heads"
 _SCHEMAS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
     SITE_SCHEMA: {META_TABLE: _META_COLUMNS, "spend": _SPEND_COLUMNS, "cohorts": _COHORT_COLUMNS},
     SERVER_SCHEMA: {META_TABLE: _META_COLUMNS, "runs": _RUN_COLUMNS, "reports": _REPORT_COLUMNS},
+    SELECTION_SCHEMA: {META_TABLE: _META_COLUMNS, "selections": _SELECTION_COLUMNS},
 }
 _INDEXES = {
     SITE_SCHEMA: (
@@ -105,6 +122,10 @@ _INDEXES = {
         "CREATE INDEX cohorts_id ON cohorts(cohort_id)",
     ),
     SERVER_SCHEMA: ("CREATE UNIQUE INDEX meta_key ON meta(key)", "CREATE INDEX reports_run ON reports(run_id)"),
+    SELECTION_SCHEMA: (
+        "CREATE UNIQUE INDEX meta_key ON meta(key)",
+        "CREATE UNIQUE INDEX selections_study ON selections(study_id)",  # one record per study: idempotent
+    ),
 }
 META_REQUIRED = ("schema", "version", "created_at")
 MIGRATING = "migrating"  # the version a version 1 file is given while it is migrated: writers stop on it
