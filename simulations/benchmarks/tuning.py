@@ -3,8 +3,8 @@
     python -m privatune.simulations.benchmarks.tuning --out DIR
     python -m privatune.simulations.benchmarks.tuning --quick --out DIR   # a smoke run: not for figures
 
-The TREC-6 training questions are split once (stratified, seeded) into a *proxy* part, which stands for public
-data, and a *private* part; the official TREC-6 test questions are the test set of every run. Three ways to reach
+TREC-6's questions are split once (stratified by label, seeded) into a test set (20 %, the test set of every
+run), a *proxy* part, which stands for public data, and a *private* part. Three ways to reach
 the same total epsilon E at every site:
 
 1. ``defaults``: one run of the ``trec6`` preset's settings on the private part at epsilon E (nothing tuned);
@@ -46,6 +46,7 @@ from privatune.simulations.benchmarks.report import (
 )
 
 NAME = "tuning"
+TEST_FRACTION = 0.2  # the preset's own test-fraction: TREC-6 has no official test split here
 PRESET = "trec6"
 # The searched keys: what moves a DP head the most (the step size, how many steps, the clip).
 SPACE = ("lr=0.3:8:log", "batch-size=32,64,128", "local-epochs=2:10", "max-grad-norm=0.3:3:log")
@@ -83,13 +84,13 @@ QUICK = {"clients": 2, "trials_mean": 2.0, "public_trials": 2, "rounds": 1, "max
 
 
 def write_splits(plan: TuningPlan, folder: Path) -> dict[str, Path]:
-    """proxy.csv, private.csv (the TREC-6 training questions, split stratified by label) and test.csv."""
-    from privatune.common.datasets import holdout_split, load_dataset, load_official_test
+    """test.csv (TEST_FRACTION of TREC-6's questions), proxy.csv and private.csv (the rest, split): stratified."""
+    from privatune.common.datasets import holdout_split, load_dataset
 
     folder.mkdir(parents=True, exist_ok=True)
-    train = load_dataset(PRESET, max_records=plan.max_records or None, seed=plan.seed)
-    private, proxy = holdout_split(train, plan.proxy_fraction, plan.seed)
-    test = load_official_test(PRESET, max_records=(plan.max_records // 4) or None, seed=plan.seed)
+    every = load_dataset(PRESET, max_records=plan.max_records or None, seed=plan.seed)
+    rest, test = holdout_split(every, TEST_FRACTION, plan.seed)  # as the preset holds out its test split
+    private, proxy = holdout_split(rest, plan.proxy_fraction, plan.seed)
     paths = {}
     for name, data in (("private", private), ("proxy", proxy), ("test", test)):
         path = folder / f"{name}.csv"
