@@ -3,7 +3,7 @@
     python -m privatune.simulations.benchmarks.personal --out DIR
     python -m privatune.simulations.benchmarks.personal --quick --out DIR   # a smoke run: not for figures
 
-Under Dirichlet(0.1) label skew (digits, 10 clients):
+Under Dirichlet(0.1) label skew (Fashion-MNIST, 10,000 records, the MNIST CNN's head, 10 clients):
 
 1. a federation at ``--fed-epsilon``, then ``privatune personalise`` at ``--personal-epsilon`` (each site fine-tunes
    the final model on its own training split with DP and keeps it); the personalised model's figure per client,
@@ -41,7 +41,8 @@ NAME = "personal"
 
 @dataclass(frozen=True)
 class PersonalPlan:
-    preset: str = "digits"
+    preset: str = "fashion-mnist"
+    mode: str = "head"
     clients: int = 10
     alpha: float = 0.1
     rounds: int = 0  # 0 = the preset's
@@ -50,7 +51,7 @@ class PersonalPlan:
     personal_epochs: int = 3
     val_fraction: float = 0.2
     seed: int = 42
-    max_records: int = 0
+    max_records: int = 10000  # Fashion-MNIST's first 10,000 (stratified): about 800 training records per client
 
     def checked(self) -> PersonalPlan:
         for name in ("fed_epsilon", "personal_epsilon"):
@@ -66,12 +67,13 @@ class PersonalPlan:
         return keys + (f" max-records={self.max_records}" if self.max_records else "")
 
 
-QUICK = {"clients": 2, "rounds": 1, "max_records": 300, "personal_epochs": 1}
+QUICK = {"preset": "digits", "clients": 2, "rounds": 1, "max_records": 300, "personal_epochs": 1}
 
 
 def _simulate(plan: PersonalPlan, epsilon: float, out: Path, name: str) -> Path:
     run = out / name
-    argv = ["simulate", "--preset", plan.preset, "--clients", str(plan.clients), "--epsilon", repr(epsilon)]
+    argv = ["simulate", "--preset", plan.preset, "--mode", plan.mode, "--clients", str(plan.clients)]
+    argv += ["--epsilon", repr(epsilon)]
     argv += ["--seed", str(plan.seed), "--run-config", plan.run_config(), "--out", str(run)]
     if plan.rounds:
         argv += ["--rounds", str(plan.rounds)]
@@ -164,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fed-epsilon", type=float, default=3.0)
     parser.add_argument("--personal-epsilon", type=float, default=1.0)
     parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--preset", default="fashion-mnist")
+    parser.add_argument("--mode", default="head")
+    parser.add_argument("--max-records", type=int, default=10000, help="0 = all")
     args = parser.parse_args(argv)
 
     def build() -> PersonalPlan:
@@ -171,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "fed_epsilon": args.fed_epsilon,
             "personal_epsilon": args.personal_epsilon,
             "clients": args.clients,
+            "preset": args.preset,
+            "mode": args.mode,
+            "max_records": args.max_records,
         }
         if args.quick:
             kw.update(QUICK)
