@@ -11,7 +11,9 @@ the same total epsilon E at every site:
 2. ``select``: ``privatune tune --privacy select --total-epsilon E`` on the private part: a random number of
    trials, each at the per-trial epsilon the study calibrates, the best one released (its test accuracy);
 3. ``public``: ``privatune tune --privacy public --tuning-data proxy.csv`` (free for the private part), then one
-   run of the best configuration on the private part at epsilon E.
+   run of the best configuration on the private part at epsilon E. The proxy is public, so its trials are scored
+   centrally, on the proxy's own held-out split (``--objective central``): noised federated sums over a few
+   hundred proxy records would only add noise to the choice.
 
 Each step is the real command line in a child process (its output in ``logs/``); a finished step is read back,
 so an interrupted benchmark continues.
@@ -176,6 +178,7 @@ def run(plan: TuningPlan, out: Path) -> dict[str, Any]:
     pub = out / "public"
     secs = step(
         ["tune", "--preset", PRESET, "--privacy", "public", "--tuning-data", str(data["proxy"]), "--epsilon", eps,
+         "--objective", "central",
          "--trials", str(plan.public_trials), *space, *common, "--run-config", plan.shared(), "--study", str(pub)],
         out, "public", pub / "study-summary.json",
     )  # fmt: skip
