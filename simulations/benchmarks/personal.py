@@ -28,7 +28,7 @@ from privatune.simulations.benchmarks.report import (
     fmt_eps,
     fmt_pct,
     markdown_table,
-    plan_or_exit,
+    plan_from_options,
     print_flush,
     results_folder,
     run_header,
@@ -171,20 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-records", type=int, default=10000, help="0 = all")
     args = parser.parse_args(argv)
 
-    def build() -> PersonalPlan:
-        kw: dict[str, Any] = {
-            "fed_epsilon": args.fed_epsilon,
-            "personal_epsilon": args.personal_epsilon,
-            "clients": args.clients,
-            "preset": args.preset,
-            "mode": args.mode,
-            "max_records": args.max_records,
-        }
-        if args.quick:
-            kw.update(QUICK)
-        return PersonalPlan(**kw).checked()
-
-    plan = plan_or_exit(parser, build)
+    plan = plan_from_options(
+        parser,
+        args,
+        PersonalPlan,
+        ["fed_epsilon", "personal_epsilon", "clients", "preset", "mode", "max_records"],
+        QUICK,
+    )
     run(plan, Path(args.out))
     return 0
 

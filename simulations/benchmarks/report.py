@@ -104,6 +104,25 @@ def plan_or_exit(parser: argparse.ArgumentParser, build: Callable[[], T]) -> T:
         parser.error(str(err))
 
 
+def plan_from_options(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    make: Callable[..., Any],
+    names: Sequence[str],
+    quick: Mapping[str, Any],
+) -> Any:
+    """``make(**fields).checked()`` with each named field taken from the option of the same name (``--quick``
+    overriding them with ``quick``), before anything runs; a ValueError is argparse's usage error."""
+
+    def build() -> Any:
+        kw: dict[str, Any] = {name: getattr(args, name) for name in names}
+        if args.quick:
+            kw.update(quick)
+        return make(**kw).checked()
+
+    return plan_or_exit(parser, build)
+
+
 def add_common_flags(parser: argparse.ArgumentParser, name: str) -> None:
     """``--quick`` and ``--out``, with the same meaning in every benchmark."""
     out = default_out(name)

@@ -40,7 +40,7 @@ from privatune.simulations.benchmarks.report import (
     fmt_num,
     fmt_pct,
     markdown_table,
-    plan_or_exit,
+    plan_from_options,
     print_flush,
     results_folder,
     run_header,
@@ -278,18 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--public-trials", type=int, default=8)
     args = parser.parse_args(argv)
 
-    def build() -> TuningPlan:
-        kw: dict[str, Any] = {
-            "total_epsilon": args.total_epsilon,
-            "clients": args.clients,
-            "trials_mean": args.trials_mean,
-            "public_trials": args.public_trials,
-        }
-        if args.quick:
-            kw.update(QUICK)
-        return TuningPlan(**kw).checked()
-
-    plan = plan_or_exit(parser, build)
+    plan = plan_from_options(
+        parser, args, TuningPlan, ["total_epsilon", "clients", "trials_mean", "public_trials"], QUICK
+    )
     run(plan, Path(args.out))
     return 0
 
