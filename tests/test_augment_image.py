@@ -21,6 +21,7 @@ from privatune.common.augment.spec import AugmentSpecError, parse_augment
 from privatune.common.config import ConfigError, RunConfig
 from privatune.common.imaging import MNIST_MEAN, MNIST_STD
 from privatune.common.mechanism import DPMechanism
+from tests.views_run import assert_every_spend_records_views, simulate_with_views
 
 WHITE = (1.0 - MNIST_MEAN) / MNIST_STD
 STRENGTHS = {"shift": 3, "rotate": 20, "crop": 4, "erase": 0.4, "affine": 0.2, "elastic": 2.0}
@@ -364,29 +365,11 @@ def test_views_in_physical_batches_give_the_unsplit_step(dp):
 
 @pytest.mark.slow
 def test_a_digits_federation_with_two_views_under_dp_records_k(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from privatune.common.ledger import SiteLedger
-
-    out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "privatune.cli", "simulate", "--preset", "digits", "--clients", "2", "--rounds", "1",
-        "--epsilon", "4", "--mode", "last-k", "--out", str(out),
-        "--run-config", "max-records=300 local-epochs=1 augment=shift=2,rotate=10 augment-views=2",
-    ]  # fmt: skip
-    (tmp_path / "home").mkdir()
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "HOME": str(tmp_path / "home")}
+    out, summary = simulate_with_views(
+        tmp_path,
+        ["--preset", "digits", "--epsilon", "4", "--mode", "last-k"],
+        "max-records=300 local-epochs=1 augment=shift=2,rotate=10 augment-views=2",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert all(0 < e <= 4.0 * 1.01 for e in summary["per_client_epsilon"].values())
-    ledgers = sorted((out / "ledgers").glob("site-*.ledger.sqlite"))
-    assert len(ledgers) == 2
-    for path in ledgers:
-        rows = SiteLedger(path).entries()
-        assert rows and all(r.entry.augment_views == 2 for r in rows)
+    assert_every_spend_records_views(out, 2)

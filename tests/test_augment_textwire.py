@@ -30,6 +30,7 @@ from privatune.common.models import FineTuning, configure_trainable, get_model_s
 from privatune.common.models.names import run_model_name
 from tests.test_augment_text import write_wordnet
 from tests.test_own_model import WORDS  # its tiny BERT's word-level vocabulary
+from tests.views_run import assert_every_spend_records_views, simulate_with_views
 
 TEXTS = ["win a prize now", "lunch tomorrow ok", "how far is the moon", "who wrote it later", "cash reward now"]
 LABELS = torch.tensor([1, 0, 0, 0, 1])
@@ -354,32 +355,15 @@ def test_a_site_round_with_text_views_records_k_and_spends_what_k_1_spends(
     reason=f"WordNet is not in {W.DEFAULT_WORDNET_DIR} (apt-get install wordnet-base)",
 )
 def test_a_trec6_federation_with_two_text_views_under_dp_records_k(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from privatune.common.ledger import SiteLedger
-
-    out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "privatune.cli", "simulate", "--preset", "trec6", "--clients", "2", "--rounds", "1",
-        "--epsilon", "8", "--mode", "lora", "--out", str(out),
-        "--run-config", "max-records=200 max-length=24 local-epochs=1 augment=swap=0.1,synonym=0.1 augment-views=2",
-    ]  # fmt: skip
-    (tmp_path / "home").mkdir()
-    env = {**os.environ, "HOME": str(tmp_path / "home")}
-    env.pop(W.WORDNET_ENV, None)  # the sites read Debian's wordnet-base
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary = simulate_with_views(
+        tmp_path,
+        ["--preset", "trec6", "--epsilon", "8", "--mode", "lora"],
+        "max-records=200 max-length=24 local-epochs=1 augment=swap=0.1,synonym=0.1 augment-views=2",
+        drop_env=(W.WORDNET_ENV,),  # the sites read Debian's wordnet-base
+    )
     assert summary["status"] == "completed" and summary["dp"]
     assert all(0 < e <= 8.0 * 1.01 for e in summary["per_client_epsilon"].values())
-    ledgers = sorted((out / "ledgers").glob("site-*.ledger.sqlite"))
-    assert len(ledgers) == 2
-    for path in ledgers:
-        rows = SiteLedger(path).entries()
-        assert rows and all(r.entry.augment_views == 2 for r in rows)
+    assert_every_spend_records_views(out, 2)
 
 
 def test_site_check_names_a_missing_wordnet_for_the_announced_run(bert, tmp_path, monkeypatch):
