@@ -124,11 +124,19 @@ def _sampler(opts: TuneOptions) -> Any:
     raise TuneError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{opts.sampler}'")
 
 
+# The median pruner compares a trial's round with the median of finished trials at that round. With one start-up
+# trial and no warm-up it stopped most trials after round 1 of a small study (docs/benchmarks.md, TREC-6 tuning):
+# a DP round-1 figure is noisy and slow starters never got a second round. Three finished trials and one round of
+# warm-up before any pruning.
+PRUNER_STARTUP_TRIALS = 3
+PRUNER_FIRST_ROUND = 2  # rounds are Optuna's steps, from 1; it prunes from step n_warmup_steps on
+
+
 def _pruner(name: str) -> Any:
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_FIRST_ROUND)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise TuneError(f"--pruner must be one of {', '.join(PRUNERS)}, got '{name}'")

@@ -210,6 +210,32 @@ def test_each_rounds_validation_figure_goes_to_the_trial_and_pruning_stops_the_r
     assert trial.reported == [(1, 0.4), (2, 0.3)] and obs.pruned_at == 2
 
 
+def test_the_median_pruner_waits_for_three_trials_and_a_second_round():
+    import optuna
+
+    from privatune.simulations.tune import _pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def slow_starter_pruned_at(finished_trials: int) -> int | None:
+        study = optuna.create_study(direction="maximize", pruner=_pruner("median"))
+        for values in [(0.8, 0.9), (0.7, 0.85), (0.75, 0.8)][:finished_trials]:
+            trial = study.ask()
+            for step, value in enumerate(values, start=1):
+                trial.report(value, step)
+            study.tell(trial, values[-1])
+        trial = study.ask()
+        for step, value in enumerate((0.1, 0.2), start=1):
+            trial.report(value, step)
+            if trial.should_prune():
+                return step
+        return None
+
+    assert slow_starter_pruned_at(1) is None  # one finished trial is no median
+    assert slow_starter_pruned_at(2) is None  # two are not either
+    assert slow_starter_pruned_at(3) == 2  # three are; round 1 alone never prunes
+
+
 # -- a whole study (slow) ---------------------------------------------------------------------------------------
 
 BUDGET = 6.0  # two trials at epsilon 4 compose to about 5.4; a third would pass it
