@@ -31,7 +31,7 @@ from privatune.common.protocol import (
     NOISE_SOURCE_SITE,
 )
 from privatune.server.central_plan import central_eval_plan
-from privatune.server.checkpoint import CheckpointError, ServerCheckpoint, checkpoint_dir
+from privatune.server.checkpoint import COMMIT_NAME, CheckpointError, ServerCheckpoint, checkpoint_dir
 from privatune.server.checkpoint import save as save_checkpoint
 from privatune.server.optimisers import ServerOptimiser
 from privatune.server.reasons import one_line
@@ -111,6 +111,13 @@ def run_federation(
     from the out-dir's checkpoint, under the checkpoint's run id, its round numbers continuing."""
     cfg = resolve_out_dir(cfg, run_id)
     out = Path(cfg.out_dir)
+    if not resume and (checkpoint_dir(out) / COMMIT_NAME).exists():
+        # A fresh run here would collide with the earlier run's checkpoint after its first round (and its site
+        # ledgers would mix two runs): refuse before any round.
+        raise CheckpointError(
+            f"{out} holds the checkpoint of an earlier run ({checkpoint_dir(out).name}/{COMMIT_NAME}): continue it "
+            "with --resume, or start in an empty folder (privatune simulate --overwrite replaces it)"
+        )
     saved = load_start(checkpoint_dir(out), "--resume") if resume else None
     if saved is not None:
         run_id = saved.run_id

@@ -87,6 +87,13 @@ def test_the_table_has_one_row_per_cell_with_its_figures() -> None:
     assert IMAGE_AUGMENT in lines[3] and "| 4 " in lines[3]
 
 
+def test_a_failed_cell_is_a_failed_row_not_figures() -> None:
+    cell = {"preset": "fashion-mnist", "mode": "last-k", "augment": IMAGE_AUGMENT, "views": 8, "epsilon": 4.0}
+    failed = {**cell, "status": "failed", "error": "CheckpointError: boom", "accuracy": 0.47, "macro_f1": 0.44}
+    row = table([failed]).splitlines()[2]
+    assert "failed: CheckpointError: boom" in row and "47.00" not in row
+
+
 def test_the_text_cells_are_valid_lora_runs_with_and_without_the_text_ops() -> None:
     plan = AugmentPlan(only="text").checked()
     plain, augmented = (RunConfig.from_flower(plan.run_config(c)) for c in plan.cells())

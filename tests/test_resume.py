@@ -328,6 +328,17 @@ def test_a_new_run_starts_from_a_saved_model_and_refuses_another_kind(tmp_path):
         initial_weights(_cfg(labels="0,1,2,3,4,5,6,7,9,8"), "new", load_start(tmp_path))
 
 
+def test_a_fresh_run_into_a_folder_with_an_earlier_runs_checkpoint_is_refused_before_any_round(tmp_path):
+    from privatune.server.app import initial_weights, run_federation
+
+    cfg = _cfg(**{"out-dir": str(tmp_path)})
+    weights = {k: v.numpy() for k, v in initial_weights(cfg, "old").arrays.items()}
+    ckpt.save(tmp_path / "checkpoint", ckpt.ServerCheckpoint("old", 1, weights, False, _card(cfg), {}))
+    with pytest.raises(ckpt.CheckpointError, match=r"holds the checkpoint of an earlier run.*--resume"):
+        run_federation(None, cfg, "new")  # type: ignore[arg-type]  # refused before the grid is used
+    assert not (tmp_path / "summary.json").exists()
+
+
 def test_an_encrypted_checkpoint_round_trips_and_stays_under_its_key(tmp_path):
     from privatune.common import he
     from privatune.server.app import check_he_key

@@ -185,6 +185,18 @@ def table(cells: Sequence[Mapping[str, Any]]) -> str:
             fmt_num(c.get("seconds_per_round"), ".1f"),
             fmt_num(c.get("epoch_seconds"), ".1f"),
         ]
+        if c.get("status") != "failed"
+        else [
+            f"{c['preset']} ({c['mode']})",
+            f"`{c['augment']}`" if c["augment"] else "none",
+            str(c["views"]),
+            f"{c['epsilon']:g}",
+            f"failed: {c.get('error') or 'see its log'}",
+            "",
+            "",
+            "",
+            "",
+        ]
         for c in cells
     ]
     return markdown_table(HEADERS, rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -48,10 +49,17 @@ def run_child(
     Shared by the benchmarks that run one federation per cell (modes, augmentation)."""
     run_dir, spec_path, log_path = (out / "runs" / tag, out / "specs" / f"{tag}.json", out / "logs" / f"{tag}.log")
     spec = {"run_config": run_config, "clients": clients, "out": str(run_dir)}
-    reuse = (run_dir / "child.json").exists() and spec_path.exists() and json.loads(spec_path.read_text()) == spec
+    reuse = (
+        (run_dir / "child.json").exists()
+        and spec_path.exists()
+        and json.loads(spec_path.read_text()) == spec
+        and json.loads((run_dir / "child.json").read_text()).get("status") != "failed"  # a failed cell runs again
+    )
     if reuse:
         log(f"  {tag}: finished before, reading it back")
     else:
+        if run_dir.exists():  # a cell stopped part-way (or run with another spec): start it again from nothing
+            shutil.rmtree(run_dir)
         for p in (spec_path, log_path):
             p.parent.mkdir(parents=True, exist_ok=True)
         spec_path.write_text(json.dumps(spec, indent=1) + "\n")
