@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from privatune.common.accounting import TARGET_EPSILON_MAX
 from privatune.simulations.benchmarks.modes.bench import run_child
 from privatune.simulations.benchmarks.peer.epsilon import true_epsilons
 from privatune.simulations.benchmarks.report import (
@@ -79,6 +80,9 @@ class PeerPlan:
             "mode": self.mode,
             "num-server-rounds": self.rounds,
             "noise-multiplier": self.noise_multiplier,
+            # sigma is fixed, so nothing is calibrated to a target; privatune still stops a client whose run would
+            # pass target-epsilon (the plain side has no such stop): the largest target, so both train every round
+            "target-epsilon": TARGET_EPSILON_MAX,
             "max-grad-norm": self.max_grad_norm,
             "delta": self.delta,
             "val-fraction": 0.0,  # every local record trains, as in plain Flower
@@ -207,12 +211,14 @@ def run(plan: PeerPlan, out: Path, log: Log = print) -> dict[str, Any]:
         ("privatune", "privatune.simulations.benchmarks.modes.child", privatune_side),
     ):
         log(f"{tag}: {plan.clients} clients, {plan.rounds} rounds ...")
+        load = load_average()  # the machine is shared: each side's load (1, 5, 15 min) as it starts and ends
         t0 = time.perf_counter()
         child, summary, log_text = run_child(rc, plan.clients, out, tag, log, child_module=child_module)
         wall = float(child.get("seconds") or time.perf_counter() - t0)
         if child.get("status") != "completed":
             raise RuntimeError(f"{tag} side did not complete: {child.get('error') or log_text[-2000:]}")
         result["sides"][tag] = add_figures(figures(summary, out / "runs" / tag), cfg, plan, wall)
+        result["sides"][tag].update(load_start=load, load_end=load_average())
         log(f"{tag}: done in {wall:.0f} s")
     plain, priv = result["sides"]["plain"], result["sides"]["privatune"]
     result["ratio_median_round"] = ratio(priv["median_round_seconds"], plain["median_round_seconds"])
