@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -54,8 +55,21 @@ def net(cfg: RunConfig) -> torch.nn.Module:
     return model
 
 
-def _unwrap_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return model._module.state_dict() if hasattr(model, "_module") else model.state_dict()
+def _unwrap_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    # NOTE: the plain module's state_dict even where Opacus wrapped it (as the example does).
+    return dict(model._module.state_dict() if hasattr(model, "_module") else model.state_dict())
+
+
+def _number(value: Any) -> float:
+    """A number from a Message's ConfigRecord or MetricRecord (whose values flwr types as a wide union)."""
+    return float(value)
+
+
+def _arrays(content: RecordDict) -> dict[str, torch.Tensor]:
+    """The model the server sent, as a torch state dict."""
+    arrays = content["arrays"]
+    assert isinstance(arrays, ArrayRecord)
+    return arrays.to_torch_state_dict()
 
 
 def train(model: Any, loader: Any, engine: Any, optimizer: Any, delta: float, epochs: int) -> float:
@@ -94,12 +108,12 @@ def train_message(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(json.loads(str(config[RUN_CONFIG_KEY])))
     pid = int(context.node_config["partition-id"])
     records = client_records(cfg, pid, int(context.node_config["num-partitions"]))
-    data = TensorDataset(torch.from_numpy(records.inputs), torch.from_numpy(records.labels))  # type: ignore[arg-type]
+    data = TensorDataset(torch.from_numpy(np.asarray(records.inputs)), torch.from_numpy(records.labels))
     train_loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True)
-    delta, noise_multiplier, max_grad_norm = float(config["delta"]), cfg.noise_multiplier, cfg.max_grad_norm
+    delta, noise_multiplier, max_grad_norm = _number(config["delta"]), cfg.noise_multiplier, cfg.max_grad_norm
 
     model = net(cfg)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    model.load_state_dict(_arrays(msg.content), strict=True)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     privacy_engine = PrivacyEngine(secure_mode=False)  # a fresh engine every round, as in the example
     private_model, optimizer, private_loader = privacy_engine.make_private(
@@ -132,15 +146,15 @@ def make_server_app(cfg: RunConfig, run_config: dict[str, Any], clients: int, re
     round times, accuracies and each client's reported epsilon as the rounds go."""
     app = ServerApp()
     _, test_set = central_split(cfg)
-    test_x, test_y = torch.from_numpy(test_set.inputs), torch.from_numpy(test_set.labels)  # type: ignore[arg-type]
+    test_x, test_y = torch.from_numpy(np.asarray(test_set.inputs)), torch.from_numpy(test_set.labels)
     eval_model = net(cfg)
     record.update(round_seconds=[], central=[], clients=[])
 
     def aggregate_train(replies: list[RecordDict], weight_key: str) -> MetricRecord:
         per_client = {
-            f"client-{int(rd['metrics']['partition-id'])}": {
-                "epsilon": float(rd["metrics"]["epsilon"]),  # type: ignore[arg-type]
-                "num-examples": int(rd["metrics"]["num-examples"]),  # type: ignore[call-overload]
+            f"client-{int(_number(rd['metrics']['partition-id']))}": {
+                "epsilon": _number(rd["metrics"]["epsilon"]),
+                "num-examples": int(_number(rd["metrics"]["num-examples"])),
             }
             for rd in replies
         }
