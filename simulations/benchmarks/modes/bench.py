@@ -40,13 +40,17 @@ from privatune.simulations.benchmarks.report import (
     write_results,
 )
 
+#: The child process that runs one privatune federation (``modes.child``).
+CHILD = "privatune.simulations.benchmarks.modes.child"
+
 
 def run_child(
-    run_config: dict[str, Any], clients: int, out: Path, tag: str, log: Log
+    run_config: dict[str, Any], clients: int, out: Path, tag: str, log: Log, child_module: str = CHILD
 ) -> tuple[dict[str, Any], dict[str, Any], str]:
     """Run (or read back) one simulation as a child process: its ``child.json``, ``summary.json`` and output.
 
-    Shared by the benchmarks that run one federation per cell (modes, augmentation)."""
+    Shared by the benchmarks that run one federation per cell (modes, augmentation, peer). ``child_module`` is the
+    ``python -m`` module run on the spec (the peer benchmark's plain-Flower side has its own)."""
     run_dir, spec_path, log_path = (out / "runs" / tag, out / "specs" / f"{tag}.json", out / "logs" / f"{tag}.log")
     spec = {"run_config": run_config, "clients": clients, "out": str(run_dir)}
     reuse = (
@@ -65,7 +69,7 @@ def run_child(
         spec_path.write_text(json.dumps(spec, indent=1) + "\n")
         with log_path.open("w") as fh:
             subprocess.run(
-                [sys.executable, "-m", "privatune.simulations.benchmarks.modes.child", str(spec_path)],
+                [sys.executable, "-m", child_module, str(spec_path)],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 check=False,
