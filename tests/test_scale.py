@@ -158,10 +158,11 @@ def test_a_cell_row_from_its_run_folder(tmp_path: Path) -> None:
     summary = {"status": "completed", "participation": participation, "test_accuracy": 0.5, "max_client_epsilon": 3.9}
     child = {"tree_peak_rss_kib": 2048, "peak_kib_by_title": {"ray::ClientAppActor": 1024, "python": 4096}}
     cell = cell_figures(summary, child, 4, tmp_path)
-    assert cell["seconds_per_round"] == 11.0 and cell["peak_tree_mib"] == 2.0 and cell["peak_client_actor_mib"] == 1.0
+    assert cell["seconds_per_round"] == 12.0 and cell["first_round_seconds"] == 10.0
+    assert cell["peak_tree_mib"] == 2.0 and cell["peak_client_actor_mib"] == 1.0
     assert (cell["rounds_trained_min"], cell["rounds_trained_median"], cell["rounds_trained_max"]) == (0, 0.5, 2)
     assert cell["clients_trained"] == 2
-    big = {**cell, "clients": 40, "seconds_per_round": 22.0, "peak_tree_mib": 3.0}
+    big = {**cell, "clients": 40, "seconds_per_round": 24.0, "peak_tree_mib": 3.0}
     assert growth([cell, big]) == {"seconds_per_round": 2.0, "peak_tree_memory": 1.5}
     lines = table([cell, big], 400).splitlines()
     assert len(lines) == 4 and "| 100 " in lines[2] and "0/0.5/2" in lines[2] and "2 of 4" in lines[2]
