@@ -20,7 +20,7 @@ from typing import Any
 from privatune.common.accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from privatune.common.augment.spec import AugmentSpecError, check_augment
 from privatune.common.cache import CACHE_OFF
-from privatune.common.config_checks import check_aggregation, check_dp, check_personalisation
+from privatune.common.config_checks import check_aggregation, check_dp, check_personalisation, check_scale
 from privatune.common.fashion_mnist import FASHION_MNIST_LABELS
 from privatune.common.models.modes import (
     ACCEPTED_MODES,
@@ -219,6 +219,9 @@ class RunConfig:
     personalise_epochs: int = 0
     personalise_epsilon: float = 1.0
     personalise_mode: str = "run"
+    # issue 13 (1,000 virtual clients, docs/scale.md): the share of the connected clients sent the federated
+    # evaluation each round, drawn at the server like the training sample; 0 = none (central-eval still scores)
+    fraction_evaluate: float = 1.0
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -427,6 +430,7 @@ class RunConfig:
         check_server_optimiser(self, need)  # issue 15: server-optimiser, server-*, proximal-mu
         check_stages(self, need)  # issue 15: sim-stages, sim-stage, sim-stage-split, sim-rehearsal
         check_personalisation(self, need)  # issue 15: personal-head, personalise-*
+        check_scale(self, need)  # issue 13: fraction-evaluate
 
 
 #: How a run without a preset is filled in (docs/fine-tuning.md "A model without a preset"): the model's kind (text or

@@ -91,3 +91,17 @@ def check_personalisation(cfg: RunConfig, need: Need) -> None:
         "must be > 0: the final personalisation's own epsilon target at each site",
     )
     need(cfg.personalise_mode in ("run", "head"), "personalise-mode", "must be run (the mode's set) or head")
+
+
+def check_scale(cfg: RunConfig, need: Need) -> None:
+    """issue 13: the federated-evaluation sample (docs/scale.md)."""
+    need(
+        0 <= cfg.fraction_evaluate <= 1,
+        "fraction-evaluate",
+        f"must be in [0, 1] (got {cfg.fraction_evaluate:g}); 0 = no federated evaluation",
+    )
+    need(
+        cfg.personalise_epochs == 0 or cfg.fraction_evaluate == 1,
+        "fraction-evaluate",
+        "personalise-epochs > 0 personalises every site in the last evaluation, so it needs fraction-evaluate=1",
+    )

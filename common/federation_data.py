@@ -69,7 +69,7 @@ def _central_split(key: DataKey) -> tuple[LabelledData, LabelledData]:
         if test is not None:
             return data, test.subset(np.arange(len(test)))
     else:
-        data = load_dataset(key.dataset, max_records=key.max_records or None, seed=key.seed)
+        data = load_dataset(key.dataset, max_records=key.max_records or None, seed=key.seed, shared=True)
         if key.dataset in OFFICIAL_TEST_SPLITS:  # the preset's own test split (max-records: x test-fraction of it)
             n_test = round(key.max_records * key.test_fraction) if key.max_records else None
             return data, load_official_test(key.dataset, max_records=n_test, seed=key.seed)

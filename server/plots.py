@@ -1,9 +1,12 @@
-"""The run's picture: accuracy and epsilon per round (people read a curve faster than a table)."""
+"""The run's picture: accuracy and epsilon per round, and how many rounds each client trained (people read a curve
+faster than a table; with client sampling the participation panel shows who sat rounds out)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from privatune.common.protocol import KEY_CENTRAL_ACCURACY, KEY_CENTRAL_MACRO_F1, KEY_EPSILON, KEY_FED_ACCURACY
 from privatune.server.run_record import RoundReport
@@ -17,7 +20,7 @@ def plot_rounds(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_acc, ax_eps, ax_part) = plt.subplots(1, 3, figsize=(16, 4))
     xs_c = [r.round for r in rounds if r.central]
     if xs_c:
         ax_acc.plot(
@@ -51,7 +54,8 @@ def plot_rounds(
     ax_eps.set_ylim(bottom=0)
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (ax_acc, ax_eps):
+    plot_participation(ax_part, rounds)
+    for ax in (ax_acc, ax_eps, ax_part):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_eps.set_xlabel("round")
     ax_eps.set_ylabel("epsilon spent (composed over rounds)")
@@ -66,3 +70,37 @@ def plot_rounds(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def rounds_trained(rounds: Sequence[RoundReport]) -> dict[str, int]:
+    """Client id -> how many rounds it trained (an update rejected by screening was trained, and spent, too), as
+    summary.json's ``participation`` counts them."""
+    counts: dict[str, int] = {}
+    for r in rounds:
+        for cid in {*r.clients, *r.rejected_spends}:
+            counts[cid] = counts.get(cid, 0) + 1
+    return counts
+
+
+def plot_participation(ax: Any, rounds: Sequence[RoundReport]) -> None:
+    """A histogram of the rounds each client trained (clients never sampled are not known here, so not shown)."""
+    counts = sorted(rounds_trained(rounds).values())
+    ax.set_title("participation: rounds trained per client")
+    ax.set_xlabel("rounds trained")
+    ax.set_ylabel("clients")
+    ax.grid(alpha=0.3)
+    if not counts:
+        ax.text(0.5, 0.5, "no client trained", ha="center", va="center", transform=ax.transAxes)
+        return
+    edges = [x - 0.5 for x in range(counts[0], counts[-1] + 2)]
+    ax.hist(counts, bins=edges, color="tab:green", alpha=0.8)
+    median = statistics.median(counts)
+    ax.text(
+        0.98,
+        0.95,
+        f"{len(counts)} clients trained\nmin {counts[0]}, median {median:g}, max {counts[-1]}",
+        ha="right",
+        va="top",
+        fontsize=8,
+        transform=ax.transAxes,
+    )

@@ -22,10 +22,14 @@ def sample_size(connected: int, fraction: float, clients_per_round: int, min_cli
     return min(connected, max(wanted, min_clients))
 
 
-def sample_clients(node_ids: Sequence[int], count: int, seed: int, server_round: int) -> list[int]:
-    """``count`` of ``node_ids``, the same for the same seed, round and set of nodes (whatever their order)."""
+def sample_clients(
+    node_ids: Sequence[int], count: int, seed: int, server_round: int, purpose: str = "train"
+) -> list[int]:
+    """``count`` of ``node_ids``, the same for the same seed, round and set of nodes (whatever their order).
+    ``purpose="evaluate"`` draws the round's federated-evaluation sample, independently of the training one."""
     if not 0 <= count <= len(node_ids):
         raise ValueError(f"cannot sample {count} of {len(node_ids)} connected clients")
-    digest = hashlib.sha256(f"privatune-sampling:{seed}:{server_round}".encode()).digest()
+    salt = f"{seed}:{server_round}" if purpose == "train" else f"{purpose}:{seed}:{server_round}"
+    digest = hashlib.sha256(f"privatune-sampling:{salt}".encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
     return sorted(rng.sample(sorted(node_ids), count))

@@ -72,7 +72,7 @@ class PrivatuneFedAvg(FedAvg):
     ) -> None:
         super().__init__(
             fraction_train=cfg.fraction_train,
-            fraction_evaluate=1.0,
+            fraction_evaluate=cfg.fraction_evaluate,
             min_train_nodes=cfg.min_clients,
             min_evaluate_nodes=cfg.min_clients,
             min_available_nodes=cfg.min_clients,
@@ -146,8 +146,19 @@ class PrivatuneFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Federated evaluation on ``fraction-evaluate`` of the connected clients, drawn like the training sample
+        (seeded, its own draw); none at 0. With 1,000 clients, evaluating all of them each round would make the
+        round's time grow with the clients that exist rather than those sampled (docs/scale.md)."""
         server_round += self.round_offset
-        return super().configure_evaluate(server_round, arrays, self._run_config_record(), grid)
+        if self.cfg.fraction_evaluate == 0:
+            return []
+        _, connected = sample_nodes(grid, self.min_available_nodes, 0)
+        count = sample_size(len(connected), self.cfg.fraction_evaluate, 0, self.cfg.min_clients)
+        node_ids = sample_clients(connected, count, self.cfg.seed, server_round, purpose="evaluate")
+        config = self._run_config_record()
+        config[KEY_SERVER_ROUND] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, node_ids, MessageType.EVALUATE))
 
     # ----------------------------------------------------------------- aggregate
     def aggregate_train(

@@ -120,7 +120,10 @@ def encode_images(inputs: Sequence[str] | np.ndarray, *, max_length: int | None 
         )
     if not np.issubdtype(arr.dtype, np.number):
         raise TypeError(f"images must be numeric, got dtype {arr.dtype}")
-    out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not arr.flags.writeable:  # a process's shared, read-only dataset (common/datasets.py): torch gets its own
+        arr = arr.copy()
+    out = torch.from_numpy(arr)
     if not torch.isfinite(out).all():
         raise ValueError("images contain NaN or infinite values")
     return (out,)

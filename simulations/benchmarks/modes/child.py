@@ -8,7 +8,7 @@ behind ``privatune simulate``, with ``verbose`` on so that the sites' log lines 
 reach this process's output, which the parent keeps. At the end ``OUT/child.json`` gets the summary's status,
 ``ru_maxrss`` of this process and of its reaped children, and the peak resident memory (``VmHWM``) of every
 descendant process seen while the run went on, by process title (the simulated clients are
-``ray::ClientAppActor``).
+``ray::ClientAppActor``), and the highest total resident memory of the whole process tree at one sample.
 """
 
 from __future__ import annotations
@@ -44,6 +44,17 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def rss_kib(pid: int) -> int:
+    """A process's resident memory now (``VmRSS``, KiB); 0 once it is gone."""
+    try:
+        for line in (PROC / str(pid) / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return 0
+
+
 def peak_kib(pid: int) -> tuple[str, int] | None:
     """A process's title and its peak resident memory so far (``VmHWM``, KiB), or None once it is gone."""
     try:
@@ -62,6 +73,10 @@ class MemoryWatch:
     def __init__(self, root: int, interval: float = 0.5) -> None:
         self.root, self.interval = root, interval
         self.peaks: dict[int, tuple[str, int]] = {}
+        #: The highest sum of resident memory over this process and all its descendants at one sample (KiB):
+        #: the whole tree's peak, which no per-process figure gives (Ray's workers are the raylet's children).
+        self.tree_peak = 0
+        self.max_processes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -71,10 +86,13 @@ class MemoryWatch:
             self._stop.wait(self.interval)
 
     def sample(self) -> None:
-        for pid in descendants(self.root):
+        pids = descendants(self.root)
+        for pid in pids:
             got = peak_kib(pid)
             if got is not None and got[1] >= self.peaks.get(pid, ("", -1))[1]:
                 self.peaks[pid] = got
+        self.tree_peak = max(self.tree_peak, sum(rss_kib(pid) for pid in [self.root, *pids]))
+        self.max_processes = max(self.max_processes, len(pids))
 
     def __enter__(self) -> MemoryWatch:
         self._thread.start()
@@ -114,6 +132,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     result["ru_maxrss_self_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result["ru_maxrss_children_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result["peak_kib_by_title"] = watch.by_title()
+    result["tree_peak_rss_kib"] = watch.tree_peak
+    result["max_descendants"] = watch.max_processes
     return result
 
 
