@@ -34,8 +34,10 @@ log = logging.getLogger("privatune.client")
 DEFAULT_SITE_DELTA = 1e-5
 ON_EXHAUSTED = ("exclude", "refuse")
 
-# Calibration is a binary search over the accountant: memoise it, the inputs repeat every round.
+# Calibration is a binary search over the accountant: memoise it, the inputs repeat every round. Bounded: a
+# simulation worker serves many virtual clients, each with its own (q, steps).
 _NOISE_CACHE: dict[tuple[float, float, float, int, str], float] = {}
+_NOISE_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ def plan_noise(cfg: RunConfig, num_records: int, delta: float) -> float:
     total_steps = cfg.num_server_rounds * cfg.local_epochs * steps_per_epoch(num_records, cfg.batch_size)
     key = (cfg.target_epsilon, delta, q, total_steps, cfg.accountant)
     if key not in _NOISE_CACHE:
+        if len(_NOISE_CACHE) >= _NOISE_CACHE_SIZE:
+            _NOISE_CACHE.pop(next(iter(_NOISE_CACHE)))  # the oldest entry
         _NOISE_CACHE[key] = calibrate_noise(cfg.target_epsilon, delta, q, total_steps, cfg.accountant)
     return _NOISE_CACHE[key]
 

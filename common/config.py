@@ -135,7 +135,7 @@ class RunConfig:
     dp: bool = True
     target_epsilon: float = 8.0
     delta: float = 0.0  # 0 = each site's own (node-config delta); a site refuses a looser one
-    noise_multiplier: float = 0.0  # 0 = calibrate to target_epsilon over the whole run
+    noise_multiplier: float = 0.0  # 0 = calibrate to target_epsilon over the whole run; fixed, the target still caps
     max_grad_norm: float = 1.0
     accountant: str = DEFAULT_ACCOUNTANT  # prv; rdp (looser) and pld (dp-accounting) on request
     partition: str = "dirichlet"
