@@ -37,12 +37,15 @@ def trainable_bias(module: nn.Linear) -> bool:
     return module.bias is not None and module.bias.requires_grad
 
 
+def input_scales(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
+    """``sqrt(||x_i||^2 + 1)`` (``+ 0`` without a trainable bias): fixed inputs, so computable once per training."""
+    xx = x.pow(2).sum(dim=1)
+    return (xx + 1.0 if with_bias else xx).sqrt()
+
+
 def per_sample_norms(x: torch.Tensor, g: torch.Tensor, with_bias: bool) -> torch.Tensor:
     """``||g_i x_i^T||_F`` (with the bias: of the whole per-sample gradient ``[g_i x_i^T, g_i]``), row by row."""
-    xx = x.pow(2).sum(dim=1)
-    if with_bias:
-        xx = xx + 1.0
-    return g.norm(dim=1) * xx.sqrt()
+    return g.norm(dim=1) * input_scales(x, with_bias)
 
 
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
@@ -77,7 +80,7 @@ class LinearDPStep:
     """One DP-SGD step of a linear layer: sets ``p.grad`` of its trainable parameters; the caller's optimiser steps.
 
     ``params`` is the noise order (the optimiser's, as Opacus' ``DPOptimizer.params``); ``expected_batch_size`` is
-    Opacus' ``int(n / steps_per_epoch)``. ``before_step(params)`` (optional) sees the per-sample gradients
+    Opacus' ``int(n / steps_per_epoch)``. The loss is cross-entropy (``train_local``'s). ``before_step(params)`` (optional) sees the per-sample gradients
     materialised in ``p.grad_sample`` before clipping, as with Opacus' hooks, and may change them.
     """
 
@@ -104,47 +107,56 @@ class LinearDPStep:
         self.expected_batch_size = int(expected_batch_size)
         self.randomness = randomness
 
-    def output_grads(
-        self, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's mean loss and ``G``: row i is ``dl_i/dz_i`` (Opacus' ``loss_reduction="mean"`` x B)."""
+    def output_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's mean cross-entropy and ``G``: row i is ``dl_i/dz_i = softmax(z_i) - onehot(y_i)`` (what
+        Opacus' ``loss_reduction="mean"`` per-sample gradients are: the mean loss's gradient times B)."""
         with torch.no_grad():
-            z = self.module(x)
-        if y.numel() == 0:
-            return torch.zeros((), dtype=z.dtype), z.new_zeros(z.shape)
-        z.requires_grad_(True)
-        loss = loss_fn(z, y)
-        (gz,) = torch.autograd.grad(loss, z)
-        return loss.detach(), gz * y.shape[0]
+            logp = torch.log_softmax(nn.functional.linear(x, self.module.weight, self.module.bias), dim=1)
+            if y.numel() == 0:
+                return logp.new_zeros(()), logp
+            loss = nn.functional.nll_loss(logp, y)
+            g = logp.exp_()
+            g[torch.arange(y.shape[0]), y] -= 1.0
+        return loss, g
 
     def __call__(
         self,
         x: torch.Tensor,
         y: torch.Tensor,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        scales: torch.Tensor | None = None,
         before_step: Callable[[list[nn.Parameter]], None] | None = None,
     ) -> torch.Tensor:
-        """Clip, sum, noise and scale one batch's gradient into ``p.grad``; returns the batch's mean loss."""
-        loss, g = self.output_grads(x, y, loss_fn)
+        """Clip, sum, noise and scale one batch's gradient into ``p.grad``; returns the batch's mean loss.
+
+        ``scales``: the rows' :func:`input_scales`, if the caller computed them once for all records."""
+        loss, g = self.output_grads(x, y)
         weight, bias = self.module.weight, self.module.bias
-        if before_step is None:
-            gw, gb = clipped_sums(
-                x, g, clip_factors(per_sample_norms(x, g, self.with_bias), self.max_grad_norm), self.with_bias
-            )
-            summed = {id(weight): gw} | ({id(bias): gb} if gb is not None else {})
-        else:
-            own = [weight] + ([bias] if self.with_bias else [])
-            for p, s in zip(own, grad_samples(x, g, self.with_bias), strict=True):
-                p.grad_sample = s  # type: ignore[attr-defined]  # Opacus' attribute name, for the hook
-            before_step(self.params)
-            sums = clipped_sums_of_samples([p.grad_sample for p in self.params], self.max_grad_norm)  # type: ignore[attr-defined]
-            summed = {id(p): s for p, s in zip(self.params, sums, strict=True)}
-            for p in self.params:
-                del p.grad_sample  # type: ignore[attr-defined]
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:  # install_noise's order and shapes: one draw per parameter
-            ref = summed[id(p)].to(p.dtype)
-            if std != 0:
-                ref = ref + self.randomness.gaussian(tuple(ref.shape), std, device=ref.device, dtype=ref.dtype)
-            p.grad = (ref / self.expected_batch_size).view_as(p)
+        with torch.no_grad():
+            if before_step is None:
+                if scales is None:
+                    scales = input_scales(x, self.with_bias)
+                factors = clip_factors(g.norm(dim=1) * scales, self.max_grad_norm)
+                gw, gb = clipped_sums(x, g, factors, self.with_bias)
+                summed = {id(weight): gw} | ({id(bias): gb} if gb is not None else {})
+            else:
+                summed = self._hooked_sums(x, g, before_step)
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:  # install_noise's order and shapes: one draw per parameter
+                ref = summed[id(p)].to(p.dtype)
+                if std != 0:
+                    ref = ref + self.randomness.gaussian(tuple(ref.shape), std, device=ref.device, dtype=ref.dtype)
+                p.grad = (ref / self.expected_batch_size).view_as(p)
         return loss
+
+    def _hooked_sums(
+        self, x: torch.Tensor, g: torch.Tensor, before_step: Callable[[list[nn.Parameter]], None]
+    ) -> dict[int, torch.Tensor]:
+        """The per-sample gradients materialised for a ``before_step`` hook, then clipped as Opacus clips them."""
+        own = [self.module.weight] + ([self.module.bias] if self.with_bias else [])
+        for p, s in zip(own, grad_samples(x, g, self.with_bias), strict=True):
+            p.grad_sample = s  # type: ignore[union-attr]  # Opacus' attribute name, for the hook
+        before_step(self.params)
+        sums = clipped_sums_of_samples([p.grad_sample for p in self.params], self.max_grad_norm)  # type: ignore[attr-defined]
+        for p in self.params:
+            del p.grad_sample  # type: ignore[attr-defined]
+        return {id(p): s for p, s in zip(self.params, sums, strict=True)}

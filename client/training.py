@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from privatune.client.dp_options import GRAD_SAMPLE_GHOST, build_optimizer, grad_sample_mode, physical_batches
-from privatune.client.linear_dp import GRAD_SAMPLE_LINEAR, LinearDPStep
+from privatune.client.linear_dp import GRAD_SAMPLE_LINEAR, LinearDPStep, input_scales
 from privatune.client.linear_dp import applies_to as closed_form_applies
 from privatune.client.privacy_guard import DEFAULT_SITE_DELTA
 from privatune.client.proximal import add_proximal_term
@@ -406,22 +406,28 @@ def _train_closed_form(
         expected_batch_size=int(n * (1 / len(loader))),  # what Opacus' make_private divides by
         randomness=randomness,
     )
-    loss_fn = nn.CrossEntropyLoss()
+    # The inputs are fixed: each record's sqrt(||x||^2 + 1) once, indexed with its rows (as are x and y, straight
+    # from the site's Poisson sampler: the loader's own per-batch machinery is skipped, the draws are the same).
+    data = loader.dataset
+    assert isinstance(data, TensorRows)
+    x_all, y_all = data.tensors
+    rows = TensorRows(x_all, input_scales(x_all, step.with_bias), y_all)
+    batch_sampler = loader.batch_sampler
+    assert batch_sampler is not None
     proximal = add_proximal_term(optimizer, module, proximal_mu)
     start = time.perf_counter()
-    total_loss, total_seen, steps = 0.0, 0, 0
+    loss_sum, total_seen, steps = torch.zeros((), dtype=torch.float64), 0, 0
     for _ in range(epochs):
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
+        for index in batch_sampler:
+            x, scales, y = (t.to(device) for t in rows.__getitems__(index))
             before = partial(_call_hook, hooks.before_step, steps, module, step) if hooks.before_step else None
-            optimizer.zero_grad(set_to_none=True)
-            loss = step(x, y, loss_fn, before)
+            loss = step(x, y, scales, before)
             optimizer.step()
             if hooks.after_step:
                 hooks.after_step(steps, module)
             steps += 1
-            total_loss += float(loss) * int(y.numel())
-            total_seen += int(y.numel())
+            loss_sum += loss * len(index)
+            total_seen += len(index)
     seconds = time.perf_counter() - start
     if proximal is not None:
         proximal.remove()
@@ -431,7 +437,7 @@ def _train_closed_form(
             "refusing to release an update whose privacy cost differs from its record"
         )
     return LocalTrainResult(
-        loss=total_loss / max(total_seen, 1),
+        loss=float(loss_sum) / max(total_seen, 1),
         mechanism=planned,
         seconds=seconds,
         num_examples=n,
