@@ -154,7 +154,7 @@ class LinearDPStep:
         """The per-sample gradients materialised for a ``before_step`` hook, then clipped as Opacus clips them."""
         own = [self.module.weight] + ([self.module.bias] if self.with_bias else [])
         for p, s in zip(own, grad_samples(x, g, self.with_bias), strict=True):
-            p.grad_sample = s  # type: ignore[union-attr]  # Opacus' attribute name, for the hook
+            p.grad_sample = s  # type: ignore[attr-defined]  # Opacus' attribute name, for the hook
         before_step(self.params)
         sums = clipped_sums_of_samples([p.grad_sample for p in self.params], self.max_grad_norm)  # type: ignore[attr-defined]
         for p in self.params:
