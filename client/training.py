@@ -11,13 +11,16 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from privatune.client.dp_options import GRAD_SAMPLE_GHOST, build_optimizer, grad_sample_mode, physical_batches
+from privatune.client.linear_dp import GRAD_SAMPLE_LINEAR, LinearDPStep, input_scales
+from privatune.client.linear_dp import applies_to as closed_form_applies
 from privatune.client.privacy_guard import DEFAULT_SITE_DELTA
 from privatune.client.proximal import add_proximal_term
 from privatune.client.randomness import PoissonBatchSampler, Randomness, install_noise
@@ -43,7 +46,9 @@ class TrainHooks:
     ``after_make_private(optimizer)``: once, after Opacus wrapped the optimizer (a test may plant a fault);
     ``before_step(step, module, optimizer)``: after backward, per-sample gradients in ``p.grad_sample``, one
     row per sampled record (with K views: the mean of its views'), before clipping and noise (with physical
-    batches: the logical batch's last chunk only; under ghost clipping there is no ``p.grad_sample``);
+    batches: the logical batch's last chunk only; under ghost clipping there is no ``p.grad_sample``; on the
+    closed-form linear path they are materialised for the hook only, ``optimizer`` is the
+    :class:`~privatune.client.linear_dp.LinearDPStep` (its ``params``), and what the hook leaves there is clipped);
     ``after_step(step, module)``: after the optimizer step.
     """
 
@@ -61,7 +66,7 @@ class LocalTrainResult:
     seconds: float
     num_examples: int
     optimizer: str = OPTIMIZER_SGD  # what post-processed the (noised) gradient; no effect on epsilon
-    grad_sample_mode: str = ""  # DP only: Opacus' "hooks" (per-sample gradients) or "ghost" (ghost clipping)
+    grad_sample_mode: str = ""  # DP only: Opacus' "hooks" or "ghost", or "linear" (client/linear_dp.py)
 
     @property
     def steps(self) -> int:
@@ -177,6 +182,7 @@ def train_local(
     augment: BatchAugment | None = None,
     augment_views: int = 1,
     proximal_mu: float = 0.0,
+    closed_form_linear: bool = True,
 ) -> LocalTrainResult:
     """Train ``module`` in place for ``epochs`` passes.
 
@@ -199,6 +205,13 @@ def train_local(
     is the plain mean over all views.
     ``proximal_mu`` > 0 is FedProx toward the weights ``module`` holds now (the round's global model), added
     after DP's clipping and noise (:mod:`privatune.client.proximal`): no change to the mechanism.
+
+    ``closed_form_linear`` (default on; tests and benchmarks turn it off to compare): under DP a bare
+    ``nn.Linear`` (head mode on cached features) with one view, no augmentation and no ``after_make_private``
+    hook is trained by :class:`privatune.client.linear_dp.LinearDPStep` instead of Opacus: per-sample norms in
+    closed form, the same sampler, clipping, noise source and order, and step count, so the same mechanism and
+    the same update to float rounding (``grad_sample_mode`` "linear"); ``max_physical_batch_size`` does not
+    apply there (it needs no per-sample memory). Batches are rows indexed from the tensors (no per-record collate).
     """
     n = int(labels.shape[0])
     if n == 0:
@@ -210,26 +223,22 @@ def train_local(
     module.to(device)
     module.train()
     hooks = hooks or TrainHooks()
-    dataset = TensorDataset(*[t.cpu() for t in inputs], labels.cpu())
+    dataset = TensorRows(*[t.cpu() for t in inputs], labels.cpu())
     per_epoch = steps_per_epoch(n, batch_size)
     if dp:
-        from opacus.data_loader import wrap_collate_with_empty
-        from torch.utils.data import default_collate
-
-        first = dataset[0]
         loader = DataLoader(
             dataset,
             batch_sampler=PoissonBatchSampler(n, dp_sample_rate(n, batch_size), per_epoch, randomness),
-            collate_fn=wrap_collate_with_empty(
-                collate_fn=default_collate,
-                sample_empty_shapes=[(0, *x.shape) for x in first],
-                dtypes=[x.dtype for x in first],
-            ),
+            collate_fn=_collated,
         )
     else:
         order_seed = int(randomness.uniform(1)[0] * 2**62)
         loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(order_seed)
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(order_seed),
+            collate_fn=_collated,
         )
     if block_prefixes is None:
         block_prefixes = tuple(getattr(unwrap(module), "block_prefixes", ()))
@@ -250,6 +259,18 @@ def train_local(
     engine: Any = None  # Opacus ships no type information: its engine and GradSampleModule are untyped
     private_module: Any = None
     mode = ""
+    closed_form = (
+        dp
+        and closed_form_linear
+        and closed_form_applies(module)
+        and views == 1
+        and augment is None
+        and hooks.after_make_private is None
+    )
+    if closed_form:
+        return _train_closed_form(
+            module, loader, optimizer, planned, n, epochs, device, hooks, proximal_mu, optimizer_name, randomness
+        )
     if dp:
         from opacus import PrivacyEngine
 
@@ -338,6 +359,97 @@ def train_local(
         optimizer=optimizer_name,
         grad_sample_mode=mode,
     )
+
+
+class TensorRows(Dataset[list[torch.Tensor]]):
+    """Tensors indexed by rows, a whole batch at once (``__getitems__``): no per-record fetch and collate."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return int(self.tensors[0].shape[0])
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        return [t[i] for t in self.tensors]
+
+    def __getitems__(self, rows: list[int]) -> list[torch.Tensor]:
+        index = torch.as_tensor(rows, dtype=torch.long)  # an empty Poisson batch: (0, ...) rows of each tensor
+        return [t.index_select(0, index) for t in self.tensors]
+
+
+def _collated(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    return batch  # TensorRows.__getitems__ returns the batch already stacked
+
+
+def _train_closed_form(
+    module: nn.Module,
+    loader: DataLoader[Any],
+    optimizer: torch.optim.Optimizer,
+    planned: DPMechanism,
+    n: int,
+    epochs: int,
+    device: torch.device,
+    hooks: TrainHooks,
+    proximal_mu: float,
+    optimizer_name: str,
+    randomness: Randomness,
+) -> LocalTrainResult:
+    """DP-SGD of a bare linear layer by :class:`LinearDPStep` (see ``train_local``'s ``closed_form_linear``)."""
+    assert isinstance(module, nn.Linear)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]  # Opacus' params order
+    step = LinearDPStep(
+        module,
+        params,
+        noise_multiplier=planned.noise_multiplier,
+        max_grad_norm=planned.max_grad_norm,
+        expected_batch_size=int(n * (1 / len(loader))),  # what Opacus' make_private divides by
+        randomness=randomness,
+    )
+    # The inputs are fixed: each record's sqrt(||x||^2 + 1) once, indexed with its rows (as are x and y, straight
+    # from the site's Poisson sampler: the loader's own per-batch machinery is skipped, the draws are the same).
+    data = loader.dataset
+    assert isinstance(data, TensorRows)
+    x_all, y_all = data.tensors
+    rows = TensorRows(x_all, input_scales(x_all, step.with_bias), y_all)
+    batch_sampler = loader.batch_sampler
+    assert batch_sampler is not None
+    proximal = add_proximal_term(optimizer, module, proximal_mu)
+    start = time.perf_counter()
+    loss_sum, total_seen, steps = torch.zeros((), dtype=torch.float64), 0, 0
+    for _ in range(epochs):
+        for index in batch_sampler:
+            x, scales, y = (t.to(device) for t in rows.__getitems__(index))
+            before = partial(_call_hook, hooks.before_step, steps, module, step) if hooks.before_step else None
+            loss = step(x, y, scales, before)
+            optimizer.step()
+            if hooks.after_step:
+                hooks.after_step(steps, module)
+            steps += 1
+            loss_sum += loss * len(index)
+            total_seen += len(index)
+    seconds = time.perf_counter() - start
+    if proximal is not None:
+        proximal.remove()
+    if steps != planned.steps:
+        raise RuntimeError(
+            f"the closed-form DP path ran {steps} steps, but the ledger recorded {planned.steps} before training: "
+            "refusing to release an update whose privacy cost differs from its record"
+        )
+    return LocalTrainResult(
+        loss=float(loss_sum) / max(total_seen, 1),
+        mechanism=planned,
+        seconds=seconds,
+        num_examples=n,
+        optimizer=optimizer_name,
+        grad_sample_mode=GRAD_SAMPLE_LINEAR,
+    )
+
+
+def _call_hook(
+    hook: Callable[[int, nn.Module, Any], None], at: int, module: nn.Module, step: Any, _params: Any
+) -> None:
+    hook(at, module, step)
 
 
 def _empty_grad_samples(optimizer: torch.optim.Optimizer) -> None:

@@ -75,3 +75,29 @@ def test_tables_and_json_are_well_formed():
     assert "federated, DP eps=8" in text and "-1.00" in text and "98.00" in text
     safe = json_safe({"a": math.inf, "b": [math.nan, 1.0]})
     assert json.loads(json.dumps(safe)) == {"a": "inf", "b": ["nan", 1.0]}
+
+
+def test_timing_rows_share_the_non_dp_calls_and_name_each_dp_path():
+    import torch
+    from torch import nn
+
+    x, y = torch.randn(40, 6), torch.randint(0, 2, (40,))
+    rows = b.time_dp_vs_nondp(
+        "head",
+        "m",
+        "d",
+        lambda: nn.Linear(6, 2),
+        (x,),
+        y,
+        batch_size=8,
+        lr=0.1,
+        epochs=1,
+        repeats=2,
+        log=lambda _msg: None,
+        dp_paths={"head": {"closed_form_linear": False}, "head-closed-form": {}},
+    )
+    assert [(r.case, r.dp_path) for r in rows] == [("head", "hooks"), ("head-closed-form", "linear")]
+    assert rows[0].nondp_epoch_s is rows[1].nondp_epoch_s and len(rows[0].nondp_epoch_s) == 2
+    assert all(len(r.dp_epoch_s) == 2 and r.trainable_params == 14 for r in rows)
+    table = b.timing_table(rows).splitlines()
+    assert table[0].split("|")[2].strip() == "DP path" and table[3].split("|")[2].strip() == "linear"

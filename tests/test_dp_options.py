@@ -44,6 +44,9 @@ CASES = {"head": (_head, _head_data), "cnn": (_cnn, _cnn_data)}
 
 def _train(case: str, *, dp: bool, seed: int = 7, batch_size: int = 16, **kw):
     make, data = CASES[case]
+    kw.setdefault(
+        "closed_form_linear", False
+    )  # these tests are about Opacus' options (tests/test_linear_dp.py: the other)
     module = make()
     xs, y = data()
     res = train_local(

@@ -181,6 +181,7 @@ def test_opacus_history_equals_the_recorded_mechanism_for_200_sizes(monkeypatch)
             noise_multiplier=1.1,
             max_grad_norm=1.0,
             randomness=rng,
+            closed_form_linear=False,  # Opacus' own history (tests/test_linear_dp.py: the closed form's mechanism)
         )
         steps, q = steps_per_epoch(n, b), sample_rate(n, b)
         assert (res.steps, res.sample_rate, res.noise_multiplier) == (steps, q, 1.1), (n, b)

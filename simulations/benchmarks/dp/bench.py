@@ -39,14 +39,17 @@ def dp_environment() -> dict[str, Any]:
     return environment("torch", "flwr", "opacus", torch_threads=torch.get_num_threads())
 
 
-def run(plan: BenchPlan, out: Path, log: Log = print) -> dict[str, Any]:
-    """The whole benchmark; returns (and writes to ``out/bench_dp.json``) every figure it measured."""
+def run(plan: BenchPlan, out: Path, log: Log = print, timing_only: bool = False) -> dict[str, Any]:
+    """The whole benchmark; returns (and writes to ``out/bench_dp.json``) every figure it measured.
+
+    ``timing_only``: part 1 alone (only the SMS features, which the head case trains on; no federated runs)."""
     out = results_folder(out)
     result = run_header(NAME, plan, dp_environment())
     t_start = time.perf_counter()
     result["load_average"] = {"start": load_average()}
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    prepared = {p: prepare_data(p, plan, out / "feature-cache" / p, log) for p in ACCURACY_PRESETS}
+    presets = ACCURACY_PRESETS[:1] if timing_only else ACCURACY_PRESETS
+    prepared = {p: prepare_data(p, plan, out / "feature-cache" / p, log) for p in presets}
     result["features_seconds"] = {p: d.feature_seconds for p, d in prepared.items()}
 
     log(f"\n== DP vs non-DP local-epoch time (train_local, medians, {plan.timing_threads} torch thread(s)) ==")
@@ -59,6 +62,13 @@ def run(plan: BenchPlan, out: Path, log: Log = print) -> dict[str, Any]:
     result["timing"] = [t.to_json() for t in timings]
     result["load_average"]["after_timing"] = load_average()
     log(timing_table(timings))
+    if timing_only:
+        result["load_average"]["end"] = load_average()
+        result["total_seconds"] = time.perf_counter() - t_start
+        path = out / "bench_dp.json"
+        write_results(path, result)
+        log(f"\nresults in {path} (timing only); total {result['total_seconds']:.0f} s")
+        return result
 
     log(
         f"\n== federated vs centralised accuracy (head mode, Dirichlet alpha {plan.alpha:g}, {plan.clients} clients) =="
@@ -91,7 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="torch threads for the timing part (default 1, what a simulated client gets)",
     )
+    parser.add_argument(
+        "--timing-only", action="store_true", help="part 1 only: DP vs non-DP local-epoch time (a few minutes)"
+    )
     args = parser.parse_args(argv)
     plan = plan_or_exit(parser, lambda: checked_plan(args.quick, parse_overrides(args.run_config), args.threads))
-    run(plan, args.out, log=print_flush)
+    run(plan, args.out, log=print_flush, timing_only=args.timing_only)
     return 0

@@ -14,6 +14,7 @@ def timing_table(rows: Sequence[TimingRow]) -> str:
     return markdown_table(
         [
             "case",
+            "DP path",
             "model / data",
             "records",
             "batch",
@@ -26,6 +27,7 @@ def timing_table(rows: Sequence[TimingRow]) -> str:
         [
             [
                 r.case,
+                r.dp_path or "-",
                 f"{r.model} / {r.dataset}",
                 str(r.records),
                 str(r.batch_size),

@@ -1,6 +1,8 @@
 """Part 1 of the DP benchmark: the time of a local epoch, DP vs non-DP, through the client's own training.
 
-One kind of thing: the timing rows and the calls that fill them (head, full and partial cases).
+One kind of thing: the timing rows and the calls that fill them (head, full and partial cases). A case may time
+several DP paths against the same non-DP calls (issue 13): ``head`` through Opacus and ``head-closed-form``
+(client/linear_dp.py, the default for a bare linear head), ``full`` with Opacus' hooks and ``full-ghost``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class TimingRow:
     dp_epoch_s: list[float]
     nondp_call_s: list[float]
     dp_call_s: list[float]
+    dp_path: str = ""  # train_local's grad_sample_mode for the DP calls: hooks, ghost or linear (closed form)
 
     @property
     def ratio(self) -> float:
@@ -79,18 +82,42 @@ def time_dp_vs_nondp(
     noise_multiplier: float = 1.0,
     max_grad_norm: float = 1.0,
     log: Log = print,
-) -> TimingRow:
+    dp_paths: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[TimingRow]:
     """Alternate non-DP and DP calls of ``train_local`` on a fresh module each time; keep every time.
 
-    A fresh module per call matters: Opacus leaves its hooks on a module it made private, which would
-    slow any later non-DP call on the same module.
+    ``dp_paths``: row name -> extra ``train_local`` arguments of its DP calls (default ``{case: {}}``, the
+    default path); every path is timed in each repeat against the same non-DP call, in an order that rotates
+    (so drifting load on a shared machine hits each alike). A fresh module per call matters: Opacus leaves its
+    hooks on a module it made private, which would slow any later non-DP call on the same module.
     """
-    row = TimingRow(case, model_name, dataset, int(labels.shape[0]), batch_size, epochs, repeats, 0, [], [], [], [])
+    paths = dict(dp_paths or {case: {}})
+    nondp_epoch: list[float] = []
+    nondp_call: list[float] = []
+    rows = {
+        name: TimingRow(
+            name,
+            model_name,
+            dataset,
+            int(labels.shape[0]),
+            batch_size,
+            epochs,
+            repeats,
+            0,
+            nondp_epoch,
+            [],
+            nondp_call,
+            [],
+        )
+        for name in paths
+    }
+    calls: list[str | None] = [None, *paths]
     for rep in range(repeats):
-        order = (False, True) if rep % 2 == 0 else (True, False)
-        for dp in order:
+        shift = rep % len(calls)
+        for name in calls[shift:] + calls[:shift]:
             module = make_module()
-            row.trainable_params = int(sum(p.numel() for p in module.parameters() if p.requires_grad))
+            trainable = int(sum(p.numel() for p in module.parameters() if p.requires_grad))
+            dp = name is not None
             t0 = time.perf_counter()
             result = train_local(
                 module,
@@ -104,15 +131,20 @@ def time_dp_vs_nondp(
                 max_grad_norm=max_grad_norm,
                 randomness=SeededRandomness(1000 + rep),
                 backbone_lr_scale=backbone_lr_scale,
+                **(paths[name] if name is not None else {}),
             )
             call = time.perf_counter() - t0
-            (row.dp_epoch_s if dp else row.nondp_epoch_s).append(result.seconds / epochs)
-            (row.dp_call_s if dp else row.nondp_call_s).append(call)
-        log(
-            f"  {case:8s} repeat {rep + 1}/{repeats}: non-DP {row.nondp_epoch_s[-1]:.4f} s/epoch, "
-            f"DP {row.dp_epoch_s[-1]:.4f} s/epoch"
-        )
-    return row
+            if name is None:
+                nondp_epoch.append(result.seconds / epochs)
+                nondp_call.append(call)
+            else:
+                row = rows[name]
+                row.trainable_params, row.dp_path = trainable, result.grad_sample_mode
+                row.dp_epoch_s.append(result.seconds / epochs)
+                row.dp_call_s.append(call)
+        dp_text = ", ".join(f"{n} {r.dp_epoch_s[-1]:.4f}" for n, r in rows.items())
+        log(f"  {case:8s} repeat {rep + 1}/{repeats}: non-DP {nondp_epoch[-1]:.4f} s/epoch, DP {dp_text} s/epoch")
+    return list(rows.values())
 
 
 def timing_cases(plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Log) -> list[TimingRow]:
@@ -123,7 +155,7 @@ def timing_cases(plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Log
     cfg = sms.cfg
     feats, labels = sms.pooled_features, sms.pooled_labels
     log(f"[time] head: minilm features of {len(labels)} pooled sms-spam records, batch {cfg.batch_size}")
-    rows.append(
+    rows.extend(
         time_dp_vs_nondp(
             "head",
             cfg.model,
@@ -137,6 +169,7 @@ def timing_cases(plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Log
             repeats=plan.timing_repeats,
             max_grad_norm=cfg.max_grad_norm,
             log=log,
+            dp_paths={"head": {"closed_form_linear": False}, "head-closed-form": {}},
         )
     )
 
@@ -153,7 +186,7 @@ def timing_cases(plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Log
         return model
 
     log(f"[time] full: digits-cnn, {len(pool)} digits images, batch {dcfg.batch_size}")
-    rows.append(
+    rows.extend(
         time_dp_vs_nondp(
             "full",
             dcfg.model,
@@ -168,11 +201,12 @@ def timing_cases(plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Log
             backbone_lr_scale=dcfg.backbone_lr_scale,
             max_grad_norm=dcfg.max_grad_norm,
             log=log,
+            dp_paths={"full": {}, "full-ghost": {"ghost_clipping": True}},
         )
     )
 
     # partial: MiniLM's last encoder layer + head, tokens at the preset's length (what a client runs).
-    tcfg = prepared["trec6"].cfg
+    tcfg = prepared["trec6"].cfg if "trec6" in prepared else base_config("trec6", plan)
     tpool, _ = central_split(tcfg)
     rng = np.random.default_rng(tcfg.seed)
     subset = tpool.subset(np.sort(rng.choice(len(tpool), size=min(plan.partial_records, len(tpool)), replace=False)))
@@ -189,7 +223,7 @@ def timing_cases(plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Log
         f"[time] partial: minilm last layer + head, {len(subset)} trec6 records, length {tcfg.max_length}, "
         f"batch {tcfg.batch_size}"
     )
-    rows.append(
+    rows.extend(
         time_dp_vs_nondp(
             "partial",
             tcfg.model,
