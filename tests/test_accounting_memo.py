@@ -16,7 +16,6 @@ from privatune.common.accounting import calibrate_noise
 # (noise, sample rate, steps) histories like a site's: one round, rounds merged, two mechanisms, sample rate 1.
 HISTORIES = [
     [(1.1, 0.15, 35)],
-    [(0.93, 0.0371, 700)],
     [(1.1, 0.15, 35), (2.0, 0.05, 100)],
     [(3.0, 1.0, 4)],
 ]

@@ -90,7 +90,9 @@ def _memo_prv_class() -> Any:
 
     class MemoPRV(OpacusPRV):  # type: ignore[misc]
         def _get_domain(self, prvs: Any, num_self_compositions: Any, eps_error: float, delta_error: float) -> Any:
-            mechanisms = [(p.noise_multiplier, p.sample_rate, n) for p, n in zip(prvs, num_self_compositions)]
+            mechanisms = [
+                (p.noise_multiplier, p.sample_rate, n) for p, n in zip(prvs, num_self_compositions, strict=True)
+            ]
             return prv_domain(mechanisms, eps_error, delta_error)
 
     return MemoPRV
