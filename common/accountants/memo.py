@@ -88,7 +88,7 @@ def _memo_prv_class() -> Any:
     """Opacus' ``PRVAccountant`` with its grid from :func:`prv_domain` (made once: opacus is imported lazily)."""
     from opacus.accountants import PRVAccountant as OpacusPRV
 
-    class MemoPRV(OpacusPRV):  # type: ignore[misc]
+    class MemoPRV(OpacusPRV):
         def _get_domain(self, prvs: Any, num_self_compositions: Any, eps_error: float, delta_error: float) -> Any:
             mechanisms = [
                 (p.noise_multiplier, p.sample_rate, n) for p, n in zip(prvs, num_self_compositions, strict=True)
