@@ -42,6 +42,7 @@ FEATURES_SUFFIX = ".npz"
 
 _MEMORY: dict[str, torch.Tensor] = {}
 _TOKENIZER_FP: dict[int, str] = {}  # id(tokenizer) -> fingerprint (a model's tokenizer is loaded once per process)
+_TEMPLATE_FP: dict[str, tuple[torch.nn.Module, str]] = {}  # model name -> (its pretrained backbone, fingerprint)
 
 
 def encode(model_name: str, data: LabelledData, max_length: int | None) -> tuple[torch.Tensor, ...]:
@@ -66,6 +67,44 @@ def _tokenizer_identity(model_name: str) -> str:
     return _TOKENIZER_FP[key]
 
 
+def _same_bytes(module: torch.nn.Module, template: torch.nn.Module) -> bool:
+    """Whether two modules have the same structure and every parameter and buffer the same bytes (what
+    :func:`weights_fingerprint` hashes), compared without hashing."""
+    if [(n, type(m)) for n, m in module.named_modules()] != [(n, type(m)) for n, m in template.named_modules()]:
+        return False
+    mine, theirs = module.state_dict(), template.state_dict()
+    if list(mine) != list(theirs):
+        return False
+    for name, a in mine.items():
+        b = theirs[name]
+        if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+            return False
+        if not torch.equal(
+            a.detach().contiguous().reshape(-1).view(torch.uint8), b.detach().contiguous().reshape(-1).view(torch.uint8)
+        ):
+            return False
+    return True
+
+
+def backbone_weights_fingerprint(backbone: torch.nn.Module, model_name: str) -> str:
+    """``weights_fingerprint(backbone)``: for a copy of the model's pretrained backbone (every build in head mode,
+    twice a round at a site), that of the template, hashed once per process after a byte-for-byte comparison
+    (a few ms, against a fraction of a second to hash MiniLM). The template is never trained
+    (common/models/fingerprint.py relies on the same)."""
+    from privatune.common.models import load_pretrained_cached
+
+    if model_name not in _TEMPLATE_FP:
+        try:
+            template = load_pretrained_cached(model_name).backbone
+        except ValueError:  # no pretrained loader (e.g. the digits CNN): hash it every time
+            return weights_fingerprint(backbone)
+        _TEMPLATE_FP[model_name] = (template, weights_fingerprint(template))
+    template, fingerprint = _TEMPLATE_FP[model_name]
+    if backbone is template or _same_bytes(backbone, template):
+        return fingerprint
+    return weights_fingerprint(backbone)
+
+
 def features_parts(model: Classifier, model_name: str, data: LabelledData, max_length: int | None) -> dict[str, Any]:
     """What a features entry depends on: the backbone (name, weights, tokenizer, length) and the inputs."""
     from privatune.common.models.classifier import unwrap
@@ -76,7 +115,7 @@ def features_parts(model: Classifier, model_name: str, data: LabelledData, max_l
     return {
         "model": model_name,
         "frozen": "backbone",  # head mode: the whole backbone is frozen and the feature is its output
-        "weights": weights_fingerprint(backbone),
+        "weights": backbone_weights_fingerprint(backbone, model_name),
         "tokenizer": _tokenizer_identity(model_name) if text else "",
         "max_length": (max_length or spec.default_max_length) if text else None,  # images ignore it
         "inputs": inputs_fingerprint(data.inputs),
@@ -95,6 +134,7 @@ def features_path(cache_dir: Path, key: str) -> Path:
 def clear_memory_cache() -> None:
     """Forget the in-process features (what a fresh process sees): tests, and callers that bound memory."""
     _MEMORY.clear()
+    _TEMPLATE_FP.clear()
 
 
 def _read_entry(path: Path, key: str, rows: int, dim: int) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 from privatune.common.accountants.base import AccountingError, Mechanism
+from privatune.common.accountants.memo import memo_prv_accountant, prv_domain
 
 # Past this many grid points Opacus' PRV needs seconds to minutes and gigabytes (it is meant for sane epsilons).
 PRV_MAX_GRID = 8_000_000
@@ -15,17 +16,9 @@ PRV_EPS_ERROR = 0.01
 
 
 def prv_grid_size(mechanisms: list[Mechanism], delta: float) -> int:
-    """Number of grid points Opacus' PRV accountant would allocate for these mechanisms (see PRV_MAX_GRID)."""
-    from opacus.accountants import PRVAccountant as OpacusPRV
-    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
-
-    domain = OpacusPRV()._get_domain(  # the call get_epsilon makes; opacus is pinned to 1.6.0
-        prvs=[PoissonSubsampledGaussianPRV(rate, noise) for noise, rate, _ in mechanisms],
-        num_self_compositions=[steps for _, _, steps in mechanisms],
-        eps_error=PRV_EPS_ERROR,
-        delta_error=delta / 1000,
-    )
-    return int(domain.size)
+    """Number of grid points Opacus' PRV accountant would allocate for these mechanisms (see PRV_MAX_GRID): the
+    grid ``get_epsilon`` then reuses (common/accountants/memo.py), so it is computed once."""
+    return int(prv_domain(mechanisms, PRV_EPS_ERROR, delta / 1000).size)  # get_epsilon's defaults
 
 
 class PRVAccountant:
@@ -33,8 +26,6 @@ class PRVAccountant:
     library = "opacus"
 
     def epsilon(self, mechanisms: list[Mechanism], delta: float) -> float:
-        from opacus.accountants import PRVAccountant as OpacusPRV
-
         with warnings.catch_warnings():
             # numpy warns about log(0) inside the PRV for sample_rate 1; the (upper-bound) result is unchanged.
             warnings.simplefilter("ignore", UserWarning)
@@ -45,8 +36,7 @@ class PRVAccountant:
                     f"the PRV accountant would need a grid of {size:,} points for {mechanisms} at delta={delta:g} "
                     f"(limit {PRV_MAX_GRID:,}): the epsilon is far too large for PRV accounting; use accountant 'rdp'"
                 )
-            acc = OpacusPRV()
-            acc.history = list(mechanisms)
+            acc = memo_prv_accountant(mechanisms)  # Opacus' PRV, its grid and RDP computed once per process
             try:
                 return float(acc.get_epsilon(delta=delta))
             except (MemoryError, OverflowError) as exc:  # pragma: no cover - guarded by the grid check above
