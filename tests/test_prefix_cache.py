@@ -167,3 +167,26 @@ def test_prefix_outputs_are_cached_on_disk_and_reused(bert, tmp_path, monkeypatc
     assert len(list((tmp_path / "cache").glob("prefix-*.npz"))) == 2 and not torch.allclose(changed[0], hidden)
     assert prefix_path(tmp_path / "cache", "x").name == "prefix-x.npz"
     clear_prefix_cache()
+
+
+def test_a_site_round_trains_the_suffix_unless_images_change_per_step(tmp_path):
+    from types import SimpleNamespace
+
+    from privatune.client.round import module_and_inputs
+
+    model = build_digits_cnn(2, 0)
+    configure_trainable(model, FineTuning(mode="last-k", last_k=1))
+    images = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(2)).numpy()
+    data = LabelledData("imgs", "image", images, np.array([0, 1, 0, 1, 0]), ("a", "b"))
+    run = SimpleNamespace(
+        cfg=SimpleNamespace(mode="last-k", model="digits-cnn", max_length=None),
+        model=model,
+        site=SimpleNamespace(cache_dir=tmp_path),
+    )
+    clear_prefix_cache()
+    module, inputs = module_and_inputs(run, data)  # type: ignore[arg-type]
+    assert isinstance(module, SuffixModule) and [tuple(t.shape) for t in inputs] == [(5, 128 * 3 * 3)]
+    assert list(tmp_path.glob("prefix-*.npz"))
+    module, inputs = module_and_inputs(run, data, per_step_inputs=True)  # type: ignore[arg-type]
+    assert module is model and [tuple(t.shape) for t in inputs] == [(5, 1, 28, 28)]
+    clear_prefix_cache()
