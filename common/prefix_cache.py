@@ -30,7 +30,7 @@ log = logging.getLogger("privatune.cache")
 
 #: A prefix entry's file name: ``prefix-<key>.npz`` in the cache folder.
 PREFIX_PREFIX = "prefix-"
-#: Entries kept in memory; each is N x longest record x hidden x 4 bytes (MiniLM, 500 TREC-6 records: ~10 MB).
+#: Entries kept in memory; each is N x longest record x hidden x 4 bytes (MiniLM, 500 TREC-6 records, k=1: 30 MB).
 MAX_ENTRIES = 8
 _MEMORY: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
 
