@@ -16,6 +16,7 @@ import logging
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,7 +83,7 @@ def _read(path: Path, key: str, rows: int) -> tuple[torch.Tensor, ...] | None:
 def _write(path: Path, key: str, model_name: str, outputs: tuple[torch.Tensor, ...]) -> None:
     """Write the entry atomically (mode 0600); a cache that cannot be written only warns."""
     meta = json.dumps({"key": key, "model": model_name, "outputs": len(outputs)})
-    arrays = {f"out{i}": t.numpy() for i, t in enumerate(outputs)}
+    arrays: dict[str, Any] = {f"out{i}": t.numpy() for i, t in enumerate(outputs)}
     try:
         private_dir(path.parent)
         atomic_write(path, lambda fh: np.savez(fh, meta=np.array(meta), **arrays))

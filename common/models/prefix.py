@@ -134,20 +134,26 @@ def _cnn_cut(start: int) -> tuple[str, int]:
     return seq, int(index)
 
 
+def _layers(backbone: nn.Module, name: str) -> list[nn.Module]:
+    """The layers of the CNN's ``conv_layers`` or ``fc_layers`` Sequential, in order."""
+    seq = backbone.get_submodule(name)
+    return list(seq.children())
+
+
 def _cnn_modules(backbone: nn.Module, start: int) -> list[nn.Module]:
     seq, index = _cnn_cut(start)
-    conv = list(backbone.conv_layers)
-    return conv[:index] if seq == "conv_layers" else [*conv, *list(backbone.fc_layers)[:index]]
+    conv = _layers(backbone, "conv_layers")
+    return conv[:index] if seq == "conv_layers" else [*conv, *_layers(backbone, "fc_layers")[:index]]
 
 
 def _cnn_prefix(backbone: nn.Module, start: int, encoded: Tensors) -> Tensors:
     seq, index = _cnn_cut(start)
     x = encoded[0]
-    for layer in list(backbone.conv_layers)[: index if seq == "conv_layers" else None]:
+    for layer in _layers(backbone, "conv_layers")[: index if seq == "conv_layers" else None]:
         x = layer(x)
     if seq == "fc_layers":
         x = torch.flatten(x, 1)
-        for layer in list(backbone.fc_layers)[:index]:
+        for layer in _layers(backbone, "fc_layers")[:index]:
             x = layer(x)
     return (x,)
 
@@ -156,11 +162,11 @@ def _cnn_suffix(backbone: nn.Module, start: int, inputs: Tensors) -> torch.Tenso
     seq, index = _cnn_cut(start)
     x = inputs[0]
     if seq == "conv_layers":
-        for layer in list(backbone.conv_layers)[index:]:
+        for layer in _layers(backbone, "conv_layers")[index:]:
             x = layer(x)
         x = torch.flatten(x, 1)
         index = 0
-    for layer in list(backbone.fc_layers)[index:]:
+    for layer in _layers(backbone, "fc_layers")[index:]:
         x = layer(x)
     return x
 
