@@ -44,6 +44,8 @@ from privatune.common.models import (
     get_model_spec,
     trainable_fingerprint,
 )
+from privatune.common.models.prefix import SuffixModule, frozen_split
+from privatune.common.prefix_cache import cached_prefix_outputs
 from privatune.common.protocol import (
     KEY_DATASET_FINGERPRINT,
     KEY_EPSILON,
@@ -187,12 +189,20 @@ class Refusal:
 # -- training --------------------------------------------------------------------------------------------------
 
 
-def module_and_inputs(run: LocalRun, data: LabelledData) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
-    """`head` mode trains the head alone on cached backbone features; other modes the whole model."""
+def module_and_inputs(
+    run: LocalRun, data: LabelledData, *, per_step_inputs: bool = False
+) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """`head` mode trains the head alone on cached backbone features. Where nothing below block j trains
+    (`last-k`) the suffix (blocks j.., pooling, head: the Classifier's own parameters) trains on the frozen
+    prefix's cached outputs (common/models/prefix.py), unless ``per_step_inputs`` (augmented images change at
+    every step); otherwise the whole model."""
     cfg = run.cfg
     if backbone_is_frozen(cfg.mode):
         feats = cached_features(run.model, cfg.model, data, cfg.max_length, run.site.cache_dir)
         return run.model.head, (feats,)
+    split = None if per_step_inputs else frozen_split(run.model)
+    if split is not None:
+        return SuffixModule(split), cached_prefix_outputs(split, cfg.model, data, cfg.max_length, run.site.cache_dir)
     return run.model, encode(cfg.model, data, cfg.max_length)
 
 
@@ -239,7 +249,7 @@ def augmented_inputs(
     if steps and spec.kind == TEXT:
         augment = text_batch_augment(data.inputs, steps, lambda texts: spec.encode(texts, max_length=cfg.max_length))
         return run.model, (torch.arange(len(data), dtype=torch.long),), augment
-    module, inputs = module_and_inputs(run, data)
+    module, inputs = module_and_inputs(run, data, per_step_inputs=bool(steps))
     return module, inputs, image_batch_augment(steps) if steps and spec.kind == IMAGE else None
 
 

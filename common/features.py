@@ -105,17 +105,32 @@ def backbone_weights_fingerprint(backbone: torch.nn.Module, model_name: str) -> 
     return weights_fingerprint(backbone)
 
 
-def features_parts(model: Classifier, model_name: str, data: LabelledData, max_length: int | None) -> dict[str, Any]:
-    """What a features entry depends on: the backbone (name, weights, tokenizer, length) and the inputs."""
+def features_parts(
+    model: Classifier,
+    model_name: str,
+    data: LabelledData,
+    max_length: int | None,
+    *,
+    frozen: str = "backbone",
+    frozen_module: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    """What a features entry depends on: the backbone (name, weights, tokenizer, length) and the inputs.
+
+    ``frozen`` names what was run and ``frozen_module`` holds its weights (default: the whole backbone, head
+    mode's features); the frozen-prefix cache (common/prefix_cache.py) passes its prefix."""
     from privatune.common.models.classifier import unwrap
 
     spec = get_model_spec(model_name)
     text = spec.kind == "text"
-    backbone = getattr(unwrap(model), "backbone", model)
+    backbone = getattr(unwrap(model), "backbone", model) if frozen_module is None else frozen_module
     return {
         "model": model_name,
-        "frozen": "backbone",  # head mode: the whole backbone is frozen and the feature is its output
-        "weights": backbone_weights_fingerprint(backbone, model_name),
+        "frozen": frozen,  # head mode: the whole backbone is frozen and the feature is its output
+        "weights": (
+            backbone_weights_fingerprint(backbone, model_name)
+            if frozen_module is None
+            else weights_fingerprint(frozen_module)
+        ),
         "tokenizer": _tokenizer_identity(model_name) if text else "",
         "max_length": (max_length or spec.default_max_length) if text else None,  # images ignore it
         "inputs": inputs_fingerprint(data.inputs),

@@ -22,6 +22,7 @@ from privatune.common.models import (
     trainable_state,
 )
 from privatune.common.models.lora import is_lora_a
+from privatune.common.models.prefix import SuffixModule, frozen_split, prefix_outputs
 
 TEXTS = ["win a prize now", "lunch tomorrow?", "how far is the moon", "who wrote it", "cash reward", "ok later"]
 LABELS = torch.tensor([1, 0, 0, 0, 1, 0])
@@ -41,12 +42,22 @@ def _inputs(name: str) -> tuple[torch.Tensor, ...]:
     return (torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)),)
 
 
-def _train(name: str, settings: FineTuning, dp: bool) -> None:
+def _train(name: str, settings: FineTuning, dp: bool, prefix: bool = False, ghost: bool = False) -> None:
+    """``prefix``: train as a site does in last-k, the trained blocks + head (SuffixModule) on the frozen
+    prefix's outputs (common/models/prefix.py), not the whole model. ``ghost``: Opacus' ghost clipping (no
+    ``p.grad_sample`` to inspect: the moved and bit-identical checks remain)."""
     model = build_minilm(2, 0) if name == "minilm" else build_digits_cnn(2, 0)
     names = configure_trainable(model, settings)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(names) and "head.weight" in trainable
     frozen = frozen_state_fingerprint(model)
+    module: torch.nn.Module = model
+    inputs = _inputs(name)
+    if prefix:
+        split = frozen_split(model)
+        assert split is not None and split.start == len(model.block_prefixes) - settings.last_k
+        module, inputs = SuffixModule(split), prefix_outputs(split, inputs)
+        assert {n for n, p in module.named_parameters() if p.requires_grad} == trainable
     before = trainable_state(model)
     seen: list[set[str]] = []
 
@@ -64,8 +75,8 @@ def _train(name: str, settings: FineTuning, dp: bool) -> None:
         seen.append(got)
 
     result = train_local(
-        model,
-        _inputs(name),
+        module,
+        inputs,
         LABELS,
         epochs=1,
         batch_size=2,
@@ -75,10 +86,12 @@ def _train(name: str, settings: FineTuning, dp: bool) -> None:
         max_grad_norm=1.0,
         randomness=SeededRandomness(7),
         backbone_lr_scale=1.0,
-        hooks=TrainHooks(before_step=before_step) if dp else None,
+        hooks=TrainHooks(before_step=before_step) if dp and not ghost else None,
+        ghost_clipping=ghost,
     )
     assert result.steps == 3
-    if dp:
+    assert result.grad_sample_mode == ("ghost" if ghost else "hooks" if dp else "")
+    if dp and not ghost:
         assert seen and all(got == trainable for got in seen)
         assert result.mechanism.noise_multiplier == 1.0
     after = trainable_state(model)
@@ -107,6 +120,18 @@ def test_minilm_modes_train_what_they_should(mode, dp):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_digits_cnn_modes_train_what_they_should(mode, dp):
     _train("digits-cnn", MODES[mode], dp)
+
+
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
+@pytest.mark.parametrize("mode", ["last-k-1", "last-k-2"])
+@pytest.mark.parametrize("name", ["minilm", "digits-cnn"])
+def test_last_k_on_the_cached_prefix_trains_what_it_should(name, mode, dp):
+    _train(name, MODES[mode], dp, prefix=True)
+
+
+@pytest.mark.parametrize("name", ["minilm", "digits-cnn"])
+def test_last_k_on_the_cached_prefix_under_ghost_clipping(name):
+    _train(name, MODES["last-k-2"], dp=True, prefix=True, ghost=True)
 
 
 @pytest.mark.parametrize("freeze_a", [False, True])

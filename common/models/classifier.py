@@ -61,6 +61,18 @@ class Classifier(nn.Module):
     def num_classes(self) -> int:
         return int(self.head.out_features)
 
+    def train(self, mode: bool = True) -> Classifier:
+        """Train mode, except the frozen prefix of ``last-k`` (the stem and the frozen blocks below the first
+        trained one, :mod:`privatune.common.models.prefix`): it stays in eval mode (no dropout), as a frozen
+        feature extractor, so the whole model computes what the cached prefix + trained suffix computes."""
+        super().train(mode)
+        if mode:
+            from privatune.common.models.prefix import frozen_prefix_modules  # prefix imports this module
+
+            for module in frozen_prefix_modules(self):
+                module.eval()
+        return self
+
     def forward(self, *encoded: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(*encoded))
 
