@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from privatune.client.bookkeeping_dp import GRAD_SAMPLE_BOOKKEEPING, BookkeepingDPStep
+from privatune.client.bookkeeping_dp import GRAD_SAMPLE_BOOKKEEPING, BookkeepingDPStep, BookkeepingRefusal
 from privatune.client.bookkeeping_dp import probe as bookkeeping_probe
 from privatune.client.dp_options import GRAD_SAMPLE_GHOST, build_optimizer, grad_sample_mode, physical_batches
 from privatune.client.linear_dp import GRAD_SAMPLE_LINEAR, LinearDPStep, input_scales
@@ -427,7 +427,13 @@ def _train_closed_form(
             for index in batch_sampler:
                 *xs, y = (t.to(device) for t in rows.__getitems__(index))
                 before = partial(_call_hook, hooks.before_step, steps, module, step) if hooks.before_step else None
-                loss = step(xs[0], y, xs[1], before) if isinstance(step, LinearDPStep) else step(xs, y, before)
+                try:
+                    loss = step(xs[0], y, xs[1], before) if isinstance(step, LinearDPStep) else step(xs, y, before)
+                except BookkeepingRefusal as e:  # the probe passed, this batch did not: stop, release nothing
+                    raise RuntimeError(
+                        f"the book-keeping DP path refused step {steps}: {e}; no update is released "
+                        "(train_local(..., closed_form_linear=False) trains this model through Opacus)"
+                    ) from e
                 optimizer.step()
                 if hooks.after_step:
                     hooks.after_step(steps, module)

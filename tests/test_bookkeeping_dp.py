@@ -171,6 +171,21 @@ def test_the_digits_cnn_step_equals_opacus():
         assert _diff(fast, _digits_cnn()) > 1e-4
 
 
+def test_lora_on_the_digits_cnn_equals_opacus():
+    """PEFT's LoRA wrapper holds no parameter itself; its frozen base and trained A, B are nn.Linear on [B, d]."""
+
+    def lora() -> nn.Module:
+        model = get_model_spec("digits-cnn").build(2, 0)
+        configure_trainable(model, "lora")
+        return model
+
+    x, y = _images(n=24, side=28, k=2)
+    fast, rf = _train(True, lora, x, y, epochs=2)
+    ref, ro = _train(False, lora, x, y, epochs=2)
+    assert rf.grad_sample_mode == GRAD_SAMPLE_BOOKKEEPING and ro.grad_sample_mode == GRAD_SAMPLE_HOOKS
+    assert _close(fast, ref), _diff(fast, ref)
+
+
 def test_full_mode_dp_on_the_digits_cnn_takes_the_new_path_and_runs_the_ledger_steps():
     x, y = _images(n=30, side=28, k=10)
     _, res = _train(True, _digits_cnn, x, y, epochs=3, batch_size=8, lr=0.1)
@@ -345,3 +360,18 @@ def test_static_refusals_name_the_layer():
     tied = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     tied[1].weight = tied[0].weight
     assert "tied" in (refusal(tied) or "")
+
+
+class _TwiceOnBigBatches(_Twice):
+    """Calls its Linear once on the probe's 2 records, twice on larger batches: only a step can see it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(torch.flatten(x, 1)))
+        return self.head(torch.relu(self.body(h)) if len(x) > 2 else h)
+
+
+def test_a_step_that_breaks_the_norms_after_the_probe_passed_stops_training():
+    x, y = _images(n=40)
+    assert probe(_TwiceOnBigBatches(), [x[:2]], y[:2]) is None
+    with pytest.raises(RuntimeError, match=r"refused step \d+: a trained Linear ran 2 times.*no update is released"):
+        _train(True, _TwiceOnBigBatches, x, y, epochs=1)
