@@ -216,6 +216,9 @@ def train_local(
     closed form, the same sampler, clipping, noise source and order, and step count, so the same mechanism and
     the same update to float rounding (``grad_sample_mode`` "linear"); ``max_physical_batch_size`` does not
     apply there (it needs no per-sample memory). Batches are rows indexed from the tensors (no per-record collate).
+    The same switch, under the same conditions, trains a stack of Linear/Conv2d layers (the digits CNN) by
+    :class:`privatune.client.bookkeeping_dp.BookkeepingDPStep` where its probe on two records passes (one backward
+    pass, the same mechanism; ``grad_sample_mode`` "bookkeeping"); otherwise Opacus.
     """
     n = int(labels.shape[0])
     if n == 0:
