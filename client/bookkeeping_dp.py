@@ -87,7 +87,9 @@ def trained_layers(module: nn.Module) -> list[Layer]:
 
 def _unfold(layer: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """``[B, C_in kh kw, T]``: the patches the convolution multiplies (``T`` output positions)."""
-    return nn.functional.unfold(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    padding = layer.padding
+    assert not isinstance(padding, str)  # refusal(): "same"/"valid" given as words are not unfolded here
+    return nn.functional.unfold(a, layer.kernel_size, layer.dilation, padding, layer.stride)
 
 
 def _ghost_cheaper(layer: nn.Conv2d, positions: int) -> bool:
@@ -349,8 +351,8 @@ class BookkeepingDPStep:
         total_sq = torch.stack([sq for sq, _, _ in norms]).sum(0)
         c = clip_factors(total_sq.sqrt(), self.max_grad_norm)
         summed: dict[int, torch.Tensor] = {}
-        for (layer, a, _), g, (_, samples, unfolded) in zip(rows, grads, norms, strict=True):
-            summed |= _layer_sums(layer, a, g, c, samples, unfolded)
+        for (layer, a, _), g, (_, materialised, unfolded) in zip(rows, grads, norms, strict=True):
+            summed |= _layer_sums(layer, a, g, c, materialised, unfolded)
         return summed
 
     def _hooked(

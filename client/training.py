@@ -49,8 +49,9 @@ class TrainHooks:
     ``before_step(step, module, optimizer)``: after backward, per-sample gradients in ``p.grad_sample``, one
     row per sampled record (with K views: the mean of its views'), before clipping and noise (with physical
     batches: the logical batch's last chunk only; under ghost clipping there is no ``p.grad_sample``; on the
-    closed-form linear path they are materialised for the hook only, ``optimizer`` is the
-    :class:`~privatune.client.linear_dp.LinearDPStep` (its ``params``), and what the hook leaves there is clipped);
+    closed-form linear and book-keeping paths they are materialised for the hook only, ``optimizer`` is
+    the :class:`~privatune.client.linear_dp.LinearDPStep` or ``BookkeepingDPStep`` (its ``params``), and what the
+    hook leaves there is clipped);
     ``after_step(step, module)``: after the optimizer step.
     """
 

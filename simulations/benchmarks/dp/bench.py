@@ -51,7 +51,7 @@ def run(
     t_start = time.perf_counter()
     result["load_average"] = {"start": load_average()}
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    presets = ACCURACY_PRESETS[:1] if timing_only else ACCURACY_PRESETS
+    presets: Sequence[str] = ACCURACY_PRESETS[:1] if timing_only else ACCURACY_PRESETS
     if timing_only and cases is not None and not any(c.startswith("head") for c in cases):
         presets = ()  # no head row: no MiniLM features needed
     prepared = {p: prepare_data(p, plan, out / "feature-cache" / p, log) for p in presets}
