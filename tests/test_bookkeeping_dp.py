@@ -14,14 +14,16 @@ import pytest
 import torch
 from torch import nn
 
+import privatune.client.bookkeeping_dp as bk
 from privatune.client.bookkeeping_dp import (
     GRAD_SAMPLE_BOOKKEEPING,
     BookkeepingDPStep,
     BookkeepingRefusal,
-    _ghost_cheaper,
+    _conv_samples,
     _layer_norms,
     _layer_samples,
     _layer_sums,
+    _use_gram,
     applies_to,
     probe,
     refusal,
@@ -93,37 +95,51 @@ def _diff(a: nn.Module, b: nn.Module) -> float:
     return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
-def test_both_conv_norms_and_sums_equal_the_materialised_per_sample_gradients():
+@pytest.mark.parametrize("gram", [False, True], ids=["materialised", "gram"])
+def test_conv_and_linear_norms_and_sums_equal_the_materialised_per_sample_gradients(gram, monkeypatch):
     net = small_cnn()
     x, _ = _images(n=10)
     conv_mat, conv_gram = net[0], net[5]
-    assert not _ghost_cheaper(conv_mat, 36) and _ghost_cheaper(conv_gram, 9)
-    a_gram = torch.randn(10, 16, 3, 3)
-    for layer, a in (
+    if gram:  # memory-bound: the Gram trick where T^2 < C_out K
+        monkeypatch.setattr(bk, "MATERIALISE_LIMIT_BYTES", 0)
+    assert not _use_gram(conv_mat, 36, 10) and _use_gram(conv_gram, 9, 10) == gram
+    wide = nn.Conv2d(2, 4, 3, padding=2, dilation=2, stride=1)  # 28x28 maps: the grouped-backward path
+    layers = (
         (conv_mat, x),
-        (conv_gram, a_gram),
+        (conv_gram, torch.randn(10, 16, 3, 3)),
+        (wide, torch.randn(10, 2, 28, 28)),
         (net[8], torch.randn(10, 288)),
         (net[12], torch.randn(10, 16)),
-    ):
+    )
+    for layer, a in layers:
         g = torch.randn_like(layer(a))
-        sq, _, _ = _layer_norms(layer, a, g)
+        sq, mat, unfolded = _layer_norms(layer, a, g)
         samples = _layer_samples(layer, a, g)
         flat = torch.cat([s.reshape(10, -1) for s in samples.values()], dim=1)
         assert torch.allclose(sq.sqrt(), flat.norm(dim=1), rtol=RTOL)
         c = clip_factors(sq.sqrt(), float(sq.sqrt().median()))
         assert (c < 1).any() and (c == 1).any()
-        _, mat, unfolded = _layer_norms(layer, a, g)
         sums = _layer_sums(layer, a, g, c, mat, unfolded)
         for key, s in samples.items():
             ref = torch.einsum("b,b...->...", c, s)
             assert torch.allclose(sums[key], ref, rtol=RTOL, atol=1e-6 * float(ref.abs().max()))  # float32 sums
+    a, g = torch.randn(10, 2, 28, 28), torch.randn(10, 4, 28, 28)
+    grouped, by_unfold = _conv_samples(wide, a, g, None), _conv_samples(wide, a, g, bk._unfold(wide, a))
+    assert torch.allclose(grouped, by_unfold, rtol=RTOL, atol=1e-4)
+    auto = torch.stack(
+        [torch.autograd.grad((wide(a[i : i + 1]) * g[i : i + 1]).sum(), wide.weight)[0] for i in range(3)]
+    )
+    assert torch.allclose(grouped[:3].view_as(auto), auto, rtol=RTOL, atol=1e-4)
 
 
 @pytest.mark.parametrize(
     "kw",
     [{}, {"noise_multiplier": 0.0}, {"momentum": 0.9}, {"optimizer_name": "adam", "lr": 0.05}, {"proximal_mu": 0.5}],
 )
-def test_the_small_cnn_step_equals_opacus_with_the_same_batches_and_noise(kw):
+@pytest.mark.parametrize("gram", [False, True], ids=["materialised", "gram"])
+def test_the_small_cnn_step_equals_opacus_with_the_same_batches_and_noise(kw, gram, monkeypatch):
+    if gram:
+        monkeypatch.setattr(bk, "MATERIALISE_LIMIT_BYTES", 0)  # its third conv by the Gram trick
     x, y = _images()
     fast, rf = _train(True, small_cnn, x, y, **kw)
     ref, ro = _train(False, small_cnn, x, y, **kw)
