@@ -44,7 +44,7 @@ def small_cnn(seed: int = 0) -> nn.Sequential:
     Linear with and without bias, a frozen conv and a frozen Linear in the middle."""
     torch.manual_seed(seed)
     net = nn.Sequential(
-        nn.Conv2d(1, 8, 3, stride=2, padding=1),  # 12x12 -> 6x6: K 9, T 36: materialised
+        nn.Conv2d(1, 8, 3, stride=2, padding=1),  # 12x12 -> 6x6: K 9, T 36: materialised (unfold + bmm)
         nn.ReLU(),
         nn.MaxPool2d(2),  # 3x3
         nn.Conv2d(8, 16, 1),  # frozen
@@ -95,14 +95,11 @@ def _diff(a: nn.Module, b: nn.Module) -> float:
     return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("gram", [False, True], ids=["materialised", "gram"])
-def test_conv_and_linear_norms_and_sums_equal_the_materialised_per_sample_gradients(gram, monkeypatch):
+def test_conv_and_linear_norms_and_sums_equal_the_materialised_per_sample_gradients():
     net = small_cnn()
     x, _ = _images(n=10)
     conv_mat, conv_gram = net[0], net[5]
-    if gram:  # memory-bound: the Gram trick where T^2 < C_out K
-        monkeypatch.setattr(bk, "MATERIALISE_LIMIT_BYTES", 0)
-    assert not _use_gram(conv_mat, 36, 10) and _use_gram(conv_gram, 9, 10) == gram
+    assert not _use_gram(conv_mat, 36) and _use_gram(conv_gram, 9)  # the small CNN has both kinds
     wide = nn.Conv2d(2, 4, 3, padding=2, dilation=2, stride=1)  # 28x28 maps: the grouped-backward path
     layers = (
         (conv_mat, x),
@@ -136,10 +133,7 @@ def test_conv_and_linear_norms_and_sums_equal_the_materialised_per_sample_gradie
     "kw",
     [{}, {"noise_multiplier": 0.0}, {"momentum": 0.9}, {"optimizer_name": "adam", "lr": 0.05}, {"proximal_mu": 0.5}],
 )
-@pytest.mark.parametrize("gram", [False, True], ids=["materialised", "gram"])
-def test_the_small_cnn_step_equals_opacus_with_the_same_batches_and_noise(kw, gram, monkeypatch):
-    if gram:
-        monkeypatch.setattr(bk, "MATERIALISE_LIMIT_BYTES", 0)  # its third conv by the Gram trick
+def test_the_small_cnn_step_equals_opacus_with_the_same_batches_and_noise(kw):
     x, y = _images()
     fast, rf = _train(True, small_cnn, x, y, **kw)
     ref, ro = _train(False, small_cnn, x, y, **kw)
@@ -178,6 +172,10 @@ def _digits_cnn() -> nn.Module:
 
 def test_the_digits_cnn_step_equals_opacus():
     x, y = _images(n=24, side=28, k=10)
+    convs = [m for m in _digits_cnn().modules() if isinstance(m, nn.Conv2d)]
+    # 28x28 and 14x14 maps: materialised by the grouped backward; 7x7: the Gram trick
+    assert [_use_gram(c, t) for c, t in zip(convs, (784, 196, 49), strict=True)] == [False, False, True]
+    assert bk.GROUPED_MIN_POSITIONS <= 196
     for kw in ({"noise_multiplier": 0.0}, {}):
         fast, rf = _train(True, _digits_cnn, x, y, epochs=1, lr=0.1, **kw)
         ref, ro = _train(False, _digits_cnn, x, y, epochs=1, lr=0.1, **kw)
