@@ -41,7 +41,7 @@ class TimingRow:
     dp_epoch_s: list[float]
     nondp_call_s: list[float]
     dp_call_s: list[float]
-    dp_path: str = ""  # train_local's grad_sample_mode for the DP calls: hooks, ghost or linear (closed form)
+    dp_path: str = ""  # train_local's grad_sample_mode for the DP calls: hooks, ghost, linear or bookkeeping
 
     @property
     def ratio(self) -> float:
