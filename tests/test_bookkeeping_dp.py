@@ -8,7 +8,7 @@ Opacus before training or is refused before any gradient is set.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -98,15 +98,15 @@ def _diff(a: nn.Module, b: nn.Module) -> float:
 def test_conv_and_linear_norms_and_sums_equal_the_materialised_per_sample_gradients():
     net = small_cnn()
     x, _ = _images(n=10)
-    conv_mat, conv_gram = net[0], net[5]
+    conv_mat, conv_gram = cast(nn.Conv2d, net[0]), cast(nn.Conv2d, net[5])
     assert not _use_gram(conv_mat, 36) and _use_gram(conv_gram, 9)  # the small CNN has both kinds
     wide = nn.Conv2d(2, 4, 3, padding=2, dilation=2, stride=1)  # 28x28 maps: the grouped-backward path
-    layers = (
+    layers: tuple[tuple[nn.Linear | nn.Conv2d, torch.Tensor], ...] = (
         (conv_mat, x),
         (conv_gram, torch.randn(10, 16, 3, 3)),
         (wide, torch.randn(10, 2, 28, 28)),
-        (net[8], torch.randn(10, 288)),
-        (net[12], torch.randn(10, 16)),
+        (cast(nn.Linear, net[8]), torch.randn(10, 288)),
+        (cast(nn.Linear, net[12]), torch.randn(10, 16)),
     )
     for layer, a in layers:
         g = torch.randn_like(layer(a))
@@ -176,7 +176,8 @@ def test_the_digits_cnn_step_equals_opacus():
     # 28x28 and 14x14 maps: materialised by the grouped backward; 7x7: the Gram trick
     assert [_use_gram(c, t) for c, t in zip(convs, (784, 196, 49), strict=True)] == [False, False, True]
     assert bk.GROUPED_MIN_POSITIONS <= 196
-    for kw in ({"noise_multiplier": 0.0}, {}):
+    settings: list[dict[str, Any]] = [{"noise_multiplier": 0.0}, {}]
+    for kw in settings:
         fast, rf = _train(True, _digits_cnn, x, y, epochs=1, lr=0.1, **kw)
         ref, ro = _train(False, _digits_cnn, x, y, epochs=1, lr=0.1, **kw)
         assert rf.grad_sample_mode == GRAD_SAMPLE_BOOKKEEPING and ro.grad_sample_mode == GRAD_SAMPLE_HOOKS
@@ -233,7 +234,8 @@ class _Recording:
     kind = "seeded"
 
     def __init__(self, seed: int, n: int, q: float) -> None:
-        self.inner, self.n, self.q, self.sizes = SeededRandomness(seed), n, q, []
+        self.inner, self.n, self.q = SeededRandomness(seed), n, q
+        self.sizes: list[int] = []
 
     def uniform(self, n: int) -> Any:
         u = self.inner.uniform(n)
