@@ -20,10 +20,11 @@ order from the site's randomness, std ``noise_multiplier x C``, all divided by O
 the same mechanism as the Opacus path, computed differently; tests/test_bookkeeping_dp.py checks the step against
 Opacus' DPOptimizer.
 
-What can be checked before training is checked by :func:`applies_to` (static) and :func:`probe` (one forward and
-backward on a few records, nothing released: each trained layer called once, on a 2-D (Linear) or 4-D (Conv2d)
-input, no trained weight reaching the loss other than through its layer's output, no in-place change of a kept
-tensor). Each step checks the call counts, shapes and tensor versions again and raises before any gradient is set.
+What can be checked before training is checked by :func:`applies_to` (static) and :func:`probe` (one forward on
+a few records, its graph walked, nothing released: each trained layer called once, on a 2-D (Linear) or 4-D
+(Conv2d) input, no trained weight reaching the loss other than through its layer's output, no in-place change of a
+kept tensor), so a refusal can fall back to Opacus. Each step checks all of it again and raises
+:class:`BookkeepingRefusal` before any gradient is set.
 """
 
 from __future__ import annotations
@@ -352,6 +353,8 @@ class BookkeepingDPStep:
             self._capture.start()  # drop the references: the graph holds what backward needs
             total = nn.functional.cross_entropy(out, y, reduction="sum")
             outs = [z for _, _, z in rows]
+            if not _only_through_outputs(total, outs, self.params):
+                raise BookkeepingRefusal("a trained weight reaches the loss other than through its layer's output")
             # allow_unused: a trained layer whose output the loss ignores has zero per-sample gradients
             grads = [
                 torch.zeros_like(z) if g is None else g
