@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
 from privatune.client.linear_dp import clip_factors, clipped_sums_of_samples
 from privatune.client.randomness import Randomness
@@ -118,7 +119,7 @@ def _conv_samples(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, unfolded: 
     if unfolded is None and gm.shape[2] >= GROUPED_MIN_POSITIONS:
         padding = layer.padding
         assert not isinstance(padding, str)  # refusal()
-        grouped = torch.nn.grad.conv2d_weight(
+        grouped = conv2d_weight(
             a.reshape(1, b * layer.in_channels, *a.shape[2:]),
             (b * layer.out_channels, layer.in_channels, *layer.kernel_size),
             g.reshape(1, b * layer.out_channels, *g.shape[2:]),
