@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from privatune.client.bookkeeping_dp import GRAD_SAMPLE_BOOKKEEPING, BookkeepingDPStep, BookkeepingRefusal
+from privatune.client.bookkeeping_dp import probe as bookkeeping_probe
 from privatune.client.dp_options import GRAD_SAMPLE_GHOST, build_optimizer, grad_sample_mode, physical_batches
 from privatune.client.linear_dp import GRAD_SAMPLE_LINEAR, LinearDPStep, input_scales
 from privatune.client.linear_dp import applies_to as closed_form_applies
@@ -47,8 +49,9 @@ class TrainHooks:
     ``before_step(step, module, optimizer)``: after backward, per-sample gradients in ``p.grad_sample``, one
     row per sampled record (with K views: the mean of its views'), before clipping and noise (with physical
     batches: the logical batch's last chunk only; under ghost clipping there is no ``p.grad_sample``; on the
-    closed-form linear path they are materialised for the hook only, ``optimizer`` is the
-    :class:`~privatune.client.linear_dp.LinearDPStep` (its ``params``), and what the hook leaves there is clipped);
+    closed-form linear and book-keeping paths they are materialised for the hook only, ``optimizer`` is
+    the :class:`~privatune.client.linear_dp.LinearDPStep` or ``BookkeepingDPStep`` (its ``params``), and what the
+    hook leaves there is clipped);
     ``after_step(step, module)``: after the optimizer step.
     """
 
@@ -66,7 +69,9 @@ class LocalTrainResult:
     seconds: float
     num_examples: int
     optimizer: str = OPTIMIZER_SGD  # what post-processed the (noised) gradient; no effect on epsilon
-    grad_sample_mode: str = ""  # DP only: Opacus' "hooks" or "ghost", or "linear" (client/linear_dp.py)
+    grad_sample_mode: str = (
+        ""  # DP only: Opacus' "hooks"/"ghost", "linear" (linear_dp.py), "bookkeeping" (bookkeeping_dp.py)
+    )
 
     @property
     def steps(self) -> int:
@@ -212,6 +217,9 @@ def train_local(
     closed form, the same sampler, clipping, noise source and order, and step count, so the same mechanism and
     the same update to float rounding (``grad_sample_mode`` "linear"); ``max_physical_batch_size`` does not
     apply there (it needs no per-sample memory). Batches are rows indexed from the tensors (no per-record collate).
+    The same switch, under the same conditions, trains a stack of Linear/Conv2d layers (the digits CNN) by
+    :class:`privatune.client.bookkeeping_dp.BookkeepingDPStep` where its probe on two records passes (one backward
+    pass, the same mechanism; ``grad_sample_mode`` "bookkeeping"); otherwise Opacus.
     """
     n = int(labels.shape[0])
     if n == 0:
@@ -259,15 +267,12 @@ def train_local(
     engine: Any = None  # Opacus ships no type information: its engine and GradSampleModule are untyped
     private_module: Any = None
     mode = ""
-    closed_form = (
-        dp
-        and closed_form_linear
-        and closed_form_applies(module)
-        and views == 1
-        and augment is None
-        and hooks.after_make_private is None
-    )
-    if closed_form:
+    closed_form = dp and closed_form_linear and views == 1 and augment is None and hooks.after_make_private is None
+    # a bare linear head: closed form; other Linear/Conv2d stacks: book-keeping if a probe on 2 records passes
+    if closed_form and (
+        closed_form_applies(module)
+        or bookkeeping_probe(module, [t[:2].to(device) for t in inputs], labels[:2].to(device)) is None
+    ):
         return _train_closed_form(
             module, loader, optimizer, planned, n, epochs, device, hooks, proximal_mu, optimizer_name, randomness
         )
@@ -395,11 +400,12 @@ def _train_closed_form(
     optimizer_name: str,
     randomness: Randomness,
 ) -> LocalTrainResult:
-    """DP-SGD of a bare linear layer by :class:`LinearDPStep` (see ``train_local``'s ``closed_form_linear``)."""
-    assert isinstance(module, nn.Linear)
+    """DP-SGD without Opacus (see ``train_local``'s ``closed_form_linear``): a bare linear layer by
+    :class:`LinearDPStep`, a stack of Linear/Conv2d layers by :class:`BookkeepingDPStep` (client/bookkeeping_dp.py)."""
+    linear = closed_form_applies(module)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]  # Opacus' params order
-    step = LinearDPStep(
-        module,
+    step = (LinearDPStep if linear else BookkeepingDPStep)(
+        module,  # type: ignore[arg-type]  # LinearDPStep: closed_form_applies checked it is an nn.Linear
         params,
         noise_multiplier=planned.noise_multiplier,
         max_grad_norm=planned.max_grad_norm,
@@ -410,24 +416,37 @@ def _train_closed_form(
     # from the site's Poisson sampler: the loader's own per-batch machinery is skipped, the draws are the same).
     data = loader.dataset
     assert isinstance(data, TensorRows)
-    x_all, y_all = data.tensors
-    rows = TensorRows(x_all, input_scales(x_all, step.with_bias), y_all)
+    if isinstance(step, LinearDPStep):
+        x_all, y_all = data.tensors
+        rows = TensorRows(x_all, input_scales(x_all, step.with_bias), y_all)
+    else:
+        rows = data
     batch_sampler = loader.batch_sampler
     assert batch_sampler is not None
     proximal = add_proximal_term(optimizer, module, proximal_mu)
     start = time.perf_counter()
     loss_sum, total_seen, steps = torch.zeros((), dtype=torch.float64), 0, 0
-    for _ in range(epochs):
-        for index in batch_sampler:
-            x, scales, y = (t.to(device) for t in rows.__getitems__(index))
-            before = partial(_call_hook, hooks.before_step, steps, module, step) if hooks.before_step else None
-            loss = step(x, y, scales, before)
-            optimizer.step()
-            if hooks.after_step:
-                hooks.after_step(steps, module)
-            steps += 1
-            loss_sum += loss * len(index)
-            total_seen += len(index)
+    try:
+        for _ in range(epochs):
+            for index in batch_sampler:
+                *xs, y = (t.to(device) for t in rows.__getitems__(index))
+                before = partial(_call_hook, hooks.before_step, steps, module, step) if hooks.before_step else None
+                try:
+                    loss = step(xs[0], y, xs[1], before) if isinstance(step, LinearDPStep) else step(xs, y, before)
+                except BookkeepingRefusal as e:  # the probe passed, this batch did not: stop, release nothing
+                    raise RuntimeError(
+                        f"the book-keeping DP path refused step {steps}: {e}; no update is released "
+                        "(train_local(..., closed_form_linear=False) trains this model through Opacus)"
+                    ) from e
+                optimizer.step()
+                if hooks.after_step:
+                    hooks.after_step(steps, module)
+                steps += 1
+                loss_sum += loss * len(index)
+                total_seen += len(index)
+    finally:
+        if isinstance(step, BookkeepingDPStep):
+            step.close()
     seconds = time.perf_counter() - start
     if proximal is not None:
         proximal.remove()
@@ -442,7 +461,7 @@ def _train_closed_form(
         seconds=seconds,
         num_examples=n,
         optimizer=optimizer_name,
-        grad_sample_mode=GRAD_SAMPLE_LINEAR,
+        grad_sample_mode=GRAD_SAMPLE_LINEAR if linear else GRAD_SAMPLE_BOOKKEEPING,
     )
 
 

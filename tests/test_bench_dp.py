@@ -101,3 +101,29 @@ def test_timing_rows_share_the_non_dp_calls_and_name_each_dp_path():
     assert all(len(r.dp_epoch_s) == 2 and r.trainable_params == 14 for r in rows)
     table = b.timing_table(rows).splitlines()
     assert table[0].split("|")[2].strip() == "DP path" and table[3].split("|")[2].strip() == "linear"
+
+
+def test_the_cnn_rows_time_hooks_ghost_and_bookkeeping_and_cases_pick_rows():
+    import torch
+    from torch import nn
+
+    from privatune.simulations.benchmarks.dp.timing import CASE_PATHS, ROW_NAMES
+
+    def cnn() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 2))
+
+    x, y = torch.randn(24, 1, 6, 6), torch.randint(0, 2, (24,))
+    rows = b.time_dp_vs_nondp(
+        "full", "m", "d", cnn, (x,), y, batch_size=8, lr=0.1, epochs=1, repeats=1, log=lambda _msg: None,
+        dp_paths=CASE_PATHS["full"],
+    )  # fmt: skip
+    assert [(r.case, r.dp_path) for r in rows] == [
+        ("full", "hooks"),
+        ("full-ghost", "ghost"),
+        ("full-bookkeeping", "bookkeeping"),
+    ]
+    assert "full-bookkeeping" in ROW_NAMES
+    with pytest.raises(SystemExit):
+        b.main(["--timing-only", "--cases", "full,nope"])
+    with pytest.raises(SystemExit):
+        b.main(["--cases", "full"])  # rows are a timing-only choice

@@ -4,6 +4,7 @@
     python -m privatune.simulations.benchmarks.dp --quick     # smoke run of the same pipeline (~5 min; not for figures)
     python -m privatune.simulations.benchmarks.dp --out DIR --run-config "lr=1.0 local-epochs=3"
     python -m privatune.simulations.benchmarks.dp --timing-only  # part 1 alone (a few minutes)
+    python -m privatune.simulations.benchmarks.dp --timing-only --cases full,full-ghost,full-bookkeeping  # the CNN
 
 Everything is measured in the same process, in one run:
 
@@ -11,7 +12,8 @@ Everything is measured in the same process, in one run:
    batch size, same module, repeated with DP and non-DP calls interleaved (so drifting load on a shared
    machine hits both alike); medians. Cases: ``head`` (MiniLM features cached, only the head trains),
    ``full`` (the whole digits CNN) and ``partial`` (MiniLM's last encoder layer + head on a small subset); the
-   head through Opacus and in closed form (``head-closed-form``), the CNN with Opacus' hooks and ghost clipping.
+   head through Opacus and in closed form (``head-closed-form``), the CNN with Opacus' hooks, ghost clipping and
+   book-keeping (``full-bookkeeping``, client/bookkeeping_dp.py).
 2. **Accuracy**: federated runs through :func:`privatune.simulations.simulate.run_simulation` (Flower + Ray, the real
    path) at epsilon 1, epsilon 8 and without DP, against a centralised non-DP head trained on the pooled
    client training data (same features, same lr and batch size, rounds x local-epochs epochs) and tested

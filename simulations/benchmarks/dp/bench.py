@@ -18,7 +18,7 @@ from privatune.simulations.benchmarks.dp.accuracy import AccuracyRow, accuracy_r
 from privatune.simulations.benchmarks.dp.data import prepare_data
 from privatune.simulations.benchmarks.dp.plan import ACCURACY_PRESETS, BenchPlan, checked_plan, parse_overrides
 from privatune.simulations.benchmarks.dp.tables import accuracy_table, goal_line, timing_table
-from privatune.simulations.benchmarks.dp.timing import timing_cases
+from privatune.simulations.benchmarks.dp.timing import ROW_NAMES, timing_cases
 from privatune.simulations.benchmarks.report import (
     Log,
     bench_parser,
@@ -39,16 +39,21 @@ def dp_environment() -> dict[str, Any]:
     return environment("torch", "flwr", "opacus", torch_threads=torch.get_num_threads())
 
 
-def run(plan: BenchPlan, out: Path, log: Log = print, timing_only: bool = False) -> dict[str, Any]:
+def run(
+    plan: BenchPlan, out: Path, log: Log = print, timing_only: bool = False, cases: Sequence[str] | None = None
+) -> dict[str, Any]:
     """The whole benchmark; returns (and writes to ``out/bench_dp.json``) every figure it measured.
 
-    ``timing_only``: part 1 alone (only the SMS features, which the head case trains on; no federated runs)."""
+    ``timing_only``: part 1 alone (only the SMS features, which the head case trains on; no federated runs).
+    ``cases``: with ``timing_only``, the timing rows to run (names of ``timing.ROW_NAMES``; default all)."""
     out = results_folder(out)
     result = run_header(NAME, plan, dp_environment())
     t_start = time.perf_counter()
     result["load_average"] = {"start": load_average()}
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    presets = ACCURACY_PRESETS[:1] if timing_only else ACCURACY_PRESETS
+    presets: Sequence[str] = ACCURACY_PRESETS[:1] if timing_only else ACCURACY_PRESETS
+    if timing_only and cases is not None and not any(c.startswith("head") for c in cases):
+        presets = ()  # no head row: no MiniLM features needed
     prepared = {p: prepare_data(p, plan, out / "feature-cache" / p, log) for p in presets}
     result["features_seconds"] = {p: d.feature_seconds for p, d in prepared.items()}
 
@@ -56,7 +61,7 @@ def run(plan: BenchPlan, out: Path, log: Log = print, timing_only: bool = False)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(plan.timing_threads)
     try:
-        timings = timing_cases(plan, prepared, log)
+        timings = timing_cases(plan, prepared, log, cases if timing_only else None)
     finally:
         torch.set_num_threads(threads_before)
     result["timing"] = [t.to_json() for t in timings]
@@ -104,7 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timing-only", action="store_true", help="part 1 only: DP vs non-DP local-epoch time (a few minutes)"
     )
+    parser.add_argument(
+        "--cases",
+        default="",
+        help=f"with --timing-only, the timing rows to run, comma-separated (of {','.join(ROW_NAMES)}; default all)",
+    )
     args = parser.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()] or None
+    unknown = sorted(set(cases or ()) - set(ROW_NAMES))
+    if unknown or (cases and not args.timing_only):
+        parser.error(f"--cases: unknown {', '.join(unknown)}" if unknown else "--cases needs --timing-only")
     plan = plan_or_exit(parser, lambda: checked_plan(args.quick, parse_overrides(args.run_config), args.threads))
-    run(plan, args.out, log=print_flush, timing_only=args.timing_only)
+    run(plan, args.out, log=print_flush, timing_only=args.timing_only, cases=cases)
     return 0

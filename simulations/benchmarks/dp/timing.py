@@ -2,13 +2,14 @@
 
 One kind of thing: the timing rows and the calls that fill them (head, full and partial cases). A case may time
 several DP paths against the same non-DP calls (issue 13): ``head`` through Opacus and ``head-closed-form``
-(client/linear_dp.py, the default for a bare linear head), ``full`` with Opacus' hooks and ``full-ghost``.
+(client/linear_dp.py, the default for a bare linear head), ``full`` with Opacus' hooks, ``full-ghost`` and
+``full-bookkeeping`` (client/bookkeeping_dp.py, the default for the CNN). ``cases`` picks rows by name.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ class TimingRow:
     dp_epoch_s: list[float]
     nondp_call_s: list[float]
     dp_call_s: list[float]
-    dp_path: str = ""  # train_local's grad_sample_mode for the DP calls: hooks, ghost or linear (closed form)
+    dp_path: str = ""  # train_local's grad_sample_mode for the DP calls: hooks, ghost, linear or bookkeeping
 
     @property
     def ratio(self) -> float:
@@ -147,32 +148,63 @@ def time_dp_vs_nondp(
     return list(rows.values())
 
 
-def timing_cases(plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Log) -> list[TimingRow]:
-    rows: list[TimingRow] = []
+#: Each case's DP rows (row name -> extra train_local arguments), in the order they print.
+CASE_PATHS: dict[str, dict[str, dict[str, Any]]] = {
+    "head": {"head": {"closed_form_linear": False}, "head-closed-form": {}},
+    "full": {
+        "full": {"closed_form_linear": False},
+        "full-ghost": {"ghost_clipping": True, "closed_form_linear": False},
+        "full-bookkeeping": {},
+    },
+    "partial": {"partial": {}},
+}
+ROW_NAMES = tuple(row for paths in CASE_PATHS.values() for row in paths)
 
+
+def _picked(case: str, cases: Collection[str] | None) -> dict[str, dict[str, Any]]:
+    return {row: kw for row, kw in CASE_PATHS[case].items() if cases is None or row in cases}
+
+
+def timing_cases(
+    plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Log, cases: Collection[str] | None = None
+) -> list[TimingRow]:
+    """The timing rows; ``cases`` (row names of :data:`ROW_NAMES`, default all) picks which run."""
+    rows: list[TimingRow] = []
+    if _picked("head", cases):
+        rows.extend(_head_case(plan, prepared, log, _picked("head", cases)))
+    if _picked("full", cases):
+        rows.extend(_full_case(plan, log, _picked("full", cases)))
+    if _picked("partial", cases):
+        rows.extend(_partial_case(plan, prepared, log))
+    return rows
+
+
+def _head_case(
+    plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Log, paths: Mapping[str, Mapping[str, Any]]
+) -> list[TimingRow]:
     # head: the module the client trains in head mode is the head alone, on cached MiniLM features.
     sms = prepared["sms-spam"]
     cfg = sms.cfg
     feats, labels = sms.pooled_features, sms.pooled_labels
     log(f"[time] head: minilm features of {len(labels)} pooled sms-spam records, batch {cfg.batch_size}")
-    rows.extend(
-        time_dp_vs_nondp(
-            "head",
-            cfg.model,
-            cfg.dataset,
-            lambda: new_head(feats.shape[1], len(cfg.label_names), cfg.seed),
-            (feats,),
-            labels,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            epochs=plan.head_timing_epochs,
-            repeats=plan.timing_repeats,
-            max_grad_norm=cfg.max_grad_norm,
-            log=log,
-            dp_paths={"head": {"closed_form_linear": False}, "head-closed-form": {}},
-        )
+    return time_dp_vs_nondp(
+        "head",
+        cfg.model,
+        cfg.dataset,
+        lambda: new_head(feats.shape[1], len(cfg.label_names), cfg.seed),
+        (feats,),
+        labels,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        epochs=plan.head_timing_epochs,
+        repeats=plan.timing_repeats,
+        max_grad_norm=cfg.max_grad_norm,
+        log=log,
+        dp_paths=paths,
     )
 
+
+def _full_case(plan: BenchPlan, log: Log, paths: Mapping[str, Mapping[str, Any]]) -> list[TimingRow]:
     # full: every weight of the digits CNN trains on the images.
     dcfg = base_config("digits", plan, overrides=False)  # text-preset overrides do not apply to the CNN
     pool, _ = central_split(dcfg)
@@ -186,25 +218,25 @@ def timing_cases(plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Log
         return model
 
     log(f"[time] full: digits-cnn, {len(pool)} digits images, batch {dcfg.batch_size}")
-    rows.extend(
-        time_dp_vs_nondp(
-            "full",
-            dcfg.model,
-            dcfg.dataset,
-            full_cnn,
-            images,
-            dlabels,
-            batch_size=dcfg.batch_size,
-            lr=dcfg.lr,
-            epochs=1,
-            repeats=plan.timing_repeats,
-            backbone_lr_scale=dcfg.backbone_lr_scale,
-            max_grad_norm=dcfg.max_grad_norm,
-            log=log,
-            dp_paths={"full": {}, "full-ghost": {"ghost_clipping": True}},
-        )
+    return time_dp_vs_nondp(
+        "full",
+        dcfg.model,
+        dcfg.dataset,
+        full_cnn,
+        images,
+        dlabels,
+        batch_size=dcfg.batch_size,
+        lr=dcfg.lr,
+        epochs=1,
+        repeats=plan.timing_repeats,
+        backbone_lr_scale=dcfg.backbone_lr_scale,
+        max_grad_norm=dcfg.max_grad_norm,
+        log=log,
+        dp_paths=paths,
     )
 
+
+def _partial_case(plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Log) -> list[TimingRow]:
     # partial: MiniLM's last encoder layer + head, tokens at the preset's length (what a client runs).
     tcfg = prepared["trec6"].cfg if "trec6" in prepared else base_config("trec6", plan)
     tpool, _ = central_split(tcfg)
@@ -223,21 +255,18 @@ def timing_cases(plan: BenchPlan, prepared: Mapping[str, PreparedData], log: Log
         f"[time] partial: minilm last layer + head, {len(subset)} trec6 records, length {tcfg.max_length}, "
         f"batch {tcfg.batch_size}"
     )
-    rows.extend(
-        time_dp_vs_nondp(
-            "partial",
-            tcfg.model,
-            tcfg.dataset,
-            partial_minilm,
-            tokens,
-            tlabels,
-            batch_size=tcfg.batch_size,
-            lr=tcfg.lr,
-            epochs=1,
-            repeats=plan.partial_repeats,
-            backbone_lr_scale=tcfg.backbone_lr_scale,
-            max_grad_norm=tcfg.max_grad_norm,
-            log=log,
-        )
+    return time_dp_vs_nondp(
+        "partial",
+        tcfg.model,
+        tcfg.dataset,
+        partial_minilm,
+        tokens,
+        tlabels,
+        batch_size=tcfg.batch_size,
+        lr=tcfg.lr,
+        epochs=1,
+        repeats=plan.partial_repeats,
+        backbone_lr_scale=tcfg.backbone_lr_scale,
+        max_grad_norm=tcfg.max_grad_norm,
+        log=log,
     )
-    return rows
