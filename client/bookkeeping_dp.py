@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from privatune.client.linear_dp import clip_factors, clipped_sums_of_samples
+from privatune.client.linear_dp import clip_factors, clipped_sums_of_samples, install_noised_grads
 from privatune.client.randomness import Randomness
 
 GRAD_SAMPLE_BOOKKEEPING = "bookkeeping"  # train_local's grad_sample_mode for this path
@@ -365,12 +365,14 @@ class BookkeepingDPStep:
             with torch.no_grad():
                 summed = self._sums(rows, grads, before_step)
         with torch.no_grad():
-            std = self.noise_multiplier * self.max_grad_norm
-            for p in self.params:  # install_noise's order and shapes: one draw per parameter
-                ref = summed[id(p)].to(p.dtype)
-                if std != 0:
-                    ref = ref + self.randomness.gaussian(tuple(ref.shape), std, device=ref.device, dtype=ref.dtype)
-                p.grad = (ref / self.expected_batch_size).view_as(p)
+            install_noised_grads(
+                self.params,
+                summed,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                expected_batch_size=self.expected_batch_size,
+                randomness=self.randomness,
+            )
         return loss
 
     def _sums(

@@ -76,6 +76,27 @@ def clipped_sums_of_samples(samples: list[torch.Tensor], max_grad_norm: float) -
     return [torch.einsum("i,i...", factors, s) for s in samples]
 
 
+def install_noised_grads(
+    params: list[nn.Parameter],
+    summed: dict[int, torch.Tensor],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    randomness: Randomness,
+) -> None:
+    """``p.grad`` = (clipped sum + noise) / expected batch size, Opacus 1.6's ``add_noise`` and ``scale_grad``:
+    one Gaussian draw of std ``noise_multiplier x max_grad_norm`` per parameter, in ``params``' order (the
+    optimiser's, as ``DPOptimizer.params``), from the site's randomness. ``summed`` maps ``id(p)`` to its clipped
+    sum. The one place the closed-form and book-keeping steps add their noise."""
+    std = noise_multiplier * max_grad_norm
+    for p in params:
+        ref = summed[id(p)].to(p.dtype)
+        if std != 0:
+            ref = ref + randomness.gaussian(tuple(ref.shape), std, device=ref.device, dtype=ref.dtype)
+        p.grad = (ref / expected_batch_size).view_as(p)
+
+
 class LinearDPStep:
     """One DP-SGD step of a linear layer: sets ``p.grad`` of its trainable parameters; the caller's optimiser steps.
 
@@ -140,12 +161,14 @@ class LinearDPStep:
                 summed = {id(weight): gw} | ({id(bias): gb} if gb is not None else {})
             else:
                 summed = self._hooked_sums(x, g, before_step)
-            std = self.noise_multiplier * self.max_grad_norm
-            for p in self.params:  # install_noise's order and shapes: one draw per parameter
-                ref = summed[id(p)].to(p.dtype)
-                if std != 0:
-                    ref = ref + self.randomness.gaussian(tuple(ref.shape), std, device=ref.device, dtype=ref.dtype)
-                p.grad = (ref / self.expected_batch_size).view_as(p)
+            install_noised_grads(
+                self.params,
+                summed,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                expected_batch_size=self.expected_batch_size,
+                randomness=self.randomness,
+            )
         return loss
 
     def _hooked_sums(
