@@ -34,6 +34,7 @@ from privatune.client.randomness import SeededRandomness
 from privatune.client.training import TrainHooks, train_local
 from privatune.common.models import configure_trainable, get_model_spec
 from privatune.common.models.prefix import SuffixModule, frozen_split, prefix_outputs
+from tests.helpers.randomness import RecordingRandomness
 
 C = 1.0
 RTOL, ATOL = 1e-5, 1e-6
@@ -228,35 +229,16 @@ def test_last_k_digits_suffix_on_cached_prefix_takes_the_new_path_like_opacus():
     assert _close(fast, ref), _diff(fast, ref)
 
 
-class _Recording:
-    """SeededRandomness that remembers each Poisson draw's batch size (to find empty batches)."""
-
-    kind = "seeded"
-
-    def __init__(self, seed: int, n: int, q: float) -> None:
-        self.inner, self.n, self.q = SeededRandomness(seed), n, q
-        self.sizes: list[int] = []
-
-    def uniform(self, n: int) -> Any:
-        u = self.inner.uniform(n)
-        if n == self.n:
-            self.sizes.append(int((u < self.q).sum()))
-        return u
-
-    def gaussian(self, shape: tuple[int, ...], std: float, *, device: Any, dtype: torch.dtype) -> torch.Tensor:
-        return self.inner.gaussian(shape, std, device=device, dtype=dtype)
-
-
 def test_an_empty_poisson_batch_is_a_noise_only_step_like_opacus():
     x, y = _images(n=6)
     for seed in range(50):  # q = 1/6: about a third of the batches are empty; find a seed with one
-        rec = _Recording(seed, 6, 1 / 6)
+        rec = RecordingRandomness(seed, 6, 1 / 6)
         fast, rf = _train(True, small_cnn, x, y, randomness=rec, batch_size=1, epochs=1)
         if 0 in rec.sizes:
             break
     else:
         pytest.fail("no empty Poisson batch in 50 seeds")
-    ref, ro = _train(False, small_cnn, x, y, randomness=_Recording(seed, 6, 1 / 6), batch_size=1, epochs=1)
+    ref, ro = _train(False, small_cnn, x, y, randomness=RecordingRandomness(seed, 6, 1 / 6), batch_size=1, epochs=1)
     assert rf.mechanism == ro.mechanism and rf.steps == 6
     assert _close(fast, ref), _diff(fast, ref)
     net = small_cnn()

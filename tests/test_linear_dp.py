@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -28,26 +27,9 @@ from privatune.client.linear_dp import (
 from privatune.client.randomness import SeededRandomness
 from privatune.client.training import TensorRows, TrainHooks, train_local
 from privatune.common.models import new_head
+from tests.helpers.randomness import RecordingRandomness
 
 C = 1.0
-
-
-class _Recording:
-    """SeededRandomness that remembers each Poisson draw's batch size (to find empty batches)."""
-
-    kind = "seeded"
-
-    def __init__(self, seed: int, n: int, q: float) -> None:
-        self.inner, self.n, self.q, self.sizes = SeededRandomness(seed), n, q, []
-
-    def uniform(self, n: int) -> np.ndarray:
-        u = self.inner.uniform(n)
-        if n == self.n:
-            self.sizes.append(int((u < self.q).sum()))
-        return u
-
-    def gaussian(self, shape: tuple[int, ...], std: float, *, device: Any, dtype: torch.dtype) -> torch.Tensor:
-        return self.inner.gaussian(shape, std, device=device, dtype=dtype)
 
 
 def _data(n: int = 60, d: int = 12, k: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,13 +114,13 @@ def test_records_above_and_below_the_clip_bound_are_clipped_like_opacus():
 def test_an_empty_poisson_batch_is_a_noise_only_step_like_opacus():
     x, y = _data(n=6)
     for seed in range(50):  # q = 1/6, 6 records: about a third of the batches are empty; find a seed with one
-        rec = _Recording(seed, 6, 1 / 6)
+        rec = RecordingRandomness(seed, 6, 1 / 6)
         fast, rf = _train(True, x, y, randomness=rec, batch_size=1, epochs=1)
         if 0 in rec.sizes:
             break
     else:
         pytest.fail("no empty Poisson batch in 50 seeds")
-    ref, ro = _train(False, x, y, randomness=_Recording(seed, 6, 1 / 6), batch_size=1, epochs=1)
+    ref, ro = _train(False, x, y, randomness=RecordingRandomness(seed, 6, 1 / 6), batch_size=1, epochs=1)
     assert rf.mechanism == ro.mechanism and rf.steps == 6
     assert _diff(fast, ref) < 1e-5
     # One empty step by itself: the update is the noise alone, the same draw install_noise makes.
