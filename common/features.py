@@ -85,7 +85,7 @@ def _same_bytes(module: torch.nn.Module, template: torch.nn.Module) -> bool:
 
 
 #: The signed integer type of each element size: comparing a tensor's bits as these is byte equality (NaNs and
-#: -0.0 included), about 4x faster than as bytes (MiniLM: 18 ms against 67 ms).
+#: -0.0 included), and fewer, wider comparisons than byte by byte.
 _BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
