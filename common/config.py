@@ -158,6 +158,7 @@ class RunConfig:
     lora_dropout: float = 0.0
     lora_targets: str = ""  # comma-separated module names; "" = the model's defaults (MiniLM: query,value)
     lora_freeze_a: bool = False  # FFA-LoRA (Sun et al. 2024): A frozen at its seeded init, only B trains
+    lora_blocks: int = 0  # adapters only in the backbone's last n blocks (the blocks below are cached); 0 = all
     layer_lr_decay: float = 1.0  # <1: each block below the top learns at this factor x the one above
     central_eval: bool = True  # only where the server holds the task's own test data (server/central_plan.py)
     sim_max_epsilon: float = 0.0  # simulation only: every simulated site's budget (0 = none); real sites set max-epsilon in their node config
@@ -300,6 +301,7 @@ class RunConfig:
             lora_dropout=self.lora_dropout,
             lora_targets=tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()),
             lora_freeze_a=self.lora_freeze_a,
+            lora_blocks=self.lora_blocks,
             layer_lr_decay=self.layer_lr_decay,
             seed=self.seed,
         )
@@ -365,6 +367,7 @@ class RunConfig:
             "lora-alpha",
             f"must be a finite number > 0 (the adapter's scale is alpha / rank), got {self.lora_alpha:g}",
         )
+        need(self.lora_blocks >= 0, "lora-blocks", f"must be >= 0 (0 = every block), got {self.lora_blocks}")
         need(0 <= self.lora_dropout < 1, "lora-dropout", f"must be in [0, 1), got {self.lora_dropout:g}")
         need(
             0 < self.layer_lr_decay <= 1,

@@ -63,6 +63,7 @@ FINE_TUNING_KEYS: dict[str, str] = {
     "lora_freeze_a": "lora-freeze-a",
     "layer_lr_decay": "layer-lr-decay",
     "seed": "seed",  # the run's seed: the head's initialisation and LoRA's A matrices
+    "lora_blocks": "lora-blocks",  # 0 (every block) where a file written before the key lacks it
 }
 
 TEXT_INPUT = (
@@ -201,6 +202,8 @@ class ModelCard:
                 values[name] = reader.flag(key)
             elif name in ("lora_alpha", "lora_dropout", "layer_lr_decay"):
                 values[name] = reader.number(key)
+            elif name == "lora_blocks":
+                values[name] = int(reader.number(key, 0, integer=True))
             else:
                 values[name] = int(reader.number(key, integer=True))
         try:

@@ -192,6 +192,7 @@ def fine_tuning_metadata(cfg: RunConfig) -> dict[str, str]:
                 "lora-dropout": f"{ft.lora_dropout:g}",
                 "lora-targets": ",".join(ft.lora_targets) or "the model's defaults",
                 "lora-freeze-a": str(ft.lora_freeze_a).lower(),
+                "lora-blocks": str(ft.lora_blocks) if ft.lora_blocks else "every block",
                 "seed": str(ft.seed),  # the LoRA A matrices are drawn from it
             }
         )

@@ -31,6 +31,7 @@ def test_flower_kebab_keys_and_string_values_are_coerced():
         ({"target-epsilon": 1e-300}, r"target-epsilon: .*\[0.01, 100\]"),
         ({"accountant": "gdp"}, "accountant"),
         ({"mode": "lora-xl"}, "mode"),
+        ({"mode": "lora", "lora-blocks": -1}, "lora-blocks: must be >= 0"),
         ({"delta": 1.5}, "delta"),
         ({"partition": "shards"}, "partition"),
         ({"alpha": 0}, "alpha"),

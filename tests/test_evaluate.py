@@ -92,6 +92,11 @@ def test_card_round_trips_through_metadata():
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
         assert json.loads(meta["labels"]) == list(card.labels)  # a label holding a comma survives
         assert ModelCard.from_metadata(meta) == card
+    lora = text_card(fine_tuning=FineTuning(mode="lora", lora_blocks=2))
+    meta = lora.to_metadata()
+    assert meta["lora-blocks"] == "2" and ModelCard.from_metadata(meta) == lora
+    older = {k: v for k, v in meta.items() if k != "lora-blocks"}  # a file written before the key: every block
+    assert ModelCard.from_metadata(older).fine_tuning == FineTuning(mode="lora")
     image = digits_card(RunConfig.create(preset="digits"))
     meta = image.to_metadata()
     assert meta["image-side"] == "28" and "MNIST-normalised" in meta["input"] and "max-length" not in meta

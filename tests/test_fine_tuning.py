@@ -113,6 +113,8 @@ def test_a_saved_model_says_its_fine_tuning_settings():
 
     meta = fine_tuning_metadata(RunConfig.create(preset="trec6", mode="lora", lora_rank=4, lora_freeze_a=True))
     assert meta["lora-rank"] == "4" and meta["lora-freeze-a"] == "true" and meta["seed"] == "42"
+    assert meta["lora-blocks"] == "every block"
+    assert fine_tuning_metadata(RunConfig.create(preset="trec6", mode="lora", lora_blocks=2))["lora-blocks"] == "2"
     assert fine_tuning_metadata(RunConfig.create(preset="trec6", mode="last-k", last_k=2, layer_lr_decay=0.8)) == {
         "last-k": "2",
         "layer-lr-decay": "0.8",

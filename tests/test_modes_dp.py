@@ -32,6 +32,8 @@ MODES = {
     "last-k-2": FineTuning(mode="last-k", last_k=2),
     "lora": FineTuning(mode="lora", lora_rank=2),
     "lora-ffa": FineTuning(mode="lora", lora_rank=2, lora_freeze_a=True),
+    "lora-blocks-1": FineTuning(mode="lora", lora_rank=2, lora_blocks=1),
+    "lora-blocks-2-ffa": FineTuning(mode="lora", lora_rank=2, lora_blocks=2, lora_freeze_a=True),
     "full": FineTuning(mode="full"),
 }
 
@@ -55,7 +57,8 @@ def _train(name: str, settings: FineTuning, dp: bool, prefix: bool = False, ghos
     inputs = _inputs(name)
     if prefix:
         split = frozen_split(model)
-        assert split is not None and split.start == len(model.block_prefixes) - settings.last_k
+        trained_blocks = settings.lora_blocks if settings.mode == "lora" else settings.last_k
+        assert split is not None and split.start == len(model.block_prefixes) - trained_blocks
         module, inputs = SuffixModule(split), prefix_outputs(split, inputs)
         assert {n for n, p in module.named_parameters() if p.requires_grad} == trainable
     before = trainable_state(model)
@@ -110,7 +113,7 @@ def _train(name: str, settings: FineTuning, dp: bool, prefix: bool = False, ghos
         assert any(is_lora_a(n) for n, _ in model.named_parameters())
 
 
-FAST_TEXT = ["last-k-1", "last-k-2", "lora", "lora-ffa"]
+FAST_TEXT = ["last-k-1", "last-k-2", "lora", "lora-ffa", "lora-blocks-1"]
 
 
 @pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
@@ -130,6 +133,15 @@ def test_digits_cnn_modes_train_what_they_should(mode, dp):
 @pytest.mark.parametrize("name", ["minilm", "digits-cnn"])
 def test_last_k_on_the_cached_prefix_trains_what_it_should(name, mode, dp):
     _train(name, MODES[mode], dp, prefix=True)
+
+
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
+@pytest.mark.parametrize("name", ["minilm", "digits-cnn"])
+def test_lora_in_the_last_blocks_on_the_cached_prefix_trains_what_it_should(name, dp):
+    """lora-blocks: the adapters sit in the last blocks only, so a site trains them on the cached prefix."""
+    _train(name, MODES["lora-blocks-1"], dp, prefix=True)
+    if name == "minilm":
+        _train(name, MODES["lora-blocks-2-ffa"], dp, prefix=True)
 
 
 @pytest.mark.parametrize("name", ["minilm", "digits-cnn"])

@@ -102,13 +102,46 @@ def test_frozen_blocks_stay_in_eval_mode_while_the_model_trains(bert):
     assert not torch.allclose(dropped, whole, atol=1e-4)
 
 
-def test_no_split_where_the_stem_trains_or_lora_is_on(bert):
+def test_no_split_where_the_stem_trains_or_lora_adapts_the_first_block(bert):
     model, _ = _bert_model(bert)
     configure_trainable(model, FineTuning(mode="full"))
     assert frozen_split(model) is None and frozen_prefix_modules(model) == []
+    lora = get_model_spec(run_model_name(f"hf:{bert}", "mean")).build(3, 0)
+    configure_trainable(lora, FineTuning(mode="lora", lora_rank=2, lora_targets=("query", "value")))
+    assert frozen_split(lora) is None  # adapters in block 0: nothing below them to cache
     cnn = build_digits_cnn(2, 0)
-    configure_trainable(cnn, FineTuning(mode="lora", lora_rank=2))
-    assert frozen_split(cnn) is None
+    configure_trainable(cnn, FineTuning(mode="lora", lora_rank=2))  # the CNN's default target: fc_layers.0
+    split = frozen_split(cnn)
+    assert split is not None and split.start == 3  # its last block: the conv layers are the frozen prefix
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_lora_in_the_last_block_splits_and_gives_the_whole_models_logits(bert, pooling):
+    model = get_model_spec(run_model_name(f"hf:{bert}", pooling)).build(3, 0)
+    names = configure_trainable(model, FineTuning(mode="lora", lora_rank=2, lora_blocks=1, lora_targets=("query",)))
+    adapted = sorted({n.split(".lora_")[0] for n in names if ".lora_" in n})
+    assert adapted == ["backbone.model.encoder.layer.1.attention.self.query"]
+    with torch.no_grad():  # B starts at zero: move it so the adapter changes the output
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    encoded = get_model_spec(run_model_name(f"hf:{bert}", pooling)).encode(MORE_TEXTS, max_length=16)
+    split = frozen_split(model)
+    assert split is not None and split.start == 1
+    with torch.no_grad():
+        whole = model.eval()(*encoded)
+        cut = _split_logits(model, encoded, train=False)
+    torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_blocks_errors_name_the_key(bert):
+    model = get_model_spec(run_model_name(f"hf:{bert}", "mean")).build(3, 0)
+    with pytest.raises(ValueError, match=r"lora-blocks: this model has 2 blocks, got lora-blocks=3"):
+        configure_trainable(model, FineTuning(mode="lora", lora_blocks=3))
+    with pytest.raises(ValueError, match=r"lora-blocks: no module named nowhere in the last 1 block"):
+        configure_trainable(model, FineTuning(mode="lora", lora_blocks=1, lora_targets=("nowhere",)))
+    with pytest.raises(ValueError, match=r"lora-blocks must be >= 0"):
+        FineTuning(mode="lora", lora_blocks=-1)
 
 
 def test_the_attention_mask_builder_is_what_bert_model_uses(bert):

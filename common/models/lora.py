@@ -36,7 +36,28 @@ def lora_targets(model: Classifier, settings: FineTuning) -> tuple[str, ...]:
             'lora-targets: this model names no default LoRA target modules; give lora-targets="name1,name2" '
             "(module names or name suffixes in the backbone, e.g. query,value)"
         )
-    return tuple(targets)
+    return tuple(targets) if not settings.lora_blocks else _in_last_blocks(model, tuple(targets), settings.lora_blocks)
+
+
+def _in_last_blocks(model: Classifier, targets: tuple[str, ...], n: int) -> tuple[str, ...]:
+    """The backbone modules matching ``targets`` (PEFT's rule: the name or a dotted suffix of it) inside the last
+    ``n`` of ``model.block_prefixes``, as full names, so PEFT adapts those and no other."""
+    blocks = model.block_prefixes
+    if n > len(blocks):
+        raise ValueError(f"lora-blocks: this model has {len(blocks)} blocks, got lora-blocks={n}; use 0 for all")
+    last = blocks[len(blocks) - n :]
+    names = tuple(
+        name
+        for name, _ in model.backbone.named_modules()
+        if any(f"backbone.{name}.".startswith(b) for b in last)
+        and any(name == t or name.endswith(f".{t}") for t in targets)
+    )
+    if not names:
+        raise ValueError(
+            f"lora-blocks: no module named {', '.join(targets)} in the last {n} block(s) of this backbone "
+            f"({', '.join(b.removeprefix('backbone.').rstrip('.') for b in last)}); check lora-targets"
+        )
+    return names
 
 
 def _settings_key(settings: FineTuning, targets: tuple[str, ...]) -> tuple[object, ...]:

@@ -8,6 +8,8 @@ settings one mode needs (:class:`FineTuning`) and each mode's recommended hyperp
 * ``lora``: PEFT LoRA adapters on the model's target layers (``Classifier.lora_targets`` unless the run names
   others) + head; the base weights stay frozen. ``freeze_a`` is FFA-LoRA (Sun et al. 2024): A frozen, only B
   trains. The A matrices are initialised from the run's ``seed``, identically at every site and the server.
+  ``lora_blocks = n`` keeps the adapters to the last ``n`` blocks, so the blocks below run once per record
+  (the frozen-prefix cache of ``last-k``) and DP noise spreads over fewer weights.
 * ``full``: every parameter trains.
 
 Separate and free of torch so the command line and the config can name the modes without loading a model.
@@ -51,6 +53,7 @@ class FineTuning:
     lora_freeze_a: bool = False
     layer_lr_decay: float = 1.0
     seed: int = 0
+    lora_blocks: int = 0  # adapters only in the backbone's last n blocks; 0 = in every block
 
     def __post_init__(self) -> None:
         canonical = check_mode(self.mode)
@@ -62,6 +65,8 @@ class FineTuning:
             raise ValueError(f"last-k must be at least 1, got {self.last_k}")
         if self.lora_rank < 1:
             raise ValueError(f"lora-rank must be at least 1, got {self.lora_rank}")
+        if self.lora_blocks < 0:
+            raise ValueError(f"lora-blocks must be >= 0 (0 = every block), got {self.lora_blocks}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 < self.layer_lr_decay <= 1:

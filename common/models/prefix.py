@@ -207,14 +207,20 @@ class FrozenSplit:
 
 def frozen_split(model: nn.Module) -> FrozenSplit | None:
     """The split of ``model`` for its current ``requires_grad``, or None (not a Classifier, a backbone family
-    without a known split, nothing frozen below the trained blocks, or LoRA adapters in the model)."""
-    if not isinstance(model, Classifier) or model.lora_applied is not None:
+    without a known split, nothing frozen below the trained blocks, or LoRA adapters in the frozen part)."""
+    if not isinstance(model, Classifier):
         return None
     family = _bert_family(model) or _cnn_family(model)
     if family is None:
         return None
     start = split_start(model)
-    return FrozenSplit(model, start, family) if start > 0 else None
+    if start == 0:
+        return None
+    if model.lora_applied is not None and any(  # adapters below the split (lora-blocks 0): they would be cached
+        ".lora_" in name for m in family.modules(model.backbone, start) for name, _ in m.named_parameters()
+    ):
+        return None
+    return FrozenSplit(model, start, family)
 
 
 def frozen_prefix_modules(model: Classifier) -> list[nn.Module]:
