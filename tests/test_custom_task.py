@@ -17,6 +17,7 @@ from privatune.cli.own_data import load_own_data
 from privatune.client.site_data import SiteDataError, SiteDataSpec, load_site_data
 from privatune.common.config import (
     DATASET_LABELS,
+    MODEL_KINDS,
     MODEL_ONLY_ROUNDS,
     PRESETS,
     ConfigError,
@@ -281,7 +282,7 @@ def _table(doc: str, heading: str) -> list[list[str]]:
 def test_the_presets_table_is_the_presets():
     rows = _table("fine-tuning.md", "## Presets and their defaults")
     assert [r[0].split()[0] for r in rows] == list(PRESETS)
-    for name, model, dataset, mode, lr, batch, epochs, rounds in rows:
+    for name, model, dataset, mode, lr, batch, epochs, rounds, max_length in rows:
         p = PRESETS[name.split()[0]]
         assert (model, dataset.split()[0], mode) == (p.model, p.dataset, p.mode)
         assert (float(lr), int(batch), int(epochs), int(rounds)) == (
@@ -290,6 +291,7 @@ def test_the_presets_table_is_the_presets():
             p.local_epochs,
             p.num_server_rounds,
         )
+        assert max_length == (str(p.max_length) if MODEL_KINDS[p.model] == "text" else "-")
         assert f"({len(DATASET_LABELS[p.dataset])}" in dataset
 
 

@@ -11,6 +11,7 @@ import typer
 
 from privatune.cli.inputs import UsageError, check_resources, parse_kv, read_run_config_file
 from privatune.cli.terminal import console
+from privatune.common.config import PRESETS
 from privatune.common.models import FINE_TUNING_MODES
 
 if TYPE_CHECKING:
@@ -18,9 +19,7 @@ if TYPE_CHECKING:
 
 
 def simulate(
-    preset: str = typer.Option(
-        "", help="sms-spam | trec6 | digits | fashion-mnist (default: sms-spam, or none with --model)"
-    ),
+    preset: str = typer.Option("", help=f"{' | '.join(PRESETS)} (default: sms-spam, or none with --model)"),
     model: str = typer.Option(
         "",
         "--model",
