@@ -31,6 +31,7 @@ from privatune.common.models.modes import (
 )
 from privatune.common.models.names import model_kind, run_model_name
 from privatune.common.optimizers import OPTIMIZER_SGD, OPTIMIZERS, check_server_optimiser
+from privatune.common.presets import PRESETS, Preset
 from privatune.common.stages import check_stages
 
 # Label sets of the preset datasets, so a site (which has no copy of them) knows the index order.
@@ -57,65 +58,6 @@ MAX_DELTA = 0.1  # a per-client delta at or above this protects nothing worth th
 
 class ConfigError(ValueError):
     """A run configuration that cannot work; the message names the key and the fix."""
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Defaults that make one task train well; any of them can be overridden."""
-
-    model: str
-    dataset: str
-    mode: str
-    lr: float
-    batch_size: int
-    local_epochs: int
-    num_server_rounds: int
-    max_length: int = 64
-    description: str = ""
-
-
-PRESETS: dict[str, Preset] = {
-    "sms-spam": Preset(
-        model="minilm",
-        dataset="sms-spam",
-        mode="head",
-        lr=2.0,
-        batch_size=64,
-        local_epochs=5,
-        num_server_rounds=5,
-        description="SMS spam detection (2 classes, 89% ham), MiniLM text encoder",
-    ),
-    "trec6": Preset(
-        model="minilm",
-        dataset="trec6",
-        mode="head",
-        lr=2.0,
-        batch_size=64,
-        local_epochs=5,
-        num_server_rounds=5,
-        description="TREC question type (6 classes), MiniLM text encoder",
-    ),
-    "digits": Preset(
-        model="digits-cnn",
-        dataset="digits",
-        mode="head",
-        lr=0.5,
-        batch_size=32,
-        local_epochs=3,
-        num_server_rounds=3,
-        description="sklearn 8x8 digits upscaled to 28x28, MNIST-pretrained CNN",
-    ),
-    "fashion-mnist": Preset(
-        model="digits-cnn",
-        dataset="fashion-mnist",
-        mode="last-k",
-        lr=0.5,
-        batch_size=64,
-        local_epochs=2,
-        num_server_rounds=5,
-        description="Fashion-MNIST (10 clothing classes, 60,000 train / 10,000 test), MNIST-pretrained CNN",
-    ),
-}
 
 
 @dataclass(frozen=True)

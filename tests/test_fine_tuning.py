@@ -120,3 +120,12 @@ def test_a_saved_model_says_its_fine_tuning_settings():
         "layer-lr-decay": "0.8",
     }
     assert fine_tuning_metadata(RunConfig.create(preset="trec6")) == {}
+
+
+@pytest.mark.parametrize("name, dataset, max_length", [("trec6-lora", "trec6", 32), ("sms-spam-lora", "sms-spam", 48)])
+def test_the_tuned_lora_presets_resolve_to_their_settings(name, dataset, max_length):
+    cfg = RunConfig.create(preset=name)
+    assert (cfg.mode, cfg.dataset, cfg.model, cfg.max_length) == ("lora", dataset, "minilm", max_length)
+    assert (cfg.lr, cfg.batch_size, cfg.local_epochs, cfg.num_server_rounds) == (6.0, 128, 1, 10)
+    assert cfg.private and cfg.label_names == RunConfig.create(preset=dataset).label_names
+    assert RunConfig.create(preset=name, lr=1.0, batch_size=32).lr == 1.0  # every value stays overridable
