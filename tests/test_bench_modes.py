@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from privatune.common.presets import PRESETS
 from privatune.simulations.benchmarks.modes.plan import Cell, ModesPlan
 from privatune.simulations.benchmarks.modes.records import cell_result, client_peak_kib, site_rounds
 from privatune.simulations.benchmarks.modes.tables import cost_rows, render
@@ -27,6 +28,29 @@ def test_plan_cells_and_run_config() -> None:
     assert "target-epsilon" not in plan.run_config(Cell("head", math.inf))
     assert plan.resolved(Cell("lora", 8.0)).local_epochs == 2
     assert Cell("lora", 8.0, "sms-spam").tag == "sms-spam-lora-eps8"
+
+
+def test_the_tuned_lora_setting_trains_like_its_preset_on_the_cells_data() -> None:
+    tuned = PRESETS["trec6-lora"]
+    rc = ModesPlan(settings=("lora-tuned",)).resolved(Cell("lora-tuned", 8.0, "sms-spam"))
+    assert (rc.mode, rc.lr, rc.batch_size, rc.local_epochs, rc.num_server_rounds, rc.max_length) == (
+        tuned.mode,
+        tuned.lr,
+        tuned.batch_size,
+        tuned.local_epochs,
+        tuned.num_server_rounds,
+        tuned.max_length,
+    )
+    assert rc.preset == "sms-spam"  # the cell's data, not the preset's
+    # The plan's sizes still win over the setting's.
+    assert ModesPlan(rounds=2, max_length=16).resolved(Cell("lora-tuned", 8.0)).num_server_rounds == 2
+
+
+def test_run_config_overrides_win_over_the_settings_own_values() -> None:
+    plan = ModesPlan(settings=("lora",), overrides={"lr": "0.25", "lora-rank": "4"})
+    rc = plan.run_config(Cell("lora", 8.0))
+    assert rc["lr"] == "0.25" and rc["lora-rank"] == "4"
+    assert plan.resolved(Cell("lora", 8.0)).lr == 0.25
 
 
 def test_records_parse_millisecond_times_once_per_round() -> None:

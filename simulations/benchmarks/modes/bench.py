@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cells", default="", help="only these cells (tags such as lora-eps8,head-nodp)")
     parser.add_argument("--preset", default="trec6", help="the dataset preset (trec6, sms-spam)")
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=0, help="0 = the preset's")
+    parser.add_argument("--rounds", type=int, default=0, help="0 = the setting's, else the preset's")
     parser.add_argument("--local-epochs", type=int, default=0, help="0 = each setting's")
     parser.add_argument("--max-records", type=int, default=0, help="0 = the whole dataset")
     parser.add_argument("--max-length", type=int, default=0, help="tokens; 0 = the preset's")

@@ -14,6 +14,7 @@ from typing import Any
 
 from privatune.common.config import RunConfig
 from privatune.common.models.modes import FINE_TUNING_MODES
+from privatune.common.presets import PRESETS
 from privatune.simulations.benchmarks.report import default_out
 
 NAME = "modes"
@@ -23,6 +24,23 @@ PRESET = "trec6"
 DEFAULT_EPSILONS: tuple[float, ...] = (1.0, 8.0, math.inf)
 # The modes whose DP vs non-DP time per epoch and peak memory the issue asks for.
 COST_MODES = ("lora", "last-k")
+
+
+def preset_setting(preset: str) -> dict[str, Any]:
+    """The run-config values that train like the named preset: its mode and hyperparameters, not its dataset.
+
+    So a tuned preset (common/presets.py) is measured in the grid beside the other settings with one source for
+    its values; the cell's own preset still picks the data."""
+    p = PRESETS[preset]
+    return {
+        "mode": p.mode,
+        "lr": p.lr,
+        "batch-size": p.batch_size,
+        "local-epochs": p.local_epochs,
+        "num-server-rounds": p.num_server_rounds,
+        "max-length": p.max_length,
+    }
+
 
 # A mode setting: a name in the tables and the run-config values that make it. The mode's own defaults (its
 # recommended hyperparameters) apply to everything a setting does not name. A setting whose mode this build
@@ -34,6 +52,8 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
     "last-k": {"mode": "last-k", "lr": 0.5, "batch-size": 32, "local-epochs": 2},
     "lora": {"mode": "lora", "lr": 1.0, "batch-size": 32, "local-epochs": 2},
     "ffa-lora": {"mode": "lora", "lr": 1.0, "batch-size": 32, "local-epochs": 2, "lora-freeze-a": True},
+    # LoRA as the tuning runs left it (the trec6-lora preset: batch 128, 10 rounds of 1 epoch, 32 tokens).
+    "lora-tuned": preset_setting("trec6-lora"),
     "full": {"mode": "full"},
 }
 
@@ -97,9 +117,12 @@ class ModesPlan:
         return [Cell(s, e, self.preset) for s in self.settings for e in order]
 
     def run_config(self, cell: Cell) -> dict[str, Any]:
-        """The kebab-case run config of ``cell``: what ``privatune simulate`` would build for it."""
-        values: dict[str, Any] = dict(self.overrides)
-        values.update(MODE_SETTINGS[cell.setting])
+        """The kebab-case run config of ``cell``: what ``privatune simulate`` would build for it.
+
+        Later wins: the setting's values, then ``--run-config``'s overrides (so an override is never silently
+        dropped for a key the setting names), then the grid's own keys and the plan's sizes."""
+        values: dict[str, Any] = dict(MODE_SETTINGS[cell.setting])
+        values.update(self.overrides)
         values.update(
             {
                 "preset": cell.preset,
