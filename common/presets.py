@@ -23,6 +23,13 @@ class Preset:
     num_server_rounds: int
     max_length: int = 64
     description: str = ""
+    # 0 = lr. A preset whose lr was tuned under DP-SGD (each step's update at most the clipping norm) names the lr
+    # for dp=false, where the unclipped gradient at that lr diverges (docs/benchmarks.md, "LoRA tuned").
+    lr_without_dp: float = 0.0
+
+    def default_lr(self, dp: bool) -> float:
+        """The preset's lr for a run with or without DP."""
+        return self.lr if dp or not self.lr_without_dp else self.lr_without_dp
 
 
 PRESETS: dict[str, Preset] = {
@@ -78,6 +85,7 @@ PRESETS: dict[str, Preset] = {
         num_server_rounds=10,
         max_length=32,
         description="TREC question type with LoRA (rank 8, query/value), tuned under DP at epsilon 8",
+        lr_without_dp=1.0,
     ),
     "sms-spam-lora": Preset(
         model="minilm",
@@ -89,5 +97,6 @@ PRESETS: dict[str, Preset] = {
         num_server_rounds=10,
         max_length=48,
         description="SMS spam detection with LoRA (rank 8, query/value), tuned under DP at epsilon 8",
+        lr_without_dp=1.0,
     ),
 }

@@ -285,6 +285,8 @@ def test_the_presets_table_is_the_presets():
     for name, model, dataset, mode, lr, batch, epochs, rounds, max_length in rows:
         p = PRESETS[name.split()[0]]
         assert (model, dataset.split()[0], mode) == (p.model, p.dataset, p.mode)
+        lr, _, without_dp = lr.partition(" ")  # "6.0 (1.0 without DP)" for a preset tuned under DP
+        assert without_dp == (f"({p.lr_without_dp} without DP)" if p.lr_without_dp else "")
         assert (float(lr), int(batch), int(epochs), int(rounds)) == (
             p.lr,
             p.batch_size,

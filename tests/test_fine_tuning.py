@@ -129,3 +129,8 @@ def test_the_tuned_lora_presets_resolve_to_their_settings(name, dataset, max_len
     assert (cfg.lr, cfg.batch_size, cfg.local_epochs, cfg.num_server_rounds) == (6.0, 128, 1, 10)
     assert cfg.private and cfg.label_names == RunConfig.create(preset=dataset).label_names
     assert RunConfig.create(preset=name, lr=1.0, batch_size=32).lr == 1.0  # every value stays overridable
+    # lr 6 is for the clipped DP-SGD step; without DP the preset takes its no-DP rate (lr 6 diverged there) ...
+    assert RunConfig.create(preset=name, dp=False).lr == PRESETS[name].lr_without_dp == 1.0
+    # ... and a run that names its lr keeps it either way.
+    assert RunConfig.create(preset=name, dp=False, lr=6.0).lr == 6.0
+    assert RunConfig.create(preset="trec6", dp=False).lr == PRESETS["trec6"].lr  # presets tuned without this: lr
