@@ -141,7 +141,7 @@ def test_the_small_cnn_step_equals_opacus_with_the_same_batches_and_noise(kw):
     assert rf.grad_sample_mode == GRAD_SAMPLE_BOOKKEEPING and ro.grad_sample_mode == GRAD_SAMPLE_HOOKS
     assert rf.mechanism == ro.mechanism and rf.steps == 2 * 5
     assert _close(fast, ref), _diff(fast, ref)
-    assert abs(rf.loss - ro.loss) < 1e-5
+    assert rf.loss == pytest.approx(ro.loss, rel=1e-5, abs=1e-5)  # float32: momentum's loss reaches ~30
     start = small_cnn()
     for (name, p), q in zip(fast.named_parameters(), start.parameters(), strict=True):
         if p.requires_grad:
