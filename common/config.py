@@ -226,7 +226,7 @@ class RunConfig:
             num_server_rounds=self.num_server_rounds or p.num_server_rounds,
             local_epochs=self.local_epochs or defaults.local_epochs,
             batch_size=self.batch_size or defaults.batch_size,
-            lr=self.lr or (defaults.default_lr(self.dp) if isinstance(defaults, Preset) else defaults.lr),
+            lr=self.lr or (defaults.lr if self.dp or not defaults.lr_without_dp else defaults.lr_without_dp),
             max_length=self.max_length or p.max_length,
         )
         cfg.validate()

@@ -90,6 +90,7 @@ class ModeDefaults:
     lr: float
     batch_size: int
     local_epochs: int
+    lr_without_dp: float = 0.0  # 0 = lr (as common.presets.Preset: none of the modes' rates needed another yet)
 
 
 # Used when the run leaves lr / batch-size / local-epochs at 0 and picks a mode other than its preset's (the
