@@ -14,7 +14,6 @@ from typing import Any
 
 from privatune.common.config import RunConfig
 from privatune.common.models.modes import FINE_TUNING_MODES
-from privatune.common.presets import PRESETS
 from privatune.simulations.benchmarks.report import default_out
 
 NAME = "modes"
@@ -22,24 +21,19 @@ DEFAULT_OUT = default_out(NAME)
 PRESET = "trec6"
 # The issue's privacy levels: epsilon 1 and 8, and no DP (inf).
 DEFAULT_EPSILONS: tuple[float, ...] = (1.0, 8.0, math.inf)
-# The modes whose DP vs non-DP time per epoch and peak memory the issue asks for.
-COST_MODES = ("lora", "last-k")
+
+
+# What a preset-derived setting takes from its preset: how it trains, not which data.
+PRESET_SETTING_KEYS = ("mode", "lr", "batch-size", "local-epochs", "num-server-rounds", "max-length")
 
 
 def preset_setting(preset: str) -> dict[str, Any]:
-    """The run-config values that train like the named preset: its mode and hyperparameters, not its dataset.
+    """The run-config values that train like the named preset (its mode and hyperparameters, resolved under DP).
 
     So a tuned preset (common/presets.py) is measured in the grid beside the other settings with one source for
     its values; the cell's own preset still picks the data."""
-    p = PRESETS[preset]
-    return {
-        "mode": p.mode,
-        "lr": p.lr,
-        "batch-size": p.batch_size,
-        "local-epochs": p.local_epochs,
-        "num-server-rounds": p.num_server_rounds,
-        "max-length": p.max_length,
-    }
+    values = RunConfig.create(preset=preset).to_flower()
+    return {key: values[key] for key in PRESET_SETTING_KEYS}
 
 
 # A mode setting: a name in the tables and the run-config values that make it. The mode's own defaults (its
@@ -52,7 +46,7 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
     "last-k": {"mode": "last-k", "lr": 0.5, "batch-size": 32, "local-epochs": 2},
     "lora": {"mode": "lora", "lr": 1.0, "batch-size": 32, "local-epochs": 2},
     "ffa-lora": {"mode": "lora", "lr": 1.0, "batch-size": 32, "local-epochs": 2, "lora-freeze-a": True},
-    # LoRA as the tuning runs left it (the trec6-lora preset: batch 128, 10 rounds of 1 epoch, 32 tokens).
+    # LoRA as the tuning runs left it: the trec6-lora preset's values.
     "lora-tuned": preset_setting("trec6-lora"),
     "full": {"mode": "full"},
 }
